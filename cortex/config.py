@@ -1,0 +1,311 @@
+"""Configuration schema and loading for `cortex.toml`, `neuron.toml` and `models.toml`.
+
+Config is data: frozen pydantic models, unknown keys rejected, loaded once at start. A broken
+file raises `ConfigError`, whose message is one line naming the file, the line where it can be
+found, the key and what is wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_GATEWAY_LISTEN = "127.0.0.1:31313"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:31314"
+DEFAULT_NEURON_LISTEN = "127.0.0.1:13131"
+
+
+class ConfigError(Exception):
+    """A configuration file is missing, unreadable or invalid. `str()` is one line for a human."""
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:31313, got {value!r}")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """'host:port' → (host, port); '[::1]:80' → ('::1', 80)."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# ---------------------------------------------------------------------------------------------
+# cortex.toml (gateway)
+
+
+class EvictionStrategy(enum.StrEnum):
+    LRU = "lru"
+    PRIORITY = "priority"
+
+
+class GatewaySection(_Config):
+    listen: str = DEFAULT_GATEWAY_LISTEN
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    # Client API keys; none configured → the API is open (the embedded default binds loopback).
+    api_keys: tuple[str, ...] = ()
+    poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    # Polls a neuron may miss before it is marked down.
+    missed_polls_down: Annotated[int, Field(ge=1)] = 2
+    load_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    log_format: str = "text"
+
+    _listen = field_validator("listen", "metrics_listen")(_check_host_port)
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in ("text", "json"):
+            raise ValueError("expected 'text' or 'json'")
+        return value
+
+
+class EvictionSection(_Config):
+    strategy: EvictionStrategy = EvictionStrategy.LRU
+    interval_s: Annotated[float, Field(gt=0)] = 30.0
+    # Every this many eviction cycles the fleet is re-packed; 0 turns defragmentation off.
+    defrag_after_cycles: Annotated[int, Field(ge=0)] = 10
+
+
+class NeuronRef(_Config):
+    name: str
+    endpoint: str
+    token: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(:\d+)?/?$", value):
+            raise ValueError(f"expected an URL such as http://10.0.0.5:13131, got {value!r}")
+        return value.rstrip("/")
+
+
+class CortexConfig(_Config):
+    gateway: GatewaySection = GatewaySection()
+    eviction: EvictionSection = EvictionSection()
+    neurons: tuple[NeuronRef, ...] = ()
+
+    @field_validator("neurons")
+    @classmethod
+    def _unique_names(cls, neurons: tuple[NeuronRef, ...]) -> tuple[NeuronRef, ...]:
+        names = [n.name for n in neurons]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"neuron name {name!r} is used twice")
+        return neurons
+
+
+# ---------------------------------------------------------------------------------------------
+# models.toml (placement profiles)
+
+
+class EngineKind(enum.StrEnum):
+    TORCH = "torch"
+    TRTLLM = "trtllm"
+
+
+class Quantization(enum.StrEnum):
+    NONE = "none"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+    INT4_AWQ = "int4_awq"
+
+
+class ToolCallFormat(enum.StrEnum):
+    HERMES = "hermes"
+    LLAMA3_JSON = "llama3_json"
+    NONE = "none"
+
+
+class ModelProfile(_Config):
+    """One servable model: what it is, where it may run, and how the lifecycle treats it."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+    # Other names clients may use; shell-style patterns such as "claude-*" are allowed.
+    aliases: tuple[str, ...] = ()
+    # Hugging Face checkpoint folder (torch) or TensorRT-LLM engine folder (trtllm).
+    source: str
+    engine: EngineKind = EngineKind.TORCH
+    quantization: Quantization = Quantization.NONE
+    dtype: str = "auto"
+    tp: Annotated[int, Field(ge=1)] = 1
+    priority: int = 0
+    pinned: bool = False
+    idle_ttl_s: Annotated[float, Field(gt=0)] | None = None
+    # Neurons allowed to hold this model; empty means any.
+    neurons: tuple[str, ...] = ()
+    context_length: Annotated[int, Field(gt=0)] | None = None
+    tool_call_format: ToolCallFormat = ToolCallFormat.HERMES
+    max_batch_size: Annotated[int, Field(ge=1)] = 8
+    kv_cache_tokens: Annotated[int, Field(ge=16)] = 65536
+    max_queue_size: Annotated[int, Field(ge=0)] = 256
+    # Folder with tokenizer files when the source has none (trtllm engines).
+    tokenizer: str | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError("expected one of auto, float32, bfloat16, float16")
+        return value
+
+
+class ModelsFile(_Config):
+    models: tuple[ModelProfile, ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: tuple[ModelProfile, ...]) -> tuple[ModelProfile, ...]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} is used twice")
+            seen.add(model.name)
+        return models
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron.toml (one node)
+
+
+class NeuronSection(_Config):
+    name: str = "local"
+    listen: str = DEFAULT_NEURON_LISTEN
+    token: str | None = None
+    # models.toml, relative to this file when not absolute.
+    models: str = "models.toml"
+    # Generated Triton model repository, Triton backends and logs.
+    state_dir: str = "~/.cache/cortex/neuron"
+    # Memory budget per device in MiB. On a node without GPUs each entry stands for one virtual
+    # device of that size (tests stage "VRAM tiers" this way); with GPUs it caps each real one.
+    memory_budget_mib: tuple[Annotated[int, Field(gt=0)], ...] = ()
+
+    _listen = field_validator("listen")(_check_host_port)
+
+
+class TritonSection(_Config):
+    # Empty: `tritonserver` on PATH (NGC image), else the binary `nvidia-pytriton` ships.
+    binary: str = ""
+    http_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
+    grpc_port: Annotated[int, Field(gt=0, lt=65536)] = 8001
+    metrics_port: Annotated[int, Field(gt=0, lt=65536)] = 8002
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # Extra command-line flags passed to tritonserver as they are.
+    extra_args: tuple[str, ...] = ()
+
+
+class NeuronConfig(_Config):
+    neuron: NeuronSection = NeuronSection()
+    triton: TritonSection = TritonSection()
+    models: ModelsFile = ModelsFile()
+    # Folder the config came from; relative paths in it are resolved against this.
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        resolved = Path(path).expanduser()
+        return resolved if resolved.is_absolute() else Path(self.base_dir) / resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading with one-line errors
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+
+
+def _line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
+    """Best effort: the line where the key at `loc` (pydantic's error location) is written."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    keys = [part for part in loc if isinstance(part, str)]
+    indices = [part for part in loc if isinstance(part, int)]
+    if not keys:
+        return None
+    table, key = keys[:-1], keys[-1]
+    wanted_index = indices[0] if indices else 0
+    current: list[str] = []
+    seen_index = -1
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        header = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
+        if header:
+            current = header.group(1).split(".")
+            if stripped.startswith("[[") and current == keys[: len(current)]:
+                seen_index += 1
+            continue
+        if re.match(rf"^\"?{re.escape(key)}\"?\s*=", stripped):
+            in_table = current == table or (not table and not current)
+            if in_table and (not indices or seen_index == wanted_index):
+                return number
+    # The key itself is missing or is a whole table: point at the table header.
+    for number, line in enumerate(lines, start=1):
+        if re.match(rf"^\[\[?\s*{re.escape('.'.join(keys))}\s*\]\]?", line.strip()):
+            return number
+    return None
+
+
+def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = tuple(first["loc"])
+        key = ".".join(str(part) for part in loc) or "(top level)"
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "missing":
+            message = "required key is missing"
+        line = _line_of(path, loc)
+        where = f"{path}:{line}" if line else str(path)
+        extra = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
+        raise ConfigError(f"{where}: {key}: {message}{extra}") from None
+
+
+def load_cortex_config(path: Path) -> CortexConfig:
+    return _validate(CortexConfig, _read_toml(path), path)
+
+
+def load_models_file(path: Path) -> ModelsFile:
+    return _validate(ModelsFile, _read_toml(path), path)
+
+
+def load_neuron_config(path: Path) -> NeuronConfig:
+    data = _read_toml(path)
+    if "models" in data or "base_dir" in data:
+        key = "models" if "models" in data else "base_dir"
+        raise ConfigError(f"{path}: {key}: unknown key (models belong in [neuron] models = FILE)")
+    config = _validate(NeuronConfig, data, path)
+    base_dir = str(path.parent.resolve())
+    models_path = Path(config.neuron.models).expanduser()
+    if not models_path.is_absolute():
+        models_path = path.parent / models_path
+    models = load_models_file(models_path)
+    return config.model_copy(update={"models": models, "base_dir": base_dir})

@@ -1,0 +1,1 @@
+"""`cortex-tiny`: a small chat model the project makes offline (no hub access exists here)."""

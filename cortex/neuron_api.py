@@ -1,0 +1,114 @@
+"""Wire models of the neuron lifecycle API (`neuron_agent` serves them, `control_plane` reads them).
+
+    GET  /health                    → Health
+    GET  /status                    → NeuronStatus
+    POST /models/load    LoadRequest   → LoadedModel          (409 when memory won't fit)
+    POST /models/unload  UnloadRequest → UnloadResult
+    GET  /models/{name}/tokenizer   → TokenizerFiles
+    errors                          → ErrorBody with the HTTP status
+
+Responses are read by gateways that may be newer or older than the neuron, so these models
+ignore unknown fields.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from cortex.config import ModelProfile
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Health(_Wire):
+    status: str
+    triton_live: bool
+
+
+class GpuInfo(_Wire):
+    index: int
+    uuid: str
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    memory_free_bytes: int
+    # True for a device that is a configured memory budget on a node without a GPU.
+    virtual: bool = False
+    processes: list[dict[str, int]] = []
+
+
+class LoadedModel(_Wire):
+    name: str
+    state: str  # READY | LOADING | UNLOADING | UNAVAILABLE
+    engine: str
+    quantization: str
+    tp: int
+    gpus: list[int]
+    memory_bytes: int
+    estimated_bytes: int
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    in_flight: int = 0
+    last_used: float | None = None
+    reason: str | None = None
+
+
+class CatalogueEntry(_Wire):
+    profile: ModelProfile
+    estimated_bytes: int
+    context_length: int
+
+
+class TritonInfo(_Wire):
+    state: str  # starting | live | restarting | stopped
+    http_url: str
+    grpc_url: str
+    metrics_url: str
+    restarts: int = 0
+    last_error: str | None = None
+
+
+class NeuronStatus(_Wire):
+    name: str
+    triton: TritonInfo
+    gpus: list[GpuInfo]
+    has_gpu: bool
+    loaded: list[LoadedModel]
+    catalogue: list[CatalogueEntry]
+    events: list[str] = []
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    # Devices to place the model on; the neuron picks when omitted.
+    gpus: list[int] | None = None
+
+
+class UnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    # Unload even with requests in flight (they are cancelled by Triton).
+    force: bool = False
+
+
+class UnloadResult(_Wire):
+    model: str
+    memory_released: bool
+    triton_restarted: bool
+
+
+class TokenizerFiles(_Wire):
+    model: str
+    # File name → UTF-8 text (tokenizer.json, tokenizer_config.json, chat_template.jinja, …).
+    files: dict[str, str]
+    context_length: int
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+
+
+class ErrorBody(_Wire):
+    error: str
+    detail: dict[str, object] = {}

@@ -1,0 +1,11 @@
+"""cortex's own engine: a compact Llama-family implementation with a paged KV cache,
+continuous batching, sampling, cancellation and load-time quantization.
+
+    checkpoint.py   config.json + safetensors → ModelSpec and tensors (ModelOpt exports too)
+    quant.py        QuantLinear: one layer type over plain / int8 / int4 / fp8 weights
+    llama.py        the model (Llama, Mistral, Qwen2, Qwen3 differ in a few switches)
+    kv_cache.py     block pool and per-sequence block tables
+    sampling.py     greedy, temperature, top-k, top-p, seeded generators
+    scheduler.py    the continuous-batching loop (no Triton in it: testable on its own)
+    triton_model.py the Triton Python-backend glue (tensor names of TensorRT-LLM's model)
+"""

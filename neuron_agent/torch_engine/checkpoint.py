@@ -1,0 +1,202 @@
+"""Read a Hugging Face checkpoint folder: config.json → ModelSpec, safetensors → tensors.
+
+Also recognises NVIDIA ModelOpt exports (`quantization_config.quant_method == "modelopt"`,
+FP8 or INT4-AWQ) so they are served as exported, without re-quantizing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+
+# Architecture → the switches that distinguish it from plain Llama.
+ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    kind: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    context_length: int
+    rope: RopeSpec
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    torch_dtype: str
+    eos_token_ids: tuple[int, ...]
+    # "modelopt_fp8" | "modelopt_int4_awq" | None: how the stored weights are quantized.
+    stored_quantization: str | None = None
+    quant_group_size: int = 128
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def parameter_count(self) -> int:
+        attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attention + mlp) + embeddings
+
+    def kv_bytes_per_token(self, element_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
+
+
+def _rope(config: dict[str, Any]) -> RopeSpec:
+    # transformers 5 writes `rope_parameters`; older checkpoints have rope_theta + rope_scaling.
+    parameters = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling") or {}
+    theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
+    merged = {**scaling, **{k: v for k, v in parameters.items() if k != "rope_theta"}}
+    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if kind not in ("default", "linear", "llama3"):
+        raise UnsupportedCheckpoint(
+            f"rope scaling type {kind!r} is not supported by the torch engine "
+            "(supported: default, linear, llama3)"
+        )
+    return RopeSpec(
+        theta=theta,
+        kind=kind,
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
+        original_max_position=int(merged.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise UnsupportedCheckpoint(f"checkpoint folder {folder} does not exist")
+    if not config_path.exists():
+        raise UnsupportedCheckpoint(f"{folder} has no config.json: not a Hugging Face checkpoint")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise UnsupportedCheckpoint(f"{config_path} cannot be read: {error}") from None
+    architectures = config.get("architectures") or []
+    architecture = architectures[0] if architectures else "(none)"
+    if architecture not in ARCHITECTURES:
+        raise UnsupportedCheckpoint(
+            f"architecture {architecture} is not supported by the torch engine "
+            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    switches = ARCHITECTURES[architecture]
+    try:
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        context = int(config.get("max_position_embeddings", 4096))
+        sliding = config.get("sliding_window")
+        if sliding and config.get("use_sliding_window", True) and int(sliding) < context:
+            # No sliding-window attention here: serve the window it was trained for, no more.
+            context = int(sliding)
+        eos = config.get("eos_token_id")
+        eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+        if dtype not in DTYPES:
+            raise UnsupportedCheckpoint(f"{config_path}: dtype {dtype} is not supported")
+        stored, group = _stored_quantization(folder, config)
+        return ModelSpec(
+            architecture=architecture,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=int(config["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            context_length=context,
+            rope=_rope(config),
+            qkv_bias=bool(config.get("attention_bias", switches["qkv_bias"])),
+            qk_norm=switches["qk_norm"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            torch_dtype=dtype,
+            eos_token_ids=tuple(int(i) for i in eos_ids),
+            stored_quantization=stored,
+            quant_group_size=group,
+        )
+    except KeyError as error:
+        raise UnsupportedCheckpoint(f"{config_path} lacks {error.args[0]}") from None
+
+
+def _stored_quantization(folder: Path, config: dict[str, Any]) -> tuple[str | None, int]:
+    quant = config.get("quantization_config")
+    if not quant:
+        return None, 128
+    method = quant.get("quant_method")
+    if method != "modelopt":
+        raise UnsupportedCheckpoint(
+            f"checkpoint quantization {method!r} is not supported "
+            "(supported: ModelOpt FP8 and INT4-AWQ exports)"
+        )
+    algo = str(quant.get("quant_algo") or "")
+    group = int(quant.get("group_size") or 128)
+    hf_quant = folder / "hf_quant_config.json"
+    if hf_quant.exists():
+        details = json.loads(hf_quant.read_text(encoding="utf-8")).get("quantization", {})
+        algo = str(details.get("quant_algo") or algo)
+        group = int(details.get("group_size") or group)
+    if algo.upper() == "FP8":
+        return "modelopt_fp8", group
+    if algo.upper() in ("W4A16_AWQ", "INT4_AWQ"):
+        return "modelopt_int4_awq", group
+    raise UnsupportedCheckpoint(f"ModelOpt quantization {algo!r} is not supported")
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint, memory-mapped (safetensors only)."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedCheckpoint(f"{folder} has no .safetensors files (other formats are not supported)")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def estimate_weight_bytes(spec: ModelSpec, quantization: str, dtype_bytes: int) -> int:
+    """Bytes the weights take once loaded with the given in-situ quantization."""
+    params = spec.parameter_count()
+    embeddings = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
+    linear = params - embeddings
+    per_weight = {"none": dtype_bytes, "int8": 1, "fp8": 1, "int4": 0.5, "int4_awq": 0.5}
+    stored = spec.stored_quantization
+    if stored == "modelopt_fp8":
+        quantization = "fp8"
+    elif stored == "modelopt_int4_awq":
+        quantization = "int4"
+    factor = per_weight.get(quantization, dtype_bytes)
+    return int(math.ceil(linear * factor + embeddings * dtype_bytes))

@@ -1,0 +1,161 @@
+"""QuantLinear: one linear-layer type over every weight format the engine serves.
+
+    plain   weight [out, in] in the compute dtype                    (the default, unchanged)
+    int8    weight-only: int8 [out, in] + per-output-channel scale   (CPU and GPU)
+    int4    weight-only, group-wise: two 4-bit values per byte [out, in/2] + scale per
+            (out, group); symmetric, so AWQ exports (ModelOpt) load into it as they are
+    fp8     float8 e4m3 [out, in] + per-output-channel scale; on Hopper the matmul itself runs in
+            FP8 (`torch._scaled_mm`, activations scaled per token), elsewhere it dequantizes
+
+Model code builds every projection through `QuantLinear.from_weight` or `from_stored` and calls
+it like `nn.Linear`; nothing above this module knows which path is active.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+
+FP8_MAX = 448.0
+MODES = ("none", "int8", "int4", "fp8")
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
+        return False
+    major, _minor = torch.cuda.get_device_capability(device)
+    return major >= 9
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
+    quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized, scale
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out_features, in_features = weight.shape
+    if in_features % group_size or in_features % 2:
+        raise UnsupportedCheckpoint(
+            f"int4 needs input width divisible by the group size {group_size}, got {in_features}"
+        )
+    grouped = weight.float().reshape(out_features, in_features // group_size, group_size)
+    scale = grouped.abs().amax(dim=2).clamp(min=1e-8) / 7.0
+    values = torch.round(grouped / scale[:, :, None]).clamp(-8, 7).to(torch.int8)
+    return pack_int4(values.reshape(out_features, in_features)), scale
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Signed 4-bit values in [-8, 7], shape [out, in] → uint8 [out, in/2] (low nibble first)."""
+    unsigned = (values.to(torch.int16) & 0xF).to(torch.uint8)
+    return unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low = (packed & 0xF).to(torch.int8)
+    high = ((packed >> 4) & 0xF).to(torch.int8)
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / FP8_MAX
+    quantized = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return quantized, scale
+
+
+class QuantLinear(nn.Module):
+    """`y = x @ W.T + b`, whatever form W is stored in."""
+
+    def __init__(
+        self,
+        mode: str,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+        group_size: int = 128,
+        pre_quant_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise UnsupportedCheckpoint(f"quantization {mode!r} is not one of {', '.join(MODES)}")
+        self.mode = mode
+        self.compute_dtype = compute_dtype
+        self.group_size = group_size
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale.float(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.pre_quant_scale = (
+            None
+            if pre_quant_scale is None
+            else nn.Parameter(pre_quant_scale.to(compute_dtype), requires_grad=False)
+        )
+        self.out_features = weight.shape[0]
+        self._use_scaled_mm = mode == "fp8" and fp8_matmul_available(weight.device)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mode: str,
+        compute_dtype: torch.dtype,
+        group_size: int = 128,
+    ) -> QuantLinear:
+        """Quantize a full-precision weight now (in-situ quantization at load time)."""
+        if mode == "none":
+            return cls("none", weight.to(compute_dtype), None, bias, compute_dtype)
+        if mode == "int8":
+            quantized, scale = quantize_int8(weight)
+        elif mode == "int4":
+            quantized, scale = quantize_int4(weight, group_size)
+        elif mode == "fp8":
+            quantized, scale = quantize_fp8(weight)
+        else:
+            raise UnsupportedCheckpoint(f"quantization {mode!r} is not one of {', '.join(MODES)}")
+        return cls(mode, quantized, scale, bias, compute_dtype, group_size)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the compute dtype (what the plain path multiplies by)."""
+        weight = self.weight
+        if self.mode == "none":
+            return weight
+        assert self.scale is not None
+        if self.mode == "int4":
+            values = unpack_int4(weight).to(self.compute_dtype)
+            scale = self.scale.to(self.compute_dtype).repeat_interleave(self.group_size, dim=1)
+            return values * scale
+        return weight.to(self.compute_dtype) * self.scale.to(self.compute_dtype)[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_quant_scale is not None:
+            x = x * self.pre_quant_scale
+        if self._use_scaled_mm:
+            output = self._fp8_forward(x)
+        elif self.mode == "int8":
+            # Scale after the matmul: one multiply per output instead of per weight.
+            output = (x @ self.weight.to(x.dtype).T) * self.scale.to(x.dtype)  # type: ignore[union-attr]
+        else:
+            output = x @ self.dequantized().T
+        if self.bias is not None:
+            output = output + self.bias
+        return output
+
+    def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.scale is not None
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        x_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+        x_fp8 = (flat.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        output = torch._scaled_mm(
+            x_fp8,
+            self.weight.T,
+            scale_a=x_scale,
+            scale_b=self.scale[None, :],
+            out_dtype=self.compute_dtype,
+        )
+        return output.reshape(*shape[:-1], self.out_features)

@@ -1,0 +1,54 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p, with per-request seeded generators
+(the same seed gives the same output, whatever else shares the batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0 or self.top_k == 1
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from float32 logits [vocab]."""
+    if params.greedy or generator is None:
+        return int(torch.argmax(logits).item())
+    scaled = logits / params.temperature
+    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
+        threshold = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(scaled, descending=True)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, ordered)
+    probabilities = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probabilities, 1, generator=generator).item())
+
+
+def greedy_batch(logits: torch.Tensor) -> list[int]:
+    return [int(i) for i in torch.argmax(logits, dim=-1).tolist()]
