@@ -1,0 +1,13 @@
+"""The gateway: the only thing clients see.
+
+openai/, anthropic/   one folder per API dialect: wire models, translation, SSE encoders
+canonical.py          the one internal chat request and event stream both dialects share
+prompting.py          chat templates, tokenization, incremental detokenization, stop strings
+tool_calls.py         parsing tool calls out of generated text (Hermes/Qwen, Llama-3 JSON)
+generation.py         one request's way: model → node → Triton stream → canonical events
+fleet.py, routing.py  fleet state from the neurons, routing and cold loads
+node_client.py        the neuron lifecycle API and Triton's gRPC stream
+metrics.py            Prometheus metrics (cortex_ prefix)
+errors.py             the exception tree and its rendering per dialect
+app.py                the Sanic server: startup → serve → graceful shutdown
+"""

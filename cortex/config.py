@@ -199,6 +199,8 @@ class NeuronSection(_Config):
 class TritonSection(_Config):
     # Empty: `tritonserver` on PATH (NGC image), else the binary `nvidia-pytriton` ships.
     binary: str = ""
+    # Address Triton binds; gateways on other hosts reach its gRPC port here.
+    address: str = "0.0.0.0"
     http_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     grpc_port: Annotated[int, Field(gt=0, lt=65536)] = 8001
     metrics_port: Annotated[int, Field(gt=0, lt=65536)] = 8002
@@ -264,10 +266,14 @@ def _line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
             in_table = current == table or (not table and not current)
             if in_table and (not indices or seen_index == wanted_index):
                 return number
-    # The key itself is missing or is a whole table: point at the table header.
-    for number, line in enumerate(lines, start=1):
-        if re.match(rf"^\[\[?\s*{re.escape('.'.join(keys))}\s*\]\]?", line.strip()):
-            return number
+    # The key itself is missing or is a whole table: point at the (index-th) table header.
+    for header_keys in (keys, table):
+        if not header_keys:
+            continue
+        pattern = rf"^\[\[?\s*{re.escape('.'.join(header_keys))}\s*\]\]?"
+        matches = [n for n, line in enumerate(lines, start=1) if re.match(pattern, line.strip())]
+        if matches:
+            return matches[min(wanted_index, len(matches) - 1)]
     return None
 
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 MODEL_NAME = "cortex-tiny"
 # Bump when anything below changes what is generated: the cache key.
@@ -85,7 +86,9 @@ def train_tokenizer(documents: list[str]) -> object:
         show_progress=False,
     )
     tokenizer.train_from_iterator(documents, trainer=trainer)
-    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in TOOL_TOKENS])
+    tokenizer.add_tokens(
+        [AddedToken(token, special=False, normalized=False) for token in TOOL_TOKENS]
+    )
     return tokenizer
 
 
@@ -122,7 +125,7 @@ def generate(target: Path, progress: Progress | None = None) -> Path:
 
     pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
+    settings: dict[str, Any] = dict(
         vocab_size=len(tokenizer),
         hidden_size=256,
         intermediate_size=688,
@@ -138,6 +141,7 @@ def generate(target: Path, progress: Progress | None = None) -> Path:
         pad_token_id=pad_id,
         torch_dtype="float32",
     )
+    config = LlamaConfig(**settings)
     threads = torch.get_num_threads()
     torch.set_num_threads(TRAIN_THREADS)
     try:

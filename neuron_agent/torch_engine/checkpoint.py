@@ -2,6 +2,8 @@
 
 Also recognises NVIDIA ModelOpt exports (`quantization_config.quant_method == "modelopt"`,
 FP8 or INT4-AWQ) so they are served as exported, without re-quantizing.
+
+This module imports no torch: the neuron agent reads specs with it to estimate memory.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 
@@ -24,7 +27,7 @@ ARCHITECTURES: dict[str, dict[str, bool]] = {
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def read_spec(folder: Path) -> ModelSpec:
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-        if dtype not in DTYPES:
+        if dtype not in DTYPE_NAMES:
             raise UnsupportedCheckpoint(f"{config_path}: dtype {dtype} is not supported")
         stored, group = _stored_quantization(folder, config)
         return ModelSpec(
@@ -178,7 +181,9 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise UnsupportedCheckpoint(f"{folder} has no .safetensors files (other formats are not supported)")
+        raise UnsupportedCheckpoint(
+            f"{folder} has no .safetensors files (other formats are not supported)"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt") as handle:
@@ -199,4 +204,4 @@ def estimate_weight_bytes(spec: ModelSpec, quantization: str, dtype_bytes: int) 
     elif stored == "modelopt_int4_awq":
         quantization = "int4"
     factor = per_weight.get(quantization, dtype_bytes)
-    return int(math.ceil(linear * factor + embeddings * dtype_bytes))
+    return math.ceil(linear * factor + embeddings * dtype_bytes)

@@ -27,7 +27,10 @@ class BlockPool:
         slots = self.num_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
         self.layers = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(spec.num_layers)
         ]
         self._free = list(range(self.num_blocks - 1, -1, -1))

@@ -174,7 +174,9 @@ class LlamaModel(nn.Module):
         # The output head stays unquantized: it is small next to the body and sets the logits.
         self.lm_head = QuantLinear.from_weight(loader.plain(head_name), None, "none", dtype)
         self.register_buffer(
-            "inv_freq", rope_inverse_frequencies(spec.rope, spec.head_dim).to(device), persistent=False
+            "inv_freq",
+            rope_inverse_frequencies(spec.rope, spec.head_dim).to(device),
+            persistent=False,
         )
 
     def forward(
@@ -186,7 +188,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Run the batch; return float32 logits of the rows `logits_index` picks from [S*Q]."""
         hidden = F.embedding(tokens, self.embed)
-        freqs = batch.positions.float()[..., None] * self.inv_freq  # [S, Q, D/2]
+        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
+        freqs = batch.positions.float()[..., None] * inv_freq  # [S, Q, D/2]
         angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
@@ -247,10 +250,14 @@ class _WeightLoader:
             scales = [self._get(f"{p}.weight_scale").float().to(self.device) for p in prefixes]
             pre_scales = [self._optional(f"{p}.pre_quant_scale") for p in prefixes]
             pre_scale = pre_scales[0]
-            if any(s is not None for s in pre_scales[1:]) and not all(
-                s is not None and torch.equal(s, pre_scale) for s in pre_scales  # type: ignore[arg-type]
+            if any(
+                (s is None) != (pre_scale is None)
+                or (s is not None and pre_scale is not None and not torch.equal(s, pre_scale))
+                for s in pre_scales
             ):
-                raise UnsupportedCheckpoint(f"{prefixes}: fused projections with different AWQ scales")
+                raise UnsupportedCheckpoint(
+                    f"{prefixes}: fused projections with different AWQ scales"
+                )
             packed = torch.cat(weights)
             # ModelOpt packs two 4-bit values per byte, low nibble first, signed: as ours.
             unpack_int4(packed[:1])  # shape check: raises on malformed tensors early
@@ -270,7 +277,9 @@ class _WeightLoader:
             "post_attention_layernorm": RMSNorm(
                 self.plain(f"{prefix}.post_attention_layernorm.weight"), eps
             ),
-            "qkv": self.linear([f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"]),
+            "qkv": self.linear(
+                [f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"]
+            ),
             "o_proj": self.linear([f"{attention}.o_proj"]),
             "gate_up": self.linear([f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
             "down_proj": self.linear([f"{mlp}.down_proj"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from neuron_agent.torch_engine.checkpoint import DTYPES, ModelSpec, read_spec, read_tensors
+from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec, read_tensors
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import LlamaModel
@@ -26,6 +26,9 @@ class EngineOptions:
     max_queue_size: int = 256
     prefill_chunk: int = 512
     group_size: int = 128
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def choose_dtype(spec: ModelSpec, requested: str, device: torch.device) -> torch.dtype:
@@ -59,8 +62,12 @@ def build_engine(options: EngineOptions) -> Engine:
         pass  # FP8 on CPU dequantizes per matmul: correct, slow; useful for checking accuracy
     group = spec.quant_group_size if spec.stored_quantization else options.group_size
     tensors = read_tensors(options.checkpoint)
-    model = LlamaModel(spec, tensors, "none" if spec.stored_quantization else mode, dtype, device, group)
+    model = LlamaModel(
+        spec, tensors, "none" if spec.stored_quantization else mode, dtype, device, group
+    )
     del tensors
     model.eval()
     pool = BlockPool(spec, options.kv_cache_tokens, dtype, device)
-    return Engine(model, pool, options.max_batch_size, options.max_queue_size, options.prefill_chunk)
+    return Engine(
+        model, pool, options.max_batch_size, options.max_queue_size, options.prefill_chunk
+    )

@@ -88,7 +88,9 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.scale = None if scale is None else nn.Parameter(scale.float(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        )
         self.pre_quant_scale = (
             None
             if pre_quant_scale is None

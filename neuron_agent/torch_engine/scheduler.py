@@ -38,7 +38,7 @@ class GenerationRequest:
     fail: Callable[[str], None]
     is_cancelled: Callable[[], bool] = lambda: False
     end_ids: frozenset[int] = frozenset()
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     stream: bool = True
     request_id: str = ""
@@ -67,6 +67,7 @@ class Engine:
         max_batch_size: int = 8,
         max_queue_size: int = 256,
         prefill_chunk: int = 512,
+        on_change: Callable[[int, int], None] | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -82,6 +83,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        # on_change(running, waiting): told whenever the counts change (the node reads them).
+        self.on_change = on_change
+        self._reported = (-1, -1)
 
     # ------------------------------------------------------------------ public surface
 
@@ -113,6 +117,13 @@ class Engine:
                 )
             self._waiting.append(sequence)
             self._wake.notify()
+        self._report()
+
+    def _report(self) -> None:
+        counts = (len(self._running), len(self._waiting))
+        if self.on_change is not None and counts != self._reported:
+            self._reported = counts
+            self.on_change(*counts)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="cortex-engine", daemon=True)
@@ -151,6 +162,7 @@ class Engine:
                     return
             try:
                 self.step()
+                self._report()
             except Exception as error:  # the engine must survive any one bad step
                 log.exception("engine step failed")
                 self._fail_running(f"the engine failed: {error}")
@@ -251,7 +263,9 @@ class Engine:
         logits = self.model(tokens, batch, self.pool.layers, torch.arange(count, device=device))
         for row, sequence in enumerate(sequences):
             sequence.cached = lengths[row]
-            self._accept(sequence, sample(logits[row], sequence.request.sampling, sequence.generator))
+            self._accept(
+                sequence, sample(logits[row], sequence.request.sampling, sequence.generator)
+            )
 
     # ------------------------------------------------------------------ results
 
@@ -263,7 +277,9 @@ class Engine:
             sequence.generated.append(token)
             sequence.unsent.append(token)
             finished = len(sequence.generated) >= request.max_new_tokens or any(
-                tuple(sequence.generated[-len(stop) :]) == stop for stop in request.stop_sequences if stop
+                tuple(sequence.generated[-len(stop) :]) == stop
+                for stop in request.stop_sequences
+                if stop
             )
         else:
             # The end token is not part of the output (as TensorRT-LLM reports it), but the

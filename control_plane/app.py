@@ -1,0 +1,108 @@
+"""The gateway server: Config → startup (fleet polling, metrics) → serve → graceful shutdown.
+
+Auth: client keys from cortex.toml, accepted as `x-api-key` or `Authorization: Bearer`; none
+configured → open (the embedded default binds loopback only). Keys never reach logs or metrics.
+Every error is rendered in the envelope of the dialect the client spoke.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+
+from prometheus_client import start_http_server
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse, json
+
+from control_plane.errors import (
+    AuthenticationFailed,
+    CortexError,
+    InvalidRequest,
+    anthropic_body,
+    anthropic_status,
+    openai_body,
+)
+from control_plane.fleet import Fleet
+from control_plane.metrics import GatewayMetrics
+from control_plane.openai.routes import blueprint as openai_routes
+from cortex.config import CortexConfig, split_host_port
+
+log = logging.getLogger("cortex.gateway")
+
+
+def is_anthropic(request: Request) -> bool:
+    return request.path.startswith("/v1/messages")
+
+
+def render_error(request: Request, error: CortexError) -> HTTPResponse:
+    if is_anthropic(request):
+        return json(anthropic_body(error), status=anthropic_status(error), headers=error.headers())
+    return json(openai_body(error), status=error.status, headers=error.headers())
+
+
+def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
+    app = Sanic(name)
+    app.config.RESPONSE_TIMEOUT = int(
+        config.gateway.request_timeout_s + config.gateway.load_timeout_s
+    )
+    app.config.REQUEST_MAX_SIZE = 64 * 1024 * 1024
+    app.config.KEEP_ALIVE_TIMEOUT = 75
+    app.ctx.config = config
+    app.ctx.metrics = GatewayMetrics()
+    app.blueprint(openai_routes)
+    keys = tuple(config.gateway.api_keys)
+
+    @app.before_server_start
+    async def start(app: Sanic) -> None:
+        app.ctx.fleet = Fleet(config)
+        await app.ctx.fleet.start()
+        host, port = split_host_port(config.gateway.metrics_listen)
+        app.ctx.metrics_server = start_http_server(port, host, registry=app.ctx.metrics.registry)
+
+    @app.before_server_stop
+    async def stop(app: Sanic) -> None:
+        await app.ctx.fleet.stop()
+        server = getattr(app.ctx, "metrics_server", None)
+        if server is not None:
+            server[0].shutdown()
+
+    @app.on_request
+    async def prepare(request: Request) -> HTTPResponse | None:
+        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        if request.path in ("/health", "/") or not keys:
+            return None
+        given = request.headers.get("x-api-key") or ""
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        if not given and scheme.lower() == "bearer":
+            given = bearer.strip()
+        if not any(hmac.compare_digest(given, key) for key in keys):
+            return render_error(request, AuthenticationFailed("invalid or missing API key"))
+        return None
+
+    @app.exception(CortexError)
+    async def cortex_error(request: Request, error: CortexError) -> HTTPResponse:
+        return render_error(request, error)
+
+    @app.exception(Exception)
+    async def unexpected(request: Request, error: Exception) -> HTTPResponse:
+        status = int(getattr(error, "status_code", 500))
+        if status == 404:
+            return render_error(
+                request, InvalidRequest(f"no route {request.method} {request.path}")
+            )
+        if status == 405:
+            return render_error(
+                request, InvalidRequest(f"method {request.method} not allowed here")
+            )
+        log.exception("unexpected error on %s", request.path)
+        wrapped = CortexError(f"internal error: {error.__class__.__name__}: {error}")
+        return render_error(request, wrapped)
+
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        snapshot = request.app.ctx.fleet.snapshot()
+        up = sum(1 for n in snapshot.nodes if n.up)
+        return json({"status": "ok", "neurons_up": up, "neurons": len(snapshot.nodes)})
+
+    return app

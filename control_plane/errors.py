@@ -1,0 +1,118 @@
+"""The gateway's one exception tree. Every error carries its HTTP status and a dialect-neutral
+kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
+
+    CortexError
+    ├── InvalidRequest        400  invalid_request_error   (field path in `param`)
+    │   └── PromptTooLong     400  the dialect's own context-length wording
+    ├── AuthenticationFailed  401  authentication_error
+    ├── ModelNotFound         404  not_found_error
+    ├── Overloaded            529/503  overloaded_error    (Retry-After)
+    ├── UpstreamTimeout       504  timeout_error
+    └── UpstreamFailed        502  api_error               (a node or Triton failed)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CortexError(Exception):
+    status = 500
+    kind = "api_error"
+    openai_type = "server_error"
+    openai_code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class InvalidRequest(CortexError):
+    status = 400
+    kind = "invalid_request_error"
+    openai_type = "invalid_request_error"
+
+
+class PromptTooLong(InvalidRequest):
+    openai_code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, context: int, max_tokens: int | None = None) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        self.max_tokens = max_tokens
+        super().__init__(
+            f"This model's maximum context length is {context} tokens. However, your messages "
+            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+            param="messages",
+        )
+
+    def anthropic_message(self) -> str:
+        return f"prompt is too long: {self.prompt_tokens} tokens > {self.context} maximum"
+
+
+class AuthenticationFailed(CortexError):
+    status = 401
+    kind = "authentication_error"
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
+
+
+class ModelNotFound(CortexError):
+    status = 404
+    kind = "not_found_error"
+    openai_type = "invalid_request_error"
+    openai_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or is not served by this fleet.", "model"
+        )
+
+
+class Overloaded(CortexError):
+    status = 503
+    kind = "overloaded_error"
+    openai_type = "server_error"
+    openai_code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class UpstreamTimeout(CortexError):
+    status = 504
+    kind = "timeout_error"
+    openai_type = "server_error"
+    openai_code = "timeout"
+
+
+class UpstreamFailed(CortexError):
+    status = 502
+    kind = "api_error"
+    openai_type = "server_error"
+
+
+def openai_body(error: CortexError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.openai_type,
+            "param": error.param,
+            "code": error.openai_code,
+        }
+    }
+
+
+def anthropic_status(error: CortexError) -> int:
+    # Anthropic signals overload with 529; its SDK retries on it.
+    return 529 if isinstance(error, Overloaded) else error.status
+
+
+def anthropic_body(error: CortexError) -> dict[str, Any]:
+    message = error.anthropic_message() if isinstance(error, PromptTooLong) else error.message
+    return {"type": "error", "error": {"type": error.kind, "message": message}}

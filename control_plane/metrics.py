@@ -1,0 +1,87 @@
+"""Gateway metrics (prometheus-client, `cortex_` prefix, labels model / node / api / outcome).
+
+Buckets are chosen for LLM latencies: time to first token spans milliseconds (warm, short
+prompt) to minutes (a cold load of a large model).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = ("model", "node", "api")
+        self.requests = Counter(
+            "cortex_requests", "Requests by outcome", (*labels, "outcome"), registry=r
+        )
+        self.input_tokens = Counter("cortex_input_tokens", "Prompt tokens", labels, registry=r)
+        self.output_tokens = Counter("cortex_output_tokens", "Generated tokens", labels, registry=r)
+        self.ttft = Histogram(
+            "cortex_time_to_first_token_seconds",
+            "Time from request to first generated token",
+            labels,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "cortex_inter_token_latency_seconds",
+            "Mean time between generated tokens, per request",
+            labels,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            "cortex_request_duration_seconds",
+            "Whole request duration",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_second = Histogram(
+            "cortex_output_tokens_per_second",
+            "Output tokens per second of decoding, per request",
+            labels,
+            buckets=TPS_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "cortex_requests_in_flight", "Requests being served", ("model", "node"), registry=r
+        )
+        self.queue_wait = Histogram(
+            "cortex_queue_wait_seconds",
+            "Time a request waited for its model to be ready (cold load, queue)",
+            ("model",),
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.loads = Counter(
+            "cortex_model_loads", "Model loads by outcome", ("model", "node", "outcome"), registry=r
+        )
+        self.load_seconds = Histogram(
+            "cortex_model_load_seconds",
+            "Time to load a model on a node",
+            ("model", "node"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "cortex_evictions", "Model unloads by reason", ("model", "node", "reason"), registry=r
+        )
+        self.neuron_up = Gauge(
+            "cortex_neuron_up", "1 when the neuron answers", ("node",), registry=r
+        )
+        self.memory_used = Gauge(
+            "cortex_node_memory_used_bytes", "Device memory used", ("node", "gpu"), registry=r
+        )
+        self.memory_free = Gauge(
+            "cortex_node_memory_free_bytes", "Device memory free", ("node", "gpu"), registry=r
+        )

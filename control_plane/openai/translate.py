@@ -1,0 +1,289 @@
+"""OpenAI requests → canonical requests; canonical events → OpenAI bodies and chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from control_plane.canonical import (
+    ChatRequest,
+    Finished,
+    FinishReason,
+    Message,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolChoice,
+    Usage,
+)
+from control_plane.errors import InvalidRequest
+from control_plane.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+FINISH_REASONS = {
+    FinishReason.STOP: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.TOOL_CALLS: "tool_calls",
+    FinishReason.CANCELLED: "stop",
+}
+
+
+def _content_text(message: ChatMessage, index: int) -> str:
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for number, part in enumerate(content):
+        kind = part.get("type")
+        if kind in ("text", "input_text"):
+            parts.append(str(part.get("text", "")))
+        elif kind in ("image_url", "input_image", "input_audio", "file"):
+            raise InvalidRequest(
+                f"content part type {kind!r} is not supported by text-only models",
+                param=f"messages[{index}].content[{number}]",
+            )
+    return "".join(parts)
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
+    messages = []
+    for index, message in enumerate(body.messages):
+        role = {"developer": "system", "function": "tool"}.get(message.role, message.role)
+        calls = tuple(
+            ToolCall(call.id, call.function.name, call.function.arguments)
+            for call in message.tool_calls or []
+        )
+        messages.append(
+            Message(
+                role=role,
+                content=_content_text(message, index),
+                tool_calls=calls,
+                tool_call_id=message.tool_call_id,
+                name=message.name,
+            )
+        )
+    choice, named = ToolChoice.AUTO, None
+    if isinstance(body.tool_choice, str):
+        try:
+            choice = ToolChoice(body.tool_choice)
+        except ValueError:
+            raise InvalidRequest(
+                "tool_choice must be 'auto', 'none', 'required' or a named function",
+                param="tool_choice",
+            ) from None
+    elif isinstance(body.tool_choice, dict):
+        choice = ToolChoice.NAMED
+        named = str((body.tool_choice.get("function") or {}).get("name") or "")
+    tools = tuple(
+        Tool(t.function.name, t.function.description, t.function.parameters)
+        for t in body.tools or []
+    )
+    if choice is ToolChoice.NONE:
+        tools = ()
+    elif choice is ToolChoice.NAMED:
+        tools = tuple(t for t in tools if t.name == named)
+        if not tools:
+            raise InvalidRequest(
+                f"tool_choice names {named!r}, which is not in tools", "tool_choice"
+            )
+    response_format = (body.response_format or {}).get("type")
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(messages),
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=_stops(body.stop),
+        stream=body.stream,
+        tools=tools,
+        tool_choice=choice,
+        tool_choice_name=named,
+        parallel_tool_calls=body.parallel_tool_calls,
+        json_mode=response_format in ("json_object", "json_schema"),
+        request_id=request_id,
+    )
+
+
+def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
+    prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+    return ChatRequest(
+        model=body.model,
+        messages=(),
+        raw_prompt=prompt,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=_stops(body.stop),
+        stream=body.stream,
+        request_id=request_id,
+    )
+
+
+def usage_body(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def chat_completion(
+    request_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            for call_id, name, arguments in calls
+        ]
+    elif not text:
+        message["content"] = ""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[finished.reason],
+            }
+        ],
+        "usage": usage_body(finished.usage),
+    }
+
+
+class ChunkEncoder:
+    """Canonical events → `chat.completion.chunk` SSE lines (bytes)."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self._prefix = (
+            '{"id":'
+            + json.dumps(request_id)
+            + ',"object":"chat.completion.chunk","created":'
+            + str(self.created)
+            + ',"model":'
+            + json.dumps(model)
+            + ',"system_fingerprint":null,'
+        ).encode()
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+        body = {"choices": choices}
+        if self.include_usage:
+            body["usage"] = usage  # type: ignore[assignment]
+        return (
+            b"data: "
+            + self._prefix
+            + json.dumps(body, separators=(",", ":"))[1:].encode()
+            + b"\n\n"
+        )
+
+    def start(self) -> bytes:
+        return self._chunk(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
+    def event(self, event: object) -> bytes:
+        if isinstance(event, TextDelta):
+            if not event.text:
+                return b""
+            delta: dict[str, Any] = {"content": event.text}
+        elif isinstance(event, ToolCallStart):
+            delta = {
+                "tool_calls": [
+                    {
+                        "index": event.index,
+                        "id": event.id,
+                        "type": "function",
+                        "function": {"name": event.name, "arguments": ""},
+                    }
+                ]
+            }
+        elif isinstance(event, ToolCallDelta):
+            delta = {
+                "tool_calls": [{"index": event.index, "function": {"arguments": event.arguments}}]
+            }
+        elif isinstance(event, Finished):
+            out = self._chunk(
+                [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": FINISH_REASONS[event.reason],
+                    }
+                ]
+            )
+            if self.include_usage:
+                out += self._chunk([], usage_body(event.usage))
+            return out
+        else:
+            return b""
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
+    @staticmethod
+    def keep_alive() -> bytes:
+        return b": keep-alive\n\n"
+
+    @staticmethod
+    def done() -> bytes:
+        return b"data: [DONE]\n\n"
+
+    @staticmethod
+    def error(body: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def completion_body(request_id: str, model: str, text: str, finished: Finished) -> dict[str, Any]:
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": FINISH_REASONS[finished.reason],
+            }
+        ],
+        "usage": usage_body(finished.usage),
+    }
+
+
+def completion_chunk(request_id: str, model: str, text: str, finish: str | None) -> bytes:
+    body = {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

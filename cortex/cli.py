@@ -1,0 +1,220 @@
+"""The `cortex` command line. It only maps flags to configuration and calls library code."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cortex.config import ConfigError, load_cortex_config, load_neuron_config
+
+app = typer.Typer(
+    name="cortex",
+    help="One LLM endpoint over a fleet of Triton nodes (OpenAI + Anthropic APIs).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console(stderr=True, soft_wrap=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Path to the TOML configuration file.", show_default=False),
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    listen: Annotated[
+        str | None, typer.Option(help="Override [gateway] listen (HOST:PORT).")
+    ] = None,
+    metrics_listen: Annotated[
+        str | None, typer.Option(help="Override [gateway] metrics_listen (HOST:PORT).")
+    ] = None,
+    neuron_listen: Annotated[
+        str, typer.Option(help="Embedded mode only: the neuron agent's HOST:PORT.")
+    ] = "127.0.0.1:13131",
+    triton_port_base: Annotated[
+        int, typer.Option(help="Embedded mode only: Triton's HTTP port; gRPC and metrics follow.")
+    ] = 8000,
+) -> None:
+    """Run the gateway (API on [gateway] listen, metrics on metrics_listen).
+
+    Without --config, run the embedded default on 127.0.0.1: one neuron agent with its own
+    tritonserver serving the tiny demo model `cortex-tiny`, and the gateway on :31313.
+    """
+    from cortex import logs
+
+    if config is not None:
+        try:
+            settings = load_cortex_config(config)
+        except ConfigError as error:
+            fail(str(error))
+        overrides = {
+            k: v for k, v in {"listen": listen, "metrics_listen": metrics_listen}.items() if v
+        }
+        if overrides:
+            settings = settings.model_copy(
+                update={"gateway": settings.gateway.model_copy(update=overrides)}
+            )
+        logs.configure(settings.gateway.log_format)
+        _run_gateway(settings)
+        return
+    from cortex.embedded import EmbeddedPorts
+
+    ports = EmbeddedPorts(
+        listen=listen or EmbeddedPorts.listen,
+        metrics_listen=metrics_listen or EmbeddedPorts.metrics_listen,
+        neuron_listen=neuron_listen,
+        triton_port_base=triton_port_base,
+    )
+    logs.configure()
+    _run_embedded(ports)
+
+
+def _run_gateway(settings: object) -> None:
+    from control_plane.app import create_app
+    from cortex.config import CortexConfig, split_host_port
+
+    assert isinstance(settings, CortexConfig)
+    host, port = split_host_port(settings.gateway.listen)
+    gateway = create_app(settings)
+    gateway.run(host=host, port=port, single_process=True, access_log=False, motd=False)
+
+
+def _run_embedded(ports: object) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cortex.demo.tiny_model import default_cache_dir, ensure_tiny_model
+    from cortex.embedded import (
+        EmbeddedPorts,
+        gateway_config,
+        start_neuron,
+        state_dir,
+        stop_process,
+        wait_healthy,
+        write_neuron_files,
+    )
+
+    assert isinstance(ports, EmbeddedPorts)
+    if not (default_cache_dir() / "model.safetensors").exists():
+        console.print("Making the demo model cortex-tiny (once, about a minute)…")
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("training", total=1.0)
+            checkpoint = ensure_tiny_model(
+                progress=lambda stage, done: progress.update(
+                    task, description=stage, completed=done
+                )
+            )
+    else:
+        checkpoint = ensure_tiny_model()
+    folder = state_dir()
+    neuron_config = write_neuron_files(folder, checkpoint, ports)
+    log_path = folder / "neuron.log"
+    console.print(f"Starting the neuron agent and tritonserver (log: {log_path})…")
+    neuron = start_neuron(neuron_config, log_path)
+    try:
+        wait_healthy(f"http://{ports.neuron_listen}", neuron, timeout=180)
+        console.print(
+            f"[green]cortex is running[/green]\n"
+            f"  gateway   http://{ports.listen}/v1   (OpenAI + Anthropic)\n"
+            f"  metrics   http://{ports.metrics_listen}/metrics\n"
+            f"  neuron    http://{ports.neuron_listen}   (Triton HTTP :{ports.triton_port_base}, "
+            f"gRPC :{ports.triton_port_base + 1}, metrics :{ports.triton_port_base + 2})\n"
+            f"  model     cortex-tiny (aliases claude-*, gpt-*)\n"
+            f"Try:\n  curl http://{ports.listen}/v1/chat/completions -H 'content-type: application/json' "
+            '-d \'{"model": "cortex-tiny", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
+            "Ctrl-C stops everything.",
+            highlight=False,
+        )
+        _run_gateway(gateway_config(ports))
+    except RuntimeError as error:
+        fail(f"{error}; see {log_path}")
+    finally:
+        stop_process(neuron)
+
+
+@app.command()
+def neuron(config: ConfigOption = None) -> None:
+    """Run a neuron agent: supervise this node's tritonserver and serve the lifecycle API
+    (default 127.0.0.1:13131)."""
+    from cortex import logs
+    from cortex.config import NeuronConfig, split_host_port
+    from neuron_agent.api import create_app
+
+    if config is None:
+        settings = NeuronConfig(base_dir=str(Path.cwd()))
+    else:
+        try:
+            settings = load_neuron_config(config)
+        except ConfigError as error:
+            fail(str(error))
+    logs.configure()
+    host, port = split_host_port(settings.neuron.listen)
+    create_app(settings).run(
+        host=host, port=port, single_process=True, access_log=False, motd=False
+    )
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show every neuron (up/down, devices, memory) and model (where loaded, state).
+
+    Exits with code 1 when a configured neuron is down."""
+    from cortex.status import collect_status, print_status
+
+    if config is None:
+        from cortex.embedded import EmbeddedPorts, gateway_config
+
+        settings = gateway_config(EmbeddedPorts())
+    else:
+        try:
+            settings = load_cortex_config(config)
+        except ConfigError as error:
+            fail(str(error))
+    report = collect_status(settings)
+    print_status(report, as_json)
+    if any(not n["up"] for n in report["neurons"]):
+        raise typer.Exit(1)
+
+
+@app.command("demo-model")
+def demo_model(
+    path: Annotated[
+        Path, typer.Argument(help="Folder to write the checkpoint into (new or empty).")
+    ],
+) -> None:
+    """Write the tiny demo model `cortex-tiny` (Hugging Face format) to PATH."""
+    from cortex.demo.tiny_model import write_demo_model
+
+    try:
+        write_demo_model(path)
+    except FileExistsError as error:
+        fail(str(error))
+    console.print(f"cortex-tiny written to {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The embedded default: one neuron agent (with its Triton) and the gateway on this machine,
+bound to 127.0.0.1 only, serving `cortex-tiny`. `cortex serve` with no config runs this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cortex.config import (
+    DEFAULT_GATEWAY_LISTEN,
+    DEFAULT_METRICS_LISTEN,
+    DEFAULT_NEURON_LISTEN,
+    CortexConfig,
+    GatewaySection,
+    NeuronRef,
+)
+from cortex.demo.tiny_model import CONTEXT_LENGTH, MODEL_NAME
+
+
+@dataclass(frozen=True)
+class EmbeddedPorts:
+    listen: str = DEFAULT_GATEWAY_LISTEN
+    metrics_listen: str = DEFAULT_METRICS_LISTEN
+    neuron_listen: str = DEFAULT_NEURON_LISTEN
+    triton_port_base: int = 8000
+
+
+def state_dir() -> Path:
+    root = os.environ.get("CORTEX_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "cortex"
+    )
+    return Path(root) / "embedded"
+
+
+def write_neuron_files(folder: Path, checkpoint: Path, ports: EmbeddedPorts) -> Path:
+    """neuron.toml + models.toml for the embedded node; returns the neuron.toml path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = ports.triton_port_base
+    (folder / "models.toml").write_text(
+        f"""# Written by `cortex serve` (embedded default); edit a copy, not this file.
+[[models]]
+name = "{MODEL_NAME}"
+aliases = ["claude-*", "gpt-*"]
+source = "{checkpoint}"
+engine = "torch"
+context_length = {CONTEXT_LENGTH}
+# Room for one full-context request (prompt + answer) or many short ones.
+kv_cache_tokens = {CONTEXT_LENGTH + 8192}
+max_batch_size = 8
+pinned = true
+""",
+        encoding="utf-8",
+    )
+    neuron = folder / "neuron.toml"
+    neuron.write_text(
+        f"""# Written by `cortex serve` (embedded default).
+[neuron]
+name = "local"
+listen = "{ports.neuron_listen}"
+models = "models.toml"
+state_dir = "{folder / "node"}"
+
+[triton]
+address = "127.0.0.1"
+http_port = {base}
+grpc_port = {base + 1}
+metrics_port = {base + 2}
+""",
+        encoding="utf-8",
+    )
+    return neuron
+
+
+def gateway_config(ports: EmbeddedPorts) -> CortexConfig:
+    return CortexConfig(
+        gateway=GatewaySection(
+            listen=ports.listen, metrics_listen=ports.metrics_listen, poll_interval_s=1.0
+        ),
+        neurons=(NeuronRef(name="local", endpoint=f"http://{ports.neuron_listen}"),),
+    )
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    os.setpgid(0, 0)  # our Ctrl-C is not theirs: we stop them in order
+
+
+def start_neuron(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cortex.cli", "neuron", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        log.close()
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the neuron agent exited with code {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"the neuron agent did not become healthy in {timeout:.0f} s")
+
+
+def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

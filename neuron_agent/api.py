@@ -1,0 +1,112 @@
+"""The lifecycle API (JSON over HTTP, bearer token when configured).
+
+    GET  /health   GET /status   POST /models/load   POST /models/unload
+    GET  /models/<name>/tokenizer
+
+Bad input gets a JSON error with a clear message: malformed body 400, wrong token 401, unknown
+model 404, won't fit 409, Triton failure 502. Nothing a client sends can crash the agent.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+
+from cortex.config import NeuronConfig
+from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
+from neuron_agent.node import Node, NodeError
+
+log = logging.getLogger("cortex.neuron.api")
+
+
+def _error(status: int, message: str, **detail: object) -> HTTPResponse:
+    return json_response(ErrorBody(error=message, detail=detail).model_dump(), status=status)
+
+
+def _parse(model: type[BaseModel], request: Request) -> Any:
+    try:
+        body = json.loads(request.body or b"null")
+    except ValueError:
+        raise NodeError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise NodeError(400, 'the body must be a JSON object such as {"model": "name"}')
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise NodeError(400, f"{where}: {first['msg']}") from None
+
+
+def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
+    app = Sanic(f"cortex-neuron-{config.neuron.name}".replace("_", "-"))
+    app.config.RESPONSE_TIMEOUT = 3600  # a large model's load takes minutes
+    app.config.REQUEST_TIMEOUT = 60
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    node = node or Node(config)
+    app.ctx.node = node
+    token = config.neuron.token
+
+    @app.before_server_start
+    async def start(app: Sanic) -> None:
+        await node.start()
+
+    @app.before_server_stop
+    async def stop(app: Sanic) -> None:
+        await node.stop()
+
+    @app.on_request
+    async def authenticate(request: Request) -> HTTPResponse | None:
+        if not token or request.path == "/health":
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            return _error(401, "missing or wrong bearer token")
+        return None
+
+    @app.exception(NodeError)
+    async def node_error(request: Request, error: NodeError) -> HTTPResponse:
+        return _error(error.status, str(error), **error.detail)
+
+    @app.exception(Exception)
+    async def unexpected(request: Request, error: Exception) -> HTTPResponse:
+        status = getattr(error, "status_code", 500)
+        if status >= 500:
+            log.exception("unexpected error on %s", request.path)
+        return _error(status, str(error) or error.__class__.__name__)
+
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        live = await node.supervisor.live()
+        body = Health(status="ok" if live else "degraded", triton_live=live)
+        return json_response(body.model_dump(), status=200 if live else 503)
+
+    @app.get("/status")
+    async def status(request: Request) -> HTTPResponse:
+        return json_response((await node.status()).model_dump(mode="json"))
+
+    @app.post("/models/load")
+    async def load(request: Request) -> HTTPResponse:
+        body: LoadRequest = _parse(LoadRequest, request)
+        loaded = await node.load(body.model, body.gpus)
+        return json_response(loaded.model_dump(mode="json"))
+
+    @app.post("/models/unload")
+    async def unload(request: Request) -> HTTPResponse:
+        body: UnloadRequest = _parse(UnloadRequest, request)
+        result = await node.unload(body.model, body.force)
+        return json_response(result.model_dump(mode="json"))
+
+    @app.get("/models/<name:str>/tokenizer")
+    async def tokenizer(request: Request, name: str) -> HTTPResponse:
+        return json_response(node.tokenizer_files(name).model_dump(mode="json"))
+
+    return app

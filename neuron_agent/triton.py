@@ -1,0 +1,310 @@
+"""Supervising `tritonserver`: start it in explicit model-control mode, wait until live, restart it
+with backoff when it dies (reloading what was loaded), stop it on shutdown.
+
+The child never outlives the agent: it gets PR_SET_PDEATHSIG (SIGKILL when the agent dies, even
+by `kill -9`) and its own session, so a terminal's Ctrl-C reaches the agent, which stops Triton
+in order, instead of killing Triton behind the agent's back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from cortex.config import TritonSection
+
+log = logging.getLogger("cortex.neuron.triton")
+PR_SET_PDEATHSIG = 1
+
+
+class TritonError(Exception):
+    """Triton refused or failed an operation; the message is Triton's own where it gave one."""
+
+
+@dataclass(frozen=True)
+class TritonLayout:
+    binary: Path
+    backends: Path
+    library_path: list[str]
+
+
+def locate_triton(configured: str, state_dir: Path) -> TritonLayout:
+    """The NGC image's `tritonserver` on PATH, else the one `nvidia-pytriton` ships.
+
+    For the wheel's binary, a backend folder is assembled under `state_dir`: its Python backend
+    plus the stub built for this interpreter's minor version (the stub's embedded interpreter
+    must match the virtual environment that holds the engine).
+    """
+    if configured:
+        binary = Path(configured)
+        if not binary.exists():
+            raise TritonError(f"tritonserver binary {configured} does not exist")
+        return TritonLayout(binary, Path("/opt/tritonserver/backends"), [])
+    on_path = shutil.which("tritonserver")
+    if on_path and Path("/opt/tritonserver/backends").is_dir():
+        return TritonLayout(Path(on_path), Path("/opt/tritonserver/backends"), [])
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonError("no tritonserver on PATH and nvidia-pytriton is not installed") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = root.parent.parent / "nvidia_pytriton.libs"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonError(f"nvidia-pytriton ships no Python-backend stub for Python {version}")
+    backends = state_dir / "backends"
+    python_backend = backends / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        _link(root / "backends" / "python" / name, python_backend / name)
+    _link(stub, python_backend / "triton_python_backend_stub")
+    library_path = [str(libs), str(sysconfig.get_config_var("LIBDIR") or "")]
+    return TritonLayout(root / "bin" / "tritonserver", backends, [p for p in library_path if p])
+
+
+def _link(source: Path, target: Path) -> None:
+    if target.is_symlink() and target.resolve() == source.resolve():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    target.symlink_to(source)
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class TritonSupervisor:
+    """One `tritonserver` child and its HTTP control API."""
+
+    def __init__(
+        self,
+        settings: TritonSection,
+        repository: Path,
+        state_dir: Path,
+        shm_prefix: str,
+        on_restart: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.state_dir = state_dir
+        self.shm_prefix = shm_prefix
+        self.on_restart = on_restart
+        self.http_url = f"http://127.0.0.1:{settings.http_port}"
+        self.grpc_url = f"127.0.0.1:{settings.grpc_port}"
+        self.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+        self.state = "stopped"
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
+        self._client = httpx.AsyncClient(base_url=self.http_url, timeout=None)
+        self.log_path = state_dir / "tritonserver.log"
+
+    # ------------------------------------------------------------------ process
+
+    def command(self, layout: TritonLayout) -> list[str]:
+        return [
+            str(layout.binary),
+            f"--model-repository={self.repository}",
+            "--model-control-mode=explicit",
+            f"--backend-directory={layout.backends}",
+            f"--http-address={self.settings.address}",
+            f"--grpc-address={self.settings.address}",
+            f"--metrics-address={self.settings.address}",
+            f"--http-port={self.settings.http_port}",
+            f"--grpc-port={self.settings.grpc_port}",
+            f"--metrics-port={self.settings.metrics_port}",
+            "--allow-metrics=true",
+            "--strict-readiness=false",
+            "--exit-on-error=false",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+            # Several Tritons may share one host's /dev/shm (tests run three).
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.settings.extra_args,
+        ]
+
+    def environment(self, layout: TritonLayout) -> dict[str, str]:
+        env = dict(os.environ)
+        # The Python stub builds its sys.path from the first python3 on PATH: make it ours.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            [*layout.library_path, env.get("LD_LIBRARY_PATH", "")]
+        ).strip(os.pathsep)
+        return env
+
+    async def start(self) -> None:
+        self._stopping = False
+        await self._spawn()
+        self._watch = asyncio.create_task(self._watch_process())
+
+    async def _spawn(self) -> None:
+        layout = locate_triton(self.settings.binary, self.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.repository.mkdir(parents=True, exist_ok=True)
+        self.state = "starting"
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command(layout),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.environment(layout),
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )
+        finally:
+            log_file.close()
+        await self._wait_live()
+        self.state = "live"
+        log.info("tritonserver pid %d live on %s", self.process.pid, self.http_url)
+
+    async def _wait_live(self) -> None:
+        deadline = time.monotonic() + self.settings.startup_timeout_s
+        assert self.process is not None
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode} while starting; "
+                    f"see {self.log_path}: {self.log_tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                response = await self._client.get("/v2/health/live", timeout=2)
+                if response.status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+        raise TritonError(
+            f"tritonserver did not become live in {self.settings.startup_timeout_s} s"
+        )
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    async def _watch_process(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self.process is not None
+            code = await self.process.wait()
+            if self._stopping:
+                return
+            self.last_error = f"tritonserver exited with code {code}"
+            log.error("%s; restarting in %.0f s", self.last_error, backoff)
+            self.state = "restarting"
+            await asyncio.sleep(backoff)
+            try:
+                await self._spawn()
+                self.restarts += 1
+                backoff = 1.0
+                if self.on_restart is not None:
+                    await self.on_restart()
+            except Exception as error:
+                self.last_error = str(error)
+                log.error("restart failed: %s", error)
+                backoff = min(backoff * 2, 30.0)
+                await self._kill()
+
+    async def restart(self) -> None:
+        """Deliberate restart (memory not returned after an unload)."""
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._terminate()
+        self.restarts += 1
+        await self.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        # Our own keep-alive connection would hold Triton's HTTP shutdown for its exit timeout.
+        await self._client.aclose()
+        await self._terminate()
+        self.state = "stopped"
+
+    async def _terminate(self, grace: float = 15.0) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            await self._kill()
+
+    async def _kill(self) -> None:
+        process = self.process
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    # ------------------------------------------------------------------ control API
+
+    async def load(self, model: str) -> None:
+        try:
+            response = await self._client.post(f"/v2/repository/models/{model}/load")
+        except httpx.HTTPError as error:
+            raise TritonError(f"Triton did not answer the load of {model}: {error}") from None
+        if response.status_code != 200:
+            raise TritonError(_error_text(response))
+
+    async def unload(self, model: str) -> None:
+        try:
+            response = await self._client.post(f"/v2/repository/models/{model}/unload")
+        except httpx.HTTPError as error:
+            raise TritonError(f"Triton did not answer the unload of {model}: {error}") from None
+        if response.status_code != 200:
+            raise TritonError(_error_text(response))
+
+    async def index(self) -> list[dict[str, str]]:
+        response = await self._client.post("/v2/repository/index", json={}, timeout=10)
+        response.raise_for_status()
+        return list(response.json())
+
+    async def is_ready(self, model: str) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await self._client.get(f"/v2/models/{model}/ready", timeout=5)
+            return response.status_code == 200
+        return False
+
+    async def live(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await self._client.get("/v2/health/live", timeout=2)
+            return response.status_code == 200
+        return False
+
+    async def model_stats(self, model: str) -> dict[str, object]:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
+            response = await self._client.get(f"/v2/models/{model}/stats", timeout=5)
+            if response.status_code == 200:
+                return dict(response.json()["model_stats"][0])
+        return {}
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error") or response.text)
+    except ValueError:
+        return response.text

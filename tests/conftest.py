@@ -1,0 +1,149 @@
+"""Shared fixtures: the tiny model (made once per machine, cached), free loopback ports, and
+helpers that start real cortex processes and make sure none outlives the test session."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from cortex.demo.tiny_model import ensure_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return ensure_tiny_model()
+
+
+def free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def consecutive_free_ports(count: int) -> int:
+    """A base port with `count` free ports after it (Triton takes base, base+1, base+2)."""
+    for _ in range(100):
+        base = free_ports(1)[0]
+        if base + count >= 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for offset in range(count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no run of free ports")
+
+
+def wait_for(
+    url: str, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}")
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                return response
+        except httpx.HTTPError as error:
+            last = error
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready in {timeout} s ({last})")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 60) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Embedded:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    metrics_url: str
+    neuron_url: str
+    triton_http: str
+    log: Path
+    children: list[psutil.Process]
+
+
+def start_embedded(tmp: Path) -> Embedded:
+    gateway, metrics, neuron = free_ports(3)
+    triton = consecutive_free_ports(3)
+    env = dict(os.environ, CORTEX_STATE_DIR=str(tmp / "state"))
+    log = tmp / "serve.log"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cortex.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{gateway}",
+            "--metrics-listen",
+            f"127.0.0.1:{metrics}",
+            "--neuron-listen",
+            f"127.0.0.1:{neuron}",
+            "--triton-port-base",
+            str(triton),
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{gateway}/health", 240, process)
+    except Exception:
+        stop(process)
+        raise RuntimeError(f"embedded fleet did not start: {log.read_text()[-3000:]}") from None
+    return Embedded(
+        process=process,
+        base_url=f"http://127.0.0.1:{gateway}/v1",
+        metrics_url=f"http://127.0.0.1:{metrics}/metrics",
+        neuron_url=f"http://127.0.0.1:{neuron}",
+        triton_http=f"http://127.0.0.1:{triton}",
+        log=log,
+        children=descendants(process.pid),
+    )
+
+
+@pytest.fixture(scope="session")
+def embedded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    """One embedded fleet (`cortex serve`, no config) for the whole session."""
+    fleet = start_embedded(tmp_path_factory.mktemp("embedded"))
+    yield fleet
+    stop(fleet.process)

@@ -1,0 +1,111 @@
+"""The embedded default end to end: `cortex serve` with no config, the official openai SDK as the
+client, a real tritonserver running the torch engine on cortex-tiny."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+from transformers import AutoTokenizer
+
+from tests.conftest import Embedded, descendants, start_embedded, stop
+
+
+@pytest.fixture(scope="module")
+def client(embedded: Embedded) -> openai.OpenAI:
+    return openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0)
+
+
+def test_models_lists_cortex_tiny(client: openai.OpenAI) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["cortex-tiny"]
+
+
+def test_non_streamed_completion_with_usage_from_the_tokenizer(
+    client: openai.OpenAI, tiny_model: Path
+) -> None:
+    messages = [{"role": "user", "content": "What is a list?"}]
+    reply = client.chat.completions.create(model="cortex-tiny", messages=messages, max_tokens=24)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(prompt)
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length")
+    text = choice.message.content or ""
+    assert 1 <= reply.usage.completion_tokens <= 24
+    if choice.finish_reason == "length":
+        assert reply.usage.completion_tokens == 24
+    # The text is what the model's tokens decode to: re-encoding gives the same count
+    # within the slack of BPE merges at the edges.
+    assert (
+        abs(
+            len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            - reply.usage.completion_tokens
+        )
+        <= 2
+    )
+
+
+def test_streamed_completion_matches_non_streamed_greedy(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Explain the with statement"}]
+    whole = client.chat.completions.create(
+        model="cortex-tiny", messages=messages, max_tokens=32, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model="cortex-tiny",
+        messages=messages,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage, finish = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finish = choice.finish_reason
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason
+    assert usage is not None and whole.usage is not None
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert len(pieces) > 1  # really streamed, not one blob
+
+
+def test_claude_names_map_to_the_tiny_model(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def test_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_clean_shutdown_leaves_no_process(tiny_model: Path, tmp_path: Path) -> None:
+    fleet = start_embedded(tmp_path)
+    children = descendants(fleet.process.pid)
+    names = {c.name() for c in children}
+    assert "tritonserver" in names
+    stop(fleet.process, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    ):
+        time.sleep(0.2)
+    left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left behind: {[c.cmdline()[:2] for c in left]}"
+    assert fleet.process.returncode == 0

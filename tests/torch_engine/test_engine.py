@@ -1,0 +1,230 @@
+"""The torch engine against transformers' own generate, on cortex-tiny (float32 on CPU)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from neuron_agent.torch_engine.errors import RequestRejected
+from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+from neuron_agent.torch_engine.sampling import SamplingParams
+from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
+
+QUESTIONS = [
+    "What is a list?",
+    "Explain the with statement and the context manager protocol in detail",
+    "hello",
+    "How do I open a file and read every line of it?",
+    "Describe how the import system finds modules on sys.path",
+    "lambda",
+]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.responses = 0
+
+    def emit(self, tokens: list[int], final: bool) -> None:
+        self.tokens.extend(tokens)
+        self.responses += 1
+        if final:
+            self.done.set()
+
+    def fail(self, message: str) -> None:
+        self.error = message
+        self.done.set()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model: Path):  # type: ignore[no-untyped-def]
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    built = build_engine(EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4))
+    built.start()
+    yield built  # type: ignore[misc]
+    built.stop()
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:  # type: ignore[no-untyped-def]
+    return list(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
+        )
+    )
+
+
+def reference_greedy(
+    reference, tokenizer, ids: list[int], max_new: int
+) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    """transformers' greedy tokens (end token dropped) and, per step, the top-2 logit gap."""
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0][len(ids) :].tolist()
+    gaps = [float((s[0].topk(2).values[0] - s[0].topk(2).values[1]).item()) for s in out.scores]
+    if tokens and tokens[-1] == tokenizer.eos_token_id:
+        tokens = tokens[:-1]
+    return tokens, gaps
+
+
+def assert_same_or_tied(got: list[int], expected: list[int], gaps: list[float]) -> None:
+    """Equal token for token; where they first differ, the reference's top-2 logits must have
+    been tied within 1e-5 (float rounding between batch shapes may flip a near tie)."""
+    for index, (a, b) in enumerate(zip(got, expected, strict=False)):
+        if a != b:
+            assert gaps[index] < 1e-5, f"token {index} differs with logit gap {gaps[index]}"
+            return
+    assert len(got) == len(expected)
+
+
+def run(engine: Engine, ids: list[int], max_new: int, **kwargs) -> Collector:  # type: ignore[no-untyped-def]
+    collector = Collector()
+    engine.submit(
+        GenerationRequest(
+            prompt=ids,
+            max_new_tokens=max_new,
+            emit=collector.emit,
+            fail=collector.fail,
+            end_ids=frozenset({engine.model.spec.eos_token_ids[0]}),
+            **kwargs,
+        )
+    )
+    return collector
+
+
+def test_single_request_matches_transformers(engine, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = prompt_ids(tokenizer, QUESTIONS[0])
+    expected, gaps = reference_greedy(reference, tokenizer, ids, 48)
+    collector = run(engine, ids, 48)
+    assert collector.done.wait(60)
+    assert collector.error is None
+    assert_same_or_tied(collector.tokens, expected, gaps)
+
+
+def test_concurrent_staggered_requests_match_transformers(engine, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    # Different prompt lengths, admitted at different moments, more requests than batch slots.
+    cases = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+    expected = [reference_greedy(reference, tokenizer, ids, 40) for ids in cases]
+    collectors = []
+    for ids in cases:
+        collectors.append(run(engine, ids, 40))
+        time.sleep(0.02)
+    for collector, (tokens, gaps) in zip(collectors, expected, strict=True):
+        assert collector.done.wait(120)
+        assert collector.error is None
+        assert_same_or_tied(collector.tokens, tokens, gaps)
+
+
+def test_streaming_sends_tokens_step_by_step(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    collector = run(engine, prompt_ids(tokenizer, "hello"), 20, stream=True)
+    assert collector.done.wait(60)
+    assert collector.responses >= min(len(collector.tokens), 2)
+    single = run(engine, prompt_ids(tokenizer, "hello"), 20, stream=False)
+    assert single.done.wait(60)
+    assert single.responses == 1
+    assert single.tokens == collector.tokens
+
+
+def test_seeded_sampling_is_reproducible(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    ids = prompt_ids(tokenizer, QUESTIONS[1])
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
+    first = run(engine, ids, 32, sampling=params)
+    second = run(engine, ids, 32, sampling=params)
+    other = run(
+        engine, ids, 32, sampling=SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=99)
+    )
+    for c in (first, second, other):
+        assert c.done.wait(60)
+    assert first.tokens == second.tokens
+    assert first.tokens != other.tokens
+
+
+def test_cancellation_frees_the_slot(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    cancelled = threading.Event()
+    ids = prompt_ids(tokenizer, QUESTIONS[1])
+    free_before = engine.pool.free_blocks
+    collector = run(engine, ids, 2000, is_cancelled=cancelled.is_set)
+    deadline = time.monotonic() + 30
+    while not collector.tokens and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] >= 1
+    cancelled.set()
+    assert collector.done.wait(10)
+    assert len(collector.tokens) < 2000
+    deadline = time.monotonic() + 5
+    while engine.pool.free_blocks != free_before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.pool.free_blocks == free_before
+    assert engine.stats()["running"] == 0
+
+
+def test_request_larger_than_the_kv_budget_is_refused(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RequestRejected, match="KV budget"):
+        run(engine, prompt_ids(tokenizer, "hi"), 100_000)
+
+
+def test_full_queue_is_refused_with_a_clear_error(tiny_model: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    small = build_engine(
+        EngineOptions(tiny_model, kv_cache_tokens=256, max_batch_size=1, max_queue_size=1)
+    )
+    # Not started: nothing leaves the queue.
+    run(small, prompt_ids(tokenizer, "hi"), 8)
+    with pytest.raises(RequestRejected, match="queue is full"):
+        run(small, prompt_ids(tokenizer, "hi"), 8)
+    small.stop()
+
+
+# cortex-tiny's MLP width (688) takes int4 groups of 16, not the usual 128.
+@pytest.mark.parametrize(("mode", "bound"), [("int8", 0.02), ("int4", 0.12)])
+def test_weight_only_quantization_stays_close(
+    tiny_model: Path, tokenizer, mode: str, bound: float
+) -> None:  # type: ignore[no-untyped-def]
+    """Relative L2 error of the last-position logits vs. the unquantized engine."""
+    from neuron_agent.torch_engine.llama import AttentionBatch
+
+    def logits(engine: Engine, ids: list[int]) -> torch.Tensor:
+        n = len(ids)
+        batch = AttentionBatch(
+            positions=torch.arange(n)[None],
+            valid=torch.ones((1, n), dtype=torch.bool),
+            write_slots=torch.arange(n)[None],
+            gather=None,
+            key_valid=None,
+            fresh=True,
+        )
+        with torch.no_grad():
+            return engine.model(
+                torch.tensor([ids]), batch, engine.pool.layers, torch.tensor([n - 1])
+            )[0]
+
+    plain = build_engine(EngineOptions(tiny_model, kv_cache_tokens=512))
+    quantized = build_engine(
+        EngineOptions(tiny_model, kv_cache_tokens=512, quantization=mode, group_size=16)
+    )
+    assert all(layer.qkv.mode == mode for layer in quantized.model.layers)  # type: ignore[attr-defined]
+    for question in QUESTIONS[:3]:
+        ids = prompt_ids(tokenizer, question)
+        a, b = logits(plain, ids), logits(quantized, ids)
+        error = float((a - b).norm() / a.norm())
+        assert error < bound, f"{mode}: relative logit error {error:.4f} ≥ {bound}"
