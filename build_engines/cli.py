@@ -144,7 +144,7 @@ def build_engine(
     → verify → publish into OUTPUT/NAME/ with manifest.json and a models.toml entry. A rerun
     skips every stage whose inputs did not change, so an interrupted build resumes.
     """
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     request = BuildRequest(
         checkpoint=checkpoint,
         quant=quant,

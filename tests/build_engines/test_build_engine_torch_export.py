@@ -1,0 +1,186 @@
+"""The Hugging Face exports the torch engine loads: their exact format, checked against
+ModelOpt's own fake-quantized weights, and the torch engine's logits against the original.
+
+Verified facts (ModelOpt 0.47.0, CPU):
+- FP8: `weight` float8_e4m3fn [out, in]; `weight_scale` and `input_scale` 0-dim float32;
+  `w.float() * weight_scale` equals ModelOpt's fake-quantized weight exactly.
+- INT4-AWQ: `weight` uint8 [out/2, in]: the two 4-bit values of a byte are two consecutive
+  OUTPUT rows (2i in the low nibble, 2i+1 in the high one), signed two's complement (-8..7,
+  not offset by 8); `weight_scale` float32 [out, in/group]; `pre_quant_scale` [in] only on
+  o_proj and down_proj (folded into the layer norms for q/k/v and gate/up, which ModelOpt
+  re-quantizes with one shared scale); group size only in hf_quant_config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Quantized
+from safetensors.torch import load_file, save_file
+
+from build_engines import quantize
+
+# Agreement with the unquantized model that every export must keep (logits over a 64-token
+# prompt the calibration never saw): cosine similarity at every position, greedy top-1 share.
+MIN_COSINE = 0.995
+MIN_TOP1 = 0.9
+PROMPT = (
+    "A context manager sets something up before a block of code runs and tears it down "
+    "afterwards, even when the block raises. The with statement calls __enter__ first, binds "
+    "its result to the target, and calls __exit__ with the exception details at the end."
+)
+
+
+def export_hf(quantized: Quantized, folder: Path) -> Path:
+    quantize.export_hf_checkpoint(quantized.request, quantized.info, quantized.quant_dir, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fp8_export(fp8_torch: Quantized, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_hf(fp8_torch, tmp_path_factory.mktemp("fp8-hf"))
+
+
+@pytest.fixture(scope="module")
+def int4_export(int4_torch: Quantized, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_hf(int4_torch, tmp_path_factory.mktemp("int4-hf"))
+
+
+def fake_quantized_weights(quantized: Quantized) -> dict[str, torch.Tensor]:
+    """ModelOpt's own view: each quantized linear's weight through its weight quantizer."""
+    model = quantize.restore_quantized(quantized.info, quantized.quant_dir, "cpu")
+    weights = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            quantizer = getattr(module, "weight_quantizer", None)
+            if quantizer is not None and quantizer.is_enabled:
+                weights[name] = quantizer(module.weight).float()
+    return weights
+
+
+def unpack_output_pairs(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [out/2, in] → int8 [out, in]: low nibble row 2i, high nibble row 2i+1, signed."""
+    low = (packed & 0xF).to(torch.int8)
+    high = (packed >> 4).to(torch.int8)
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+
+
+def test_fp8_export_format(fp8_torch: Quantized, fp8_export: Path) -> None:
+    tensors = load_file(str(fp8_export / "model.safetensors"))
+    reference = fake_quantized_weights(fp8_torch)
+    assert len(reference) == 4 * 7
+    for name, expected in reference.items():
+        weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+        assert weight.dtype == torch.float8_e4m3fn and tuple(weight.shape) == tuple(expected.shape)
+        assert scale.dtype == torch.float32 and scale.dim() == 0
+        assert tensors[f"{name}.input_scale"].dim() == 0
+        torch.testing.assert_close(weight.float() * scale, expected, rtol=1e-6, atol=0)
+    assert not any(key.endswith(("k_scale", "v_scale")) for key in tensors)  # KV stays unquantized
+    hf_quant = json.loads((fp8_export / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "FP8"
+    assert (
+        json.loads((fp8_export / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "modelopt"
+    )
+
+
+def test_int4_awq_export_format(int4_torch: Quantized, int4_export: Path) -> None:
+    tensors = load_file(str(int4_export / "model.safetensors"))
+    reference = fake_quantized_weights(int4_torch)
+    group = 8
+    for name, expected in reference.items():
+        out_features, in_features = expected.shape
+        packed, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+        assert packed.dtype == torch.uint8
+        assert tuple(packed.shape) == (out_features // 2, in_features)  # pairs of OUTPUT rows
+        assert scale.dtype == torch.float32
+        assert tuple(scale.shape) == (out_features, in_features // group)
+        kept = name.endswith(("o_proj", "down_proj"))
+        assert (f"{name}.pre_quant_scale" in tensors) == kept
+        if kept:  # not re-quantized by the export: must equal ModelOpt's weights exactly
+            values = unpack_output_pairs(packed).float()
+            dequantized = values * scale.repeat_interleave(group, dim=1)
+            torch.testing.assert_close(dequantized, expected, rtol=1e-6, atol=0)
+            # The other readings of the same bytes do not match.
+            offset = ((packed & 0xF).float() - 8).repeat_interleave(2, dim=0)
+            assert not torch.allclose(offset * scale.repeat_interleave(group, dim=1), expected)
+    hf_quant = json.loads((int4_export / "hf_quant_config.json").read_text())["quantization"]
+    assert hf_quant["quant_algo"] == "W4A16_AWQ" and hf_quant["group_size"] == group
+
+
+def engine_logits(checkpoint: Path, tokens: list[int]) -> torch.Tensor:
+    from neuron_agent.torch_engine.llama import AttentionBatch
+    from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+
+    engine = build_engine(EngineOptions(checkpoint, kv_cache_tokens=256))
+    ids = torch.tensor([tokens])
+    n = len(tokens)
+    batch = AttentionBatch(
+        positions=torch.arange(n)[None],
+        valid=torch.ones_like(ids, dtype=torch.bool),
+        write_slots=torch.arange(n)[None],
+        gather=None,
+        key_valid=None,
+        fresh=True,
+    )
+    with torch.no_grad():
+        return engine.model(ids, batch, engine.pool.layers, torch.arange(n))
+
+
+@pytest.fixture(scope="module")
+def prompt_and_reference(tiny_model: Path) -> tuple[list[int], torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(tiny_model))(PROMPT)["input_ids"][:64]
+    return tokens, engine_logits(tiny_model, tokens)
+
+
+def assert_close_to_reference(logits: torch.Tensor, reference: torch.Tensor) -> None:
+    cosine = torch.nn.functional.cosine_similarity(logits, reference, dim=-1)
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert cosine.min().item() >= MIN_COSINE, f"cosine {cosine.min().item():.5f}"
+    assert top1 >= MIN_TOP1, f"top-1 agreement {top1:.3f}"
+
+
+def test_torch_engine_serves_the_fp8_export(
+    fp8_export: Path, prompt_and_reference: tuple[list[int], torch.Tensor]
+) -> None:
+    tokens, reference = prompt_and_reference
+    assert_close_to_reference(engine_logits(fp8_export, tokens), reference)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="neuron_agent's loader reads ModelOpt INT4 as [out, in/2] (pairs along the input); "
+    "ModelOpt packs pairs of output rows [out/2, in]. Remove this mark with the loader fix.",
+)
+def test_torch_engine_serves_the_int4_awq_export(
+    int4_export: Path, prompt_and_reference: tuple[list[int], torch.Tensor]
+) -> None:
+    tokens, reference = prompt_and_reference
+    assert_close_to_reference(engine_logits(int4_export, tokens), reference)
+
+
+def test_int4_awq_export_in_the_engines_layout_keeps_the_bound(
+    int4_export: Path,
+    prompt_and_reference: tuple[list[int], torch.Tensor],
+    tmp_path: Path,
+) -> None:
+    """The loader fix, applied outside it: unpack ModelOpt's output-row pairs and repack
+    them in the engine's own layout (pairs along the input, low nibble first)."""
+    from neuron_agent.torch_engine.quant import pack_int4
+
+    shutil.copytree(int4_export, tmp_path, dirs_exist_ok=True)
+    tensors = load_file(str(int4_export / "model.safetensors"))
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.uint8:
+            tensors[name] = pack_int4(unpack_output_pairs(tensor)).contiguous()
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    tokens, reference = prompt_and_reference
+    assert_close_to_reference(engine_logits(tmp_path, tokens), reference)
