@@ -59,7 +59,10 @@ class GatewaySection(_Config):
     # Polls a neuron may miss before it is marked down.
     missed_polls_down: Annotated[int, Field(ge=1)] = 2
     load_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # A request's generation (once its model is ready) must end within this many seconds.
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # Keep-alive interval of streams while nothing is produced (cold load, long prefill).
+    ping_interval_s: Annotated[float, Field(gt=0)] = 5.0
     log_format: str = "text"
 
     _listen = field_validator("listen", "metrics_listen")(_check_host_port)
@@ -154,6 +157,9 @@ class ModelProfile(_Config):
     max_queue_size: Annotated[int, Field(ge=0)] = 256
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None
+    # A Triton model-directory template folder to use instead of the engine's own one under
+    # model_repo_templates/ (filled with the same placeholders). Tests point it at fakes.
+    template: str | None = None
 
     @field_validator("dtype")
     @classmethod

@@ -88,6 +88,9 @@ def render(
     else:
         template_dir = TEMPLATES_DIR / "tensorrt_llm"
         values = trtllm_parameters(profile, source, gpus)
+    if profile.template:
+        # A profile's own template folder (tests use it for fakes), filled with the same values.
+        template_dir = Path(profile.template).expanduser()
     if not (template_dir / "config.pbtxt").exists():
         raise RepositoryError(f"template {template_dir.name} is missing from {TEMPLATES_DIR}")
     files: dict[str, bytes] = {}

@@ -1,0 +1,117 @@
+"""FAKE, for tests only: a Triton Python-backend model that replays scripted answers.
+
+It stands in for a model that *chooses* to call tools, which the tiny demo model never does.
+It takes the torch engine's tensors (TensorRT-LLM's names) and streams token ids back the same
+way — one decoupled response per token, the last one empty with the final flag — so the gateway
+drives it exactly like a real engine: tokenization, chat template, detokenization, tool-call
+parsing, translation and the clients all stay real.
+
+The script is `replay.json` in the profile's source folder (next to tokenizer.json):
+
+    {"turn_marker": "<|im_start|>user",
+     "rules": [{"when": "weather in Paris", "reply": "<tool_call>…</tool_call>"}, …]}
+
+The prompt's ids are decoded and the text after the last `turn_marker` (the latest user turn,
+tool results included) is matched against each rule's `when`; the first rule whose `when` it
+contains answers. A rule's answer is `reply` (text, encoded with the model's tokenizer, so tags
+such as `<tool_call>` are the single tokens a real model emits; `{turn}` is replaced with that
+latest turn) or `reply_ids`. Optional: `first_delay_s` (a long prefill), `delay_s` (between
+tokens), `fail_after` + `error` (the engine fails after that many tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from tokenizers import Tokenizer
+
+
+def _input(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(parameters["checkpoint_dir"])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        script = json.loads((folder / "replay.json").read_text(encoding="utf-8"))
+        self.marker = script.get("turn_marker", "")
+        self.rules: list[dict[str, Any]] = script["rules"]
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            ids = _input(request, "input_ids")
+            lengths = _input(request, "input_lengths")
+            limit = _input(request, "request_output_len")
+            prompt = [] if ids is None else ids.tolist()
+            if lengths is not None:
+                prompt = prompt[: int(lengths[0])]
+            max_tokens = 16 if limit is None else int(limit[0])
+            # Decoupled: answer from a thread so requests overlap like a batching engine's.
+            threading.Thread(
+                target=self._replay, args=(prompt, max_tokens, sender), daemon=True
+            ).start()
+        return None
+
+    def _choose(self, prompt: list[int]) -> tuple[dict[str, Any], str]:
+        text = self.tokenizer.decode(prompt, skip_special_tokens=False)
+        turn = text.rsplit(self.marker, 1)[-1] if self.marker else text
+        turn = turn.split("<|im_end|>", 1)[0].strip()
+        for rule in self.rules:
+            if rule.get("when", "") in turn:
+                return rule, turn
+        return {"reply": ""}, turn
+
+    def _replay(self, prompt: list[int], max_tokens: int, sender: Any) -> None:
+        try:
+            rule, turn = self._choose(prompt)
+            if "reply_ids" in rule:
+                reply = [int(t) for t in rule["reply_ids"]]
+            else:
+                text = str(rule.get("reply", "")).replace("{turn}", turn)
+                reply = self.tokenizer.encode(text, add_special_tokens=False).ids
+            time.sleep(float(rule.get("first_delay_s", 0)))
+            for count, token in enumerate(reply[:max_tokens]):
+                if sender.is_cancelled():
+                    # Close the sender all the same: Triton waits for it before unloading.
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    return
+                if rule.get("fail_after") == count:
+                    self._fail(sender, str(rule.get("error", "replay fake failure")))
+                    return
+                self._send(sender, [token], final=False)
+                time.sleep(float(rule.get("delay_s", 0)))
+            if "fail_after" in rule and rule["fail_after"] >= min(len(reply), max_tokens):
+                self._fail(sender, str(rule.get("error", "replay fake failure")))
+                return
+            self._send(sender, [], final=True)
+        except Exception as error:  # never leave a request unanswered
+            self._fail(sender, f"replay fake: {error!r}")
+
+    @staticmethod
+    def _send(sender: Any, tokens: list[int], final: bool) -> None:
+        response = pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+                pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+            ]
+        )
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        sender.send(response, flags=flags)
+
+    @staticmethod
+    def _fail(sender: Any, message: str) -> None:
+        sender.send(
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
