@@ -1,99 +1,152 @@
 """Parsing tool calls out of generated text, per the model's `tool_call_format`.
 
     hermes       <tool_call>{"name": …, "arguments": {…}}</tool_call> (Hermes, Qwen2.5/3)
-    llama3_json  the whole answer is {"name": …, "parameters": {…}} (optionally <|python_tag|>)
+    llama3_json  the whole answer is {"name": …, "parameters": {…}} (optionally <|python_tag|>),
+                 several calls separated by ";"
 
-The parser is fed text as it streams and returns canonical events; tag text never reaches the
-client. Call ids are made here and stay stable across the round trip (the client echoes them).
+The parser is fed text as it streams and returns canonical events. Tag text never reaches the
+client, nor does the whitespace models put around calls. Each call is held until it is complete
+and its JSON is checked, so a client never receives a call whose input is broken or silently
+emptied: a region that does not parse as a call is given back as the text the model wrote. The
+checked arguments are then sent as fragments, as streaming clients expect.
+
+Call ids are made here, dialect-neutral; the encoders prefix them (`call_…`, `toolu_…`) and the
+client echoes the prefixed id in its history, so ids stay stable across the round trip.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PYTHON_TAG = "<|python_tag|>"
 ARGUMENT_FRAGMENT = 16
 
 
 def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+    return uuid.uuid4().hex[:24]
 
 
-def _call_events(index: int, body: str) -> list[Event]:
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return [TextDelta(f"{OPEN}{body}{CLOSE}")]
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        return [TextDelta(f"{OPEN}{body}{CLOSE}")]
-    arguments = data.get("arguments", data.get("parameters", {}))
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    events: list[Event] = [ToolCallStart(index, new_call_id(), data["name"])]
-    # Arguments arrive as fragments, as clients expect from streaming APIs.
-    for start in range(0, len(text), ARGUMENT_FRAGMENT):
-        events.append(ToolCallDelta(index, text[start : start + ARGUMENT_FRAGMENT]))
+def _as_call(value: Any) -> tuple[str, str] | None:
+    """(name, compact JSON arguments) when `value` is a well-formed call, else None."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters"))
+    if arguments is None:
+        arguments = {}
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return value["name"], json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+
+
+def _call_events(index: int, name: str, arguments: str) -> list[Event]:
+    events: list[Event] = [ToolCallStart(index, new_call_id(), name)]
+    for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
+        events.append(ToolCallDelta(index, arguments[start : start + ARGUMENT_FRAGMENT]))
     return events
 
 
 class HermesParser:
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int | None = None) -> None:
+        self.max_calls = max_calls
         self.buffer = ""
         self.inside = False
         self.calls = 0
+        self.space = ""  # trailing whitespace held back: it may precede a call
+        self.after_call = False
+
+    @property
+    def done(self) -> bool:
+        """No more calls are wanted (parallel calls off): the rest of the output is ignored."""
+        return self.max_calls is not None and self.calls >= self.max_calls
 
     def feed(self, text: str) -> list[Event]:
         self.buffer += text
         events: list[Event] = []
-        while True:
-            if not self.inside:
-                position = self.buffer.find(OPEN)
+        while not self.done:
+            if self.inside:
+                position = self.buffer.find(CLOSE)
                 if position < 0:
-                    hold = _partial_suffix(self.buffer, OPEN)
-                    ready = self.buffer[: len(self.buffer) - hold]
-                    self.buffer = self.buffer[len(self.buffer) - hold :]
-                    if ready and not (self.calls and not ready.strip()):
-                        events.append(TextDelta(ready))
                     return events
-                before = self.buffer[:position]
-                if before and not (self.calls and not before.strip()):
-                    events.append(TextDelta(before))
-                self.buffer = self.buffer[position + len(OPEN) :]
-                self.inside = True
-            position = self.buffer.find(CLOSE)
+                body = self.buffer[:position]
+                self.buffer = self.buffer[position + len(CLOSE) :]
+                self.inside = False
+                events.extend(self._call(body, closed=True))
+                continue
+            position = self.buffer.find(OPEN)
             if position < 0:
+                hold = _partial_suffix(self.buffer, OPEN)
+                ready = self.buffer[: len(self.buffer) - hold]
+                self.buffer = self.buffer[len(self.buffer) - hold :]
+                events.extend(self._text(ready, before_call=False))
                 return events
-            events.extend(_call_events(self.calls, self.buffer[:position].strip()))
-            self.calls += 1
-            self.buffer = self.buffer[position + len(CLOSE) :]
-            self.inside = False
+            events.extend(self._text(self.buffer[:position], before_call=True))
+            self.buffer = self.buffer[position + len(OPEN) :]
+            self.inside = True
+        return events
 
     def finish(self) -> list[Event]:
+        if self.done:
+            return []
         rest, self.buffer = self.buffer, ""
         if self.inside:
-            # An unterminated call: take it if it parses, else give the text back as text.
-            events = _call_events(self.calls, rest.strip())
-            if isinstance(events[0], ToolCallStart):
-                self.calls += 1
-            return events
-        return [TextDelta(rest)] if rest and not (self.calls and not rest.strip()) else []
+            self.inside = False
+            return self._call(rest, closed=False)  # an unterminated call: take it if it parses
+        return self._text(rest, before_call=False, final=True)
+
+    def _text(self, text: str, before_call: bool, final: bool = False) -> list[Event]:
+        text, self.space = self.space + text, ""
+        if self.after_call:
+            text = text.lstrip()
+        if before_call:
+            text = text.rstrip()
+        elif not final:
+            kept = text.rstrip()
+            text, self.space = kept, text[len(kept) :]
+        if not text:
+            return []
+        self.after_call = False
+        return [TextDelta(text)]
+
+    def _call(self, body: str, closed: bool) -> list[Event]:
+        try:
+            call = _as_call(json.loads(body))
+        except ValueError:
+            call = None
+        if call is None:
+            raw = OPEN + body + (CLOSE if closed else "")
+            return self._text(raw, before_call=False, final=not closed)
+        events = _call_events(self.calls, *call)
+        self.calls += 1
+        self.after_call = True
+        return events
 
 
 class Llama3JsonParser:
-    def __init__(self) -> None:
+    def __init__(self, max_calls: int | None = None) -> None:
+        self.max_calls = max_calls
         self.buffer = ""
         self.mode: str | None = None  # "json" | "text"
         self.calls = 0
+
+    done = False  # calls are only known at the end
 
     def feed(self, text: str) -> list[Event]:
         if self.mode == "text":
             return [TextDelta(text)] if text else []
         self.buffer += text
-        stripped = self.buffer.lstrip().removeprefix("<|python_tag|>").lstrip()
-        if not stripped:
-            return []
+        stripped = self.buffer.lstrip().removeprefix(PYTHON_TAG).lstrip()
+        if not stripped or PYTHON_TAG.startswith(stripped):
+            return []  # undecided until the first character past the tag
         if stripped.startswith("{"):
             self.mode = "json"
             return []
@@ -102,24 +155,42 @@ class Llama3JsonParser:
         return [TextDelta(out)]
 
     def finish(self) -> list[Event]:
+        rest, self.buffer = self.buffer, ""
         if self.mode != "json":
-            rest, self.buffer = self.buffer, ""
             return [TextDelta(rest)] if rest else []
-        body = self.buffer.strip().removeprefix("<|python_tag|>").strip()
-        self.buffer = ""
+        calls = _json_calls(rest.strip().removeprefix(PYTHON_TAG).strip())
+        if calls is None:
+            return [TextDelta(rest)]
         events: list[Event] = []
-        for line in [part for part in body.split(";") if part.strip()]:
-            parsed = _call_events(self.calls, line.strip())
-            if isinstance(parsed[0], ToolCallStart):
-                self.calls += 1
-                events.extend(parsed)
-            else:
-                return [TextDelta(body)]
+        for name, arguments in calls[: self.max_calls]:
+            events.extend(_call_events(self.calls, name, arguments))
+            self.calls += 1
         return events
+
+
+def _json_calls(body: str) -> list[tuple[str, str]] | None:
+    """One or more JSON calls separated by ";" or whitespace, or None if that is not what the
+    body is. Decoded object by object, so a ";" inside an argument does not split a call."""
+    decoder = json.JSONDecoder()
+    calls: list[tuple[str, str]] = []
+    position = 0
+    while position < len(body):
+        try:
+            value, position = decoder.raw_decode(body, position)
+        except ValueError:
+            return None
+        call = _as_call(value)
+        if call is None:
+            return None
+        calls.append(call)
+        while position < len(body) and (body[position].isspace() or body[position] == ";"):
+            position += 1
+    return calls or None
 
 
 class PlainParser:
     calls = 0
+    done = False
 
     def feed(self, text: str) -> list[Event]:
         return [TextDelta(text)] if text else []
@@ -131,12 +202,14 @@ class PlainParser:
 ToolParser = HermesParser | Llama3JsonParser | PlainParser
 
 
-def parser_for(tool_call_format: str, tools_offered: bool) -> ToolParser:
+def parser_for(tool_call_format: str, tools_offered: bool, parallel: bool = True) -> ToolParser:
+    """The parser for a model's format; with parallel calls off only the first call is kept."""
     if not tools_offered or tool_call_format == "none":
         return PlainParser()
+    max_calls = None if parallel else 1
     if tool_call_format == "llama3_json":
-        return Llama3JsonParser()
-    return HermesParser()
+        return Llama3JsonParser(max_calls)
+    return HermesParser(max_calls)
 
 
 def _partial_suffix(text: str, tag: str) -> int:
