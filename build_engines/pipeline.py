@@ -62,9 +62,18 @@ def make_plan(raw: BuildRequest) -> BuildPlan:
 
 
 def run_plan(plan: BuildPlan, progress: Progress, on_start: Any = None) -> dict[str, StageResult]:
+    """Run the stages; nothing runs when the published copy was built from these inputs
+    (so `STORE/.work/` may be deleted once a model is published)."""
     existing = publish.published_hash(plan.publish_dir)
-    final = plan.preview()[-1]
-    if plan.publish_dir.exists() and existing != final.inputs_hash and not plan.request.force:
+    previews = plan.preview()
+    if not plan.request.force and existing == previews[-1].inputs_hash:
+        return {
+            item.stage.key: StageResult(
+                item.stage.key, "skipped", item.inputs_hash, plan.work_dir / item.stage.key, 0.0
+            )
+            for item in previews
+        }
+    if plan.publish_dir.exists() and not plan.request.force:
         raise InvalidRequest(
             f"{plan.publish_dir} already holds a model built from other inputs: "
             "pass --force to replace it, or choose another --name"
@@ -147,9 +156,10 @@ def _export_stage(plan: BuildPlan) -> Stage:
     if request.engine is Engine.TRTLLM:
 
         def run_trtllm(context: StageContext) -> dict[str, Any]:
-            details = quantize.export_trtllm_checkpoint(
-                request, info, _quant_dir(plan), context.out
-            )
+            with context.progress.task("loading the model and exporting", None):
+                details = quantize.export_trtllm_checkpoint(
+                    request, info, _quant_dir(plan), context.out
+                )
             problems = trtllm.check_pretrained_config(details["config"], request, info)
             if problems:
                 raise StageFailed(f"the exported checkpoint's config.json: {'; '.join(problems)}")
@@ -192,6 +202,13 @@ def _export_stage(plan: BuildPlan) -> Stage:
         inputs={"engine": "torch", "quant": "none"},
         run=run_link,
     )
+
+
+def _export_hf(
+    context: StageContext, request: BuildRequest, info: CheckpointInfo, quant_dir: Path
+) -> dict[str, Any]:
+    with context.progress.task("loading the model and exporting", None):
+        return quantize.export_hf_checkpoint(request, info, quant_dir, context.out)
 
 
 def _build_stage(plan: BuildPlan) -> Stage:
