@@ -15,10 +15,12 @@ from prometheus_client import start_http_server
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from control_plane.anthropic.routes import blueprint as anthropic_routes
 from control_plane.errors import (
     AuthenticationFailed,
     CortexError,
     InvalidRequest,
+    NotFound,
     anthropic_body,
     anthropic_status,
     openai_body,
@@ -31,14 +33,46 @@ from cortex.config import CortexConfig, split_host_port
 log = logging.getLogger("cortex.gateway")
 
 
+# Paths that answer without a key: liveness and Claude Code's warm-up probes.
+OPEN_PATHS = frozenset({"/health", "/", "/api/hello"})
+
+
 def is_anthropic(request: Request) -> bool:
-    return request.path.startswith("/v1/messages")
+    """Which envelope the client reads: by path where only one dialect lives, else by the
+    `anthropic-version` header every Anthropic client sends (GET /v1/models serves both)."""
+    if request.path.startswith("/v1/messages"):
+        return True
+    if request.path in ("/v1/chat/completions", "/v1/completions"):
+        return False
+    return "anthropic-version" in request.headers
 
 
 def render_error(request: Request, error: CortexError) -> HTTPResponse:
     if is_anthropic(request):
-        return json(anthropic_body(error), status=anthropic_status(error), headers=error.headers())
+        request_id = f"req_{request_id_of(request)}"
+        return json(
+            anthropic_body(error, request_id),
+            status=anthropic_status(error),
+            headers=error.headers(),
+        )
     return json(openai_body(error), status=error.status, headers=error.headers())
+
+
+def request_id_of(request: Request) -> str:
+    """The request's id (the client's `x-request-id` if it sent one), made on first use: an
+    unknown route fails before request middleware runs."""
+    if not hasattr(request.ctx, "request_id"):
+        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return str(request.ctx.request_id)
+
+
+def credentials(request: Request) -> list[str]:
+    """Every key the request offers: Claude Code may send `x-api-key` and a bearer token."""
+    offered = [request.headers.get("x-api-key") or ""]
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(bearer.strip())
+    return [key for key in offered if key]
 
 
 def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
@@ -51,6 +85,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     app.ctx.config = config
     app.ctx.metrics = GatewayMetrics()
     app.blueprint(openai_routes)
+    app.blueprint(anthropic_routes)
     keys = tuple(config.gateway.api_keys)
 
     @app.before_server_start
@@ -69,16 +104,20 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
 
     @app.on_request
     async def prepare(request: Request) -> HTTPResponse | None:
-        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        if request.path in ("/health", "/") or not keys:
+        request_id_of(request)
+        if request.path in OPEN_PATHS or not keys:
             return None
-        given = request.headers.get("x-api-key") or ""
-        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-        if not given and scheme.lower() == "bearer":
-            given = bearer.strip()
-        if not any(hmac.compare_digest(given, key) for key in keys):
+        offered = credentials(request)
+        if not any(
+            hmac.compare_digest(given.encode(), key.encode()) for given in offered for key in keys
+        ):
             return render_error(request, AuthenticationFailed("invalid or missing API key"))
         return None
+
+    @app.on_response
+    async def identify(request: Request, response: HTTPResponse) -> None:
+        # Anthropic's SDK exposes this header as the response's `_request_id`.
+        response.headers.setdefault("request-id", f"req_{request_id_of(request)}")
 
     @app.exception(CortexError)
     async def cortex_error(request: Request, error: CortexError) -> HTTPResponse:
@@ -88,9 +127,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     async def unexpected(request: Request, error: Exception) -> HTTPResponse:
         status = int(getattr(error, "status_code", 500))
         if status == 404:
-            return render_error(
-                request, InvalidRequest(f"no route {request.method} {request.path}")
-            )
+            return render_error(request, NotFound(f"no route {request.method} {request.path}"))
         if status == 405:
             return render_error(
                 request, InvalidRequest(f"method {request.method} not allowed here")

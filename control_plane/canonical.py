@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from control_plane.errors import InvalidRequest
+
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -39,6 +41,23 @@ class ToolChoice(enum.StrEnum):
     NAMED = "named"
 
 
+def offered_tools(
+    tools: tuple[Tool, ...], choice: ToolChoice, name: str | None
+) -> tuple[Tool, ...]:
+    """The tools the model is shown for a tool choice: none for NONE, only the named one for
+    NAMED (so the model cannot pick another), all of them otherwise."""
+    if choice is ToolChoice.NONE:
+        return ()
+    if choice is ToolChoice.NAMED:
+        named = tuple(t for t in tools if t.name == name)
+        if not named:
+            raise InvalidRequest(
+                f"tool_choice names {name!r}, which is not in tools", "tool_choice"
+            )
+        return named
+    return tools
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
@@ -55,6 +74,8 @@ class ChatRequest:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
     json_mode: bool = False
+    # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
+    continue_final: bool = False
     # The raw prompt of a legacy completion: rendered as is, no chat template.
     raw_prompt: str | None = None
     request_id: str = ""
@@ -83,7 +104,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class Started:
-    """The request was admitted: model resolved and prompt tokenized."""
+    """The request was admitted: model resolved and prompt tokenized. Always the first event,
+    before any `Waiting`, so encoders can open their stream with the real prompt size."""
 
     model: str
     prompt_tokens: int
@@ -101,6 +123,9 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ToolCallStart:
+    """A new tool call. `id` is dialect-neutral; each encoder gives it its dialect's prefix
+    (`call_…`, `toolu_…`), and clients echo that prefixed id back in their history."""
+
     index: int
     id: str
     name: str

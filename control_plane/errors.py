@@ -5,7 +5,8 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
     ├── InvalidRequest        400  invalid_request_error   (field path in `param`)
     │   └── PromptTooLong     400  the dialect's own context-length wording
     ├── AuthenticationFailed  401  authentication_error
-    ├── ModelNotFound         404  not_found_error
+    ├── NotFound              404  not_found_error         (no such route)
+    │   └── ModelNotFound     404  not_found_error
     ├── Overloaded            529/503  overloaded_error    (Retry-After)
     ├── UpstreamTimeout       504  timeout_error
     └── UpstreamFailed        502  api_error               (a node or Triton failed)
@@ -62,10 +63,13 @@ class AuthenticationFailed(CortexError):
     openai_code = "invalid_api_key"
 
 
-class ModelNotFound(CortexError):
+class NotFound(CortexError):
     status = 404
     kind = "not_found_error"
     openai_type = "invalid_request_error"
+
+
+class ModelNotFound(NotFound):
     openai_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
@@ -113,6 +117,9 @@ def anthropic_status(error: CortexError) -> int:
     return 529 if isinstance(error, Overloaded) else error.status
 
 
-def anthropic_body(error: CortexError) -> dict[str, Any]:
+def anthropic_body(error: CortexError, request_id: str | None = None) -> dict[str, Any]:
     message = error.anthropic_message() if isinstance(error, PromptTooLong) else error.message
-    return {"type": "error", "error": {"type": error.kind, "message": message}}
+    body: dict[str, Any] = {"type": "error", "error": {"type": error.kind, "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body

@@ -9,8 +9,9 @@ dialects count the same. Leaving the iterator early (client gone) cancels the Tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
 
 from control_plane.canonical import (
@@ -25,25 +26,59 @@ from control_plane.canonical import (
     Usage,
     Waiting,
 )
-from control_plane.errors import CortexError, InvalidRequest, PromptTooLong, UpstreamFailed
+from control_plane.errors import (
+    CortexError,
+    InvalidRequest,
+    PromptTooLong,
+    UpstreamFailed,
+    UpstreamTimeout,
+)
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import GenerationParams
 from control_plane.prompting import StopMatcher
 from control_plane.tool_calls import parser_for
 
-PING_INTERVAL_S = 5.0
 T = TypeVar("T")
 
 
-async def _with_pings(awaitable: asyncio.Future[T] | asyncio.Task[T]) -> AsyncIterator[T | None]:
-    """Yield None every PING_INTERVAL_S until the awaitable is done, then its result."""
+async def _next(source: AsyncIterator[T]) -> T:
+    return await source.__anext__()
+
+
+async def _once(awaitable: Awaitable[T]) -> AsyncGenerator[T, None]:
+    yield await awaitable
+
+
+async def _paced(
+    source: AsyncIterator[T], interval: float, deadline: float | None = None
+) -> AsyncGenerator[T | None, None]:
+    """The items of `source`, with a None for every `interval` seconds of silence (the callers
+    turn it into a keep-alive), and UpstreamTimeout once `deadline` (monotonic) has passed."""
     while True:
-        done, _ = await asyncio.wait({awaitable}, timeout=PING_INTERVAL_S)
-        if done:
-            yield awaitable.result()
+        step = asyncio.ensure_future(_next(source))
+        try:
+            while True:
+                wait = interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise UpstreamTimeout("the model did not finish in the request timeout")
+                done, _ = await asyncio.wait({step}, timeout=wait)
+                if done:
+                    break
+                if deadline is None or time.monotonic() < deadline:
+                    yield None
+        finally:
+            if not step.done():  # the consumer left or timed out: stop the pending read
+                step.cancel()
+                with contextlib.suppress(BaseException):
+                    await step
+        try:
+            item = step.result()
+        except StopAsyncIteration:
             return
-        yield None
+        yield item
 
 
 async def prepare(fleet: Fleet, request: ChatRequest) -> tuple[str, list[int], int]:
@@ -61,27 +96,41 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> tuple[str, list[int], i
     return model, prompt, min(request.max_tokens or room, room)
 
 
+async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
+    """The prompt's size exactly as `generate` would send it (template, tools, instructions);
+    also for prompts too long to serve, so clients can decide to compact them."""
+    entry = fleet.resolve(request.model)
+    tokenizer = await fleet.tokenizer(entry.profile.name)
+    return len(await asyncio.to_thread(tokenizer.render, request))
+
+
 async def generate(
     fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
 ) -> AsyncGenerator[Event, None]:
     started = time.monotonic()
+    settings = fleet.config.gateway
     model, prompt, max_tokens = await prepare(fleet, request)
     tokenizer = await fleet.tokenizer(model)
     entry = fleet.resolve(model)
 
-    ready = asyncio.ensure_future(fleet.ensure_ready(model))
+    # A warm model is ready at once, so errors here still come before the first event (plain
+    # HTTP errors); a cold load announces the request first, then keeps the stream alive.
     node = ""
-    try:
-        async for result in _with_pings(ready):
+    announced = False
+    async with contextlib.aclosing(
+        _paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
+    ) as readiness:
+        async for result in readiness:
             if result is None:
+                if not announced:
+                    announced = True
+                    yield Started(model, len(prompt))
                 yield Waiting()
             else:
                 node = result
-    finally:
-        if not ready.done():
-            ready.cancel()
     metrics.queue_wait.labels(model).observe(time.monotonic() - started)
-    yield Started(model, len(prompt))
+    if not announced:
+        yield Started(model, len(prompt))
 
     labels = (model, node, api)
     params = GenerationParams(
@@ -95,7 +144,10 @@ async def generate(
     )
     decoder = tokenizer.stream_decoder(prompt)
     stopper = StopMatcher(request.stop)
-    parser = parser_for(entry.profile.tool_call_format.value, bool(request.tools))
+    parser = parser_for(
+        entry.profile.tool_call_format.value, bool(request.tools), request.parallel_tool_calls
+    )
+    deadline = time.monotonic() + settings.request_timeout_s
     completion = 0
     first_token_at: float | None = None
     outcome = "error"
@@ -104,37 +156,46 @@ async def generate(
         async with fleet.using(node, model) as triton:
             stream = triton.generate(model, prompt, params, request.request_id)
             try:
-                async for tokens in stream:
-                    if tokens and first_token_at is None:
-                        first_token_at = time.monotonic()
-                        metrics.ttft.labels(*labels).observe(first_token_at - started)
-                    text = ""
-                    for token in tokens:
-                        completion += 1
-                        text += decoder.step(token)
-                    for event in parser.feed(stopper.feed(text)):
-                        yield event
-                    if stopper.matched:
-                        break
+                async with contextlib.aclosing(
+                    _paced(stream, settings.ping_interval_s, deadline)
+                ) as steps:
+                    async for tokens in steps:
+                        if tokens is None:  # a long prefill: keep the client's stream alive
+                            yield Waiting()
+                            continue
+                        if tokens and first_token_at is None:
+                            first_token_at = time.monotonic()
+                            metrics.ttft.labels(*labels).observe(first_token_at - started)
+                        text = ""
+                        for token in tokens:
+                            completion += 1
+                            text += decoder.step(token)
+                        for event in parser.feed(stopper.feed(text)):
+                            yield event
+                        if stopper.matched or parser.done:
+                            break
             finally:
                 await stream.aclose()
-        if not stopper.matched:
+        if not (stopper.matched or parser.done):
             for event in parser.feed(stopper.feed(decoder.finish())):
                 yield event
             for event in parser.feed(stopper.flush()):
                 yield event
         for event in parser.finish():
             yield event
-        if stopper.matched:
-            reason = FinishReason.STOP_SEQUENCE
-        elif parser.calls:
+        # Calls decide the reason even when a stop string came after them: the client must
+        # answer the calls.
+        if parser.calls:
             reason = FinishReason.TOOL_CALLS
+        elif stopper.matched:
+            reason = FinishReason.STOP_SEQUENCE
         elif completion >= max_tokens:
             reason = FinishReason.LENGTH
         else:
             reason = FinishReason.STOP
         outcome = "ok"
-        yield Finished(reason, Usage(len(prompt), completion), stopper.matched)
+        stop_sequence = stopper.matched if reason is FinishReason.STOP_SEQUENCE else None
+        yield Finished(reason, Usage(len(prompt), completion), stop_sequence)
     except (GeneratorExit, asyncio.CancelledError):
         outcome = "cancelled"
         raise

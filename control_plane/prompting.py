@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
-from control_plane.canonical import ChatRequest, Message
+from control_plane.canonical import ChatRequest, Message, ToolChoice
 from cortex.neuron_api import TokenizerFiles
 
 JSON_MODE_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
+TOOL_REQUIRED_INSTRUCTION = "Answer by calling one of the provided tools."
+TOOL_NAMED_INSTRUCTION = "Answer by calling the tool {name}."
 
 
 class ModelTokenizer:
@@ -59,8 +61,15 @@ class ModelTokenizer:
             }
             for tool in request.tools
         ] or None
+        # A prefill (Anthropic: the last message is the assistant's) is continued, not closed.
+        prefill = request.continue_final and bool(messages) and messages[-1]["role"] == "assistant"
         ids = self.tokenizer.apply_chat_template(
-            messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
+            messages,
+            tools=tools,
+            add_generation_prompt=not prefill,
+            continue_final_message=prefill,
+            tokenize=True,
+            return_dict=False,
         )
         return [int(i) for i in ids]  # type: ignore[arg-type]
 
@@ -72,15 +81,56 @@ class ModelTokenizer:
 
 
 def fold_system_messages(request: ChatRequest) -> list[Message]:
-    """One leading system message (chat templates expect it first): later system messages are
-    folded into it in order — clients such as Claude Code send them mid-conversation."""
-    system = [m.content for m in request.messages if m.role == "system" and m.content]
-    if request.json_mode:
-        system.append(JSON_MODE_INSTRUCTION)
-    rest = [m for m in request.messages if m.role != "system"]
+    """Messages as chat templates accept them: one leading system message, no other.
+
+    Leading system messages (and the instructions the request implies) form the system prompt.
+    A later one — Claude Code sends them mid-conversation — is folded into the next user turn,
+    else the previous one, keeping its place in the conversation: many templates (Qwen's) refuse
+    a system message that is not first, and the prompt prefix before it stays the same, which
+    keeps prefix caches useful. Tool results are never split from the call they answer.
+    """
+    messages = list(request.messages)
+    lead = 0
+    while lead < len(messages) and messages[lead].role == "system":
+        lead += 1
+    system = [m.content for m in messages[:lead] if m.content]
+    rest = messages[lead:]
+    pending: list[str] = []  # inline system text waiting for the next user turn
+    folded: list[Message] = []
+    for message in rest:
+        if message.role == "system":
+            if message.content:
+                pending.append(message.content)
+        elif message.role == "user" and pending:
+            content = "\n\n".join([*pending, message.content] if message.content else pending)
+            folded.append(replace(message, content=content))
+            pending = []
+        else:
+            folded.append(message)
+    if pending:
+        users = [i for i, m in enumerate(folded) if m.role == "user"]
+        if users:
+            last = folded[users[-1]]
+            parts = [last.content, *pending] if last.content else pending
+            folded[users[-1]] = replace(last, content="\n\n".join(parts))
+        else:
+            system.extend(pending)
+    system.extend(_instructions(request))
     if system:
-        return [Message(role="system", content="\n\n".join(system)), *rest]
-    return rest
+        return [Message(role="system", content="\n\n".join(system)), *folded]
+    return folded
+
+
+def _instructions(request: ChatRequest) -> list[str]:
+    """What the request asks for that the model can only be told (no constrained decoding)."""
+    wanted = []
+    if request.json_mode:
+        wanted.append(JSON_MODE_INSTRUCTION)
+    if request.tools and request.tool_choice is ToolChoice.REQUIRED:
+        wanted.append(TOOL_REQUIRED_INSTRUCTION)
+    elif request.tools and request.tool_choice is ToolChoice.NAMED:
+        wanted.append(TOOL_NAMED_INSTRUCTION.format(name=request.tool_choice_name))
+    return wanted
 
 
 def _template_message(message: Message) -> dict[str, Any]:

@@ -52,6 +52,8 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    # Not OpenAI's, but what local-model clients send (vLLM, llama.cpp convention).
+    top_k: int | None = Field(default=None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False

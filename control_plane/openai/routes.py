@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import time
-import uuid
+import logging
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from control_plane.canonical import Finished, TextDelta, Waiting
-from control_plane.errors import CortexError, InvalidRequest, openai_body
+from control_plane.anthropic import routes as anthropic_routes
+from control_plane.canonical import Event, Finished, TextDelta, Waiting
+from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed, openai_body
 from control_plane.generation import collect, generate
 from control_plane.openai import translate
 from control_plane.openai.protocol import ChatCompletionRequest, CompletionRequest
+from control_plane.openai.translate import ChunkEncoder
 
 blueprint = Blueprint("openai", url_prefix="/v1")
+log = logging.getLogger("cortex.gateway.openai")
 
 
 def parse_body(model: type[BaseModel], request: Request) -> Any:
@@ -59,7 +62,18 @@ def model_list(request: Request) -> list[dict[str, Any]]:
 
 @blueprint.get("/models")
 async def list_models(request: Request) -> HTTPResponse:
+    # One path, two dialects: Anthropic clients always send anthropic-version.
+    if "anthropic-version" in request.headers:
+        return json(anthropic_routes.models_page(request))
     return json({"object": "list", "data": model_list(request)})
+
+
+@blueprint.get("/models/<model_id:path>")
+async def get_model(request: Request, model_id: str) -> HTTPResponse:
+    entry = request.app.ctx.fleet.resolve(model_id)
+    if "anthropic-version" in request.headers:
+        return json(anthropic_routes.model_info(model_id, model_id, entry.context_length))
+    return json({"id": model_id, "object": "model", "created": 0, "owned_by": "cortex"})
 
 
 @blueprint.post("/chat/completions")
@@ -70,45 +84,11 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
     if not body.stream:
         text, calls, finished = await collect(events)
-        return json(
-            translate.chat_completion(
-                request_id, _model_of(request, body.model), text, calls, finished
-            )
-        )
-    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
+        return json(translate.chat_completion(request_id, body.model, text, calls, finished))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    encoder = translate.ChunkEncoder(request_id, _model_of(request, body.model), include_usage)
-    response = await request.respond(content_type="text/event-stream", headers=_sse_headers())
-    try:
-        await response.send(encoder.start())
-        await _send(response, encoder, first)
-        async for event in events:
-            await _send(response, encoder, event)
-        await response.send(encoder.done())
-    except CortexError as error:
-        await response.send(encoder.error(openai_body(error)))
-        await response.send(encoder.done())
-    finally:
-        await events.aclose()
-    await response.eof()
+    encoder = translate.ChunkEncoder(request_id, body.model, include_usage)
+    await _stream(request, events, encoder.start(), encoder.event)
     return None
-
-
-async def _send(response: Any, encoder: translate.ChunkEncoder, event: object) -> None:
-    if isinstance(event, Waiting):
-        await response.send(encoder.keep_alive())
-        return
-    data = encoder.event(event)
-    if data:
-        await response.send(data)
-
-
-def _sse_headers() -> dict[str, str]:
-    return {"cache-control": "no-cache", "x-accel-buffering": "no"}
-
-
-def _model_of(request: Request, requested: str) -> str:
-    return requested
 
 
 @blueprint.post("/completions")
@@ -120,36 +100,48 @@ async def completions(request: Request) -> HTTPResponse | None:
     if not body.stream:
         text, _calls, finished = await collect(events)
         return json(translate.completion_body(request_id, body.model, text, finished))
-    first = await events.__anext__()
-    response = await request.respond(content_type="text/event-stream", headers=_sse_headers())
-    pending = [first]
-    try:
-        async for event in _chain(pending, events):
-            if isinstance(event, Waiting):
-                await response.send(translate.ChunkEncoder.keep_alive())
-            elif isinstance(event, TextDelta) and event.text:
-                await response.send(
-                    translate.completion_chunk(request_id, body.model, event.text, None)
-                )
-            elif isinstance(event, Finished):
-                finish = translate.FINISH_REASONS[event.reason]
-                await response.send(translate.completion_chunk(request_id, body.model, "", finish))
-        await response.send(translate.ChunkEncoder.done())
-    except CortexError as error:
-        await response.send(translate.ChunkEncoder.error(openai_body(error)))
-        await response.send(translate.ChunkEncoder.done())
-    finally:
-        await events.aclose()
-    await response.eof()
+
+    def chunk(event: Event) -> bytes:
+        if isinstance(event, TextDelta) and event.text:
+            return translate.completion_chunk(request_id, body.model, event.text, None)
+        if isinstance(event, Finished):
+            finish = translate.FINISH_REASONS[event.reason]
+            return translate.completion_chunk(request_id, body.model, "", finish)
+        return b""
+
+    await _stream(request, events, b"", chunk)
     return None
 
 
-async def _chain(first: list[Any], rest: Any) -> Any:
-    for event in first:
-        yield event
-    async for event in rest:
-        yield event
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:24] + f"{int(time.time()) % 1000:03d}"
+async def _stream(
+    request: Request,
+    events: AsyncGenerator[Event, None],
+    opening: bytes,
+    encode: Callable[[Event], bytes],
+) -> None:
+    """Send an SSE stream: `data:` chunks, `: keep-alive` comments while waiting, `[DONE]`.
+    A failure after the first byte is sent as `data: {"error": …}`, then `[DONE]`."""
+    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
+    response = await request.respond(
+        content_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+    try:
+        await response.send(opening)
+        pending: list[Event] = [first]
+        while True:
+            event = pending.pop() if pending else await events.__anext__()
+            data = ChunkEncoder.keep_alive() if isinstance(event, Waiting) else encode(event)
+            if data:
+                await response.send(data)
+    except StopAsyncIteration:
+        await response.send(ChunkEncoder.done())
+    except Exception as error:
+        if not isinstance(error, CortexError):
+            log.exception("stream %s failed", request.ctx.request_id)
+            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
+        await response.send(ChunkEncoder.error(openai_body(error)))
+        await response.send(ChunkEncoder.done())
+    finally:
+        await events.aclose()
+    await response.eof()

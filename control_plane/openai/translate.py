@@ -18,6 +18,7 @@ from control_plane.canonical import (
     ToolCallStart,
     ToolChoice,
     Usage,
+    offered_tools,
 )
 from control_plane.errors import InvalidRequest
 from control_plane.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -73,30 +74,12 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
                 name=message.name,
             )
         )
-    choice, named = ToolChoice.AUTO, None
-    if isinstance(body.tool_choice, str):
-        try:
-            choice = ToolChoice(body.tool_choice)
-        except ValueError:
-            raise InvalidRequest(
-                "tool_choice must be 'auto', 'none', 'required' or a named function",
-                param="tool_choice",
-            ) from None
-    elif isinstance(body.tool_choice, dict):
-        choice = ToolChoice.NAMED
-        named = str((body.tool_choice.get("function") or {}).get("name") or "")
     tools = tuple(
         Tool(t.function.name, t.function.description, t.function.parameters)
         for t in body.tools or []
     )
-    if choice is ToolChoice.NONE:
-        tools = ()
-    elif choice is ToolChoice.NAMED:
-        tools = tuple(t for t in tools if t.name == named)
-        if not tools:
-            raise InvalidRequest(
-                f"tool_choice names {named!r}, which is not in tools", "tool_choice"
-            )
+    choice, named, tools = _tool_choice(body.tool_choice, tools)
+    tools = offered_tools(tools, choice, named)
     response_format = (body.response_format or {}).get("type")
     return ChatRequest(
         model=body.model,
@@ -104,6 +87,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k,
         seed=body.seed,
         stop=_stops(body.stop),
         stream=body.stream,
@@ -114,6 +98,36 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         json_mode=response_format in ("json_object", "json_schema"),
         request_id=request_id,
     )
+
+
+def _tool_choice(
+    value: str | dict[str, Any] | None, tools: tuple[Tool, ...]
+) -> tuple[ToolChoice, str | None, tuple[Tool, ...]]:
+    """(choice, named tool, tools allowed) from every tool_choice form OpenAI defines."""
+    if value is None:
+        return ToolChoice.AUTO, None, tools
+    if isinstance(value, str):
+        if value in ("auto", "none", "required"):
+            return ToolChoice(value), None, tools
+        raise InvalidRequest(
+            "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice"
+        )
+    kind = value.get("type")
+    if kind in ("function", "custom"):
+        name = (value.get(kind) or {}).get("name")
+        if isinstance(name, str) and name:
+            return ToolChoice.NAMED, name, tools
+        raise InvalidRequest(f"tool_choice.{kind}.name is required", f"tool_choice.{kind}.name")
+    if kind == "allowed_tools":
+        allowed = value.get("allowed_tools") or {}
+        names = {
+            (entry.get("function") or entry.get("custom") or {}).get("name")
+            for entry in allowed.get("tools") or []
+            if isinstance(entry, dict)
+        }
+        mode = ToolChoice.REQUIRED if allowed.get("mode") == "required" else ToolChoice.AUTO
+        return mode, None, tuple(t for t in tools if t.name in names)
+    raise InvalidRequest(f"tool_choice type {kind!r} is not supported", "tool_choice.type")
 
 
 def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
@@ -132,6 +146,11 @@ def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
     )
 
 
+def call_id_for(neutral_id: str) -> str:
+    """The OpenAI spelling of a generated call id; clients echo it back as it is."""
+    return f"call_{neutral_id}"
+
+
 def usage_body(usage: Usage) -> dict[str, int]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -146,7 +165,11 @@ def chat_completion(
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = [
-            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+            {
+                "id": call_id_for(call_id),
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
             for call_id, name, arguments in calls
         ]
     elif not text:
@@ -171,11 +194,13 @@ def chat_completion(
 class ChunkEncoder:
     """Canonical events → `chat.completion.chunk` SSE lines (bytes)."""
 
-    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, request_id: str, model: str, include_usage: bool, created: int | None = None
+    ) -> None:
         self.request_id = request_id
         self.model = model
         self.include_usage = include_usage
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
         self._prefix = (
             '{"id":'
             + json.dumps(request_id)
@@ -219,7 +244,7 @@ class ChunkEncoder:
                 "tool_calls": [
                     {
                         "index": event.index,
-                        "id": event.id,
+                        "id": call_id_for(event.id),
                         "type": "function",
                         "function": {"name": event.name, "arguments": ""},
                     }
@@ -257,7 +282,7 @@ class ChunkEncoder:
 
     @staticmethod
     def error(body: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(body).encode() + b"\n\n"
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 def completion_body(request_id: str, model: str, text: str, finished: Finished) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The Anthropic dialect: Messages (streaming and not), token counting, Claude Code probes."""

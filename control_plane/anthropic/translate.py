@@ -1,0 +1,360 @@
+"""Anthropic requests → canonical requests; canonical events → a Message body or its SSE stream.
+
+Conversation rules follow the real API and what Claude Code sends (reference §1.2, §3.3–3.5):
+the billing-header system block is dropped (it changes on every request and would defeat prefix
+caching), `tool_result` blocks become tool messages placed before the rest of their user turn,
+consecutive turns of one role are merged, and a final assistant turn is a prefill to continue.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from control_plane.anthropic.protocol import (
+    ContentBlock,
+    Conversation,
+    CountTokensRequest,
+    DocumentBlock,
+    ImageBlock,
+    MessagesRequest,
+    TextBlock,
+    ToolParam,
+    ToolResultBlock,
+    ToolUseBlock,
+)
+from control_plane.canonical import (
+    ChatRequest,
+    Finished,
+    FinishReason,
+    Message,
+    Started,
+    TextDelta,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolChoice,
+    Waiting,
+    offered_tools,
+)
+from control_plane.errors import InvalidRequest
+
+BILLING_HEADER = "x-anthropic-billing-header"
+STOP_REASONS = {
+    FinishReason.STOP: "end_turn",
+    FinishReason.STOP_SEQUENCE: "stop_sequence",
+    FinishReason.LENGTH: "max_tokens",
+    FinishReason.TOOL_CALLS: "tool_use",
+    FinishReason.CANCELLED: "end_turn",
+}
+EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def tool_use_id_for(neutral_id: str) -> str:
+    """The Anthropic spelling of a generated call id; clients echo it back as it is."""
+    return f"toolu_{neutral_id}"
+
+
+# ---- requests ---------------------------------------------------------------------------------
+
+
+def _block_text(block: ContentBlock, path: str) -> str | None:
+    """The text a block contributes to a turn, None for blocks a text model has no use for."""
+    if isinstance(block, TextBlock):
+        return block.text
+    if isinstance(block, ImageBlock):
+        raise InvalidRequest(f"{path}: images are not supported by text-only models", path)
+    if isinstance(block, DocumentBlock):
+        source = block.source
+        if source.get("type") == "text":
+            text = str(source.get("data", ""))
+        elif source.get("type") == "content":
+            inner = source.get("content")
+            text = inner if isinstance(inner, str) else _plain_text(inner)
+        else:
+            raise InvalidRequest(f"{path}: only text documents are supported", f"{path}.source")
+        return f"{block.title}\n\n{text}" if block.title else text
+    # thinking, redacted_thinking, server-tool results, …: nothing a local model can read.
+    return None
+
+
+def _plain_text(blocks: Any) -> str:
+    if not isinstance(blocks, list):
+        return ""
+    return "\n\n".join(str(b.get("text", "")) for b in blocks if isinstance(b, dict))
+
+
+def _joined(blocks: list[ContentBlock], path: str) -> str:
+    texts = (_block_text(block, f"{path}.{i}") for i, block in enumerate(blocks))
+    return "\n\n".join(text for text in texts if text)
+
+
+def _system_prompt(blocks: list[ContentBlock]) -> str:
+    texts = []
+    for index, block in enumerate(blocks):
+        text = _block_text(block, f"system.{index}")
+        if text and not text.startswith(BILLING_HEADER):
+            texts.append(text)
+    return "\n\n".join(texts)
+
+
+def _turns(body: Conversation) -> list[Message]:
+    messages: list[Message] = []
+    tool_names: dict[str, str] = {}
+    for number, turn in enumerate(body.messages):
+        path = f"messages.{number}.content"
+        if turn.role == "system":
+            messages.append(Message(role="system", content=_joined(turn.content, path)))
+        elif turn.role == "assistant":
+            texts, calls = [], []
+            for index, block in enumerate(turn.content):
+                if isinstance(block, ToolUseBlock):
+                    tool_names[block.id] = block.name
+                    arguments = json.dumps(block.input, ensure_ascii=False, separators=(",", ":"))
+                    calls.append(ToolCall(block.id, block.name, arguments))
+                else:
+                    text = _block_text(block, f"{path}.{index}")
+                    if text:
+                        texts.append(text)
+            messages.append(
+                Message(role="assistant", content="\n\n".join(texts), tool_calls=tuple(calls))
+            )
+        else:
+            texts = []
+            for index, block in enumerate(turn.content):
+                if isinstance(block, ToolResultBlock):
+                    # One tool message per result, in order, ahead of the turn's other text.
+                    result = _joined(block.content, f"{path}.{index}.content")
+                    messages.append(
+                        Message(
+                            role="tool",
+                            content=f"Error: {result}" if block.is_error else result,
+                            tool_call_id=block.tool_use_id,
+                            name=tool_names.get(block.tool_use_id),
+                        )
+                    )
+                else:
+                    text = _block_text(block, f"{path}.{index}")
+                    if text:
+                        texts.append(text)
+            if texts or not turn.content:
+                messages.append(Message(role="user", content="\n\n".join(texts)))
+    return _merge_same_role(messages)
+
+
+def _merge_same_role(messages: list[Message]) -> list[Message]:
+    """Consecutive user (or assistant) turns are one turn, as the API treats them."""
+    merged: list[Message] = []
+    for message in messages:
+        previous = merged[-1] if merged else None
+        if (
+            previous is not None
+            and message.role == previous.role
+            and message.role in ("user", "assistant")
+            and not previous.tool_calls
+        ):
+            content = "\n\n".join(t for t in (previous.content, message.content) if t)
+            merged[-1] = Message(role=message.role, content=content, tool_calls=message.tool_calls)
+        else:
+            merged.append(message)
+    return merged
+
+
+def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
+    # Server tools (web search, code execution, …) cannot run here: they are left out.
+    return tuple(
+        Tool(tool.name, tool.description, tool.input_schema or EMPTY_SCHEMA)
+        for tool in tools or []
+        if tool.input_schema is not None or tool.type in (None, "custom")
+    )
+
+
+def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) -> ChatRequest:
+    messages = _turns(body)
+    system = _system_prompt(body.system)
+    if system:
+        messages.insert(0, Message(role="system", content=system))
+    choice, named, parallel = ToolChoice.AUTO, None, True
+    if body.tool_choice is not None:
+        choice = {
+            "auto": ToolChoice.AUTO,
+            "any": ToolChoice.REQUIRED,
+            "tool": ToolChoice.NAMED,
+            "none": ToolChoice.NONE,
+        }[body.tool_choice.type]
+        named = body.tool_choice.name if choice is ToolChoice.NAMED else None
+        parallel = not body.tool_choice.disable_parallel_tool_use
+    tools = offered_tools(_tools(body.tools), choice, named)
+    output_format = (body.output_config or {}).get("format") or {}
+    if (
+        messages
+        and messages[-1].role == "assistant"
+        and not (messages[-1].content or messages[-1].tool_calls)
+    ):
+        messages.pop()  # an empty prefill (say, only echoed thinking) is no prefill
+    last = messages[-1] if messages else None
+    generation: dict[str, Any] = {}
+    if isinstance(body, MessagesRequest):
+        generation = {
+            "max_tokens": body.max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "stop": tuple(body.stop_sequences or ()),
+            "stream": body.stream,
+        }
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(messages),
+        tools=tools,
+        tool_choice=choice,
+        tool_choice_name=named,
+        parallel_tool_calls=parallel,
+        json_mode=isinstance(output_format, dict) and output_format.get("type") == "json_schema",
+        continue_final=last is not None and last.role == "assistant" and not last.tool_calls,
+        request_id=request_id,
+        **generation,
+    )
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def usage_body(finished: Finished) -> dict[str, int]:
+    return {
+        "input_tokens": finished.usage.prompt_tokens,
+        "output_tokens": finished.usage.completion_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+def _tool_input(arguments: str) -> dict[str, Any]:
+    value = json.loads(arguments) if arguments else {}
+    return value if isinstance(value, dict) else {}
+
+
+def message_body(
+    message_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+) -> dict[str, Any]:
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    content.extend(
+        {"type": "tool_use", "id": tool_use_id_for(call_id), "name": name, "input": _tool_input(a)}
+        for call_id, name, a in calls
+    )
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": STOP_REASONS[finished.reason],
+        "stop_sequence": finished.stop_sequence,
+        "usage": usage_body(finished),
+    }
+
+
+def _sse(name: str, data: dict[str, Any]) -> bytes:
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {name}\ndata: {payload}\n\n".encode()
+
+
+class MessageStreamEncoder:
+    """Canonical events → Anthropic SSE bytes: message_start, then each content block as
+    start/deltas/stop in order, message_delta with the stop reason and usage, message_stop.
+    Tool input goes only into `input_json_delta` fragments: clients ignore a block start's
+    `input`, so it is always `{}` there."""
+
+    def __init__(self, message_id: str, model: str) -> None:
+        self.message_id = message_id
+        self.model = model
+        self.blocks = 0  # content blocks opened so far
+        self.open: str | None = None  # kind of the open block
+        self.tool_blocks: dict[int, int] = {}  # canonical call index → block index
+
+    def event(self, event: object) -> bytes:
+        if isinstance(event, Started):
+            return _sse("message_start", self._start(event))
+        if isinstance(event, Waiting):
+            return self.ping()
+        if isinstance(event, TextDelta):
+            if not event.text:
+                return b""
+            out = b"" if self.open == "text" else self._open({"type": "text", "text": ""})
+            delta = {"type": "text_delta", "text": event.text}
+            return out + self._delta(self.blocks - 1, delta)
+        if isinstance(event, ToolCallStart):
+            block = {
+                "type": "tool_use",
+                "id": tool_use_id_for(event.id),
+                "name": event.name,
+                "input": {},
+            }
+            out = self._open(block)
+            self.tool_blocks[event.index] = self.blocks - 1
+            return out
+        if isinstance(event, ToolCallDelta):
+            index = self.tool_blocks[event.index]
+            return self._delta(index, {"type": "input_json_delta", "partial_json": event.arguments})
+        if isinstance(event, Finished):
+            ending = {
+                "stop_reason": STOP_REASONS[event.reason],
+                "stop_sequence": event.stop_sequence,
+            }
+            usage = {
+                "input_tokens": event.usage.prompt_tokens,
+                "output_tokens": event.usage.completion_tokens,
+            }
+            return (
+                self._close()
+                + _sse("message_delta", {"type": "message_delta", "delta": ending, "usage": usage})
+                + _sse("message_stop", {"type": "message_stop"})
+            )
+        return b""
+
+    def _start(self, event: Started) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": event.prompt_tokens,
+                "output_tokens": 0,
+                "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0,
+            },
+        }
+        return {"type": "message_start", "message": message}
+
+    def _open(self, block: dict[str, Any]) -> bytes:
+        out = self._close()
+        self.open = block["type"]
+        self.blocks += 1
+        start = {"type": "content_block_start", "index": self.blocks - 1, "content_block": block}
+        return out + _sse("content_block_start", start)
+
+    def _close(self) -> bytes:
+        if self.open is None:
+            return b""
+        self.open = None
+        return _sse("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
+
+    @staticmethod
+    def _delta(index: int, delta: dict[str, Any]) -> bytes:
+        return _sse(
+            "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        )
+
+    @staticmethod
+    def ping() -> bytes:
+        return _sse("ping", {"type": "ping"})
+
+    @staticmethod
+    def error(body: dict[str, Any]) -> bytes:
+        """The stream's last event when it fails after it started (no message_stop follows)."""
+        return _sse("error", body)

@@ -1,0 +1,178 @@
+"""A second fleet for gateway tests, from config files: a real neuron agent (with its real
+tritonserver) serving the replay fake (tests/fakes/replay_llm) with cortex-tiny's tokenizer, and
+a real gateway in front of it with an API key, short timeouts and fast keep-alives. Started once
+per session; tests drive it with the official SDKs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import consecutive_free_ports, free_ports, stop, wait_for
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+API_KEY = "sk-test-cortex"
+CONTEXT_LENGTH = 2048
+REQUEST_TIMEOUT_S = 2.0
+PING_INTERVAL_S = 0.3
+
+PARIS_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+# The replay fake's script: the first rule whose `when` the latest user turn contains answers.
+RULES: list[dict[str, object]] = [
+    {"when": "weather in Paris", "reply": f"<tool_call>\n{PARIS_CALL}\n</tool_call>"},
+    {
+        "when": "weather in two cities",
+        "reply": (
+            "Checking both.\n<tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+        ),
+    },
+    {"when": "weather in Rome", "reply": '{"name": "get_weather", "parameters": {"city": "Rome"}}'},
+    {"when": "<tool_response>", "reply": "The tool answered: {turn}"},
+    {"when": "count with a stop", "reply": "one two three STOP four five"},
+    {"when": "echo the prompt", "reply": "{turn}"},
+    {"when": "take your time", "reply": "Ready now.", "first_delay_s": 1.0},
+    {"when": "never finish", "reply": "Too late.", "first_delay_s": 4.0},
+    {
+        "when": "break mid-stream",
+        "reply": "Half of an answer that will not",
+        "fail_after": 3,
+        "error": "CUDA error: an illegal memory access was encountered",
+    },
+    {
+        "when": "crowded",
+        "reply": "unused",
+        "fail_after": 0,
+        "error": "the request queue is full (256 waiting); try again later",
+    },
+    {"when": "", "reply": "Hello from the replay fake."},
+]
+
+
+@dataclass
+class ReplayFleet:
+    root_url: str  # for the anthropic SDK and raw HTTP (no /v1)
+    openai_url: str  # for the openai SDK (with /v1)
+    api_key: str
+    tokenizer_dir: Path
+    gateway_log: Path
+    neuron_log: Path
+
+
+def _write_configs(folder: Path, tiny_model: Path) -> tuple[Path, Path, int, int]:
+    source = folder / "replay-source"
+    source.mkdir()
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
+        shutil.copy(tiny_model / name, source / name)
+    script = {"turn_marker": "<|im_start|>user", "rules": RULES}
+    (source / "replay.json").write_text(json.dumps(script, indent=1), encoding="utf-8")
+    template = FAKES / "replay_llm"
+    profiles = [
+        ("replay-hermes", "hermes", '["claude-replay", "claude-*"]'),
+        ("replay-llama3", "llama3_json", "[]"),
+    ]
+    (folder / "models.toml").write_text(
+        "".join(
+            f"""[[models]]
+name = "{name}"
+aliases = {aliases}
+source = "{source}"
+template = "{template}"
+engine = "torch"
+context_length = {CONTEXT_LENGTH}
+tool_call_format = "{tool_format}"
+
+"""
+            for name, tool_format, aliases in profiles
+        ),
+        encoding="utf-8",
+    )
+    gateway, metrics, neuron = free_ports(3)
+    triton = consecutive_free_ports(3)
+    (folder / "neuron.toml").write_text(
+        f"""[neuron]
+name = "replay-node"
+listen = "127.0.0.1:{neuron}"
+models = "models.toml"
+state_dir = "{folder / "node"}"
+
+[triton]
+address = "127.0.0.1"
+http_port = {triton}
+grpc_port = {triton + 1}
+metrics_port = {triton + 2}
+""",
+        encoding="utf-8",
+    )
+    (folder / "cortex.toml").write_text(
+        f"""[gateway]
+listen = "127.0.0.1:{gateway}"
+metrics_listen = "127.0.0.1:{metrics}"
+api_keys = ["{API_KEY}"]
+poll_interval_s = 0.5
+request_timeout_s = {REQUEST_TIMEOUT_S}
+ping_interval_s = {PING_INTERVAL_S}
+
+[[neurons]]
+name = "replay-node"
+endpoint = "http://127.0.0.1:{neuron}"
+""",
+        encoding="utf-8",
+    )
+    return folder / "neuron.toml", folder / "cortex.toml", gateway, neuron
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+
+
+@pytest.fixture(scope="session")
+def replay_fleet(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ReplayFleet]:
+    folder = tmp_path_factory.mktemp("replay-fleet")
+    neuron_config, gateway_config, gateway_port, neuron_port = _write_configs(folder, tiny_model)
+    neuron_log, gateway_log = folder / "neuron.log", folder / "gateway.log"
+    neuron = _start(["neuron", "--config", str(neuron_config)], neuron_log)
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(f"http://127.0.0.1:{neuron_port}/health", 120, neuron)
+        gateway = _start(["serve", "--config", str(gateway_config)], gateway_log)
+        wait_for(f"http://127.0.0.1:{gateway_port}/health", 60, gateway)
+    except Exception:
+        for process in (gateway, neuron):
+            if process is not None:
+                stop(process)
+        logs = [p.read_text()[-2000:] for p in (neuron_log, gateway_log) if p.exists()]
+        raise RuntimeError("replay fleet did not start:\n" + "\n---\n".join(logs)) from None
+    try:
+        yield ReplayFleet(
+            root_url=f"http://127.0.0.1:{gateway_port}",
+            openai_url=f"http://127.0.0.1:{gateway_port}/v1",
+            api_key=API_KEY,
+            tokenizer_dir=tiny_model,
+            gateway_log=gateway_log,
+            neuron_log=neuron_log,
+        )
+    finally:
+        stop(gateway)
+        stop(neuron)
