@@ -13,7 +13,8 @@ data that writes one folder under `STORE/.work/NAME/`:
                Triton model directory, manifest.json and a models.toml entry
 
 Modules: `request` (what was asked), `checkpoint` (reading and refusing checkpoints),
-`calibration` (text → token batches), `quantize` (ModelOpt), `trtllm` (build command and engine
-checks), `triton_model` (the `tensorrt_llm` template), `publish`, `stages` (resumable execution),
-`pipeline` (the plan), `cli` (the typer command). Errors: `errors`.
+`calibration` (local text → token windows, and the shipped set), `quantize` (ModelOpt),
+`trtllm` (build command, engine checks), `versions` (target TensorRT-LLM / Triton, installed
+tools), `triton_model` (the `tensorrt_llm` template), `publish`, `stages` (resumable execution),
+`pipeline` (the plan), `progress` (rich bars), `cli` (the typer command), `errors`.
 """

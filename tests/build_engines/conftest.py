@@ -1,45 +1,29 @@
 """Fixtures for `cortex build-engine` tests: the project's tiny model and ModelOpt states.
 
-Set CORTEX_CACHE_DIR to reuse a generated tiny model (the first `ensure_tiny_model()` trains
-it for about a minute). Quantized states are made once per session through the real stage
-functions (ModelOpt on CPU) and shared by the export tests.
+`tiny_model` comes from tests/conftest.py (set CORTEX_CACHE_DIR to reuse a generated one).
+Quantized states are made once per session through the real stage functions (ModelOpt on
+CPU) and shared by the export tests.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import typer
 
-from build_engines.checkpoint import CheckpointInfo, inspect_checkpoint
 from build_engines.cli import build_engine
-from build_engines.progress import Progress
-from build_engines.request import BuildRequest, Engine, Quantization, resolve
-
-# Not the default 10000: a lost rotary_base (modelopt_notes pitfall 2) must fail the checks.
-ROPE_THETA = 500000.0
-CALIB = {"calib_size": 8, "calib_seq_len": 64}
-FAKE_TRTLLM_BUILD = Path(__file__).parent / "fake_trtllm_build.py"
-
-
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    from cortex.demo.tiny_model import ensure_tiny_model
-
-    return ensure_tiny_model()
-
-
-def link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+from build_engines.request import Engine, Quantization
+from tests.build_engines.helpers import (
+    FAKE_TRTLLM_BUILD,
+    ROPE_THETA,
+    Quantized,
+    link_or_copy,
+    quantize_once,
+)
 
 
 @pytest.fixture(scope="session")
@@ -54,27 +38,6 @@ def tiny_model_rope(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     config["rope_parameters"] = {**config.get("rope_parameters", {}), "rope_theta": ROPE_THETA}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
-
-
-@dataclass(frozen=True)
-class Quantized:
-    request: BuildRequest
-    info: CheckpointInfo
-    quant_dir: Path
-
-
-def quantize_once(
-    checkpoint: Path, folder: Path, quant: Quantization, engine: Engine, **options: object
-) -> Quantized:
-    from build_engines.quantize import calibrate_and_quantize
-
-    info = inspect_checkpoint(checkpoint)
-    raw = BuildRequest(checkpoint, quant, output=folder, engine=engine, **CALIB, **options)  # type: ignore[arg-type]
-    request = resolve(raw, info)
-    quant_dir = folder / "quantize"
-    quant_dir.mkdir(parents=True)
-    calibrate_and_quantize(request, info, quant_dir, Progress())
-    return Quantized(request, info, quant_dir)
 
 
 @pytest.fixture(scope="session")
@@ -110,10 +73,6 @@ def int4_torch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Qu
         Engine.TORCH,
         awq_group_size=8,
     )
-
-
-def with_tp(quantized: Quantized, tp: int) -> BuildRequest:
-    return replace(quantized.request, tp=tp)
 
 
 @pytest.fixture()

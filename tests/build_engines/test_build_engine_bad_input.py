@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import link_or_copy
 from typer.testing import CliRunner
+
+from tests.build_engines.helpers import link_or_copy
 
 
 def variant(tiny_model: Path, folder: Path, change: Callable[[dict], None]) -> Path:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import FAKE_TRTLLM_BUILD, ROPE_THETA
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from typer.testing import CliRunner
@@ -22,6 +21,7 @@ from typer.testing import CliRunner
 from build_engines import quantize
 from build_engines.versions import target_versions
 from cortex.config import ModelsFile
+from tests.build_engines.helpers import FAKE_TRTLLM_BUILD, ROPE_THETA
 
 FAST = ["--calib-size", "4", "--calib-seq-len", "32"]
 

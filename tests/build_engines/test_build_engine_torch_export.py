@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Quantized
 from safetensors.torch import load_file, save_file
 
 from build_engines import quantize
+from tests.build_engines.helpers import Quantized
 
 # Agreement with the unquantized model that every export must keep (logits over a 64-token
 # prompt the calibration never saw): cosine similarity at every position, greedy top-1 share.

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROPE_THETA, Quantized, with_tp
 from safetensors import safe_open
 
 from build_engines import quantize, trtllm
+from tests.build_engines.helpers import ROPE_THETA, Quantized, with_tp
 
 QKV = "transformer.layers.0.attention.qkv.weight"
 
 
-def export(quantized: Quantized, tp: int, folder: Path) -> dict:
-    request = with_tp(quantized, tp)
+def export(quantized: Quantized, tp: int, folder: Path, pp: int = 1) -> dict:
+    request = replace(with_tp(quantized, tp), pp=pp)
     details = quantize.export_trtllm_checkpoint(
         request, quantized.info, quantized.quant_dir, folder
     )
@@ -65,6 +65,12 @@ def test_int4_awq_checkpoint_says_what_was_asked(
     assert config["rotary_base"] == ROPE_THETA
     assert len(list(tmp_path.glob("rank*.safetensors"))) == tp
     assert rank_tensor(tmp_path, 0, QKV).dtype == torch.int8  # two int4 values per byte
+
+
+def test_fp8_checkpoint_with_pipeline_parallelism(fp8_trtllm: Quantized, tmp_path: Path) -> None:
+    config = export(fp8_trtllm, 1, tmp_path, pp=2)
+    assert config["mapping"] == {"world_size": 2, "tp_size": 1, "pp_size": 2}
+    assert len(list(tmp_path.glob("rank*.safetensors"))) == 2
 
 
 def test_the_rope_fix_is_needed(fp8_trtllm: Quantized, tmp_path: Path) -> None:
