@@ -44,6 +44,10 @@ class ModelTokenizer:
             files.pad_token_id if files.pad_token_id is not None else self.tokenizer.pad_token_id
         )
         self.backend = self.tokenizer.backend_tokenizer
+        # tokenizer.json may carry the padding and truncation it was trained with (cortex-tiny's
+        # pads to 128): a prompt encoded here must come out as it is, whatever its length.
+        self.backend.no_padding()
+        self.backend.no_truncation()
 
     def render(self, request: ChatRequest) -> list[int]:
         """The prompt's token ids: the chat template over messages and tools."""

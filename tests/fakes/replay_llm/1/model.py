@@ -43,6 +43,8 @@ class TritonPythonModel:
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(parameters["checkpoint_dir"])
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()  # tokenizer.json may keep the padding it was trained with
+        self.tokenizer.no_truncation()
         script = json.loads((folder / "replay.json").read_text(encoding="utf-8"))
         self.marker = script.get("turn_marker", "")
         self.rules: list[dict[str, Any]] = script["rules"]
