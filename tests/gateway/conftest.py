@@ -62,13 +62,14 @@ RULES: list[dict[str, object]] = [
 class ReplayFleet:
     root_url: str  # for the anthropic SDK and raw HTTP (no /v1)
     openai_url: str  # for the openai SDK (with /v1)
+    metrics_url: str
     api_key: str
     tokenizer_dir: Path
     gateway_log: Path
     neuron_log: Path
 
 
-def _write_configs(folder: Path, tiny_model: Path) -> tuple[Path, Path, int, int]:
+def _write_configs(folder: Path, tiny_model: Path) -> tuple[Path, Path, int, int, int]:
     source = folder / "replay-source"
     source.mkdir()
     for name in (
@@ -133,7 +134,7 @@ endpoint = "http://127.0.0.1:{neuron}"
 """,
         encoding="utf-8",
     )
-    return folder / "neuron.toml", folder / "cortex.toml", gateway, neuron
+    return folder / "neuron.toml", folder / "cortex.toml", gateway, metrics, neuron
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -150,7 +151,9 @@ def replay_fleet(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ReplayFleet]:
     folder = tmp_path_factory.mktemp("replay-fleet")
-    neuron_config, gateway_config, gateway_port, neuron_port = _write_configs(folder, tiny_model)
+    neuron_config, gateway_config, gateway_port, metrics_port, neuron_port = _write_configs(
+        folder, tiny_model
+    )
     neuron_log, gateway_log = folder / "neuron.log", folder / "gateway.log"
     neuron = _start(["neuron", "--config", str(neuron_config)], neuron_log)
     gateway: subprocess.Popen[bytes] | None = None
@@ -168,6 +171,7 @@ def replay_fleet(
         yield ReplayFleet(
             root_url=f"http://127.0.0.1:{gateway_port}",
             openai_url=f"http://127.0.0.1:{gateway_port}/v1",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             api_key=API_KEY,
             tokenizer_dir=tiny_model,
             gateway_log=gateway_log,

@@ -4,6 +4,7 @@ failing mid-stream, stop sequences, and inline system messages reaching the mode
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import httpx
@@ -175,3 +176,32 @@ def test_inline_system_message_is_folded_into_the_next_user_turn(
     assert message.content[0].text == "Remember: be brief.\n\necho the prompt"  # type: ignore[union-attr]
     reply = oai.chat.completions.create(model="replay-hermes", messages=messages)  # type: ignore[arg-type]
     assert reply.choices[0].message.content == "Remember: be brief.\n\necho the prompt"
+
+
+def cancelled_count(fleet: ReplayFleet) -> float:
+    for line in httpx.get(fleet.metrics_url).text.splitlines():
+        labels = ('api="anthropic"', 'outcome="cancelled"')
+        if line.startswith("cortex_requests_total{") and all(x in line for x in labels):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_client_that_goes_away_cancels_its_request(replay_fleet: ReplayFleet) -> None:
+    before = cancelled_count(replay_fleet)
+    body = {
+        "model": "replay-hermes",
+        "max_tokens": 20,
+        "stream": True,
+        "messages": [{"role": "user", "content": "take your time"}],
+    }
+    headers = {"x-api-key": replay_fleet.api_key, "anthropic-version": "2023-06-01"}
+    with httpx.stream(
+        "POST", replay_fleet.root_url + "/v1/messages", json=body, headers=headers
+    ) as response:
+        for line in response.iter_lines():
+            if line == "event: ping":
+                break  # gone while the model is still "prefilling"
+    deadline = time.monotonic() + 10
+    while cancelled_count(replay_fleet) <= before:
+        assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.1)
