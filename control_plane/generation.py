@@ -72,8 +72,9 @@ async def _paced(
         finally:
             if not step.done():  # the consumer left or timed out: stop the pending read
                 step.cancel()
-                with contextlib.suppress(BaseException):
-                    await step
+                await asyncio.wait({step})  # the source is idle again before anyone closes it
+            if not step.cancelled():
+                step.exception()  # marks a failure as seen when nobody is left to read it
         try:
             item = step.result()
         except StopAsyncIteration:
