@@ -209,6 +209,15 @@ def demo_model(
     console.print(f"cortex-tiny written to {path}")
 
 
+def _register_build_engine() -> None:
+    from build_engines.cli import build_engine
+
+    app.command("build-engine")(build_engine)
+
+
+_register_build_engine()
+
+
 def main() -> None:
     try:
         app()

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from cortex.config import EngineKind, ModelProfile
-from model_repo_templates import TEMPLATES_DIR
+from model_repo_templates import TEMPLATES_DIR, TENSORRT_LLM_DEFAULTS
 
 
 class RepositoryError(Exception):
@@ -49,33 +49,17 @@ def torch_parameters(
 
 
 def trtllm_parameters(profile: ModelProfile, engine_dir: Path, gpus: list[int]) -> dict[str, str]:
-    tokenizer_dir = profile.tokenizer or str(engine_dir)
-    return {
-        "model_name": profile.name,
-        "triton_backend": "tensorrtllm",
-        "triton_max_batch_size": str(profile.max_batch_size),
-        "decoupled_mode": "true",
-        "max_queue_delay_microseconds": "0",
-        "max_queue_size": str(profile.max_queue_size),
-        "engine_dir": str(engine_dir),
-        "batching_strategy": "inflight_fused_batching",
-        "encoder_input_features_data_type": "TYPE_FP16",
-        "logits_datatype": "TYPE_FP32",
-        "prompt_embedding_table_data_type": "TYPE_FP16",
-        "max_beam_width": "1",
-        "kv_cache_free_gpu_mem_fraction": "0.85",
-        "max_tokens_in_paged_kv_cache": str(profile.kv_cache_tokens),
-        "exclude_input_in_output": "true",
-        "enable_kv_cache_reuse": "false",
-        "enable_chunked_context": "false",
-        "batch_scheduler_policy": "guaranteed_no_evict",
-        "cancellation_check_period_ms": "50",
-        "stats_check_period_ms": "100",
-        "gpu_device_ids": ",".join(str(g) for g in gpus),
-        "tokenizer_dir": tokenizer_dir,
-        "xgrammar_tokenizer_info_path": "",
-        "guided_decoding_backend": "",
-    }
+    values = dict(TENSORRT_LLM_DEFAULTS)
+    values.update(
+        model_name=profile.name,
+        triton_max_batch_size=str(profile.max_batch_size),
+        max_queue_size=str(profile.max_queue_size),
+        engine_dir=str(engine_dir),
+        max_tokens_in_paged_kv_cache=str(profile.kv_cache_tokens),
+        gpu_device_ids=",".join(str(g) for g in gpus),
+        tokenizer_dir=profile.tokenizer or str(engine_dir),
+    )
+    return values
 
 
 def render(

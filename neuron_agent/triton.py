@@ -52,7 +52,10 @@ def locate_triton(configured: str, state_dir: Path) -> TritonLayout:
         binary = Path(configured)
         if not binary.exists():
             raise TritonError(f"tritonserver binary {configured} does not exist")
-        return TritonLayout(binary, Path("/opt/tritonserver/backends"), [])
+        # A Triton tree (bin/ beside backends/), else the NGC image's layout.
+        beside = binary.parent.parent / "backends"
+        backends = beside if beside.is_dir() else Path("/opt/tritonserver/backends")
+        return TritonLayout(binary, backends, [str(sysconfig.get_config_var("LIBDIR") or "")])
     on_path = shutil.which("tritonserver")
     if on_path and Path("/opt/tritonserver/backends").is_dir():
         return TritonLayout(Path(on_path), Path("/opt/tritonserver/backends"), [])

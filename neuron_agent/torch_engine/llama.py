@@ -20,15 +20,16 @@ from torch import nn
 
 from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.torch_engine.quant import QuantLinear, unpack_int4
+from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, unpack_int4_rows
 
 
 @dataclass
 class AttentionBatch:
     """Where a forward pass reads and writes the KV cache.
 
-    tokens [S, Q] and positions [S, Q] are padded per sequence; `valid` [S, Q] marks real tokens.
-    `write_slots` [S, Q] is each token's cache slot (ignored where not valid).
+    tokens [S, Q] and positions [S, Q]: every sequence brings Q new tokens (one each when
+    decoding; one sequence's chunk when prefilling), so there is no padding among them.
+    `write_slots` [S, Q] is each token's cache slot.
     `gather` [S, K] lists each sequence's cache slots in position order, `key_valid` [S, K] marks
     real ones. `fresh` means no sequence has earlier tokens in the cache: attention is then
     plain causal over the new tokens and needs no gather (the memory-efficient path for long
@@ -36,7 +37,6 @@ class AttentionBatch:
     """
 
     positions: torch.Tensor
-    valid: torch.Tensor
     write_slots: torch.Tensor
     gather: torch.Tensor | None
     key_valid: torch.Tensor | None
@@ -73,10 +73,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in float32, scale in the model's dtype: as the reference implementations do.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
 
 
 class DecoderLayer(nn.Module):
@@ -116,32 +115,30 @@ class DecoderLayer(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
 
-        valid = batch.valid.reshape(-1)
-        slots = batch.write_slots.reshape(-1)[valid]
-        k_cache[slots] = k.reshape(-1, spec.num_kv_heads, spec.head_dim)[valid].to(k_cache.dtype)
-        v_cache[slots] = v.reshape(-1, spec.num_kv_heads, spec.head_dim)[valid].to(v_cache.dtype)
+        # Plain index writes: a boolean mask here cost a device sync per layer on GPUs.
+        slots = batch.write_slots.reshape(-1)
+        k_cache[slots] = k.reshape(-1, spec.num_kv_heads, spec.head_dim).to(k_cache.dtype)
+        v_cache[slots] = v.reshape(-1, spec.num_kv_heads, spec.head_dim).to(v_cache.dtype)
 
         groups = spec.num_heads // spec.num_kv_heads
         query = q.transpose(1, 2)  # [S, H, Q, D]
         if batch.fresh:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            attended = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, is_causal=True, enable_gqa=groups > 1
+            )
         else:
             assert batch.gather is not None and batch.key_valid is not None
             keys = k_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)  # [S, KVH, K, D]
             values = v_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
             # Query i of a sequence sees keys at positions ≤ its own.
             key_positions = torch.arange(keys.shape[2], device=hidden.device)
             mask = (key_positions[None, None, :] <= batch.positions[:, :, None]) & batch.key_valid[
                 :, None, :
             ]
-            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None])
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask[:, None], enable_gqa=groups > 1
+            )
         attended = attended.transpose(1, 2).reshape(sequences, queries, self.q_size)
         hidden = residual + self.o_proj(attended)
 
@@ -258,9 +255,8 @@ class _WeightLoader:
                 raise UnsupportedCheckpoint(
                     f"{prefixes}: fused projections with different AWQ scales"
                 )
-            packed = torch.cat(weights)
-            # ModelOpt packs two 4-bit values per byte, low nibble first, signed: as ours.
-            unpack_int4(packed[:1])  # shape check: raises on malformed tensors early
+            # ModelOpt packs pairs of output rows; ours packs pairs along the input.
+            packed = pack_int4(torch.cat([unpack_int4_rows(w) for w in weights]))
             return QuantLinear(
                 "int4", packed, torch.cat(scales), bias, self.dtype, self.group_size, pre_scale
             )

@@ -61,6 +61,16 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """ModelOpt's INT4 export: uint8 [out/2, in], output row 2i in the low nibble and row 2i+1
+    in the high nibble, signed two's complement → int8 [out, in]."""
+    low = (packed & 0xF).to(torch.int8)
+    high = ((packed >> 4) & 0xF).to(torch.int8)
+    low = torch.where(low > 7, low - 16, low)
+    high = torch.where(high > 7, high - 16, high)
+    return torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
+
+
 def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / FP8_MAX
     quantized = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)

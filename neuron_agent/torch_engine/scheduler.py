@@ -24,7 +24,12 @@ import torch
 from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import AttentionBatch, LlamaModel
-from neuron_agent.torch_engine.sampling import SamplingParams, make_generator, sample
+from neuron_agent.torch_engine.sampling import (
+    SamplingParams,
+    make_generator,
+    sample,
+    sample_batch,
+)
 
 log = logging.getLogger("cortex.engine")
 
@@ -140,6 +145,21 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
 
+    @torch.inference_mode()
+    def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
+        """float32 logits at every position of one prompt, outside the batch (accuracy checks:
+        quantized against plain). Uses the first cache slots: call it on an idle engine."""
+        count = len(prompt)
+        batch = AttentionBatch(
+            positions=torch.arange(count, device=self.device)[None],
+            write_slots=torch.arange(count, device=self.device)[None],
+            gather=None,
+            key_valid=None,
+            fresh=True,
+        )
+        tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        return self.model(tokens, batch, self.pool.layers, torch.arange(count, device=self.device))
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {
@@ -224,7 +244,6 @@ class Engine:
         fresh = start == 0
         batch = AttentionBatch(
             positions=positions,
-            valid=torch.ones_like(tokens, dtype=torch.bool),
             write_slots=write_slots,
             gather=None if fresh else self.pool.slots(sequence.blocks, 0, stop).to(device)[None, :],
             key_valid=None if fresh else torch.ones((1, stop), dtype=torch.bool, device=device),
@@ -254,18 +273,18 @@ class Engine:
             write[row, 0] = slots[-1]
         batch = AttentionBatch(
             positions=positions,
-            valid=torch.ones((count, 1), dtype=torch.bool, device=device),
             write_slots=write.to(device),
             gather=gather.to(device),
             key_valid=key_valid.to(device),
             fresh=False,
         )
         logits = self.model(tokens, batch, self.pool.layers, torch.arange(count, device=device))
+        chosen = sample_batch(
+            logits, [s.request.sampling for s in sequences], [s.generator for s in sequences]
+        )
         for row, sequence in enumerate(sequences):
             sequence.cached = lengths[row]
-            self._accept(
-                sequence, sample(logits[row], sequence.request.sampling, sequence.generator)
-            )
+            self._accept(sequence, chosen[row])
 
     # ------------------------------------------------------------------ results
 

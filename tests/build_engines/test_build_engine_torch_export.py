@@ -14,14 +14,14 @@ Verified facts (ModelOpt 0.47.0, CPU):
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from build_engines import quantize
+from neuron_agent.torch_engine.quant import unpack_int4_rows
 from tests.build_engines.helpers import Quantized
 
 # Agreement with the unquantized model that every export must keep (logits over a 64-token
@@ -62,15 +62,6 @@ def fake_quantized_weights(quantized: Quantized) -> dict[str, torch.Tensor]:
     return weights
 
 
-def unpack_output_pairs(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [out/2, in] → int8 [out, in]: low nibble row 2i, high nibble row 2i+1, signed."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    low = torch.where(low > 7, low - 16, low)
-    high = torch.where(high > 7, high - 16, high)
-    return torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
-
-
 def test_fp8_export_format(fp8_torch: Quantized, fp8_export: Path) -> None:
     tensors = load_file(str(fp8_export / "model.safetensors"))
     reference = fake_quantized_weights(fp8_torch)
@@ -104,7 +95,7 @@ def test_int4_awq_export_format(int4_torch: Quantized, int4_export: Path) -> Non
         kept = name.endswith(("o_proj", "down_proj"))
         assert (f"{name}.pre_quant_scale" in tensors) == kept
         if kept:  # not re-quantized by the export: must equal ModelOpt's weights exactly
-            values = unpack_output_pairs(packed).float()
+            values = unpack_int4_rows(packed).float()
             dequantized = values * scale.repeat_interleave(group, dim=1)
             torch.testing.assert_close(dequantized, expected, rtol=1e-6, atol=0)
             # The other readings of the same bytes do not match.
@@ -115,22 +106,9 @@ def test_int4_awq_export_format(int4_torch: Quantized, int4_export: Path) -> Non
 
 
 def engine_logits(checkpoint: Path, tokens: list[int]) -> torch.Tensor:
-    from neuron_agent.torch_engine.llama import AttentionBatch
     from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 
-    engine = build_engine(EngineOptions(checkpoint, kv_cache_tokens=256))
-    ids = torch.tensor([tokens])
-    n = len(tokens)
-    batch = AttentionBatch(
-        positions=torch.arange(n)[None],
-        valid=torch.ones_like(ids, dtype=torch.bool),
-        write_slots=torch.arange(n)[None],
-        gather=None,
-        key_valid=None,
-        fresh=True,
-    )
-    with torch.no_grad():
-        return engine.model(ids, batch, engine.pool.layers, torch.arange(n))
+    return build_engine(EngineOptions(checkpoint, kv_cache_tokens=256)).prompt_logits(tokens)
 
 
 @pytest.fixture(scope="module")
@@ -155,32 +133,8 @@ def test_torch_engine_serves_the_fp8_export(
     assert_close_to_reference(engine_logits(fp8_export, tokens), reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="neuron_agent's loader reads ModelOpt INT4 as [out, in/2] (pairs along the input); "
-    "ModelOpt packs pairs of output rows [out/2, in]. Remove this mark with the loader fix.",
-)
 def test_torch_engine_serves_the_int4_awq_export(
     int4_export: Path, prompt_and_reference: tuple[list[int], torch.Tensor]
 ) -> None:
     tokens, reference = prompt_and_reference
     assert_close_to_reference(engine_logits(int4_export, tokens), reference)
-
-
-def test_int4_awq_export_in_the_engines_layout_keeps_the_bound(
-    int4_export: Path,
-    prompt_and_reference: tuple[list[int], torch.Tensor],
-    tmp_path: Path,
-) -> None:
-    """The loader fix, applied outside it: unpack ModelOpt's output-row pairs and repack
-    them in the engine's own layout (pairs along the input, low nibble first)."""
-    from neuron_agent.torch_engine.quant import pack_int4
-
-    shutil.copytree(int4_export, tmp_path, dirs_exist_ok=True)
-    tensors = load_file(str(int4_export / "model.safetensors"))
-    for name, tensor in tensors.items():
-        if tensor.dtype == torch.uint8:
-            tensors[name] = pack_int4(unpack_output_pairs(tensor)).contiguous()
-    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    tokens, reference = prompt_and_reference
-    assert_close_to_reference(engine_logits(tmp_path, tokens), reference)

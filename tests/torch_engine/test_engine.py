@@ -201,22 +201,9 @@ def test_weight_only_quantization_stays_close(
     tiny_model: Path, tokenizer, mode: str, bound: float
 ) -> None:  # type: ignore[no-untyped-def]
     """Relative L2 error of the last-position logits vs. the unquantized engine."""
-    from neuron_agent.torch_engine.llama import AttentionBatch
 
     def logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-        n = len(ids)
-        batch = AttentionBatch(
-            positions=torch.arange(n)[None],
-            valid=torch.ones((1, n), dtype=torch.bool),
-            write_slots=torch.arange(n)[None],
-            gather=None,
-            key_valid=None,
-            fresh=True,
-        )
-        with torch.no_grad():
-            return engine.model(
-                torch.tensor([ids]), batch, engine.pool.layers, torch.tensor([n - 1])
-            )[0]
+        return engine.prompt_logits(ids)[-1]
 
     plain = build_engine(EngineOptions(tiny_model, kv_cache_tokens=512))
     quantized = build_engine(
