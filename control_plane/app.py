@@ -90,7 +90,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
-        app.ctx.fleet = Fleet(config)
+        app.ctx.fleet = Fleet(config, app.ctx.metrics)
         await app.ctx.fleet.start()
         host, port = split_host_port(config.gateway.metrics_listen)
         app.ctx.metrics_server = start_http_server(port, host, registry=app.ctx.metrics.registry)

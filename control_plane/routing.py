@@ -18,11 +18,13 @@ class NodeView:
     status: NeuronStatus | None
     # Requests this gateway has in flight on the node, per model.
     in_flight: dict[str, int] = field(default_factory=dict)
+    # Models being moved off this node: READY, but new requests go elsewhere.
+    draining: frozenset[str] = frozenset()
 
     def ready_models(self) -> set[str]:
         if not self.up or self.status is None:
             return set()
-        return {m.name for m in self.status.loaded if m.state == "READY"}
+        return {m.name for m in self.status.loaded if m.state == "READY"} - self.draining
 
     def catalogue(self) -> dict[str, CatalogueEntry]:
         if not self.up or self.status is None:
@@ -77,24 +79,3 @@ def choose_replica(snapshot: FleetSnapshot, model: str) -> str | None:
         return (max(node.in_flight.get(model, 0), engine_in_flight), node.name)
 
     return min(ready, key=load).name
-
-
-def load_candidates(snapshot: FleetSnapshot, model: str) -> list[str]:
-    """Up nodes that may hold the model: those where it fits in free memory first (most free
-    first, so large holes stay usable), then the rest (they need an eviction first)."""
-    candidates = [n for n in snapshot.nodes if model in n.catalogue()]
-
-    def order(node: NodeView) -> tuple[bool, int, str]:
-        entry = node.catalogue()[model]
-        fits = node.status is not None and (
-            not node.status.gpus
-            or sum(
-                1
-                for g in node.status.gpus
-                if g.memory_free_bytes >= entry.estimated_bytes // entry.profile.tp
-            )
-            >= entry.profile.tp
-        )
-        return (not fits, -node.free_bytes(), node.name)
-
-    return [n.name for n in sorted(candidates, key=order)]
