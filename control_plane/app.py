@@ -28,6 +28,7 @@ from control_plane.errors import (
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.openai.routes import blueprint as openai_routes
+from cortex import logs
 from cortex.config import CortexConfig, split_host_port
 
 log = logging.getLogger("cortex.gateway")
@@ -76,7 +77,7 @@ def credentials(request: Request) -> list[str]:
 
 
 def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
-    app = Sanic(name)
+    app = Sanic(name, configure_logging=False)  # cortex.logs formats every line
     app.config.RESPONSE_TIMEOUT = int(
         config.gateway.request_timeout_s + config.gateway.load_timeout_s
     )
@@ -104,7 +105,8 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
 
     @app.on_request
     async def prepare(request: Request) -> HTTPResponse | None:
-        request_id_of(request)
+        # Set on every request: a keep-alive connection serves its requests in one task.
+        logs.request_id.set(request_id_of(request))
         if request.path in OPEN_PATHS or not keys:
             return None
         offered = credentials(request)

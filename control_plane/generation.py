@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import TypeVar
@@ -38,8 +39,11 @@ from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import GenerationParams
 from control_plane.prompting import StopMatcher
 from control_plane.tool_calls import parser_for
+from cortex import logs
 
 T = TypeVar("T")
+
+log = logging.getLogger("cortex.requests")
 
 
 async def _next(source: AsyncIterator[T]) -> T:
@@ -109,6 +113,7 @@ async def generate(
     fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
 ) -> AsyncGenerator[Event, None]:
     started = time.monotonic()
+    logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
     settings = fleet.config.gateway
     model, prompt, max_tokens = await prepare(fleet, request)
     tokenizer = await fleet.tokenizer(model)
@@ -218,6 +223,23 @@ async def generate(
             metrics.inter_token.labels(*labels).observe(decode_time / (completion - 1))
             if decode_time > 0:
                 metrics.tokens_per_second.labels(*labels).observe((completion - 1) / decode_time)
+        _log_request(
+            request_id=request.request_id,
+            model=model,
+            node=node,
+            api=api,
+            outcome=outcome,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion,
+            ttft_s=None if first_token_at is None else round(first_token_at - started, 4),
+            duration_s=round(ended - started, 4),
+        )
+
+
+def _log_request(**fields: object) -> None:
+    """The one line per request: `key=value` pairs in text logs, fields in JSON logs."""
+    text = " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items())
+    log.info("request %s", text, extra=fields)
 
 
 async def collect(events: AsyncIterator[Event]) -> tuple[str, list[tuple[str, str, str]], Finished]:

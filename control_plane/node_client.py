@@ -18,6 +18,7 @@ from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
 from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
+from cortex import logs
 from cortex.config import NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
 
@@ -34,8 +35,12 @@ class NeuronClient:
         await self._client.aclose()
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        # A call made for a client's request (a cold load, its evictions) names that request,
+        # so the neuron's log lines up with the gateway's.
+        request_id = logs.request_id.get()
+        headers = {"x-request-id": request_id} if request_id else None
         try:
-            response = await self._client.request(method, path, **kwargs)
+            response = await self._client.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as error:
             raise UpstreamFailed(f"neuron {self.neuron.name} did not answer: {error!r}") from None
         if response.status_code >= 400:

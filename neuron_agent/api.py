@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,11 +20,14 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
+from cortex import logs
 from cortex.config import NeuronConfig
 from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
 from neuron_agent.node import Node, NodeError
 
 log = logging.getLogger("cortex.neuron.api")
+# Polled every few seconds by every gateway: logged only at debug level.
+QUIET_PATHS = frozenset({"/health", "/status"})
 
 
 def _error(status: int, message: str, **detail: object) -> HTTPResponse:
@@ -46,7 +50,8 @@ def _parse(model: type[BaseModel], request: Request) -> Any:
 
 
 def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
-    app = Sanic(f"cortex-neuron-{config.neuron.name}".replace("_", "-"))
+    name = f"cortex-neuron-{config.neuron.name}".replace("_", "-")
+    app = Sanic(name, configure_logging=False)  # cortex.logs formats every line
     app.config.RESPONSE_TIMEOUT = 3600  # a large model's load takes minutes
     app.config.REQUEST_TIMEOUT = 60
     app.config.FALLBACK_ERROR_FORMAT = "json"
@@ -61,6 +66,32 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
     @app.before_server_stop
     async def stop(app: Sanic) -> None:
         await node.stop()
+
+    @app.on_request
+    async def identify(request: Request) -> None:
+        request.ctx.started = time.monotonic()
+        request.ctx.request_id = request.headers.get("x-request-id")
+        logs.request_id.set(request.ctx.request_id)
+
+    @app.on_response
+    async def log_request(request: Request, response: HTTPResponse) -> None:
+        started = getattr(request.ctx, "started", time.monotonic())
+        request_id = getattr(request.ctx, "request_id", None)
+        log.log(
+            logging.DEBUG if request.path in QUIET_PATHS else logging.INFO,
+            "%s %s %s %.3f s request_id=%s",
+            request.method,
+            request.path,
+            response.status,
+            time.monotonic() - started,
+            request_id or "-",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "request_id": request_id,
+            },
+        )
 
     @app.on_request
     async def authenticate(request: Request) -> HTTPResponse | None:
