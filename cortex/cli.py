@@ -193,6 +193,39 @@ def status(
         raise typer.Exit(1)
 
 
+@app.command("prometheus-targets")
+def prometheus_targets(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The gateway's cortex.toml.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Folder of the target files: the targets/ folder beside prometheus.yml.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Write Prometheus file_sd target lists from cortex.toml: gateway.json (metrics_listen) and
+    triton.json (every neuron's Triton metrics port, labelled with node = the neuron's name)."""
+    from cortex.prometheus import GATEWAY_FILE, TRITON_FILE, write_targets
+
+    try:
+        settings = load_cortex_config(config)
+    except ConfigError as error:
+        fail(str(error))
+    targets = write_targets(settings, out)
+    for warning in targets.warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False)
+    triton = ", ".join(f"{g['labels']['node']}={g['targets'][0]}" for g in targets.triton)
+    console.print(
+        f"wrote {out / GATEWAY_FILE} ({targets.gateway[0]['targets'][0]}) and "
+        f"{out / TRITON_FILE} ({triton or 'no neurons'})",
+        markup=False,
+        highlight=False,
+    )
+
+
 @app.command("demo-model")
 def demo_model(
     path: Annotated[
