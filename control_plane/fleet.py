@@ -111,8 +111,9 @@ class Fleet:
     async def poll(self, name: str) -> None:
         neuron = self.neurons[name]
         try:
+            # A neuron busy loading a model can answer slowly: be lenient before calling it down.
             status = await neuron.client.status(
-                timeout=max(2.0, self.config.gateway.poll_interval_s)
+                timeout=max(5.0, 2 * self.config.gateway.poll_interval_s)
             )
         except CortexError as error:
             neuron.missed += 1

@@ -215,7 +215,8 @@ def plan_defrag(snapshot: FleetSnapshot) -> Move | None:
 
     Moving model M from node A to node B frees M's memory on A and takes it on B. The best move
     is the one after which the largest free block is largest; it must beat today's. Only tp-1,
-    unpinned, idle models move, and only to nodes allowed to hold them.
+    unpinned models move, and only to nodes allowed to hold them. Models with requests in flight
+    may move: the move is make-before-break, and the old copy drains before it is unloaded.
     """
     blocks = {
         (n.name, g.index): g.memory_free_bytes
@@ -229,7 +230,7 @@ def plan_defrag(snapshot: FleetSnapshot) -> Move | None:
     best: tuple[int, Move] | None = None
     for source in snapshot.nodes:
         for resident in residents(source):
-            if resident.pinned or resident.in_flight or len(resident.gpus) != 1:
+            if resident.pinned or len(resident.gpus) != 1:
                 continue
             for target in snapshot.nodes:
                 if target.name == source.name or target.status is None:

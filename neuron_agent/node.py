@@ -325,7 +325,12 @@ class Node:
         restarted = False
         if not released:
             self._event(f"memory of {name} did not come back after unload: restarting Triton")
-            await self.supervisor.restart()
+            try:
+                await self.supervisor.restart()
+            except TritonError as error:
+                raise NodeError(
+                    503, f"{name} unloaded, but Triton was not restarted: {error}"
+                ) from None
             await self._reload_after_restart()
             restarted = True
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)

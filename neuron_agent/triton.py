@@ -116,6 +116,7 @@ class TritonSupervisor:
         self.last_error: str | None = None
         self.process: asyncio.subprocess.Process | None = None
         self._stopping = False
+        self._shut_down = False
         self._watch: asyncio.Task[None] | None = None
         self._client = httpx.AsyncClient(base_url=self.http_url, timeout=None)
         self.log_path = state_dir / "tritonserver.log"
@@ -229,6 +230,8 @@ class TritonSupervisor:
 
     async def restart(self) -> None:
         """Deliberate restart (memory not returned after an unload)."""
+        if self._shut_down:
+            raise TritonError("the neuron is shutting down")
         self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
@@ -237,7 +240,7 @@ class TritonSupervisor:
         await self.start()
 
     async def stop(self) -> None:
-        self._stopping = True
+        self._stopping = self._shut_down = True
         if self._watch is not None:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -25,7 +25,7 @@ from typing import Any
 
 MODEL_NAME = "cortex-tiny"
 # Bump when anything below changes what is generated: the cache key.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 VOCAB_SIZE = 4096
 CONTEXT_LENGTH = 32768
 TRAIN_STEPS = 300
@@ -177,6 +177,9 @@ def generate(target: Path, progress: Progress | None = None) -> Path:
     model.generation_config.pad_token_id = pad_id
     model.generation_config.bos_token_id = None
 
+    # Training padded and truncated every batch to 128 tokens; the saved tokenizer must not.
+    tokenizer.backend_tokenizer.no_padding()
+    tokenizer.backend_tokenizer.no_truncation()
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
