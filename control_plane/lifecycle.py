@@ -14,6 +14,7 @@ Memory is counted per device: a model with tp N needs N devices each with estima
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from control_plane.routing import FleetSnapshot, NodeView
@@ -111,14 +112,17 @@ def victim_order(strategy: EvictionStrategy, candidates: list[Resident]) -> list
     return sorted(candidates, key=lambda r: (r.last_used, r.name))
 
 
+VictimOrder = Callable[[list[Resident]], list[Resident]]
+
+
 def _eviction_for(
-    node: NodeView, need: int, tp: int, strategy: EvictionStrategy
+    node: NodeView, need: int, tp: int, order: VictimOrder
 ) -> tuple[Resident, ...] | Refusal:
     devices = _devices(node)
     loaded = [r for r in residents(node) if r.name]
     movable = [r for r in loaded if not r.pinned and r.in_flight == 0]
     victims: list[Resident] = []
-    for victim in victim_order(strategy, movable):
+    for victim in order(movable):
         if devices.fits(need, tp):
             break
         victims.append(victim)
@@ -153,9 +157,15 @@ def _eviction_for(
 
 
 def plan_placement(
-    snapshot: FleetSnapshot, model: str, strategy: EvictionStrategy
+    snapshot: FleetSnapshot,
+    model: str,
+    strategy: EvictionStrategy,
+    order: VictimOrder | None = None,
 ) -> list[Placement] | Refusal:
-    """Every node that can take the model, best first, each with what must leave for it."""
+    """Every node that can take the model, best first, each with what must leave for it.
+
+    `order` overrides the strategy's victim order (benchmarks compare against an oracle)."""
+    victims_first = order or (lambda candidates: victim_order(strategy, candidates))
     options: list[tuple[tuple[float, ...], Placement]] = []
     refusals: list[Refusal] = []
     for node in snapshot.nodes:
@@ -167,7 +177,7 @@ def plan_placement(
             continue
         tp = entry.profile.tp
         need = entry.estimated_bytes // tp
-        plan = _eviction_for(node, need, tp, strategy)
+        plan = _eviction_for(node, need, tp, victims_first)
         if isinstance(plan, Refusal):
             refusals.append(plan)
             continue
