@@ -31,7 +31,7 @@ class AttentionBatch:
     decoding; one sequence's chunk when prefilling), so there is no padding among them.
     `write_slots` [S, Q] is each token's cache slot.
     `gather` [S, K] lists each sequence's cache slots in position order, `key_valid` [S, K] marks
-    real ones. `fresh` means no sequence has earlier tokens in the cache: attention is then
+    real ones (None when all are real and Q is 1: decoding sequences of one length). `fresh` means no sequence has earlier tokens in the cache: attention is then
     plain causal over the new tokens and needs no gather (the memory-efficient path for long
     prompts).
     """
@@ -128,17 +128,24 @@ class DecoderLayer(nn.Module):
                 query, keys, values, is_causal=True, enable_gqa=groups > 1
             )
         else:
-            assert batch.gather is not None and batch.key_valid is not None
+            assert batch.gather is not None
             keys = k_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)  # [S, KVH, K, D]
             values = v_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)
-            # Query i of a sequence sees keys at positions ≤ its own.
-            key_positions = torch.arange(keys.shape[2], device=hidden.device)
-            mask = (key_positions[None, None, :] <= batch.positions[:, :, None]) & batch.key_valid[
-                :, None, :
-            ]
-            attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask[:, None], enable_gqa=groups > 1
-            )
+            if batch.key_valid is None:
+                # One new token per sequence and every gathered key is real: no mask, which
+                # lets SDPA take its fused kernels (a mask with GQA forces the math path).
+                attended = F.scaled_dot_product_attention(
+                    query, keys, values, enable_gqa=groups > 1
+                )
+            else:
+                # Query i of a sequence sees keys at positions ≤ its own.
+                key_positions = torch.arange(keys.shape[2], device=hidden.device)
+                mask = (key_positions[None, None, :] <= batch.positions[:, :, None]) & (
+                    batch.key_valid[:, None, :]
+                )
+                attended = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask[:, None], enable_gqa=groups > 1
+                )
         attended = attended.transpose(1, 2).reshape(sequences, queries, self.q_size)
         hidden = residual + self.o_proj(attended)
 

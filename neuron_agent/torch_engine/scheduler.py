@@ -275,7 +275,8 @@ class Engine:
             positions=positions,
             write_slots=write.to(device),
             gather=gather.to(device),
-            key_valid=key_valid.to(device),
+            # Equal lengths (always so at batch 1): nothing to mask.
+            key_valid=None if min(lengths) == longest else key_valid.to(device),
             fresh=False,
         )
         logits = self.model(tokens, batch, self.pool.layers, torch.arange(count, device=device))
