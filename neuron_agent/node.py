@@ -336,7 +336,8 @@ class Node:
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)
 
     async def _reload_after_restart(self) -> None:
-        survivors = [n for n, e in self.loaded.items() if e.state in ("READY", "LOADING")]
+        # Everything this node holds, including models /status already saw Triton lose.
+        survivors = [n for n, e in self.loaded.items() if e.state != "UNLOADING"]
         if survivors:
             self._event(f"Triton restarted; reloading {', '.join(survivors)}")
         for name in survivors:
@@ -344,7 +345,7 @@ class Node:
             entry.state = "LOADING"
             try:
                 await self.supervisor.load(name)
-                entry.state = "READY"
+                entry.state, entry.reason = "READY", None
                 entry.memory_bytes = self._measure(entry)
             except TritonError as error:
                 entry.state = "UNAVAILABLE"

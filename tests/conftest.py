@@ -147,3 +147,55 @@ def embedded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     fleet = start_embedded(tmp_path_factory.mktemp("embedded"))
     yield fleet
     stop(fleet.process)
+
+
+@dataclass
+class NeuronHandle:
+    """A real `cortex neuron` process (with its own tritonserver) on loopback ports."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    folder: Path
+    log: Path
+
+
+def start_neuron(
+    folder: Path,
+    name: str,
+    models_toml: str,
+    budget_mib: list[int] | None = None,
+    token: str | None = None,
+) -> NeuronHandle:
+    """Write neuron.toml + models.toml into `folder` and start the agent; returns once healthy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.toml").write_text(models_toml)
+    port = free_ports(1)[0]
+    triton = consecutive_free_ports(3)
+    extra = f"memory_budget_mib = {budget_mib}\n" if budget_mib else ""
+    extra += f'token = "{token}"\n' if token else ""
+    (folder / "neuron.toml").write_text(
+        f"""[neuron]
+name = "{name}"
+listen = "127.0.0.1:{port}"
+models = "models.toml"
+state_dir = "{folder / "state"}"
+{extra}
+[triton]
+address = "127.0.0.1"
+http_port = {triton}
+grpc_port = {triton + 1}
+metrics_port = {triton + 2}
+"""
+    )
+    log = folder / "neuron.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "neuron", "--config", str(folder / "neuron.toml")],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 120, process)
+    except Exception:
+        stop(process)
+        raise RuntimeError(f"neuron {name} did not start: {log.read_text()[-3000:]}") from None
+    return NeuronHandle(process, f"http://127.0.0.1:{port}", folder, log)

@@ -70,7 +70,7 @@ def test_an_interrupted_build_resumes(
         tmp_path,
         *FAST,
     ]
-    work = tmp_path / ".work" / "cortex-tiny-v1-fp8-tp1-torch"
+    work = tmp_path / ".work" / f"{tiny_model.name}-fp8-tp1-torch"
     real_export = quantize.export_hf_checkpoint
 
     def interrupted(request: object, info: object, quant_dir: object, out_dir: Path) -> None:
@@ -95,7 +95,7 @@ def test_an_interrupted_build_resumes(
     assert done["quantize"]["finished_at"] == quantized_at
     assert done["export"]["status"] == "ran"
     assert (work / "export" / "model.safetensors").stat().st_size > 1000  # not the torn file
-    published = tmp_path / "cortex-tiny-v1-fp8-tp1-torch"
+    published = tmp_path / f"{tiny_model.name}-fp8-tp1-torch"
     assert stdout.startswith("# models.toml entry")
     entry = ModelsFile.model_validate(tomllib.loads((published / "models.toml").read_text()))
     assert entry.models[0].source == str(published / "checkpoint")

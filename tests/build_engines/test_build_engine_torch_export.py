@@ -138,3 +138,55 @@ def test_torch_engine_serves_the_int4_awq_export(
 ) -> None:
     tokens, reference = prompt_and_reference
     assert_close_to_reference(engine_logits(int4_export, tokens), reference)
+
+
+def test_triton_serves_the_fp8_and_int4_awq_exports(
+    fp8_export: Path, int4_export: Path, tmp_path: Path
+) -> None:
+    """Both exports through a real neuron agent and tritonserver: greedy tokens over Triton's
+    gRPC stream equal the same engine's greedy tokens in-process."""
+    import asyncio
+    import signal
+
+    import httpx
+
+    from control_plane.node_client import GenerationParams, TritonStream
+    from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+    from tests.conftest import start_neuron, stop
+    from tests.torch_engine.test_engine import Collector
+
+    models = "".join(
+        f'[[models]]\nname = "{name}"\nsource = "{path}"\nkv_cache_tokens = 512\n\n'
+        for name, path in (("tiny-fp8", fp8_export), ("tiny-int4-awq", int4_export))
+    )
+    neuron = start_neuron(tmp_path / "node", "exports", models)
+    prompt = list(range(30, 70))
+    try:
+        grpc_url = httpx.get(neuron.url + "/status").json()["triton"]["grpc_url"]
+        for name, path in (("tiny-fp8", fp8_export), ("tiny-int4-awq", int4_export)):
+            response = httpx.post(neuron.url + "/models/load", json={"model": name}, timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["quantization"] == "none"  # served as stored, not re-quantized
+
+            async def generate(model: str = name) -> list[int]:
+                stream = TritonStream(grpc_url)
+                tokens: list[int] = []
+                params = GenerationParams(max_tokens=16, end_ids=(-1,), pad_id=0)
+                async for piece in stream.generate(model, prompt, params, "export-test"):
+                    tokens.extend(piece)
+                await stream.close()
+                return tokens
+
+            served = asyncio.run(generate())
+            engine = build_engine(EngineOptions(path, kv_cache_tokens=512))
+            engine.start()
+            local = Collector()
+            from neuron_agent.torch_engine.scheduler import GenerationRequest
+
+            engine.submit(GenerationRequest(prompt, 16, local.emit, local.fail))
+            assert local.done.wait(60)
+            engine.stop()
+            assert len(served) == 16
+            assert served == local.tokens
+    finally:
+        stop(neuron.process, signal.SIGTERM)

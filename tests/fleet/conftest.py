@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import consecutive_free_ports, free_ports, stop, wait_for
+from tests.conftest import free_ports, stop, wait_for
+from tests.conftest import start_neuron as start_agent
 
 # Budgets in MiB; one copy of a model below is estimated at ~560 MiB (weights, a 2k-token KV
 # budget and the runtime overhead).
@@ -66,34 +67,8 @@ def models_toml(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> str:
 def start_neuron(
     folder: Path, name: str, budget_mib: int, tiny_model: Path, m1_idle_ttl_s: float | None = None
 ) -> NeuronProcess:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models.toml").write_text(models_toml(tiny_model, m1_idle_ttl_s))
-    port = free_ports(1)[0]
-    triton = consecutive_free_ports(3)
-    (folder / "neuron.toml").write_text(
-        f"""
-[neuron]
-name = "{name}"
-listen = "127.0.0.1:{port}"
-models = "models.toml"
-state_dir = "{folder / "state"}"
-memory_budget_mib = [{budget_mib}]
-
-[triton]
-address = "127.0.0.1"
-http_port = {triton}
-grpc_port = {triton + 1}
-metrics_port = {triton + 2}
-"""
-    )
-    log = folder / "neuron.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "neuron", "--config", str(folder / "neuron.toml")],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(f"http://127.0.0.1:{port}/health", 120, process)
-    return NeuronProcess(name, f"http://127.0.0.1:{port}", process, log)
+    handle = start_agent(folder, name, models_toml(tiny_model, m1_idle_ttl_s), [budget_mib])
+    return NeuronProcess(name, handle.url, handle.process, handle.log)
 
 
 @dataclass

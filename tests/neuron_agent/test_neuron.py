@@ -6,7 +6,6 @@ import concurrent.futures
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import consecutive_free_ports, free_ports, stop, wait_for
+from tests.conftest import start_neuron, stop
 
 TOKEN = "neuron-test-token"
 
@@ -49,8 +48,7 @@ class Neuron:
 def neuron(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neuron]:
     folder = tmp_path_factory.mktemp("neuron")
     (folder / "broken").mkdir()
-    (folder / "models.toml").write_text(
-        f"""
+    models = f"""
 [[models]]
 name = "tiny"
 source = "{tiny_model}"
@@ -71,39 +69,9 @@ kv_cache_tokens = 50000000
 name = "broken"
 source = "{folder / "broken"}"
 """
-    )
-    port = free_ports(1)[0]
-    triton = consecutive_free_ports(3)
-    (folder / "neuron.toml").write_text(
-        f"""
-[neuron]
-name = "test-node"
-listen = "127.0.0.1:{port}"
-token = "{TOKEN}"
-models = "models.toml"
-state_dir = "{folder / "state"}"
-memory_budget_mib = [4096]
-
-[triton]
-address = "127.0.0.1"
-http_port = {triton}
-grpc_port = {triton + 1}
-metrics_port = {triton + 2}
-"""
-    )
-    log = folder / "neuron.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "neuron", "--config", str(folder / "neuron.toml")],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(f"http://127.0.0.1:{port}/health", 120, process)
-    except Exception:
-        stop(process)
-        raise RuntimeError(log.read_text()[-3000:]) from None
-    yield Neuron(process, f"http://127.0.0.1:{port}", folder)
-    stop(process, signal.SIGTERM)
+    handle = start_neuron(folder, "test-node", models, budget_mib=[4096], token=TOKEN)
+    yield Neuron(handle.process, handle.url, folder)
+    stop(handle.process, signal.SIGTERM)
 
 
 def test_status_reports_node_devices_and_catalogue(neuron: Neuron) -> None:

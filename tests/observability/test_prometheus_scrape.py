@@ -98,7 +98,10 @@ def sample_sum(url: str, name: str, **labels: str) -> float:
     total = 0.0
     for family in text_string_to_metric_families(httpx.get(url, timeout=5).text):
         for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
+            # The parser names counter samples `<name>_total` even where the exporter (Triton)
+            # writes them without the suffix.
+            named = sample.name in (name, f"{name}_total")
+            if named and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
 
