@@ -5,6 +5,7 @@ canonical.py          the one internal chat request and event stream both dialec
 prompting.py          chat templates, tokenization, incremental detokenization, stop strings
 tool_calls.py         parsing tool calls out of generated text (Hermes/Qwen, Llama-3 JSON)
 generation.py         one request's way: model → node → Triton stream → canonical events
+pacing.py             reading a stream that may fall silent: keep-alive ticks, the deadline
 fleet.py, routing.py  fleet state from the neurons, routing and cold loads
 node_client.py        the neuron lifecycle API and Triton's gRPC stream
 metrics.py            Prometheus metrics (cortex_ prefix)

@@ -179,9 +179,13 @@ class Fleet:
                 self._tokenizers[model] = await asyncio.to_thread(ModelTokenizer, files)
         return self._tokenizers[model]
 
+    def ready_replica(self, model: str) -> str | None:
+        """The node to serve a model that is READY somewhere now, without waiting."""
+        return choose_replica(self.snapshot(), model)
+
     async def ensure_ready(self, model: str) -> str:
         """A node with the model READY, loading it first if needed (one load per model)."""
-        node = choose_replica(self.snapshot(), model)
+        node = self.ready_replica(model)
         if node is not None:
             return node
         task = self._loads.get(model)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from control_plane.canonical import (
@@ -32,114 +33,71 @@ from control_plane.errors import (
     InvalidRequest,
     PromptTooLong,
     UpstreamFailed,
-    UpstreamTimeout,
 )
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import GenerationParams
-from control_plane.prompting import StopMatcher
+from control_plane.pacing import Paced
+from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.tool_calls import parser_for
 from cortex import logs
+from cortex.neuron_api import CatalogueEntry
 
 T = TypeVar("T")
 
+# Prompts up to this many characters (no tools) are rendered on the event loop: a thread hop
+# costs more than their template and tokenization (~0.1 ms). Longer ones go to a thread, where
+# the tokenizer's batch encode runs without the GIL and other streams keep flowing.
+INLINE_RENDER_CHARS = 8192
+
 log = logging.getLogger("cortex.requests")
-
-
-async def _next(source: AsyncIterator[T]) -> T:
-    return await source.__anext__()
 
 
 async def _once(awaitable: Awaitable[T]) -> AsyncGenerator[T, None]:
     yield await awaitable
 
 
-async def _paced(
-    source: AsyncIterator[T], interval: float, deadline: float | None = None
-) -> AsyncGenerator[T | None, None]:
-    """The items of `source`, with a None for every `interval` seconds of silence (the callers
-    turn it into a keep-alive), and UpstreamTimeout once `deadline` (monotonic) has passed."""
-    while True:
-        step = asyncio.ensure_future(_next(source))
-        try:
-            while True:
-                wait = interval
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise UpstreamTimeout("the model did not finish in the request timeout")
-                done, _ = await asyncio.wait({step}, timeout=wait)
-                if done:
-                    break
-                if deadline is None or time.monotonic() < deadline:
-                    yield None
-        finally:
-            if not step.done():  # the consumer left or timed out: stop the pending read
-                step.cancel()
-                await asyncio.wait({step})  # the source is idle again before anyone closes it
-            if not step.cancelled():
-                step.exception()  # marks a failure as seen when nobody is left to read it
-        try:
-            item = step.result()
-        except StopAsyncIteration:
-            return
-        yield item
+async def render(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
+    """The prompt's ids: small prompts at once, large ones in a thread."""
+    size = len(request.raw_prompt or "") + sum(len(m.content) for m in request.messages)
+    if size <= INLINE_RENDER_CHARS and not request.tools:
+        return tokenizer.render(request)
+    return await asyncio.to_thread(tokenizer.render, request)
 
 
-async def prepare(fleet: Fleet, request: ChatRequest) -> tuple[str, list[int], int]:
-    """Resolve the model and render the prompt: (model, prompt ids, max new tokens)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to send: its model, the prompt's ids and how many tokens it may add."""
+
+    entry: CatalogueEntry
+    tokenizer: ModelTokenizer
+    prompt: list[int]
+    max_tokens: int
+
+    @property
+    def model(self) -> str:
+        return self.entry.profile.name
+
+
+async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
+    """Resolve the model and render the prompt."""
     entry = fleet.resolve(request.model)
-    model = entry.profile.name
-    tokenizer = await fleet.tokenizer(model)
-    prompt = await asyncio.to_thread(tokenizer.render, request)
+    tokenizer = await fleet.tokenizer(entry.profile.name)
+    prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
     if len(prompt) >= context:
         raise PromptTooLong(len(prompt), context, request.max_tokens)
     room = context - len(prompt)
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-    return model, prompt, min(request.max_tokens or room, room)
+    return Prepared(entry, tokenizer, prompt, min(request.max_tokens or room, room))
 
 
-async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
-    """The prompt's size exactly as `generate` would send it (template, tools, instructions);
-    also for prompts too long to serve, so clients can decide to compact them."""
-    entry = fleet.resolve(request.model)
-    tokenizer = await fleet.tokenizer(entry.profile.name)
-    return len(await asyncio.to_thread(tokenizer.render, request))
-
-
-async def generate(
-    fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
-) -> AsyncGenerator[Event, None]:
-    started = time.monotonic()
-    logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
-    settings = fleet.config.gateway
-    model, prompt, max_tokens = await prepare(fleet, request)
-    tokenizer = await fleet.tokenizer(model)
-    entry = fleet.resolve(model)
-
-    # A warm model is ready at once, so errors here still come before the first event (plain
-    # HTTP errors); a cold load announces the request first, then keeps the stream alive.
-    node = ""
-    announced = False
-    async with contextlib.aclosing(
-        _paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
-    ) as readiness:
-        async for result in readiness:
-            if result is None:
-                if not announced:
-                    announced = True
-                    yield Started(model, len(prompt))
-                yield Waiting()
-            else:
-                node = result
-    metrics.queue_wait.labels(model).observe(time.monotonic() - started)
-    if not announced:
-        yield Started(model, len(prompt))
-
-    labels = (model, node, api)
-    params = GenerationParams(
+def generation_params(
+    tokenizer: ModelTokenizer, request: ChatRequest, max_tokens: int
+) -> GenerationParams:
+    """What the engine is asked for besides the prompt (benchmarks send the same)."""
+    return GenerationParams(
         max_tokens=max_tokens,
         end_ids=tuple(tokenizer.eos_token_ids) or (0,),
         pad_id=tokenizer.pad_token_id or 0,
@@ -148,22 +106,66 @@ async def generate(
         top_p=request.top_p if request.top_p is not None else 1.0,
         seed=request.seed,
     )
+
+
+async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
+    """The prompt's size exactly as `generate` would send it (template, tools, instructions);
+    also for prompts too long to serve, so clients can decide to compact them."""
+    entry = fleet.resolve(request.model)
+    tokenizer = await fleet.tokenizer(entry.profile.name)
+    return len(await render(tokenizer, request))
+
+
+async def generate(
+    fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
+) -> AsyncGenerator[Event, None]:
+    started = time.monotonic()
+    logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
+    settings = fleet.config.gateway
+    prepared = await prepare(fleet, request)
+    model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
+    max_tokens = prepared.max_tokens
+
+    # A warm model is ready at once, so errors here still come before the first event (plain
+    # HTTP errors); a cold load announces the request first, then keeps the stream alive.
+    node = fleet.ready_replica(model) or ""
+    announced = False
+    if not node:
+        async with contextlib.aclosing(
+            Paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
+        ) as readiness:
+            async for result in readiness:
+                if result is None:
+                    if not announced:
+                        announced = True
+                        yield Started(model, len(prompt))
+                    yield Waiting()
+                else:
+                    node = result
+    metrics.queue_wait.labels(model).observe(time.monotonic() - started)
+    if not announced:
+        yield Started(model, len(prompt))
+
+    series = metrics.series(model, node, api)
+    params = generation_params(tokenizer, request, max_tokens)
     decoder = tokenizer.stream_decoder(prompt)
     stopper = StopMatcher(request.stop)
     parser = parser_for(
-        entry.profile.tool_call_format.value, bool(request.tools), request.parallel_tool_calls
+        prepared.entry.profile.tool_call_format.value,
+        bool(request.tools),
+        request.parallel_tool_calls,
     )
     deadline = time.monotonic() + settings.request_timeout_s
     completion = 0
     first_token_at: float | None = None
     outcome = "error"
-    metrics.in_flight.labels(model, node).inc()
+    series.in_flight.inc()
     try:
         async with fleet.using(node, model) as triton:
             stream = triton.generate(model, prompt, params, request.request_id)
             try:
                 async with contextlib.aclosing(
-                    _paced(stream, settings.ping_interval_s, deadline)
+                    Paced(stream, settings.ping_interval_s, deadline)
                 ) as steps:
                     async for tokens in steps:
                         if tokens is None:  # a long prefill: keep the client's stream alive
@@ -171,7 +173,7 @@ async def generate(
                             continue
                         if tokens and first_token_at is None:
                             first_token_at = time.monotonic()
-                            metrics.ttft.labels(*labels).observe(first_token_at - started)
+                            series.ttft.observe(first_token_at - started)
                         text = ""
                         for token in tokens:
                             completion += 1
@@ -212,17 +214,17 @@ async def generate(
         outcome = "api_error"
         raise UpstreamFailed(f"{model} on {node} failed: {error}") from error
     finally:
-        metrics.in_flight.labels(model, node).dec()
+        series.in_flight.dec()
         ended = time.monotonic()
-        metrics.requests.labels(*labels, outcome).inc()
-        metrics.input_tokens.labels(*labels).inc(len(prompt))
-        metrics.output_tokens.labels(*labels).inc(completion)
-        metrics.duration.labels(*labels).observe(ended - started)
+        series.requests(outcome).inc()
+        series.input_tokens.inc(len(prompt))
+        series.output_tokens.inc(completion)
+        series.duration.observe(ended - started)
         if first_token_at is not None and completion > 1:
             decode_time = ended - first_token_at
-            metrics.inter_token.labels(*labels).observe(decode_time / (completion - 1))
+            series.inter_token.observe(decode_time / (completion - 1))
             if decode_time > 0:
-                metrics.tokens_per_second.labels(*labels).observe((completion - 1) / decode_time)
+                series.tokens_per_second.observe((completion - 1) / decode_time)
         _log_request(
             request_id=request.request_id,
             model=model,

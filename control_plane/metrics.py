@@ -6,6 +6,8 @@ prompt) to minutes (a cold load of a large model).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -15,8 +17,32 @@ TPS_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200)
 TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 
 
+@dataclass
+class RequestSeries:
+    """The series one (model, node, api) records into, looked up once rather than per request
+    (a `labels()` call takes a lock and builds its key every time)."""
+
+    metrics: GatewayMetrics
+    labels: tuple[str, str, str]
+    ttft: Histogram
+    inter_token: Histogram
+    duration: Histogram
+    tokens_per_second: Histogram
+    input_tokens: Counter
+    output_tokens: Counter
+    in_flight: Gauge
+    _requests: dict[str, Counter] = field(default_factory=dict)
+
+    def requests(self, outcome: str) -> Counter:
+        counter = self._requests.get(outcome)
+        if counter is None:
+            counter = self._requests[outcome] = self.metrics.requests.labels(*self.labels, outcome)
+        return counter
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
+        self._series: dict[tuple[str, str, str], RequestSeries] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         labels = ("model", "node", "api")
@@ -85,3 +111,20 @@ class GatewayMetrics:
         self.memory_free = Gauge(
             "cortex_node_memory_free_bytes", "Device memory free", ("node", "gpu"), registry=r
         )
+
+    def series(self, model: str, node: str, api: str) -> RequestSeries:
+        key = (model, node, api)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = RequestSeries(
+                self,
+                key,
+                ttft=self.ttft.labels(*key),
+                inter_token=self.inter_token.labels(*key),
+                duration=self.duration.labels(*key),
+                tokens_per_second=self.tokens_per_second.labels(*key),
+                input_tokens=self.input_tokens.labels(*key),
+                output_tokens=self.output_tokens.labels(*key),
+                in_flight=self.in_flight.labels(model, node),
+            )
+        return series

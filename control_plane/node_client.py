@@ -1,21 +1,20 @@
-"""Talking to a node: the neuron's lifecycle API (httpx) and Triton's gRPC stream (tritonclient).
+"""Talking to a node: the neuron's lifecycle API (httpx) and Triton's gRPC stream (grpc.aio with
+Triton's own protobuf messages, which tritonclient ships).
 
 Lower-level errors (httpx, gRPC) are translated to the gateway's exception tree here, once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+import struct
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import httpx
-import numpy as np
-import tritonclient.grpc.aio as triton_grpc
-from tritonclient.grpc import InferInput
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
 from cortex import logs
@@ -83,28 +82,73 @@ class GenerationParams:
     seed: int | None = None
 
 
-def _tensor(name: str, array: np.ndarray, datatype: str) -> InferInput:
-    tensor = InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    return tensor
+# Request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same), in
+# the order `build_request` appends their contents: name, Triton datatype, struct format.
+_SCALARS = (
+    ("input_lengths", "INT32", "<i"),
+    ("request_output_len", "INT32", "<i"),
+    ("end_id", "INT32", "<i"),
+    ("pad_id", "INT32", "<i"),
+    ("streaming", "BOOL", "<?"),
+    ("temperature", "FP32", "<f"),
+    ("runtime_top_k", "INT32", "<i"),
+    ("runtime_top_p", "FP32", "<f"),
+    ("seed", "UINT64", "<Q"),
+)
+_SCALAR_TENSORS = {
+    name: service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=dtype, shape=[1, 1])
+    for name, dtype, _ in _SCALARS
+}
+_SCALAR_FORMATS = {name: struct.Struct(fmt) for name, _, fmt in _SCALARS}
+# Channel options as tritonclient sets them: no message size limit (long prompts), its keepalive.
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+]
 
 
-def build_inputs(prompt: list[int], params: GenerationParams) -> list[InferInput]:
-    """The request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same)."""
-    inputs = [
-        _tensor("input_ids", np.array([prompt], dtype=np.int32), "INT32"),
-        _tensor("input_lengths", np.array([[len(prompt)]], dtype=np.int32), "INT32"),
-        _tensor("request_output_len", np.array([[params.max_tokens]], dtype=np.int32), "INT32"),
-        _tensor("end_id", np.array([[params.end_ids[0]]], dtype=np.int32), "INT32"),
-        _tensor("pad_id", np.array([[params.pad_id]], dtype=np.int32), "INT32"),
-        _tensor("streaming", np.array([[True]], dtype=bool), "BOOL"),
-        _tensor("temperature", np.array([[params.temperature]], dtype=np.float32), "FP32"),
-        _tensor("runtime_top_k", np.array([[params.top_k]], dtype=np.int32), "INT32"),
-        _tensor("runtime_top_p", np.array([[params.top_p]], dtype=np.float32), "FP32"),
+def build_request(
+    model: str, prompt: list[int], params: GenerationParams, request_id: str
+) -> service_pb2.ModelInferRequest:
+    """One generation's `ModelInferRequest`, built straight as protobuf (raw little-endian
+    contents): what tritonclient's InferInput + numpy would send, without their per-request
+    cost."""
+    values: list[tuple[str, float | int | bool]] = [
+        ("input_lengths", len(prompt)),
+        ("request_output_len", params.max_tokens),
+        ("end_id", params.end_ids[0]),
+        ("pad_id", params.pad_id),
+        ("streaming", True),
+        ("temperature", params.temperature),
+        ("runtime_top_k", params.top_k),
+        ("runtime_top_p", params.top_p),
     ]
     if params.seed is not None:
-        inputs.append(_tensor("seed", np.array([[params.seed]], dtype=np.uint64), "UINT64"))
-    return inputs
+        values.append(("seed", params.seed))
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    ids = request.inputs.add()
+    ids.name, ids.datatype = "input_ids", "INT32"
+    ids.shape.extend((1, len(prompt)))
+    request.inputs.extend(_SCALAR_TENSORS[name] for name, _ in values)
+    contents = [struct.pack(f"<{len(prompt)}i", *prompt)]
+    contents.extend(_SCALAR_FORMATS[name].pack(value) for name, value in values)
+    request.raw_input_contents.extend(contents)
+    return request
+
+
+def output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
+    """The `output_ids` of one streamed response (none in an empty final response)."""
+    for index, output in enumerate(response.outputs):
+        if output.name == "output_ids":
+            if index < len(response.raw_output_contents):
+                raw = memoryview(response.raw_output_contents[index])
+                return (raw.cast("q") if output.datatype == "INT64" else raw.cast("i")).tolist()
+            return list(output.contents.int_contents or output.contents.int64_contents)
+    return []
 
 
 class TritonStream:
@@ -112,50 +156,41 @@ class TritonStream:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._client = triton_grpc.InferenceServerClient(url=url)
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._stream_infer = service_pb2_grpc.GRPCInferenceServiceStub(
+            self._channel
+        ).ModelStreamInfer
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self._client.close()
+            await self._channel.close()
 
     async def generate(
         self, model: str, prompt: list[int], params: GenerationParams, request_id: str
     ) -> AsyncGenerator[list[int], None]:
         """New token ids as the engine produces them; leaving early cancels the Triton request."""
-        done = asyncio.Event()
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield {
-                "model_name": model,
-                "inputs": build_inputs(prompt, params),
-                "request_id": request_id,
-            }
-            # Keep our side open until the final response: closing early ends the stream.
-            await done.wait()
-
-        responses = self._client.stream_infer(requests())
+        call = self._stream_infer()
         try:
-            async for result, error in responses:
-                if error is not None:
-                    raise _translate(error, model)
-                if result is None:
-                    continue
-                output = result.as_numpy("output_ids")
-                tokens = [] if output is None else [int(t) for t in output.reshape(-1)]
-                final = result.get_response().parameters.get("triton_final_response")
-                yield tokens
+            # Our side stays open until the final response: closing it early ends the stream.
+            await call.write(build_request(model, prompt, params, request_id))
+            while True:
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    return
+                if response.error_message:
+                    raise _translate(response.error_message, model)
+                result = response.infer_response
+                yield output_ids(result)
+                final = result.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return
-        except InferenceServerException as error:
-            raise _translate(error, model) from None
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error.details() or str(error.code()), model) from None
         finally:
-            done.set()
-            with contextlib.suppress(Exception):
-                responses.cancel()
+            call.cancel()
 
 
-def _translate(error: InferenceServerException, model: str) -> CortexError:
-    message = error.message() or str(error)
+def _translate(message: str, model: str) -> CortexError:
     if "queue is full" in message:
         return Overloaded(f"{model}: {message}")
     if "unknown model" in message.lower() or "is not ready" in message.lower():

@@ -255,6 +255,10 @@ def message_body(
     }
 
 
+# json.dumps(text, ensure_ascii=False) for a str, without making an encoder per call.
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _sse(name: str, data: dict[str, Any]) -> bytes:
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"event: {name}\ndata: {payload}\n\n".encode()
@@ -282,8 +286,7 @@ class MessageStreamEncoder:
             if not event.text:
                 return b""
             out = b"" if self.open == "text" else self._open({"type": "text", "text": ""})
-            delta = {"type": "text_delta", "text": event.text}
-            return out + self._delta(self.blocks - 1, delta)
+            return out + self._text_delta(self.blocks - 1, event.text)
         if isinstance(event, ToolCallStart):
             block = {
                 "type": "tool_use",
@@ -348,6 +351,18 @@ class MessageStreamEncoder:
     def _delta(index: int, delta: dict[str, Any]) -> bytes:
         return _sse(
             "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
+        )
+
+    @staticmethod
+    def _text_delta(index: int, text: str) -> bytes:
+        """`_delta(index, {"type": "text_delta", "text": text})`, byte for byte: the per-token
+        hot path, without building and dumping the whole event."""
+        return (
+            b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
+            + str(index).encode()
+            + b',"delta":{"type":"text_delta","text":'
+            + _json_text(text).encode()
+            + b"}}\n\n"
         )
 
     @staticmethod

@@ -210,6 +210,11 @@ class ChunkEncoder:
             + json.dumps(model)
             + ',"system_fingerprint":null,'
         ).encode()
+        # A text chunk is the per-token hot path: its bytes around the text, made once. They
+        # are exactly what `_chunk` writes for it (a test holds the two to each other).
+        ending = (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self._text_head = b"data: " + self._prefix + b'"choices":[{"index":0,"delta":{"content":'
+        self._text_tail = b'},"logprobs":null,"finish_reason":null}]' + ending
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
         body = {"choices": choices}
@@ -238,8 +243,9 @@ class ChunkEncoder:
         if isinstance(event, TextDelta):
             if not event.text:
                 return b""
-            delta: dict[str, Any] = {"content": event.text}
-        elif isinstance(event, ToolCallStart):
+            return self._text_head + json.dumps(event.text).encode() + self._text_tail
+        delta: dict[str, Any]
+        if isinstance(event, ToolCallStart):
             delta = {
                 "tool_calls": [
                     {

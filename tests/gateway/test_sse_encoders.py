@@ -3,6 +3,9 @@ text and a tool call, a keep-alive, and a failure after the stream started."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from control_plane.anthropic.translate import MessageStreamEncoder
 from control_plane.canonical import (
     Finished,
@@ -152,3 +155,18 @@ def test_openai_error_line_bytes() -> None:
         b'data: {"error":{"message":"busy","type":"server_error","param":null,'
         b'"code":"overloaded"}}\n\n'
     )
+
+
+@given(text=st.text(min_size=1), include_usage=st.booleans())
+def test_openai_text_chunks_are_the_generic_chunk(text: str, include_usage: bool) -> None:
+    """Text chunks are written from bytes made once per stream; they must stay exactly what the
+    generic chunk writer makes for the same delta."""
+    encoder = ChunkEncoder('chatcmpl-"1"', "m\u00e9", include_usage, created=7)
+    choice = {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    assert encoder.event(TextDelta(text)) == encoder._chunk([choice])
+
+
+@given(text=st.text(min_size=1), index=st.integers(0, 1000))
+def test_anthropic_text_deltas_are_the_generic_delta(text: str, index: int) -> None:
+    generic = MessageStreamEncoder._delta(index, {"type": "text_delta", "text": text})
+    assert MessageStreamEncoder._text_delta(index, text) == generic
