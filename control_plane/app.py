@@ -7,6 +7,8 @@ Every error is rendered in the envelope of the dialect the client spoke.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hmac
 import logging
 import uuid
@@ -28,6 +30,7 @@ from control_plane.errors import (
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.openai.routes import blueprint as openai_routes
+from control_plane.prompting import import_tokenizer_support
 from cortex import logs
 from cortex.config import CortexConfig, split_host_port
 
@@ -95,6 +98,14 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
         await app.ctx.fleet.start()
         host, port = split_host_port(config.gateway.metrics_listen)
         app.ctx.metrics_server = start_http_server(port, host, registry=app.ctx.metrics.registry)
+        gc.freeze()  # what start-up made lives as long as the server: keep it out of GC passes
+        app.ctx.warm_up = asyncio.create_task(warm_up())
+
+    async def warm_up() -> None:
+        # A model's first request builds its tokenizer, which imports transformers: do that now,
+        # beside serving, rather than in front of that request (and its cold load).
+        await asyncio.to_thread(import_tokenizer_support)
+        gc.freeze()
 
     @app.before_server_stop
     async def stop(app: Sanic) -> None:

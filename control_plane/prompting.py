@@ -10,23 +10,40 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers.decoders import DecodeStream
 
 from control_plane.canonical import ChatRequest, Message, ToolChoice
 from cortex.neuron_api import TokenizerFiles
 
+if TYPE_CHECKING:
+    from transformers import AutoTokenizer
+
 JSON_MODE_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
 TOOL_REQUIRED_INSTRUCTION = "Answer by calling one of the provided tools."
 TOOL_NAMED_INSTRUCTION = "Answer by calling the tool {name}."
 
 
+# transformers' lazy module is not safe to import from two threads at once (a name can be
+# missing while another thread is half-way through): every import of it goes through this lock.
+_transformers_lock = threading.Lock()
+
+
+def import_tokenizer_support() -> type[AutoTokenizer]:
+    """transformers' AutoTokenizer; the first call imports transformers (about 1.5 s)."""
+    with _transformers_lock:
+        from transformers import AutoTokenizer as auto_tokenizer
+
+    return auto_tokenizer
+
+
 class ModelTokenizer:
     def __init__(self, files: TokenizerFiles) -> None:
-        from transformers import AutoTokenizer
+        AutoTokenizer = import_tokenizer_support()
 
         with tempfile.TemporaryDirectory(prefix="cortex-tokenizer-") as folder:
             for name, text in files.files.items():
