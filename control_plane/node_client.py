@@ -7,19 +7,32 @@ Lower-level errors (httpx, gRPC) are translated to the gateway's exception tree 
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import httpx
-from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
 from cortex import logs
 from cortex.config import NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
+
+# grpcio runs client channels on its EventEngine by default; for the gateway's stream reads (one
+# message per token) its older client path costs about a third less CPU per message (measured
+# with benchmarks/gateway_overhead.py). grpc reads GRPC_EXPERIMENTS once, when it is imported:
+# it is set for that moment only (processes started later get the environment as it was), and
+# an operator's own setting wins.
+_OPERATOR_EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS")
+os.environ["GRPC_EXPERIMENTS"] = _OPERATOR_EXPERIMENTS or "-event_engine_client"
+try:
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+finally:
+    if _OPERATOR_EXPERIMENTS is None:
+        del os.environ["GRPC_EXPERIMENTS"]
 
 
 class NeuronClient:
