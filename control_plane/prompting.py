@@ -65,6 +65,8 @@ class ModelTokenizer:
         # pads to 128): a prompt encoded here must come out as it is, whatever its length.
         self.backend.no_padding()
         self.backend.no_truncation()
+        # transformers sets this before every encode it does; `render` encodes directly.
+        self.backend.encode_special_tokens = bool(self.tokenizer.split_special_tokens)
 
     def render(self, request: ChatRequest) -> list[int]:
         """The prompt's token ids: the chat template over messages and tools."""
@@ -84,15 +86,16 @@ class ModelTokenizer:
         ] or None
         # A prefill (Anthropic: the last message is the assistant's) is continued, not closed.
         prefill = request.continue_final and bool(messages) and messages[-1]["role"] == "assistant"
-        ids = self.tokenizer.apply_chat_template(
+        text = self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
             add_generation_prompt=not prefill,
             continue_final_message=prefill,
-            tokenize=True,
-            return_dict=False,
+            tokenize=False,
         )
-        return [int(i) for i in ids]  # type: ignore[arg-type]
+        # What apply_chat_template(tokenize=True) does with the text, minus its per-call argument
+        # handling (a third of the time of a short prompt): encode, adding no special tokens.
+        return list(self.backend.encode(str(text), add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=True))

@@ -1,0 +1,69 @@
+"""The prompt's ids are exactly what transformers' `apply_chat_template(tokenize=True)` gives for
+the same conversation: `render` takes the template's text and encodes it itself (faster), and
+must not drift from the reference — system messages, tools, prefill, and control tokens typed
+as text included."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from control_plane.canonical import ChatRequest, Message, Tool
+from control_plane.prompting import ModelTokenizer, _template_message, fold_system_messages
+from cortex.neuron_api import TokenizerFiles
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path) -> ModelTokenizer:
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    files = {n: (tiny_model / n).read_text() for n in names if (tiny_model / n).exists()}
+    return ModelTokenizer(
+        TokenizerFiles(
+            model="cortex-tiny", files=files, context_length=4096, eos_token_ids=[2], pad_token_id=0
+        )
+    )
+
+
+def reference(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
+    messages = [_template_message(m) for m in fold_system_messages(request)]
+    tools: list[Any] | None = [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in request.tools
+    ] or None
+    prefill = request.continue_final and messages[-1]["role"] == "assistant"
+    ids = tokenizer.tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        add_generation_prompt=not prefill,
+        continue_final_message=prefill,
+        tokenize=True,
+        return_dict=False,
+    )
+    return [int(i) for i in ids]  # type: ignore[arg-type]
+
+
+# Plain text, accents, CJK, JSON-ish characters, and control tokens a user might type.
+PIECES = [*'abc xyz.,!?é中\n{}"', "<|im_start|>", "<|im_end|>", "</s>"]
+TEXT = st.lists(st.sampled_from(PIECES), max_size=40).map("".join)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(system=TEXT, user=TEXT, reply=TEXT, prefill=st.booleans(), with_tool=st.booleans())
+def test_render_is_the_reference_encoding(
+    tokenizer: ModelTokenizer, system: str, user: str, reply: str, prefill: bool, with_tool: bool
+) -> None:
+    messages = [Message("system", system), Message("user", user)]
+    if prefill:
+        messages.append(Message("assistant", reply))
+    tools = (Tool("get_weather", "", {"type": "object"}),) if with_tool else ()
+    request = ChatRequest(
+        model="cortex-tiny", messages=tuple(messages), tools=tools, continue_final=prefill
+    )
+    assert tokenizer.render(request) == reference(tokenizer, request)
