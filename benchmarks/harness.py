@@ -1,0 +1,200 @@
+"""A real fleet for benchmarks, from config files, on loopback: a neuron agent (with its own
+tritonserver) and gateways (`cortex serve --config`) in front of it, each its own process, as in
+production. Everything started here stops when its `with` block ends, whatever happened in it.
+
+    with start_neuron(folder, models_toml) as neuron, start_gateway(folder, neuron) as gateway:
+        ...
+
+A gateway may run another revision's code (`source_tree(ref)`), so a benchmark can measure the
+code before and after a change side by side, in one run, against the same neuron.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.conftest import consecutive_free_ports, descendants, free_ports, stop, wait_for
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+FAKES = REPOSITORY / "tests" / "fakes"
+API_KEY = "sk-bench-cortex"
+
+
+@dataclass
+class Neuron:
+    process: subprocess.Popen[bytes]
+    url: str
+    triton_http: str  # http://127.0.0.1:PORT
+    triton_grpc: str  # 127.0.0.1:PORT
+
+    def triton_processes(self) -> list[psutil.Process]:
+        """tritonserver and its Python-backend stubs (children of the neuron agent)."""
+        return [p for p in descendants(self.process.pid) if "triton" in p.name()]
+
+
+@dataclass
+class Gateway:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    api_key: str = API_KEY
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def psutil(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+
+def _start(args: list[str], log: Path, source: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if source is not None:  # another revision's packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    return subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", *args],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=source or REPOSITORY,
+    )
+
+
+@contextlib.contextmanager
+def start_neuron(folder: Path, models_toml: str) -> Iterator[Neuron]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.toml").write_text(models_toml, encoding="utf-8")
+    (port,) = free_ports(1)
+    triton = consecutive_free_ports(3)
+    (folder / "neuron.toml").write_text(
+        f"""[neuron]
+name = "bench-node"
+listen = "127.0.0.1:{port}"
+models = "models.toml"
+state_dir = "{folder / "node"}"
+
+[triton]
+address = "127.0.0.1"
+http_port = {triton}
+grpc_port = {triton + 1}
+metrics_port = {triton + 2}
+""",
+        encoding="utf-8",
+    )
+    process = _start(["neuron", "--config", str(folder / "neuron.toml")], folder / "neuron.log")
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", 180, process)
+        yield Neuron(
+            process,
+            f"http://127.0.0.1:{port}",
+            f"http://127.0.0.1:{triton}",
+            f"127.0.0.1:{triton + 1}",
+        )
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def start_gateway(
+    folder: Path,
+    neuron: Neuron,
+    name: str = "gateway",
+    source: Path | None = None,
+    poll_interval_s: float = 2.0,
+    ping_interval_s: float = 5.0,
+) -> Iterator[Gateway]:
+    """A gateway in front of `neuron`, from `source` (a `source_tree`) or this checkout; it is
+    yielded once it sees the neuron up."""
+    port, metrics_port = free_ports(2)
+    config = folder / f"{name}.toml"
+    config.write_text(
+        f"""[gateway]
+listen = "127.0.0.1:{port}"
+metrics_listen = "127.0.0.1:{metrics_port}"
+api_keys = ["{API_KEY}"]
+poll_interval_s = {poll_interval_s}
+ping_interval_s = {ping_interval_s}
+
+[[neurons]]
+name = "bench-node"
+endpoint = "{neuron.url}"
+""",
+        encoding="utf-8",
+    )
+    process = _start(["serve", "--config", str(config)], folder / f"{name}.log", source)
+    try:
+        health = f"http://127.0.0.1:{port}/health"
+        wait_for(health, 60, process)
+        deadline = time.monotonic() + 30
+        while not httpx.get(health, timeout=5).json().get("neurons_up"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} never saw its neuron up")
+            time.sleep(0.2)
+        yield Gateway(name, process, port)
+    finally:
+        stop(process)
+
+
+def source_tree(ref: str, folder: Path) -> Path:
+    """The gateway's packages (control_plane, cortex) as they were at git `ref`, in `folder`."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", ref, "control_plane", "cortex"],
+        cwd=REPOSITORY,
+        check=True,
+        capture_output=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def revision(ref: str = "HEAD") -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=REPOSITORY, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on: CPU model, cores, versions."""
+    model = platform.processor() or "unknown"
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        for line in subprocess.check_output(["lscpu"], text=True).splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    versions = {
+        name: metadata.version(name)
+        for name in ("sanic", "grpcio", "tritonclient", "nvidia-pytriton", "tokenizers", "uvloop")
+    }
+    return {
+        "cpu": model,
+        "cores": str(psutil.cpu_count(logical=True)),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "revision": revision(),
+        **versions,
+    }
+
+
+def background_cores(seconds: float = 1.0) -> float:
+    """How many cores other processes keep busy right now (before the benchmark starts)."""
+    before = psutil.cpu_times()
+    time.sleep(seconds)
+    after = psutil.cpu_times()
+    idle = after.idle - before.idle
+    total = sum(after) - sum(before)
+    return (1 - idle / total) * (psutil.cpu_count() or 1) if total else 0.0
