@@ -190,11 +190,45 @@ def machine() -> dict[str, str]:
     }
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        times = process.cpu_times()
+        return float(times.user + times.system)
+    return 0.0
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this benchmark's own processes: this one and everything it started."""
+    me = psutil.Process()
+    return cpu_seconds(me) + sum(cpu_seconds(p) for p in me.children(recursive=True))
+
+
+class Neighbours:
+    """How many cores processes other than this benchmark's kept busy since it was made."""
+
+    def __init__(self) -> None:
+        self._own = own_cpu_seconds()
+        self._machine = psutil.cpu_times()
+        self._started = time.monotonic()
+
+    def cores(self) -> float:
+        after = psutil.cpu_times()
+        busy = (sum(after) - sum(self._machine)) - (after.idle - self._machine.idle)
+        elapsed = max(time.monotonic() - self._started, 1e-3)
+        return max(0.0, busy - (own_cpu_seconds() - self._own)) / elapsed
+
+
 def background_cores(seconds: float = 1.0) -> float:
-    """How many cores other processes keep busy right now (before the benchmark starts)."""
-    before = psutil.cpu_times()
+    """How many cores other processes keep busy right now."""
+    watch = Neighbours()
     time.sleep(seconds)
-    after = psutil.cpu_times()
-    idle = after.idle - before.idle
-    total = sum(after) - sum(before)
-    return (1 - idle / total) * (psutil.cpu_count() or 1) if total else 0.0
+    return watch.cores()
+
+
+def wait_for_quiet(limit: float, timeout: float) -> float:
+    """Wait (up to `timeout` seconds) until other processes keep fewer than `limit` cores busy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cores = background_cores()
+        if cores <= limit or time.monotonic() > deadline:
+            return cores

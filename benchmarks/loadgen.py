@@ -17,6 +17,8 @@ Time to first token is taken at the first chunk that carries content (a `content
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -45,9 +47,11 @@ class Job:
     api_key: str = ""
     body: bytes = b""
     warm_up: bool = True
-    # Streams start this many seconds apart in all (one request's length spreads arrivals out:
-    # closed-loop streams that start together keep arriving in bursts).
+    # Streams start spread over this many seconds (one request's length spreads arrivals out:
+    # closed-loop streams that start together keep arriving in bursts). Jobs that share one
+    # load between client processes take a phase each, so their starts interleave.
     stagger_s: float = 0.0
+    stagger_phase: float = 0.0
 
 
 @dataclass
@@ -58,6 +62,14 @@ class Result:
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     client_cpu_s: float = 0.0
+
+    def merge(self, other: Result) -> None:
+        self.ttft_s += other.ttft_s
+        self.total_s += other.total_s
+        self.tokens += other.tokens
+        self.errors += other.errors
+        self.wall_s = max(self.wall_s, other.wall_s)
+        self.client_cpu_s += other.client_cpu_s
 
 
 class HttpFailure(Exception):
@@ -134,7 +146,8 @@ async def _run(job: Job) -> Result:
     async def one(worker: int, number: int, record: bool) -> None:
         try:
             if triton is not None:
-                ttft, total, tokens = await _direct(triton, job, f"bench-{worker}-{number}")
+                request_id = f"bench-{os.getpid()}-{worker}-{number}"
+                ttft, total, tokens = await _direct(triton, job, request_id)
             else:
                 ttft, total, tokens = await connections[worker].request()
         except Exception as error:
@@ -152,7 +165,7 @@ async def _run(job: Job) -> Result:
             result.tokens.append(tokens)
 
     async def worker(index: int) -> None:
-        await asyncio.sleep(job.stagger_s * index / job.concurrency)
+        await asyncio.sleep(job.stagger_s * (index + job.stagger_phase) / job.concurrency)
         for number in range(job.requests_per_stream):
             await one(index, number, record=True)
 
@@ -170,6 +183,18 @@ async def _run(job: Job) -> Result:
         if triton is not None:
             await triton.close()
     return result
+
+
+def split(job: Job, parts: int) -> list[Job]:
+    """One load shared between `parts` client processes, their stream starts interleaved."""
+    parts = max(1, min(parts, job.concurrency))
+    sizes = [
+        job.concurrency // parts + (1 if i < job.concurrency % parts else 0) for i in range(parts)
+    ]
+    return [
+        dataclasses.replace(job, concurrency=size, stagger_phase=i / parts)
+        for i, size in enumerate(sizes)
+    ]
 
 
 def run_job(job: Job) -> Result:
