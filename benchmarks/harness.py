@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.conftest import consecutive_free_ports, descendants, free_ports, stop, wait_for
+from tests.conftest import descendants, free_ports, stop, wait_for
+from tests.conftest import start_neuron as start_test_neuron
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAKES = REPOSITORY / "tests" / "fakes"
@@ -77,36 +78,12 @@ def _start(args: list[str], log: Path, source: Path | None = None) -> subprocess
 
 @contextlib.contextmanager
 def start_neuron(folder: Path, models_toml: str) -> Iterator[Neuron]:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "models.toml").write_text(models_toml, encoding="utf-8")
-    (port,) = free_ports(1)
-    triton = consecutive_free_ports(3)
-    (folder / "neuron.toml").write_text(
-        f"""[neuron]
-name = "bench-node"
-listen = "127.0.0.1:{port}"
-models = "models.toml"
-state_dir = "{folder / "node"}"
-
-[triton]
-address = "127.0.0.1"
-http_port = {triton}
-grpc_port = {triton + 1}
-metrics_port = {triton + 2}
-""",
-        encoding="utf-8",
-    )
-    process = _start(["neuron", "--config", str(folder / "neuron.toml")], folder / "neuron.log")
+    handle = start_test_neuron(folder, "bench-node", models_toml)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", 180, process)
-        yield Neuron(
-            process,
-            f"http://127.0.0.1:{port}",
-            f"http://127.0.0.1:{triton}",
-            f"127.0.0.1:{triton + 1}",
-        )
+        triton = httpx.get(f"{handle.url}/status", timeout=30).json()["triton"]
+        yield Neuron(handle.process, handle.url, triton["http_url"], triton["grpc_url"])
     finally:
-        stop(process)
+        stop(handle.process)
 
 
 @contextlib.contextmanager
