@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, empty, json
 
+from control_plane import wire
 from control_plane.anthropic import translate
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest, field_path
 from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed, anthropic_body
@@ -25,18 +26,7 @@ EPOCH = "1970-01-01T00:00:00Z"  # the model list's created_at when the release d
 
 
 def parse_body(model: type[BaseModel], request: Request) -> Any:
-    try:
-        body = request.json
-    except Exception:
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        path = field_path(tuple(first["loc"]))
-        raise InvalidRequest(f"{path}: {first['msg']}", param=path or None) from None
+    return wire.parse_body(model, request, field_path)
 
 
 def anthropic_request_id(request: Request) -> str:

@@ -6,13 +6,14 @@ import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from control_plane import wire
 from control_plane.anthropic import routes as anthropic_routes
 from control_plane.canonical import Event, Finished, TextDelta, Waiting
-from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed, openai_body
+from control_plane.errors import CortexError, UpstreamFailed, openai_body
 from control_plane.generation import collect, generate
 from control_plane.openai import translate
 from control_plane.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -22,21 +23,13 @@ blueprint = Blueprint("openai", url_prefix="/v1")
 log = logging.getLogger("cortex.gateway.openai")
 
 
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """Pydantic's error location as OpenAI spells it: `messages[0].content`."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
 def parse_body(model: type[BaseModel], request: Request) -> Any:
-    try:
-        body = request.json
-    except Exception:
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        path = "".join(
-            f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
-        ).lstrip(".")
-        raise InvalidRequest(f"{path}: {first['msg']}", param=path or None) from None
+    return wire.parse_body(model, request, field_path)
 
 
 def model_list(request: Request) -> list[dict[str, Any]]:
