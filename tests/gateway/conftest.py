@@ -41,6 +41,7 @@ RULES: list[dict[str, object]] = [
     {"when": "count with a stop", "reply": "one two three STOP four five"},
     {"when": "echo the prompt", "reply": "{turn}"},
     {"when": "take your time", "reply": "Ready now.", "first_delay_s": 1.0},
+    {"when": "leave before the answer", "reply": "Nobody is listening.", "first_delay_s": 1.0},
     {"when": "never finish", "reply": "Too late.", "first_delay_s": 4.0},
     {
         "when": "break mid-stream",
@@ -65,6 +66,7 @@ class ReplayFleet:
     metrics_url: str
     api_key: str
     tokenizer_dir: Path
+    replay_source: Path  # the fake's folder: replay.json, and cancelled.log as it fills
     gateway_log: Path
     neuron_log: Path
 
@@ -174,6 +176,7 @@ def replay_fleet(
             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
             api_key=API_KEY,
             tokenizer_dir=tiny_model,
+            replay_source=folder / "replay-source",
             gateway_log=gateway_log,
             neuron_log=neuron_log,
         )

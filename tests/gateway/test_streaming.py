@@ -187,12 +187,14 @@ def cancelled_count(fleet: ReplayFleet) -> float:
 
 
 def test_a_client_that_goes_away_cancels_its_request(replay_fleet: ReplayFleet) -> None:
+    """The gateway counts the request cancelled, and the cancellation reaches the engine through
+    Triton (the replay fake logs the requests Triton reports cancelled)."""
     before = cancelled_count(replay_fleet)
     body = {
         "model": "replay-hermes",
         "max_tokens": 20,
         "stream": True,
-        "messages": [{"role": "user", "content": "take your time"}],
+        "messages": [{"role": "user", "content": "leave before the answer"}],
     }
     headers = {"x-api-key": replay_fleet.api_key, "anthropic-version": "2023-06-01"}
     with httpx.stream(
@@ -204,4 +206,8 @@ def test_a_client_that_goes_away_cancels_its_request(replay_fleet: ReplayFleet) 
     deadline = time.monotonic() + 10
     while cancelled_count(replay_fleet) <= before:
         assert time.monotonic() < deadline, "the request was not cancelled"
+        time.sleep(0.1)
+    engine_log = replay_fleet.replay_source / "cancelled.log"
+    while not engine_log.exists() or "leave before the answer" not in engine_log.read_text():
+        assert time.monotonic() < deadline, "the engine never saw the request cancelled"
         time.sleep(0.1)

@@ -17,6 +17,9 @@ contains answers. A rule's answer is `reply` (text, encoded with the model's tok
 such as `<tool_call>` are the single tokens a real model emits; `{turn}` is replaced with that
 latest turn) or `reply_ids`. Optional: `first_delay_s` (a long prefill), `delay_s` (between
 tokens), `fail_after` + `error` (the engine fails after that many tokens).
+
+A request that Triton reports cancelled (its client went away) adds its latest turn as a line to
+`cancelled.log` in that folder, so tests can see a disconnect reach the engine.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(parameters["checkpoint_dir"])
+        self.cancelled_log = folder / "cancelled.log"
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.no_padding()  # tokenizer.json may keep the padding it was trained with
         self.tokenizer.no_truncation()
@@ -85,6 +89,8 @@ class TritonPythonModel:
             time.sleep(float(rule.get("first_delay_s", 0)))
             for count, token in enumerate(reply[:max_tokens]):
                 if sender.is_cancelled():
+                    with self.cancelled_log.open("a", encoding="utf-8") as log:
+                        log.write(turn.replace("\n", " ") + "\n")
                     # Close the sender all the same: Triton waits for it before unloading.
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     return
