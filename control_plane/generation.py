@@ -143,8 +143,6 @@ async def generate(
                 else:
                     node = result
     metrics.queue_wait.labels(model).observe(time.monotonic() - started)
-    if not announced:
-        yield Started(model, len(prompt))
 
     series = metrics.series(model, node, api)
     params = generation_params(tokenizer, request, max_tokens)
@@ -164,6 +162,10 @@ async def generate(
         async with fleet.using(node, model) as triton:
             stream = triton.generate(model, prompt, params, request.request_id)
             try:
+                # The request is on its way to Triton before the client's stream opens: the
+                # response headers are written while it travels, not in front of it.
+                if not announced:
+                    yield Started(model, len(prompt))
                 async with contextlib.aclosing(
                     Paced(stream, settings.ping_interval_s, deadline)
                 ) as steps:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,27 +189,50 @@ class TritonStream:
         with contextlib.suppress(Exception):
             await self._channel.close()
 
-    async def generate(
+    def generate(
         self, model: str, prompt: list[int], params: GenerationParams, request_id: str
-    ) -> AsyncGenerator[list[int], None]:
-        """New token ids as the engine produces them; leaving early cancels the Triton request."""
-        call = self._stream_infer(build_request(model, prompt, params, request_id))
+    ) -> Generation:
+        """Start a generation: the request leaves on the event loop's next turn, whatever the
+        caller does meanwhile (the gateway writes its client's response headers)."""
+        return Generation(
+            self._stream_infer(build_request(model, prompt, params, request_id)), model
+        )
+
+
+class Generation:
+    """One generation's new token ids as the engine produces them (`async for`); `aclose()` (or
+    leaving through `contextlib.aclosing`) cancels the Triton request if it is still running."""
+
+    def __init__(self, call: Any, model: str) -> None:
+        self._call = call
+        self._model = model
+        self._finished = False
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> list[int]:
+        if self._finished:
+            raise StopAsyncIteration
         try:
-            while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
-                    return
-                if response.error_message:
-                    raise _translate(response.error_message, model)
-                result = response.infer_response
-                yield output_ids(result)
-                final = result.parameters.get("triton_final_response")
-                if final is not None and final.bool_param:
-                    return
+            response = await self._call.read()
         except grpc.aio.AioRpcError as error:
-            raise _translate(error.details() or str(error.code()), model) from None
-        finally:
-            call.cancel()
+            self._finished = True
+            raise _translate(error.details() or str(error.code()), self._model) from None
+        if response is grpc.aio.EOF:
+            self._finished = True
+            raise StopAsyncIteration
+        if response.error_message:
+            self._finished = True
+            raise _translate(response.error_message, self._model)
+        result = response.infer_response
+        final = result.parameters.get("triton_final_response")
+        if final is not None and final.bool_param:
+            self._finished = True
+        return output_ids(result)
+
+    async def aclose(self) -> None:
+        self._call.cancel()
 
 
 def _translate(message: str, model: str) -> CortexError:
