@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
+import openai
 import pytest
 
 from tests.conftest import consecutive_free_ports, free_ports, stop, wait_for
@@ -183,3 +185,19 @@ def replay_fleet(
     finally:
         stop(gateway)
         stop(neuron)
+
+
+@pytest.fixture(scope="session")
+def oai(replay_fleet: ReplayFleet) -> openai.OpenAI:
+    """The official OpenAI SDK on the replay fleet (no retries: each test sees what happened)."""
+    return openai.OpenAI(
+        base_url=replay_fleet.openai_url, api_key=replay_fleet.api_key, max_retries=0
+    )
+
+
+@pytest.fixture(scope="session")
+def claude(replay_fleet: ReplayFleet) -> anthropic.Anthropic:
+    """The official Anthropic SDK on the replay fleet."""
+    return anthropic.Anthropic(
+        base_url=replay_fleet.root_url, api_key=replay_fleet.api_key, max_retries=0
+    )

@@ -13,20 +13,6 @@ from tests.gateway.conftest import CONTEXT_LENGTH, ReplayFleet
 USER = [{"role": "user", "content": "hello"}]
 
 
-@pytest.fixture(scope="module")
-def oai(replay_fleet: ReplayFleet) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=replay_fleet.openai_url, api_key=replay_fleet.api_key, max_retries=0
-    )
-
-
-@pytest.fixture(scope="module")
-def claude(replay_fleet: ReplayFleet) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=replay_fleet.root_url, api_key=replay_fleet.api_key, max_retries=0
-    )
-
-
 # ---- authentication -----------------------------------------------------------------------------
 
 

@@ -14,20 +14,6 @@ import pytest
 from tests.gateway.conftest import ReplayFleet
 
 
-@pytest.fixture(scope="module")
-def oai(replay_fleet: ReplayFleet) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=replay_fleet.openai_url, api_key=replay_fleet.api_key, max_retries=0
-    )
-
-
-@pytest.fixture(scope="module")
-def claude(replay_fleet: ReplayFleet) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=replay_fleet.root_url, api_key=replay_fleet.api_key, max_retries=0
-    )
-
-
 def raw_stream(fleet: ReplayFleet, path: str, body: dict[str, object]) -> list[str]:
     headers = {"x-api-key": fleet.api_key, "anthropic-version": "2023-06-01"}
     with httpx.stream("POST", fleet.root_url + path, json=body, headers=headers) as response:

@@ -8,9 +8,6 @@ import json
 
 import anthropic
 import openai
-import pytest
-
-from tests.gateway.conftest import ReplayFleet
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -30,20 +27,6 @@ ANTHROPIC_TOOLS = [
     }
 ]
 TOOL_RESULT = "22 degrees and sunny"
-
-
-@pytest.fixture(scope="module")
-def oai(replay_fleet: ReplayFleet) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=replay_fleet.openai_url, api_key=replay_fleet.api_key, max_retries=0
-    )
-
-
-@pytest.fixture(scope="module")
-def claude(replay_fleet: ReplayFleet) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=replay_fleet.root_url, api_key=replay_fleet.api_key, max_retries=0
-    )
 
 
 def test_openai_streamed_tool_round_trip(oai: openai.OpenAI) -> None:
