@@ -122,7 +122,11 @@ async def generate(
     started = time.monotonic()
     logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
     settings = fleet.config.gateway
-    prepared = await prepare(fleet, request)
+    try:
+        prepared = await prepare(fleet, request)
+    except CortexError as error:
+        _refused(metrics, request, request.model, api, error, started)
+        raise
     model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
     max_tokens = prepared.max_tokens
 
@@ -131,17 +135,21 @@ async def generate(
     node = fleet.ready_replica(model) or ""
     announced = False
     if not node:
-        async with contextlib.aclosing(
-            Paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
-        ) as readiness:
-            async for result in readiness:
-                if result is None:
-                    if not announced:
-                        announced = True
-                        yield Started(model, len(prompt))
-                    yield Waiting()
-                else:
-                    node = result
+        try:
+            async with contextlib.aclosing(
+                Paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
+            ) as readiness:
+                async for result in readiness:
+                    if result is None:
+                        if not announced:
+                            announced = True
+                            yield Started(model, len(prompt))
+                        yield Waiting()
+                    else:
+                        node = result
+        except CortexError as error:
+            _refused(metrics, request, model, api, error, started, len(prompt))
+            raise
     metrics.queue_wait.labels(model).observe(time.monotonic() - started)
 
     series = metrics.series(model, node, api)
@@ -238,6 +246,31 @@ async def generate(
             ttft_s=None if first_token_at is None else round(first_token_at - started, 4),
             duration_s=round(ended - started, 4),
         )
+
+
+def _refused(
+    metrics: GatewayMetrics,
+    request: ChatRequest,
+    model: str,
+    api: str,
+    error: CortexError,
+    started: float,
+    prompt_tokens: int = 0,
+) -> None:
+    """Count and log a request that ended before it reached a node (unknown model, invalid
+    request, no room to load, a load that failed or took too long)."""
+    metrics.refused.labels(api, error.kind).inc()
+    _log_request(
+        request_id=request.request_id,
+        model="_".join(model.split())[:200] or "-",  # a client's string: one token in the line
+        node=None,
+        api=api,
+        outcome=error.kind,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=0,
+        ttft_s=None,
+        duration_s=round(time.monotonic() - started, 4),
+    )
 
 
 def _log_request(**fields: object) -> None:

@@ -49,6 +49,13 @@ class GatewayMetrics:
         self.requests = Counter(
             "cortex_requests", "Requests by outcome", (*labels, "outcome"), registry=r
         )
+        # No model label: the names come from clients, and an unknown one must not make a series.
+        self.refused = Counter(
+            "cortex_requests_refused",
+            "Requests answered with an error before they reached a node",
+            ("api", "outcome"),
+            registry=r,
+        )
         self.input_tokens = Counter("cortex_input_tokens", "Prompt tokens", labels, registry=r)
         self.output_tokens = Counter("cortex_output_tokens", "Generated tokens", labels, registry=r)
         self.ttft = Histogram(

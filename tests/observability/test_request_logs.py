@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -83,6 +84,32 @@ def test_streams_of_both_dialects_are_logged_once(embedded: Embedded) -> None:
     time.sleep(0.2)
     text = embedded.log.read_text(errors="replace")
     assert text.count("request_id=test-anthropic-stream ") == 1
+
+
+def refused_count(embedded: Embedded, api: str, outcome: str) -> float:
+    prefix = f'cortex_requests_refused_total{{api="{api}",outcome="{outcome}"}} '
+    for line in httpx.get(embedded.metrics_url).text.splitlines():
+        if line.startswith(prefix):
+            return float(line.removeprefix(prefix))
+    return 0.0
+
+
+def test_a_request_for_an_unknown_model_is_logged_and_counted(embedded: Embedded) -> None:
+    before = refused_count(embedded, "openai", "not_found_error")
+    client = openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(
+            model="no such model",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=5,
+            extra_headers={"x-request-id": "test-unknown-model"},
+        )
+    line = wait_for_line(embedded.log, lambda line: "request_id=test-unknown-model " in line)
+    logged = fields(line)
+    assert logged["model"] == "no_such_model" and logged["node"] == "-"
+    assert logged["api"] == "openai" and logged["outcome"] == "not_found_error"
+    assert logged["completion_tokens"] == "0"
+    assert refused_count(embedded, "openai", "not_found_error") == before + 1
 
 
 @dataclass
