@@ -18,6 +18,7 @@ from typing import Any
 
 from build_engines.errors import InvalidRequest
 from build_engines.request import BuildRequest, Engine, Quantization
+from cortex.hf_config import ConfigError, read_config, read_json_object, shape_of
 
 # Architecture → ModelOpt's `decoder_type` for the TensorRT-LLM export (None: torch engine only).
 ARCHITECTURES: dict[str, str | None] = {
@@ -105,12 +106,9 @@ class CheckpointInfo:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidRequest(f"{path} cannot be read: {error}") from None
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"{path} is not a JSON object")
-    return value
+        return read_json_object(path)
+    except ConfigError as error:
+        raise InvalidRequest(str(error)) from None
 
 
 def _safetensors_parameters(path: Path) -> int:
@@ -132,15 +130,6 @@ def _safetensors_parameters(path: Path) -> int:
     return count
 
 
-def rope_settings(config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either transformers 5's `rope_parameters` or the older keys."""
-    parameters = dict(config.get("rope_parameters") or {})
-    theta = float(parameters.pop("rope_theta", config.get("rope_theta", 10000.0)))
-    scaling = dict(config.get("rope_scaling") or {}) | parameters
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return theta, (None if kind in (None, "default") else scaling)
-
-
 def inspect_checkpoint(folder: Path) -> CheckpointInfo:
     """Everything the plan needs about a checkpoint, read from its config and headers."""
     if not folder.exists():
@@ -148,11 +137,12 @@ def inspect_checkpoint(folder: Path) -> CheckpointInfo:
     if not folder.is_dir():
         raise InvalidRequest(f"{folder} is not a folder (expected a Hugging Face checkpoint)")
     config_path = folder / "config.json"
-    if not config_path.exists():
-        raise InvalidRequest(f"{folder} has no config.json: not a Hugging Face checkpoint folder")
-    config = _read_json(config_path)
-    architectures = config.get("architectures") or []
-    architecture = str(architectures[0]) if architectures else "(none)"
+    try:
+        config = read_config(folder)
+        shape = shape_of(config, str(config_path))
+    except ConfigError as error:
+        raise InvalidRequest(str(error)) from None
+    architecture = shape.architecture
     if architecture not in ARCHITECTURES:
         raise InvalidRequest(
             f"architecture {architecture} is not supported "
@@ -180,35 +170,29 @@ def inspect_checkpoint(folder: Path) -> CheckpointInfo:
         if has_chat_template
         else (f"{folder} has no chat template: chat requests to this model will be refused",)
     )
-    try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        theta, scaling = rope_settings(config)
-        return CheckpointInfo(
-            path=folder.resolve(),
-            architecture=architecture,
-            model_type=str(config.get("model_type", "")),
-            torch_dtype=str(config.get("dtype") or config.get("torch_dtype") or "float32"),
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
-            context_length=int(config.get("max_position_embeddings", 4096)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            parameter_count=sum(_safetensors_parameters(p) for p in weights),
-            weight_bytes=sum(p.stat().st_size for p in weights),
-            has_tokenizer=has_tokenizer,
-            has_chat_template=has_chat_template,
-            quantization_config=config.get("quantization_config"),
-            files=files,
-            warnings=warnings,
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise InvalidRequest(f"{config_path} lacks or mangles {error}") from None
+    return CheckpointInfo(
+        path=folder.resolve(),
+        architecture=architecture,
+        model_type=shape.model_type,
+        torch_dtype=shape.dtype,
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_layers=shape.num_layers,
+        num_heads=shape.num_heads,
+        num_kv_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        context_length=shape.max_position_embeddings,
+        rope_theta=shape.rope.theta,
+        rope_scaling=shape.rope.scaling,
+        parameter_count=sum(_safetensors_parameters(p) for p in weights),
+        weight_bytes=sum(p.stat().st_size for p in weights),
+        has_tokenizer=has_tokenizer,
+        has_chat_template=has_chat_template,
+        quantization_config=config.get("quantization_config"),
+        files=files,
+        warnings=warnings,
+    )
 
 
 def hash_checkpoint(info: CheckpointInfo, advance: Callable[[int], None] | None = None) -> str:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from cortex.hf_config import ConfigError, Rope, read_config, shape_of
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 
 # Architecture → the switches that distinguish it from plain Llama.
@@ -73,20 +74,16 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
 
 
-def _rope(config: dict[str, Any]) -> RopeSpec:
-    # transformers 5 writes `rope_parameters`; older checkpoints have rope_theta + rope_scaling.
-    parameters = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    theta = float(parameters.get("rope_theta", config.get("rope_theta", 10000.0)))
-    merged = {**scaling, **{k: v for k, v in parameters.items() if k != "rope_theta"}}
-    kind = merged.get("rope_type", merged.get("type", "default")) or "default"
+def _rope(rope: Rope) -> RopeSpec:
+    kind = rope.kind
     if kind not in ("default", "linear", "llama3"):
         raise UnsupportedCheckpoint(
             f"rope scaling type {kind!r} is not supported by the torch engine "
             "(supported: default, linear, llama3)"
         )
+    merged = rope.scaling or {}
     return RopeSpec(
-        theta=theta,
+        theta=rope.theta,
         kind=kind,
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
@@ -99,14 +96,12 @@ def read_spec(folder: Path) -> ModelSpec:
     config_path = folder / "config.json"
     if not folder.is_dir():
         raise UnsupportedCheckpoint(f"checkpoint folder {folder} does not exist")
-    if not config_path.exists():
-        raise UnsupportedCheckpoint(f"{folder} has no config.json: not a Hugging Face checkpoint")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise UnsupportedCheckpoint(f"{config_path} cannot be read: {error}") from None
-    architectures = config.get("architectures") or []
-    architecture = architectures[0] if architectures else "(none)"
+        config = read_config(folder)
+        shape = shape_of(config, str(config_path))
+    except ConfigError as error:
+        raise UnsupportedCheckpoint(str(error)) from None
+    architecture = shape.architecture
     if architecture not in ARCHITECTURES:
         raise UnsupportedCheckpoint(
             f"architecture {architecture} is not supported by the torch engine "
@@ -114,35 +109,32 @@ def read_spec(folder: Path) -> ModelSpec:
         )
     switches = ARCHITECTURES[architecture]
     try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        context = int(config.get("max_position_embeddings", 4096))
+        context = shape.max_position_embeddings
         sliding = config.get("sliding_window")
         if sliding and config.get("use_sliding_window", True) and int(sliding) < context:
             # No sliding-window attention here: serve the window it was trained for, no more.
             context = int(sliding)
         eos = config.get("eos_token_id")
         eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-        if dtype not in DTYPE_NAMES:
-            raise UnsupportedCheckpoint(f"{config_path}: dtype {dtype} is not supported")
+        if shape.dtype not in DTYPE_NAMES:
+            raise UnsupportedCheckpoint(f"{config_path}: dtype {shape.dtype} is not supported")
         stored, group = _stored_quantization(folder, config)
         return ModelSpec(
             architecture=architecture,
-            vocab_size=int(config["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab_size=shape.vocab_size,
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_layers=shape.num_layers,
+            num_heads=shape.num_heads,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             context_length=context,
-            rope=_rope(config),
+            rope=_rope(shape.rope),
             qkv_bias=bool(config.get("attention_bias", switches["qkv_bias"])),
             qk_norm=switches["qk_norm"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            torch_dtype=dtype,
+            torch_dtype=shape.dtype,
             eos_token_ids=tuple(int(i) for i in eos_ids),
             stored_quantization=stored,
             quant_group_size=group,
