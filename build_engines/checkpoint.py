@@ -18,7 +18,7 @@ from typing import Any
 
 from build_engines.errors import InvalidRequest
 from build_engines.request import BuildRequest, Engine, Quantization
-from cortex.hf_config import ConfigError, read_config, read_json_object, shape_of
+from cortex.hf_config import ConfigError, Dimensions, read_json_object, read_shape
 
 # Architecture → ModelOpt's `decoder_type` for the TensorRT-LLM export (None: torch engine only).
 ARCHITECTURES: dict[str, str | None] = {
@@ -55,18 +55,11 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
-class CheckpointInfo:
+class CheckpointInfo(Dimensions):
     path: Path
     architecture: str
     model_type: str
     torch_dtype: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     context_length: int
     rope_theta: float
     rope_scaling: dict[str, Any] | None
@@ -136,10 +129,8 @@ def inspect_checkpoint(folder: Path) -> CheckpointInfo:
         raise InvalidRequest(f"checkpoint folder {folder} does not exist")
     if not folder.is_dir():
         raise InvalidRequest(f"{folder} is not a folder (expected a Hugging Face checkpoint)")
-    config_path = folder / "config.json"
     try:
-        config = read_config(folder)
-        shape = shape_of(config, str(config_path))
+        config, shape = read_shape(folder)
     except ConfigError as error:
         raise InvalidRequest(str(error)) from None
     architecture = shape.architecture
@@ -171,17 +162,11 @@ def inspect_checkpoint(folder: Path) -> CheckpointInfo:
         else (f"{folder} has no chat template: chat requests to this model will be refused",)
     )
     return CheckpointInfo(
+        **shape.dimensions(),
         path=folder.resolve(),
         architecture=architecture,
         model_type=shape.model_type,
         torch_dtype=shape.dtype,
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_layers=shape.num_layers,
-        num_heads=shape.num_heads,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
         context_length=shape.max_position_embeddings,
         rope_theta=shape.rope.theta,
         rope_scaling=shape.rope.scaling,

@@ -10,7 +10,7 @@ Both spellings transformers has used are read: `dtype` (transformers 5) or `torc
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,10 @@ class Rope:
 
 
 @dataclass(frozen=True)
-class ConfigShape:
-    architecture: str  # "(none)" when config.json names none
-    model_type: str
-    dtype: str
+class Dimensions:
+    """The transformer's sizes; the build pipeline's and the engine's views of a checkpoint
+    extend this."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,8 +44,25 @@ class ConfigShape:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+    def dimensions(self) -> dict[str, Any]:
+        """These fields alone, as keyword arguments for another `Dimensions`."""
+        return {f.name: getattr(self, f.name) for f in fields(Dimensions)}
+
+
+@dataclass(frozen=True)
+class ConfigShape(Dimensions):
+    architecture: str  # "(none)" when config.json names none
+    model_type: str
+    dtype: str
     max_position_embeddings: int
     rope: Rope
+
+
+def read_shape(folder: Path) -> tuple[dict[str, Any], ConfigShape]:
+    """A checkpoint folder's config.json, and its shape."""
+    config = read_config(folder)
+    return config, shape_of(config, str(folder / "config.json"))
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.hf_config import ConfigError, read_config, shape_of
+from cortex.hf_config import ConfigError, read_config, read_shape, shape_of
 
 BASE = {
     "architectures": ["LlamaForCausalLM"],
@@ -46,6 +46,6 @@ def test_errors_name_the_file_and_the_key(tmp_path: Path) -> None:
     missing = {k: v for k, v in BASE.items() if k != "vocab_size"}
     (tmp_path / "config.json").write_text(json.dumps(missing), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"config\.json lacks vocab_size"):
-        shape_of(read_config(tmp_path), str(tmp_path / "config.json"))
+        read_shape(tmp_path)
     with pytest.raises(ConfigError, match="mangles"):
         shape_of(BASE | {"hidden_size": "wide"})

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-from cortex.hf_config import ConfigError, Rope, read_config, shape_of
+from cortex.hf_config import ConfigError, Dimensions, Rope, read_shape
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 
 # Architecture → the switches that distinguish it from plain Llama.
@@ -42,15 +42,8 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Dimensions):
     architecture: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
     rms_norm_eps: float
     context_length: int
     rope: RopeSpec
@@ -97,8 +90,7 @@ def read_spec(folder: Path) -> ModelSpec:
     if not folder.is_dir():
         raise UnsupportedCheckpoint(f"checkpoint folder {folder} does not exist")
     try:
-        config = read_config(folder)
-        shape = shape_of(config, str(config_path))
+        config, shape = read_shape(folder)
     except ConfigError as error:
         raise UnsupportedCheckpoint(str(error)) from None
     architecture = shape.architecture
@@ -120,14 +112,8 @@ def read_spec(folder: Path) -> ModelSpec:
             raise UnsupportedCheckpoint(f"{config_path}: dtype {shape.dtype} is not supported")
         stored, group = _stored_quantization(folder, config)
         return ModelSpec(
+            **shape.dimensions(),
             architecture=architecture,
-            vocab_size=shape.vocab_size,
-            hidden_size=shape.hidden_size,
-            intermediate_size=shape.intermediate_size,
-            num_layers=shape.num_layers,
-            num_heads=shape.num_heads,
-            num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             context_length=context,
             rope=_rope(shape.rope),
