@@ -170,8 +170,9 @@ async def generate(
         async with fleet.using(node, model) as triton:
             stream = triton.generate(model, prompt, params, request.request_id)
             try:
-                # The request is on its way to Triton before the client's stream opens: the
-                # response headers are written while it travels, not in front of it.
+                # The call is started before the client's stream opens: grpc's send task is
+                # already queued when the response headers are written (it runs on the loop's
+                # next turn), rather than waiting for the read-ahead task's first turn too.
                 if not announced:
                     yield Started(model, len(prompt))
                 async with contextlib.aclosing(
