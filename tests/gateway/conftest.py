@@ -6,7 +6,6 @@ per session; tests drive it with the official SDKs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import consecutive_free_ports, free_ports, stop, wait_for
+from tests.conftest import free_ports, start_neuron, stop, wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 API_KEY = "sk-test-cortex"
@@ -73,7 +72,9 @@ class ReplayFleet:
     neuron_log: Path
 
 
-def _write_configs(folder: Path, tiny_model: Path) -> tuple[Path, Path, int, int, int]:
+def _models_toml(folder: Path, tiny_model: Path) -> str:
+    """The replay fake's source folder (cortex-tiny's tokenizer and the script), and the two
+    profiles that serve it."""
     source = folder / "replay-source"
     source.mkdir()
     for name in (
@@ -90,9 +91,8 @@ def _write_configs(folder: Path, tiny_model: Path) -> tuple[Path, Path, int, int
         ("replay-hermes", "hermes", '["claude-replay", "claude-*"]'),
         ("replay-llama3", "llama3_json", "[]"),
     ]
-    (folder / "models.toml").write_text(
-        "".join(
-            f"""[[models]]
+    return "".join(
+        f"""[[models]]
 name = "{name}"
 aliases = {aliases}
 source = "{source}"
@@ -102,29 +102,12 @@ context_length = {CONTEXT_LENGTH}
 tool_call_format = "{tool_format}"
 
 """
-            for name, tool_format, aliases in profiles
-        ),
-        encoding="utf-8",
+        for name, tool_format, aliases in profiles
     )
-    gateway, metrics, neuron = free_ports(3)
-    triton = consecutive_free_ports(3)
-    (folder / "neuron.toml").write_text(
-        f"""[neuron]
-name = "replay-node"
-listen = "127.0.0.1:{neuron}"
-models = "models.toml"
-state_dir = "{folder / "node"}"
 
-[triton]
-address = "127.0.0.1"
-http_port = {triton}
-grpc_port = {triton + 1}
-metrics_port = {triton + 2}
-""",
-        encoding="utf-8",
-    )
-    (folder / "cortex.toml").write_text(
-        f"""[gateway]
+
+def _gateway_toml(neuron_url: str, gateway: int, metrics: int) -> str:
+    return f"""[gateway]
 listen = "127.0.0.1:{gateway}"
 metrics_listen = "127.0.0.1:{metrics}"
 api_keys = ["{API_KEY}"]
@@ -134,20 +117,8 @@ ping_interval_s = {PING_INTERVAL_S}
 
 [[neurons]]
 name = "replay-node"
-endpoint = "http://127.0.0.1:{neuron}"
-""",
-        encoding="utf-8",
-    )
-    return folder / "neuron.toml", folder / "cortex.toml", gateway, metrics, neuron
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", *args],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
-    )
+endpoint = "{neuron_url}"
+"""
 
 
 @pytest.fixture(scope="session")
@@ -155,22 +126,24 @@ def replay_fleet(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ReplayFleet]:
     folder = tmp_path_factory.mktemp("replay-fleet")
-    neuron_config, gateway_config, gateway_port, metrics_port, neuron_port = _write_configs(
-        folder, tiny_model
+    neuron = start_neuron(folder / "node", "replay-node", _models_toml(folder, tiny_model))
+    gateway_port, metrics_port = free_ports(2)
+    config = folder / "cortex.toml"
+    config.write_text(_gateway_toml(neuron.url, gateway_port, metrics_port), encoding="utf-8")
+    gateway_log = folder / "gateway.log"
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
+        stdout=gateway_log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
-    neuron_log, gateway_log = folder / "neuron.log", folder / "gateway.log"
-    neuron = _start(["neuron", "--config", str(neuron_config)], neuron_log)
-    gateway: subprocess.Popen[bytes] | None = None
     try:
-        wait_for(f"http://127.0.0.1:{neuron_port}/health", 120, neuron)
-        gateway = _start(["serve", "--config", str(gateway_config)], gateway_log)
         wait_for(f"http://127.0.0.1:{gateway_port}/health", 60, gateway)
     except Exception:
-        for process in (gateway, neuron):
-            if process is not None:
-                stop(process)
-        logs = [p.read_text()[-2000:] for p in (neuron_log, gateway_log) if p.exists()]
-        raise RuntimeError("replay fleet did not start:\n" + "\n---\n".join(logs)) from None
+        stop(gateway)
+        stop(neuron.process)
+        raise RuntimeError(
+            f"replay gateway did not start:\n{gateway_log.read_text()[-2000:]}"
+        ) from None
     try:
         yield ReplayFleet(
             root_url=f"http://127.0.0.1:{gateway_port}",
@@ -180,11 +153,11 @@ def replay_fleet(
             tokenizer_dir=tiny_model,
             replay_source=folder / "replay-source",
             gateway_log=gateway_log,
-            neuron_log=neuron_log,
+            neuron_log=neuron.log,
         )
     finally:
         stop(gateway)
-        stop(neuron)
+        stop(neuron.process)
 
 
 @pytest.fixture(scope="session")
