@@ -72,20 +72,7 @@ class ModelTokenizer:
         """The prompt's token ids: the chat template over messages and tools."""
         if request.raw_prompt is not None:
             return list(self.backend.encode(request.raw_prompt, add_special_tokens=False).ids)
-        messages = [_template_message(m) for m in fold_system_messages(request)]
-        tools: list[Any] | None = [
-            {
-                "type": "function",
-                "function": {
-                    "name": tool.name,
-                    "description": tool.description,
-                    "parameters": tool.parameters,
-                },
-            }
-            for tool in request.tools
-        ] or None
-        # A prefill (Anthropic: the last message is the assistant's) is continued, not closed.
-        prefill = request.continue_final and bool(messages) and messages[-1]["role"] == "assistant"
+        messages, tools, prefill = template_inputs(request)
         text = self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
@@ -104,6 +91,26 @@ class ModelTokenizer:
 
     def stream_decoder(self, prompt_ids: list[int]) -> IncrementalDecoder:
         return IncrementalDecoder(self, prompt_ids)
+
+
+def template_inputs(request: ChatRequest) -> tuple[list[dict[str, Any]], list[Any] | None, bool]:
+    """What the chat template is given: (messages, tools or None, whether the last message is
+    a prefill to continue rather than close)."""
+    messages = [_template_message(m) for m in fold_system_messages(request)]
+    tools: list[Any] | None = [
+        {
+            "type": "function",
+            "function": {
+                "name": tool.name,
+                "description": tool.description,
+                "parameters": tool.parameters,
+            },
+        }
+        for tool in request.tools
+    ] or None
+    # A prefill (Anthropic: the last message is the assistant's) is continued, not closed.
+    prefill = request.continue_final and bool(messages) and messages[-1]["role"] == "assistant"
+    return messages, tools, prefill
 
 
 def fold_system_messages(request: ChatRequest) -> list[Message]:

@@ -6,14 +6,13 @@ as text included."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.canonical import ChatRequest, Message, Tool
-from control_plane.prompting import ModelTokenizer, _template_message, fold_system_messages
+from control_plane.prompting import ModelTokenizer, template_inputs
 from cortex.neuron_api import TokenizerFiles
 
 
@@ -29,15 +28,7 @@ def tokenizer(tiny_model: Path) -> ModelTokenizer:
 
 
 def reference(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
-    messages = [_template_message(m) for m in fold_system_messages(request)]
-    tools: list[Any] | None = [
-        {
-            "type": "function",
-            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
-        }
-        for t in request.tools
-    ] or None
-    prefill = request.continue_final and messages[-1]["role"] == "assistant"
+    messages, tools, prefill = template_inputs(request)
     ids = tokenizer.tokenizer.apply_chat_template(
         messages,
         tools=tools,
