@@ -155,6 +155,11 @@ class ModelProfile(_Config):
     max_batch_size: Annotated[int, Field(ge=1)] = 8
     kv_cache_tokens: Annotated[int, Field(ge=16)] = 65536
     max_queue_size: Annotated[int, Field(ge=0)] = 256
+    # torch engine: prompt tokens prefilled per step, over all sequences (0: 512 on CPU, 8192 on
+    # a GPU). Larger gives long prompts a shorter first token and stalls decoding longer.
+    prefill_tokens: Annotated[int, Field(ge=0)] = 0
+    # torch engine on a GPU: decode through CUDA graphs captured at load (false: eager).
+    cuda_graphs: bool = True
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None
     # A Triton model-directory template folder to use instead of the engine's own one under

@@ -44,6 +44,8 @@ def torch_parameters(
         "kv_cache_tokens": str(profile.kv_cache_tokens),
         "engine_max_batch_size": str(profile.max_batch_size),
         "max_queue_size": str(profile.max_queue_size),
+        "prefill_tokens": str(profile.prefill_tokens),
+        "cuda_graphs": str(profile.cuda_graphs).lower(),
         "stats_path": str(stats_path),
     }
 

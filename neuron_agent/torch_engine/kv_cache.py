@@ -24,7 +24,10 @@ class BlockPool:
     ) -> None:
         self.block_size = block_size
         self.num_blocks = max(1, budget_tokens // block_size)
-        slots = self.num_blocks * block_size
+        # One more block than the budget, never handed out: padded rows of a CUDA-graph batch
+        # write their throwaway keys there.
+        slots = (self.num_blocks + 1) * block_size
+        self.scratch_slot = self.num_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
         self.layers = [
             (
@@ -55,6 +58,10 @@ class BlockPool:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
         blocks.clear()
+
+    def slot(self, blocks: list[int], position: int) -> int:
+        """The cache slot of one position of a sequence holding `blocks`."""
+        return blocks[position // self.block_size] * self.block_size + position % self.block_size
 
     def slots(self, blocks: list[int], start: int, stop: int) -> torch.Tensor:
         """Cache slots of positions [start, stop) of a sequence holding `blocks`."""

@@ -4,9 +4,11 @@ Llama, Mistral, Qwen2 and Qwen3 differ here only in switches from `ModelSpec` (b
 RMSNorm on q and k). Weights load straight from safetensors; every projection is a `QuantLinear`
 so in-situ quantization is a load-time choice. q/k/v and gate/up are fused into one matmul each.
 
-The forward pass takes a padded batch of sequences, each with some new tokens (one when
-decoding, a chunk when prefilling), writes their keys and values into cache slots, and attends
-over the slots the batch's `gather` index names.
+The forward pass takes the new tokens of a batch of sequences flat (one each when decoding, a
+chunk each when prefilling), writes their keys and values into cache slots, and attends over the
+cache: decoding reads it through each sequence's block table (`kernels.paged_decode_attention`),
+prefilling attends per chunk. The fused operations (norm + residual, rotary + cache write,
+SiLU · up, decode attention) live in `kernels`, a Triton kernel on GPUs and plain PyTorch on CPU.
 """
 
 from __future__ import annotations
@@ -17,30 +19,46 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
+from neuron_agent.torch_engine import kernels
 from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, unpack_int4_rows
 
 
-@dataclass
-class AttentionBatch:
-    """Where a forward pass reads and writes the KV cache.
+@dataclass(frozen=True)
+class PrefillChunk:
+    """One sequence's new tokens in a prefill pass: rows [start, start + length) of the batch.
+    `key_slots` lists the cache slots of all its positions up to the chunk's end when earlier
+    positions are already cached (a continued prompt); None when the chunk starts the sequence."""
 
-    tokens [S, Q] and positions [S, Q]: every sequence brings Q new tokens (one each when
-    decoding; one sequence's chunk when prefilling), so there is no padding among them.
-    `write_slots` [S, Q] is each token's cache slot.
-    `gather` [S, K] lists each sequence's cache slots in position order, `key_valid` [S, K] marks
-    real ones (None when all are real and Q is 1: decoding sequences of one length). `fresh` means no sequence has earlier tokens in the cache: attention is then
-    plain causal over the new tokens and needs no gather (the memory-efficient path for long
-    prompts).
+    start: int
+    length: int
+    key_slots: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardBatch:
+    """Where a forward pass reads and writes the KV cache. Tokens come flat, [T].
+
+    Every token has a position and a cache slot to write. A decode pass has one token per
+    sequence and names each sequence's blocks (`block_tables` [B, W]) and cached length after
+    this token (`seq_lens` [B]); attention reads the cache through the table. A prefill pass
+    names its chunks instead; attention runs per chunk over the chunk and what precedes it.
     """
 
     positions: torch.Tensor
     write_slots: torch.Tensor
-    gather: torch.Tensor | None
-    key_valid: torch.Tensor | None
-    fresh: bool
+    block_size: int = 16
+    block_tables: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    decode_splits: int = 1
+    chunks: tuple[PrefillChunk, ...] = ()
+
+    @property
+    def decoding(self) -> bool:
+        return self.block_tables is not None
 
 
 def rope_inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -61,9 +79,10 @@ def rope_inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     return inv_freq.float()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rope_table(rope: RopeSpec, head_dim: int, positions: int) -> torch.Tensor:
+    """[positions, head_dim] float32: cos of each frequency, then sin (the rotary kernels' table)."""
+    angles = torch.arange(positions).float()[:, None] * rope_inverse_frequencies(rope, head_dim)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -72,10 +91,58 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the model's dtype: as the reference implementations do.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        return self.weight * normed
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, x + residual). Normalise in float32, scale in the model's dtype: as the
+        reference implementations do."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: ForwardBatch,
+    groups: int,
+) -> torch.Tensor:
+    """Causal attention of each chunk's queries over its own keys and the cached ones before it.
+    q [T, H, D] → [T, H, D]. Compute-bound, so keys are gathered per chunk (flash kernels need
+    them contiguous); chunks that all start their sequences and have one length go in one call."""
+    chunks = batch.chunks
+    if all(c.key_slots is None for c in chunks) and len({c.length for c in chunks}) == 1:
+        count, length = len(chunks), chunks[0].length
+        keys = k_cache[batch.write_slots].to(q.dtype)
+        values = v_cache[batch.write_slots].to(q.dtype)
+        shape = (count, length, *q.shape[1:])
+        kv_shape = (count, length, *keys.shape[1:])
+        attended = F.scaled_dot_product_attention(
+            q.view(shape).transpose(1, 2),
+            keys.view(kv_shape).transpose(1, 2),
+            values.view(kv_shape).transpose(1, 2),
+            is_causal=True,
+            enable_gqa=groups > 1,
+        )
+        return attended.transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    for chunk in chunks:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        slots = batch.write_slots[rows] if chunk.key_slots is None else chunk.key_slots
+        keys = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, K, D]
+        values = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+        query = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
+        if chunk.key_slots is None:
+            attended = F.scaled_dot_product_attention(
+                query, keys, values, is_causal=True, enable_gqa=groups > 1
+            )
+        else:
+            # The chunk's last query sees every key; earlier ones one fewer each (lower right).
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+            mask = causal_lower_right(query.shape[2], keys.shape[2])
+            attended = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
+        out[rows] = attended[0].transpose(0, 1)
+    return out
 
 
 class DecoderLayer(nn.Module):
@@ -92,66 +159,50 @@ class DecoderLayer(nn.Module):
         self.k_norm = weights.get("k_norm")
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = spec.head_dim**-0.5
 
     def forward(
         self,
         hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        batch: AttentionBatch,
-    ) -> torch.Tensor:
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's MLP output, the residual stream before it is added): the next layer's
+        first norm adds them in one kernel."""
         spec = self.spec
-        sequences, queries, _ = hidden.shape
-        residual = hidden
-        qkv = self.qkv(self.input_norm(hidden))
+        tokens = hidden.shape[0]
+        normed, residual = self.input_norm(hidden, residual)
+        qkv = self.qkv(normed)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(sequences, queries, spec.num_heads, spec.head_dim)
-        k = k.view(sequences, queries, spec.num_kv_heads, spec.head_dim)
-        v = v.view(sequences, queries, spec.num_kv_heads, spec.head_dim)
+        q = q.view(tokens, spec.num_heads, spec.head_dim)
+        k = k.view(tokens, spec.num_kv_heads, spec.head_dim)
+        v = v.view(tokens, spec.num_kv_heads, spec.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-
-        # Plain index writes: a boolean mask here cost a device sync per layer on GPUs.
-        slots = batch.write_slots.reshape(-1)
-        k_cache[slots] = k.reshape(-1, spec.num_kv_heads, spec.head_dim).to(k_cache.dtype)
-        v_cache[slots] = v.reshape(-1, spec.num_kv_heads, spec.head_dim).to(v_cache.dtype)
-
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q = kernels.rotary_and_cache(
+            q, k, v, cos_sin, batch.positions, k_cache, v_cache, batch.write_slots
+        )
         groups = spec.num_heads // spec.num_kv_heads
-        query = q.transpose(1, 2)  # [S, H, Q, D]
-        if batch.fresh:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)
-            attended = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, enable_gqa=groups > 1
+        if batch.decoding:
+            assert batch.block_tables is not None and batch.seq_lens is not None
+            attended = kernels.paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                batch.block_tables,
+                batch.seq_lens,
+                batch.block_size,
+                self.scale,
+                batch.decode_splits,
             )
         else:
-            assert batch.gather is not None
-            keys = k_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)  # [S, KVH, K, D]
-            values = v_cache[batch.gather].to(q.dtype).permute(0, 2, 1, 3)
-            if batch.key_valid is None:
-                # One new token per sequence and every gathered key is real: no mask, which
-                # lets SDPA take its fused kernels (a mask with GQA forces the math path).
-                attended = F.scaled_dot_product_attention(
-                    query, keys, values, enable_gqa=groups > 1
-                )
-            else:
-                # Query i of a sequence sees keys at positions ≤ its own.
-                key_positions = torch.arange(keys.shape[2], device=hidden.device)
-                mask = (key_positions[None, None, :] <= batch.positions[:, :, None]) & (
-                    batch.key_valid[:, None, :]
-                )
-                attended = F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=mask[:, None], enable_gqa=groups > 1
-                )
-        attended = attended.transpose(1, 2).reshape(sequences, queries, self.q_size)
-        hidden = residual + self.o_proj(attended)
-
-        residual = hidden
-        gate, up = self.gate_up(self.post_norm(hidden)).chunk(2, dim=-1)
-        return residual + self.down(F.silu(gate) * up)
+            attended = _prefill_attention(q, k_cache, v_cache, batch, groups)
+        attention_out = self.o_proj(attended.reshape(tokens, self.q_size))
+        normed, residual = self.post_norm(attention_out, residual)
+        return self.down(kernels.silu_and_mul(self.gate_up(normed))), residual
 
 
 class LlamaModel(nn.Module):
@@ -178,28 +229,30 @@ class LlamaModel(nn.Module):
         # The output head stays unquantized: it is small next to the body and sets the logits.
         self.lm_head = QuantLinear.from_weight(loader.plain(head_name), None, "none", dtype)
         self.register_buffer(
-            "inv_freq",
-            rope_inverse_frequencies(spec.rope, spec.head_dim).to(device),
+            "cos_sin",
+            rope_table(spec.rope, spec.head_dim, spec.context_length).to(device),
             persistent=False,
         )
 
     def forward(
         self,
         tokens: torch.Tensor,
-        batch: AttentionBatch,
+        batch: ForwardBatch,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        logits_index: torch.Tensor,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the batch; return float32 logits of the rows `logits_index` picks from [S*Q]."""
+        """Run the batch; return float32 logits of the rows `logits_index` picks from [T] (every
+        row when None)."""
         hidden = F.embedding(tokens, self.embed)
-        inv_freq: torch.Tensor = self.inv_freq  # type: ignore[assignment]
-        freqs = batch.positions.float()[..., None] * inv_freq  # [S, Q, D/2]
-        angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        residual: torch.Tensor | None = None
+        cos_sin: torch.Tensor = self.cos_sin  # type: ignore[assignment]
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, k_cache, v_cache, batch)
-        picked = hidden.reshape(-1, hidden.shape[-1])[logits_index]
-        return self.lm_head(self.norm(picked)).float()
+            hidden, residual = layer(hidden, residual, cos_sin, k_cache, v_cache, batch)
+        assert residual is not None
+        if logits_index is not None:
+            hidden, residual = hidden[logits_index], residual[logits_index]
+        normed, _ = self.norm(hidden, residual)
+        return self.lm_head(normed).float()
 
 
 class _WeightLoader:

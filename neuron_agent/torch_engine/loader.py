@@ -24,8 +24,9 @@ class EngineOptions:
     kv_cache_tokens: int = 65536
     max_batch_size: int = 8
     max_queue_size: int = 256
-    prefill_chunk: int = 512
+    prefill_tokens: int = 0  # 0: 512 on CPU, 8192 on a GPU
     group_size: int = 128
+    cuda_graphs: bool = True
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +69,12 @@ def build_engine(options: EngineOptions) -> Engine:
     del tensors
     model.eval()
     pool = BlockPool(spec, options.kv_cache_tokens, dtype, device)
+    prefill_tokens = options.prefill_tokens or (8192 if device.type == "cuda" else 512)
     return Engine(
-        model, pool, options.max_batch_size, options.max_queue_size, options.prefill_chunk
+        model,
+        pool,
+        options.max_batch_size,
+        options.max_queue_size,
+        prefill_tokens,
+        cuda_graphs=options.cuda_graphs,
     )

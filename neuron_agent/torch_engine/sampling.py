@@ -31,10 +31,11 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from float32 logits [vocab]."""
-    if params.greedy or generator is None:
-        return int(torch.argmax(logits).item())
+def sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """One token from float32 logits [vocab], as a one-element tensor on their device (no
+    device→host copy: the batch's tokens come back together)."""
     scaled = logits / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
         threshold = torch.topk(scaled, params.top_k).values[-1]
@@ -47,18 +48,26 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         ordered = ordered.masked_fill(drop, float("-inf"))
         scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, ordered)
     probabilities = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probabilities, 1, generator=generator).item())
+    return torch.multinomial(probabilities, 1, generator=generator)
 
 
 def sample_batch(
     logits: torch.Tensor,
+    greedy: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
 ) -> list[int]:
-    """One token per row of [rows, vocab]. Greedy rows share one argmax and one device sync
-    (a sync per row dominated decode steps at batch 32 on a GPU)."""
-    chosen = torch.argmax(logits, dim=-1).tolist()
-    for row, (row_params, generator) in enumerate(zip(params, generators, strict=True)):
-        if not row_params.greedy and generator is not None:
-            chosen[row] = sample(logits[row], row_params, generator)
-    return [int(token) for token in chosen]
+    """One token per row of logits [rows, vocab], given the rows' argmax `greedy` [rows].
+    Sampled rows are drawn on the device; the batch's tokens cross to the host in one copy
+    (a copy per row dominated decode steps at batch 32 on a GPU)."""
+    sampled = [
+        (row, generator)
+        for row, (row_params, generator) in enumerate(zip(params, generators, strict=True))
+        if not row_params.greedy and generator is not None
+    ]
+    if not sampled:
+        return [int(token) for token in greedy.tolist()]
+    chosen = greedy.clone()
+    for row, generator in sampled:
+        chosen[row : row + 1] = sample_row(logits[row], params[row], generator)
+    return [int(token) for token in chosen.tolist()]

@@ -4,8 +4,10 @@ One engine thread loops over `step()`:
   1. requests cancelled by their client (or the gateway) leave, freeing their blocks at once;
   2. waiting requests are admitted in arrival order while the batch has room and the KV pool can
      reserve their whole budget (prompt + max new tokens) — so nothing runs out of memory later;
-  3. admitted prompts are prefilled in chunks (a long prompt does not stall decoding for long);
-  4. every sequence past prefill decodes one token in one batched forward pass.
+  3. admitted prompts are prefilled in one forward pass over chunks of several sequences, at most
+     `prefill_tokens` tokens a step (a long prompt does not stall decoding for long);
+  4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
+     replay of the CUDA graph captured for that batch size (`graphs`).
 Requests beyond the queue limit, or larger than the whole KV budget, are rejected with a clear
 sentence instead of waiting forever or exhausting memory.
 """
@@ -22,14 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from neuron_agent.torch_engine.errors import RequestRejected
+from neuron_agent.torch_engine.graphs import DecodeRunner
 from neuron_agent.torch_engine.kv_cache import BlockPool
-from neuron_agent.torch_engine.llama import AttentionBatch, LlamaModel
-from neuron_agent.torch_engine.sampling import (
-    SamplingParams,
-    make_generator,
-    sample,
-    sample_batch,
-)
+from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
+from neuron_agent.torch_engine.sampling import SamplingParams, make_generator, sample_batch
 
 log = logging.getLogger("cortex.engine")
 
@@ -71,15 +69,26 @@ class Engine:
         pool: BlockPool,
         max_batch_size: int = 8,
         max_queue_size: int = 256,
-        prefill_chunk: int = 512,
+        prefill_tokens: int = 512,
         on_change: Callable[[int, int], None] | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.pool = pool
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
-        self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens
         self.device = model.device
+        context_blocks = pool.blocks_for(min(model.spec.context_length, pool.capacity_tokens))
+        self.decoder = DecodeRunner(
+            model,
+            pool.layers,
+            pool.block_size,
+            pool.scratch_slot,
+            max_batch_size,
+            table_width=context_blocks,
+            graphs=cuda_graphs,
+        )
         self.context_length = model.spec.context_length
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -150,15 +159,15 @@ class Engine:
         """float32 logits at every position of one prompt, outside the batch (accuracy checks:
         quantized against plain). Uses the first cache slots: call it on an idle engine."""
         count = len(prompt)
-        batch = AttentionBatch(
-            positions=torch.arange(count, device=self.device)[None],
-            write_slots=torch.arange(count, device=self.device)[None],
-            gather=None,
-            key_valid=None,
-            fresh=True,
+        slots = torch.arange(count, device=self.device)
+        batch = ForwardBatch(
+            positions=slots,
+            write_slots=slots,
+            block_size=self.pool.block_size,
+            chunks=(PrefillChunk(0, count),),
         )
-        tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        return self.model(tokens, batch, self.pool.layers, torch.arange(count, device=self.device))
+        tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return self.model(tokens, batch, self.pool.layers)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -199,11 +208,9 @@ class Engine:
         self.steps += 1
         self._drop_cancelled()
         self._admit()
-        prefill_budget = self.prefill_chunk
-        for sequence in [s for s in self._running if s.prefilling]:
-            if prefill_budget <= 0:
-                break
-            prefill_budget -= self._prefill(sequence, prefill_budget)
+        prefilling = [s for s in self._running if s.prefilling]
+        if prefilling:
+            self._prefill(prefilling)
         decoding = [s for s in self._running if not s.prefilling and s.generated]
         if decoding:
             self._decode(decoding)
@@ -233,59 +240,76 @@ class Engine:
 
     # ------------------------------------------------------------------ forward passes
 
-    def _prefill(self, sequence: _Sequence, budget: int) -> int:
-        start = sequence.cached
-        stop = min(len(sequence.request.prompt), start + budget)
-        chunk = sequence.request.prompt[start:stop]
+    def _prefill(self, sequences: list[_Sequence]) -> None:
+        """One forward pass over prompt chunks of several sequences, at most `prefill_tokens`
+        tokens in all; a sequence whose prompt is done gets its first token."""
+        budget = self.prefill_tokens
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        chunks: list[PrefillChunk] = []
+        finishing: list[tuple[_Sequence, int]] = []  # (sequence, its last row)
+        for sequence in sequences:
+            if budget <= 0:
+                break
+            start = sequence.cached
+            stop = min(len(sequence.request.prompt), start + budget)
+            budget -= stop - start
+            chunk_slots = self.pool.slots(sequence.blocks, start, stop)
+            chunks.append(
+                PrefillChunk(
+                    start=len(tokens),
+                    length=stop - start,
+                    key_slots=None
+                    if start == 0
+                    else self.pool.slots(sequence.blocks, 0, stop).to(self.device),
+                )
+            )
+            tokens.extend(sequence.request.prompt[start:stop])
+            positions.extend(range(start, stop))
+            slots.append(chunk_slots)
+            sequence.cached = stop
+            if stop == len(sequence.request.prompt):
+                finishing.append((sequence, len(tokens) - 1))
         device = self.device
-        tokens = torch.tensor([chunk], dtype=torch.long, device=device)
-        positions = torch.arange(start, stop, device=device)[None, :]
-        write_slots = self.pool.slots(sequence.blocks, start, stop).to(device)[None, :]
-        fresh = start == 0
-        batch = AttentionBatch(
-            positions=positions,
-            write_slots=write_slots,
-            gather=None if fresh else self.pool.slots(sequence.blocks, 0, stop).to(device)[None, :],
-            key_valid=None if fresh else torch.ones((1, stop), dtype=torch.bool, device=device),
-            fresh=fresh,
+        batch = ForwardBatch(
+            positions=torch.tensor(positions, device=device),
+            write_slots=torch.cat(slots).to(device),
+            block_size=self.pool.block_size,
+            chunks=tuple(chunks),
         )
-        last = torch.tensor([len(chunk) - 1], device=device)
-        logits = self.model(tokens, batch, self.pool.layers, last)
-        sequence.cached = stop
-        if stop == len(sequence.request.prompt):
-            self._accept(sequence, sample(logits[0], sequence.request.sampling, sequence.generator))
-        return len(chunk)
+        rows = torch.tensor([row for _, row in finishing], dtype=torch.long, device=device)
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=device), batch, self.pool.layers, rows
+        )
+        if finishing:
+            self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1))
 
     def _decode(self, sequences: list[_Sequence]) -> None:
-        device = self.device
-        count = len(sequences)
         lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
-        longest = max(lengths)
-        tokens = torch.tensor([[s.tokens[-1]] for s in sequences], dtype=torch.long, device=device)
-        positions = torch.tensor([[n - 1] for n in lengths], device=device)
-        gather = torch.zeros((count, longest), dtype=torch.long)
-        key_valid = torch.zeros((count, longest), dtype=torch.bool)
-        write = torch.empty((count, 1), dtype=torch.long)
-        for row, (sequence, length) in enumerate(zip(sequences, lengths, strict=True)):
-            slots = self.pool.slots(sequence.blocks, 0, length)
-            gather[row, :length] = slots
-            key_valid[row, :length] = True
-            write[row, 0] = slots[-1]
-        batch = AttentionBatch(
-            positions=positions,
-            write_slots=write.to(device),
-            gather=gather.to(device),
-            # Equal lengths (always so at batch 1): nothing to mask.
-            key_valid=None if min(lengths) == longest else key_valid.to(device),
-            fresh=False,
+        logits, greedy = self.decoder.run(
+            tokens=[s.tokens[-1] for s in sequences],
+            positions=[n - 1 for n in lengths],
+            slots=[
+                self.pool.slot(s.blocks, n - 1) for s, n in zip(sequences, lengths, strict=True)
+            ],
+            tables=[s.blocks for s in sequences],
         )
-        logits = self.model(tokens, batch, self.pool.layers, torch.arange(count, device=device))
+        for sequence, length in zip(sequences, lengths, strict=True):
+            sequence.cached = length
+        self._sample_and_accept(sequences, logits, greedy)
+
+    def _sample_and_accept(
+        self, sequences: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor
+    ) -> None:
         chosen = sample_batch(
-            logits, [s.request.sampling for s in sequences], [s.generator for s in sequences]
+            logits,
+            greedy,
+            [s.request.sampling for s in sequences],
+            [s.generator for s in sequences],
         )
-        for row, sequence in enumerate(sequences):
-            sequence.cached = lengths[row]
-            self._accept(sequence, chosen[row])
+        for sequence, token in zip(sequences, chosen, strict=True):
+            self._accept(sequence, token)
 
     # ------------------------------------------------------------------ results
 

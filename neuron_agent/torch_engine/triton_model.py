@@ -1,9 +1,10 @@
 """The Triton Python-backend model around the engine.
 
 Decoupled: `execute` queues each request with the engine and returns at once; the engine thread
-answers through each request's response sender — one response per step while streaming (the new
-tokens only, as TensorRT-LLM streams), or one at the end — and sets the final flag on the last.
-A request whose client went away (`is_cancelled`) leaves the batch before the next step.
+hands each step's new tokens to a `ResponseWriter`, whose own thread sends them through each
+request's response sender (the new tokens only, as TensorRT-LLM streams; or one response at the
+end when not streaming) and sets the final flag on the last. A request whose client went away
+(`is_cancelled`) leaves the batch before the next step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +63,86 @@ def _write_stats(path: Path, running: int, waiting: int) -> None:
         log.debug("stats not written", exc_info=True)
 
 
+@dataclass
+class _Outgoing:
+    tokens: list[int] = field(default_factory=list)
+    final: bool = False
+    error: str | None = None
+
+
+class ResponseWriter:
+    """Sends the engine's output to Triton from a thread of its own.
+
+    The engine thread only appends; a send (a response through the stub's shared memory, ~0.1 ms
+    with the GIL held) would otherwise stall every stream's next step. A stream whose responses
+    fall behind gets its waiting tokens in one response; one that keeps up gets each token as soon
+    as it is made: nothing is held back to fill a response.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[Any, _Outgoing] = {}
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="cortex-responses", daemon=True)
+        self._thread.start()
+
+    def tokens(self, sender: Any, tokens: list[int], final: bool) -> None:
+        with self._wake:
+            outgoing = self._waiting.setdefault(sender, _Outgoing())
+            outgoing.tokens.extend(tokens)
+            outgoing.final = outgoing.final or final
+            self._wake.notify()
+
+    def error(self, sender: Any, message: str) -> None:
+        with self._wake:
+            self._waiting.setdefault(sender, _Outgoing()).error = message
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Send what is waiting, then stop the thread."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._closing:
+                    self._wake.wait()
+                batch, self._waiting = self._waiting, {}
+                if not batch and self._closing:
+                    return
+            for sender, outgoing in batch.items():
+                _send(sender, outgoing)
+
+
+def _send(sender: Any, outgoing: _Outgoing) -> None:
+    try:
+        if outgoing.tokens or (outgoing.final and outgoing.error is None):
+            tokens = outgoing.tokens
+            response = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+                    pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+                ]
+            )
+            final = outgoing.final and outgoing.error is None
+            sender.send(
+                response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+            )
+        if outgoing.error is not None:
+            sender.send(
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(outgoing.error)),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+            )
+    except Exception:  # the client is gone; the engine drops it on the next step
+        log.debug("response not delivered", exc_info=True)
+
+
 class TritonPythonModel:
     engine: Engine
+    writer: ResponseWriter
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -79,7 +160,10 @@ class TritonPythonModel:
             kv_cache_tokens=int(parameters.get("kv_cache_tokens", "65536")),
             max_batch_size=int(parameters.get("max_batch_size", "8")),
             max_queue_size=int(parameters.get("max_queue_size", "256")),
+            prefill_tokens=int(parameters.get("prefill_tokens", "0")),
+            cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
         )
+        self.writer = ResponseWriter()
         try:
             self.engine = build_engine(options)
         except EngineError as error:
@@ -100,9 +184,9 @@ class TritonPythonModel:
             try:
                 self.engine.submit(self._generation_request(request, sender))
             except EngineError as error:
-                self._send_error(sender, str(error))
+                self.writer.error(sender, str(error))
             except Exception as error:  # malformed tensors: answer, never crash the stub
-                self._send_error(sender, f"bad request: {error}")
+                self.writer.error(sender, f"bad request: {error}")
         return None
 
     def _generation_request(self, request: Any, sender: Any) -> GenerationRequest:
@@ -126,25 +210,11 @@ class TritonPythonModel:
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise EngineError("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")
 
-        def emit(tokens: list[int], final: bool) -> None:
-            output = np.array([[tokens]], dtype=np.int32)
-            response = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("output_ids", output),
-                    pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-                ]
-            )
-            flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-            try:
-                sender.send(response, flags=flags)
-            except Exception:  # the client is gone; the engine drops it on the next step
-                log.debug("response not delivered", exc_info=True)
-
         return GenerationRequest(
             prompt=ids,
             max_new_tokens=int(_scalar(request, "request_output_len", 16)),
-            emit=emit,
-            fail=lambda message: self._send_error(sender, message),
+            emit=lambda tokens, final: self.writer.tokens(sender, tokens, final),
+            fail=lambda message: self.writer.error(sender, message),
             is_cancelled=sender.is_cancelled,
             end_ids=end_ids,
             sampling=sampling,
@@ -153,17 +223,10 @@ class TritonPythonModel:
             request_id=request.request_id(),
         )
 
-    @staticmethod
-    def _send_error(sender: Any, message: str) -> None:
-        try:
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
-        except Exception:
-            log.debug("error not delivered", exc_info=True)
-
     def finalize(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
+        writer = getattr(self, "writer", None)
+        if writer is not None:
+            writer.close()

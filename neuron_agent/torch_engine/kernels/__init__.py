@@ -1,0 +1,98 @@
+"""The engine's fused operations, each with a Triton kernel for CUDA tensors and a plain-PyTorch
+reference (`reference.py`) that the CPU runs and the tests compare against.
+
+Where each runs is decided per call by the tensor's device, so model code calls these and never
+asks which path is active. `CORTEX_TRITON_INTERPRET=1` sends CPU tensors through the Triton
+kernels under Triton's interpreter (tests only)."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from neuron_agent.torch_engine.kernels import reference
+
+
+@cache
+def _kernels() -> ModuleType:
+    if os.environ.get("CORTEX_TRITON_INTERPRET") == "1":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from neuron_agent.torch_engine.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def _on_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda or os.environ.get("CORTEX_TRITON_INTERPRET") == "1"
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) · weight, x + residual); residual None means x alone."""
+    if _on_triton(x):
+        return _kernels().add_rms_norm(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding of q and k at `positions`; k and v written to `write_slots` of the
+    cache. Returns the rotated q (k is only needed from the cache from here on)."""
+    module = _kernels() if _on_triton(q) else reference
+    return module.rotary_and_cache(q, k, v, cos_sin, positions, k_cache, v_cache, write_slots)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) · up for gate_up = [gate | up] along the last dimension."""
+    if _on_triton(gate_up):
+        return _kernels().silu_and_mul(gate_up)
+    return reference.silu_and_mul(gate_up)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) FP8 activations for `torch._scaled_mm`: (x_fp8 [M, K], scale [M, 1])."""
+    if _on_triton(x):
+        return _kernels().quantize_fp8_rows(x)
+    return reference.quantize_fp8_rows(x)
+
+
+def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Slices per sequence for split-KV decode attention at this batch size (a constant of each
+    captured CUDA graph)."""
+    if device.type != "cuda":
+        return 1
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    return _kernels().decode_splits(batch, kv_heads, multiprocessors)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    splits: int = 1,
+) -> torch.Tensor:
+    """Attention of one new query per sequence (q [B, H, D]) over its first seq_lens[b] cached
+    positions, read straight through its block table [B, W]: no gathered copy of the keys."""
+    if _on_triton(q):
+        return _kernels().paged_decode_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, splits
+        )
+    return reference.paged_decode_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale
+    )

@@ -1,0 +1,396 @@
+# mypy: disable-error-code="no-untyped-def"
+"""Triton kernels for the engine's GPU path; `reference.py` holds the plain-PyTorch version of
+each, and the tests hold one to the other (on CPU through Triton's interpreter).
+
+Imported only where a kernel runs on a CUDA tensor (or the interpreter is asked for), so the CPU
+engine never needs the `triton` package."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    X,
+    R,
+    W,
+    OUT,
+    RES_OUT,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    width,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        # Round the sum to the model's dtype first: the residual stream is kept in it.
+        x = x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(RES_OUT + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / width + eps)
+    normed = (xf * rstd).to(x.dtype)
+    weight = tl.load(W + cols, mask=mask, other=0.0)
+    tl.store(OUT + row * stride_o + cols, normed * weight, mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = x.shape[-1]
+    rows = x.numel() // width
+    flat = x.reshape(rows, width)
+    out = torch.empty_like(flat)
+    if residual is None:
+        summed = x
+        res_flat, res_out = flat, flat
+    else:
+        res_flat = residual.reshape(rows, width)
+        res_out = torch.empty_like(flat)
+        summed = res_out.view(x.shape)
+    _add_rms_norm_kernel[(rows,)](
+        flat,
+        res_flat,
+        weight,
+        out,
+        res_out,
+        flat.stride(0),
+        res_flat.stride(0),
+        out.stride(0),
+        res_out.stride(0),
+        width,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(width),
+    )
+    return out.view(x.shape), summed
+
+
+# ----------------------------------------------------------------------------- rotary + cache
+
+
+@triton.jit
+def _rotary_and_cache_kernel(
+    Q,
+    K,
+    V,
+    COS_SIN,
+    POSITIONS,
+    K_CACHE,
+    V_CACHE,
+    SLOTS,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cs,
+    stride_ct,
+    stride_ch,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(POSITIONS + token)
+    slot = tl.load(SLOTS + token)
+    d = tl.arange(0, HALF)
+    cos = tl.load(COS_SIN + position * stride_cs + d)
+    sin = tl.load(COS_SIN + position * stride_cs + HALF + d)
+    h = tl.arange(0, HEADS_PAD)
+
+    qmask = h[:, None] < HEADS
+    q_ptr = Q + token * stride_qt + h[:, None] * stride_qh + d[None, :]
+    q1 = tl.load(q_ptr, mask=qmask, other=0.0)
+    q2 = tl.load(q_ptr + HALF, mask=qmask, other=0.0)
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(q_ptr, (q1f * cos - q2f * sin).to(q1.dtype), mask=qmask)
+    tl.store(q_ptr + HALF, (q2f * cos + q1f * sin).to(q1.dtype), mask=qmask)
+
+    kmask = h[:, None] < KV_HEADS
+    k_ptr = K + token * stride_kt + h[:, None] * stride_kh + d[None, :]
+    k1 = tl.load(k_ptr, mask=kmask, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+    c_ptr = K_CACHE + slot * stride_ct + h[:, None] * stride_ch + d[None, :]
+    tl.store(c_ptr, (k1 * cos - k2 * sin).to(K_CACHE.dtype.element_ty), mask=kmask)
+    tl.store(c_ptr + HALF, (k2 * cos + k1 * sin).to(K_CACHE.dtype.element_ty), mask=kmask)
+
+    v_ptr = V + token * stride_vt + h[:, None] * stride_vh + d[None, :]
+    vc_ptr = V_CACHE + slot * stride_ct + h[:, None] * stride_ch + d[None, :]
+    v1 = tl.load(v_ptr, mask=kmask, other=0.0)
+    v2 = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
+    tl.store(vc_ptr, v1.to(V_CACHE.dtype.element_ty), mask=kmask)
+    tl.store(vc_ptr + HALF, v2.to(V_CACHE.dtype.element_ty), mask=kmask)
+
+
+def rotary_and_cache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    write_slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotates q in place; k is rotated on its way into the cache (v copied beside it)."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    _rotary_and_cache_kernel[(tokens,)](
+        q,
+        k,
+        v,
+        cos_sin,
+        positions,
+        k_cache,
+        v_cache,
+        write_slots,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        cos_sin.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HALF=head_dim // 2,
+        HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)),
+    )
+    return q
+
+
+# ----------------------------------------------------------------------------- SiLU · up
+
+
+@triton.jit
+def _silu_and_mul_kernel(GATE_UP, OUT, stride_in, stride_out, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < width
+    gate = tl.load(GATE_UP + row * stride_in + cols, mask=mask, other=0.0)
+    up = tl.load(GATE_UP + row * stride_in + width + cols, mask=mask, other=0.0)
+    gf = gate.to(tl.float32)
+    activated = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
+    tl.store(OUT + row * stride_out + cols, activated * up, mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    width = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * width)
+    flat = gate_up.reshape(rows, 2 * width)
+    out = torch.empty((rows, width), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
+        flat, out, flat.stride(0), out.stride(0), width, BLOCK=block
+    )
+    return out.view(*gate_up.shape[:-1], width)
+
+
+# ----------------------------------------------------------------------------- FP8 activations
+
+
+@triton.jit
+def _quantize_fp8_rows_kernel(X, OUT, SCALE, stride_x, stride_o, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    tl.store(SCALE + row, scale)
+    quantized = tl.clamp(x / scale, -448.0, 448.0)
+    tl.store(OUT + row * stride_o + cols, quantized.to(OUT.dtype.element_ty), mask=mask)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, width = x.shape
+    out = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(width)
+    _quantize_fp8_rows_kernel[(rows,)](
+        x,
+        out,
+        scale,
+        x.stride(0),
+        out.stride(0),
+        width,
+        BLOCK=block,
+        num_warps=8 if block > 4096 else 4,
+    )
+    return out, scale
+
+
+# ----------------------------------------------------------------------------- decode attention
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q,
+    K_CACHE,
+    V_CACHE,
+    TABLES,
+    LENS,
+    PART_ACC,
+    PART_MAX,
+    PART_SUM,
+    stride_qb,
+    stride_qh,
+    stride_cs,
+    stride_ch,
+    stride_tb,
+    scale,
+    HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    """One (sequence, kv head, split): the query heads of that kv head against one slice of
+    the sequence's keys, read through its block table. Writes the slice's unnormalised output,
+    running max and sum (flash-decoding), which `_decode_reduce_kernel` merges."""
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(LENS + seq)
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    head_mask = g < GROUP
+    q = tl.load(
+        Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=head_mask[:, None],
+        other=0.0,
+    )
+    running_max = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+    running_sum = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for first in range(start, end, BLOCK_N):
+        positions = first + tl.arange(0, BLOCK_N)
+        valid = positions < end
+        block = tl.load(TABLES + seq * stride_tb + positions // BLOCK_SIZE, mask=valid, other=0)
+        slots = block.to(tl.int64) * BLOCK_SIZE + positions % BLOCK_SIZE
+        offsets = slots[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
+        keys = tl.load(K_CACHE + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        scores = tl.dot(q, tl.trans(keys)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp(running_max - new_max)
+        weights = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(weights, axis=1)
+        values = tl.load(V_CACHE + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        acc = acc * correction[:, None] + tl.dot(weights.to(q.dtype), values)
+        running_max = new_max
+    part = (seq * HEADS + heads) * SPLITS + split
+    tl.store(PART_ACC + part[:, None] * HEAD_DIM + d[None, :], acc, mask=head_mask[:, None])
+    tl.store(PART_MAX + part, running_max, mask=head_mask)
+    tl.store(PART_SUM + part, running_sum, mask=head_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    PART_ACC,
+    PART_MAX,
+    PART_SUM,
+    OUT,
+    stride_ob,
+    stride_oh,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    part = (seq * HEADS + head) * SPLITS + s
+    maxima = tl.load(PART_MAX + part)
+    overall = tl.max(maxima, axis=0)
+    weights = tl.exp(maxima - overall)  # an empty split has max -inf: weight 0
+    total = tl.sum(tl.load(PART_SUM + part) * weights, axis=0)
+    acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * weights[:, None], axis=0) / total
+    tl.store(OUT + seq * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty))
+
+
+def decode_splits(batch: int, kv_heads: int, multiprocessors: int) -> int:
+    """How many slices each sequence's keys are cut into: enough programs to fill the GPU
+    twice over at small batches, one slice once the batch alone fills it."""
+    wanted = max(1, (2 * multiprocessors) // max(1, batch * kv_heads))
+    return min(32, triton.next_power_of_2(wanted))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    scale: float,
+    splits: int,
+) -> torch.Tensor:
+    batch, heads, head_dim = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    part_acc = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    part_max = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    part_sum = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_acc,
+        part_max,
+        part_sum,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        block_tables.stride(0),
+        scale,
+        HEADS=heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=64,
+        SPLITS=splits,
+        num_warps=4,
+        num_stages=2,
+    )
+    out = torch.empty_like(q)
+    _decode_reduce_kernel[(batch, heads)](
+        part_acc,
+        part_max,
+        part_sum,
+        out,
+        out.stride(0),
+        out.stride(1),
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        SPLITS=splits,
+    )
+    return out

@@ -1,0 +1,89 @@
+"""Each Triton kernel against its plain-PyTorch reference, run on CPU by Triton's interpreter
+(the GPU runs the same kernel code compiled)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so before import
+triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+
+from neuron_agent.torch_engine.kernels import reference  # noqa: E402
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_the_reference(with_residual: bool) -> None:
+    g = _generator()
+    x = torch.randn(5, 96, generator=g)
+    residual = torch.randn(5, 96, generator=g) if with_residual else None
+    weight = torch.randn(96, generator=g)
+    out, summed = triton_kernels.add_rms_norm(x, residual, weight, 1e-5)
+    expected_out, expected_sum = reference.add_rms_norm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(summed, expected_sum)
+
+
+def test_rotary_and_cache_matches_the_reference() -> None:
+    g = _generator()
+    tokens, heads, kv_heads, dim = 6, 4, 2, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g)
+    positions = torch.tensor([0, 1, 2, 7, 8, 30])
+    slots = torch.tensor([3, 4, 5, 17, 18, 40])
+    angles = torch.arange(64)[:, None].float() * torch.rand(dim // 2, generator=g)
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+    def run(module):  # type: ignore[no-untyped-def]
+        q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        q = q.view(tokens, heads, dim)
+        k = k.view(tokens, kv_heads, dim)
+        v = v.view(tokens, kv_heads, dim)
+        k_cache = torch.zeros(64, kv_heads, dim)
+        v_cache = torch.zeros(64, kv_heads, dim)
+        rotated = module.rotary_and_cache(q, k, v, cos_sin, positions, k_cache, v_cache, slots)
+        return rotated.clone(), k_cache, v_cache
+
+    for got, expected in zip(run(triton_kernels), run(reference), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_silu_and_mul_matches_the_reference() -> None:
+    gate_up = torch.randn(3, 2 * 1500, generator=_generator())
+    torch.testing.assert_close(
+        triton_kernels.silu_and_mul(gate_up), reference.silu_and_mul(gate_up)
+    )
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_decode_attention_reads_the_block_table(splits: int) -> None:
+    g = _generator()
+    block_size, blocks, kv_heads, group, dim = 16, 12, 2, 4, 32
+    heads = kv_heads * group
+    k_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(blocks * block_size, kv_heads, dim, generator=g)
+    # Sequences of different lengths over scattered blocks; unused table entries are junk.
+    tables = torch.tensor([[5, 2, 9, 0, 0], [1, 11, 3, 7, 4], [8, 0, 0, 0, 0]])
+    lens = torch.tensor([40, 77, 1], dtype=torch.int32)
+    q = torch.randn(3, heads, dim, generator=g)
+    got = triton_kernels.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, dim**-0.5, splits
+    )
+    expected = reference.paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, block_size, dim**-0.5
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_row_scales_match_the_reference() -> None:
+    x = torch.randn(3, 700, generator=_generator()) * torch.tensor([[0.01], [1.0], [300.0]])
+    _, got_scale = triton_kernels.quantize_fp8_rows(x)
+    _, expected_scale = reference.quantize_fp8_rows(x)
+    # Only the scales: Triton 3.6's interpreter mis-converts some values to float8 (-125.9 to
+    # -64), so the cast itself is compared on the GPU (benchmarks/gpu/engine_check.py).
+    torch.testing.assert_close(got_scale, expected_scale)
