@@ -88,6 +88,7 @@ def write(shape: str, out: Path, device: str) -> None:
     if not config["tie_word_embeddings"]:
         shard["lm_head.weight"] = rand(spec["vocab_size"], hidden)
     save_file(shard, str(out / "model-embed.safetensors"))
+    weight_map = dict.fromkeys(shard, "model-embed.safetensors")
     for layer in range(spec["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         tensors = {
@@ -102,6 +103,10 @@ def write(shape: str, out: Path, device: str) -> None:
             f"{p}.post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
         }
         save_file(tensors, str(out / f"model-layer{layer:03d}.safetensors"))
+        weight_map.update(dict.fromkeys(tensors, f"model-layer{layer:03d}.safetensors"))
+    # The index transformers looks for beside sharded weights (the peer in benchmarks/gpu).
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 def main() -> None:

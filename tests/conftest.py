@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+
+# Triton kernels run on CPU tensors under Triton's interpreter in tests (tests/torch_engine/
+# test_kernels.py). Triton reads this when its language module is first imported, which
+# transformers may do early, so it is set before anything else is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import signal
 import socket
 import subprocess

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One device call: the torch engine serving a Llama-3.1-8B-shaped model (random bf16 weights)
-# through a real neuron agent and tritonserver, in bf16 and in fp8; throughput at 1/8/32
-# concurrent streams; the neuron's /status (NVML) before, during and after; copy bandwidth.
+# The torch engine serving a Llama-3.1-8B-shaped model (random bf16 weights) through a real
+# neuron agent and tritonserver, in bf16 and in fp8; throughput at 1/8/32/64 concurrent streams
+# (the same workload as engine_bench.py's in-process rows); the neuron's /status (NVML) before,
+# during and after; copy bandwidth. Run by engine_profile.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 FINAL=$OUT; OUT=/tmp/cortex-gpu/results; mkdir -p $OUT
@@ -10,21 +11,21 @@ source /tmp/cortex-gpu/env.sh
 python3 -c 'import numpy, torch, sanic, tritonclient.grpc; print("numpy", numpy.__version__, "torch", torch.__version__)'
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/nvidia-smi.csv
 python3 benchmarks/gpu/copy_bandwidth.py | tee $OUT/bandwidth.json
-[ -f /tmp/llama8b/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out /tmp/llama8b
+[ -f /tmp/ckpt-llama-3.1-8b/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out /tmp/ckpt-llama-3.1-8b
 W=/tmp/cortex-gpu/node; mkdir -p $W
 cat > $W/models.toml <<TOML
 [[models]]
 name = "llama8b-bf16"
-source = "/tmp/llama8b"
+source = "/tmp/ckpt-llama-3.1-8b"
 dtype = "bfloat16"
-max_batch_size = 32
+max_batch_size = 64
 kv_cache_tokens = 65536
 [[models]]
 name = "llama8b-fp8"
-source = "/tmp/llama8b"
+source = "/tmp/ckpt-llama-3.1-8b"
 dtype = "bfloat16"
 quantization = "fp8"
-max_batch_size = 32
+max_batch_size = 64
 kv_cache_tokens = 65536
 TOML
 cat > $W/neuron.toml <<TOML
@@ -45,7 +46,7 @@ for model in llama8b-bf16 llama8b-fp8; do
   curl -s -XPOST 127.0.0.1:13131/models/load -d "{\"model\": \"$model\"}" | tee $OUT/load_$model.json; echo
   echo "load wall $(python3 -c "print(round($(date +%s.%N) - $T0, 1))") s"
   curl -s 127.0.0.1:13131/status > $OUT/status_$model.json
-  timeout 300 python3 benchmarks/engine_throughput.py --model $model --concurrency 1 8 32 --prompt-tokens 128 --output-tokens 256 | tee -a $OUT/throughput.jsonl
+  timeout 300 python3 benchmarks/engine_throughput.py --model $model --concurrency 1 1 8 8 32 32 64 64 --prompt-tokens 128 --output-tokens 256 | tee -a $OUT/throughput.jsonl
   curl -s -XPOST 127.0.0.1:13131/models/unload -d "{\"model\": \"$model\"}" | tee $OUT/unload_$model.json; echo
 done
 curl -s 127.0.0.1:13131/status > $OUT/status_after.json

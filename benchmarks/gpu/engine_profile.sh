@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The engine in-process (no Triton) on a Llama-3.1-8B-shaped model, bf16 and fp8, with a
-# profile of batch-1 decode; then the same through Triton for comparison in one run.
+# One device call for the torch engine on a GPU: correctness and in-process speed beside
+# transformers (engine_bench.py), then the same model served through a real neuron agent and
+# tritonserver (engine_on_triton.sh). Carry .gpu (setup_device.sh says what it holds).
+#   bash benchmarks/gpu/engine_profile.sh            # from the repository root, OUT set
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-[ -x /tmp/cortex-gpu/venv/bin/python3 ] || bash benchmarks/gpu/setup_device.sh > $OUT/setup.log 2>&1
-source /tmp/cortex-gpu/env.sh
-[ -f /tmp/llama8b/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out /tmp/llama8b
-python3 benchmarks/gpu/engine_in_process.py --checkpoint /tmp/llama8b --profile $OUT/profile_bf16.txt | tee $OUT/in_process.jsonl
-python3 benchmarks/gpu/engine_in_process.py --checkpoint /tmp/llama8b --quantization fp8 | tee -a $OUT/in_process.jsonl
-bash benchmarks/gpu/engine_on_triton.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python3 benchmarks/gpu/engine_bench.py ${ENGINE_BENCH_ARGS:-} 2>&1 | tee "$OUT/engine_bench.log"
+bash benchmarks/gpu/engine_on_triton.sh 2>&1 | tee "$OUT/triton.log"

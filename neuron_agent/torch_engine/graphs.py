@@ -65,11 +65,13 @@ class DecodeInputs:
         )
         self.rows[:, :pad_to].copy_(rows, non_blocking=True)
         width = max(len(t) for t in tables)
-        table = torch.zeros((pad_to, width), dtype=torch.int32)
-        for row, blocks in enumerate(tables):
-            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         # Padded rows read one slot of the scratch block: a real read, never garbage.
-        table[count:, 0] = scratch_slot // self.block_size
+        scratch_row = [scratch_slot // self.block_size] + [0] * (width - 1)
+        table = torch.tensor(
+            [[*blocks, *([0] * (width - len(blocks)))] for blocks in tables]
+            + [scratch_row] * padding,
+            dtype=torch.int32,
+        )
         self.tables[:pad_to, :width].copy_(table, non_blocking=True)
 
     def batch(self, size: int, splits: int) -> ForwardBatch:

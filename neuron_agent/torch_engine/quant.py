@@ -13,6 +13,8 @@ it like `nn.Linear`; nothing above this module knows which path is active.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -109,6 +111,13 @@ class QuantLinear(nn.Module):
         )
         self.out_features = weight.shape[0]
         self._use_scaled_mm = mode == "fp8" and fp8_matmul_available(weight.device)
+        # Plain weights at decode batch sizes through the Triton weight kernel instead of cuBLAS
+        # (CORTEX_PLAIN_DECODE_MATMUL=triton; a benchmark variant, off by default).
+        self._plain_kernel = (
+            mode == "none"
+            and weight.is_cuda
+            and os.environ.get("CORTEX_PLAIN_DECODE_MATMUL") == "triton"
+        )
 
     @classmethod
     def from_weight(
@@ -149,6 +158,9 @@ class QuantLinear(nn.Module):
             x = x * self.pre_quant_scale
         if self._use_scaled_mm:
             output = self._fp8_forward(x)
+        elif self._plain_kernel and x.numel() // x.shape[-1] <= kernels.WEIGHT_MATMUL_MAX_ROWS:
+            flat = kernels.weight_matmul(x.reshape(-1, x.shape[-1]), self.weight)
+            output = flat.reshape(*x.shape[:-1], self.out_features)
         elif self.mode == "int8":
             # Scale after the matmul: one multiply per output instead of per weight.
             output = (x @ self.weight.to(x.dtype).T) * self.scale.to(x.dtype)  # type: ignore[union-attr]
@@ -161,6 +173,11 @@ class QuantLinear(nn.Module):
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.scale is not None
         shape = x.shape
+        if x.numel() // shape[-1] <= kernels.WEIGHT_MATMUL_MAX_ROWS:
+            # Decoding: bound by reading the weights, which are FP8 either way; scaling the
+            # activations too would cost kernels and accuracy for nothing.
+            flat = kernels.weight_matmul(x.reshape(-1, shape[-1]), self.weight, self.scale)
+            return flat.reshape(*shape[:-1], self.out_features)
         # One kernel scales and casts the activations (four elementwise ops eagerly, which cost
         # more than FP8 saved at small batches).
         x_fp8, x_scale = kernels.quantize_fp8_rows(x.reshape(-1, shape[-1]))

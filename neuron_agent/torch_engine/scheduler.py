@@ -27,7 +27,12 @@ from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
-from neuron_agent.torch_engine.sampling import SamplingParams, make_generator, sample_batch
+from neuron_agent.torch_engine.sampling import (
+    HostCopy,
+    SamplingParams,
+    make_generator,
+    sample_batch,
+)
 
 log = logging.getLogger("cortex.engine")
 
@@ -89,6 +94,7 @@ class Engine:
             table_width=context_blocks,
             graphs=cuda_graphs,
         )
+        self._host = HostCopy(max_batch_size, self.device)
         self.context_length = model.spec.context_length
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so before import
-triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+from neuron_agent.torch_engine.kernels import reference
 
-from neuron_agent.torch_engine.kernels import reference  # noqa: E402
+assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
+triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
 
 
 def _generator() -> torch.Generator:
@@ -87,3 +87,19 @@ def test_fp8_row_scales_match_the_reference() -> None:
     # Only the scales: Triton 3.6's interpreter mis-converts some values to float8 (-125.9 to
     # -64), so the cast itself is compared on the GPU (benchmarks/gpu/engine_check.py).
     torch.testing.assert_close(got_scale, expected_scale)
+
+
+@pytest.mark.parametrize(("rows", "fp8"), [(1, True), (5, False), (20, True)])
+def test_weight_matmul_matches_the_reference(rows: int, fp8: bool) -> None:
+    g = _generator()
+    x = torch.randn(rows, 512, generator=g)
+    weight = torch.randn(96, 512, generator=g) * 20
+    scale = None
+    if fp8:
+        weight, scale = weight.to(torch.float8_e4m3fn), torch.rand(96, generator=g) + 0.5
+    torch.testing.assert_close(
+        triton_kernels.weight_matmul(x, weight, scale),
+        reference.weight_matmul(x, weight, scale),
+        rtol=1e-4,
+        atol=1e-3,
+    )

@@ -68,6 +68,20 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.quantize_fp8_rows(x)
 
 
+WEIGHT_MATMUL_MAX_ROWS = 16
+
+
+def weight_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] · per-row scale [N])ᵀ, the weight (FP8 or the compute dtype)
+    widened in registers: the decode path for up to WEIGHT_MATMUL_MAX_ROWS rows, where reading
+    the weight is all the time (beyond, `_scaled_mm` pays)."""
+    if _on_triton(x):
+        return _kernels().weight_matmul(x, weight, scale)
+    return reference.weight_matmul(x, weight, scale)
+
+
 def decode_splits(batch: int, kv_heads: int, device: torch.device) -> int:
     """Slices per sequence for split-KV decode attention at this batch size (a constant of each
     captured CUDA graph)."""

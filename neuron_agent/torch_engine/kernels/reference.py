@@ -91,3 +91,11 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     quantized = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantized, scale
+
+
+def weight_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """x [M, K] @ (weight [N, K] · scale [N])ᵀ, float32 accumulation, in x's dtype."""
+    out = x.float() @ weight.float().T
+    return (out if scale is None else out * scale.float()[None, :]).to(x.dtype)

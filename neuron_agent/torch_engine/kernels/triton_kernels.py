@@ -235,6 +235,149 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, scale
 
 
+@triton.jit
+def _weight_matmul_kernel(
+    X,
+    W,
+    SCALE,
+    OUT,
+    rows,
+    out_features,
+    in_features,
+    stride_x,
+    stride_w,
+    stride_o,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ (W[N, K] · scale[N])ᵀ for a few rows: decoding is bound by
+    reading W, and one byte a weight is the whole gain of FP8, so the weights are widened to
+    x's dtype in registers and the activations stay as they are."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_K)
+    n_mask = n < out_features
+    m_mask = m < rows
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        x = tl.load(
+            X + m[:, None] * stride_x + (start + k)[None, :], mask=m_mask[:, None], other=0.0
+        )
+        w = tl.load(
+            W + n[:, None].to(tl.int64) * stride_w + (start + k)[None, :],
+            mask=n_mask[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE + n, mask=n_mask, other=0.0)[None, :]
+    tl.store(
+        OUT + m[:, None] * stride_o + n[None, :],
+        acc.to(OUT.dtype.element_ty),
+        mask=m_mask[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _weight_vector_kernel(
+    X,
+    W,
+    SCALE,
+    OUT,
+    out_features,
+    in_features,
+    stride_w,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One row: out[N] = x[K] @ (W[N, K] · scale[N])ᵀ with multiply-adds on the CUDA cores (a
+    matrix instruction would pad the row to 16 and do 16 times the work)."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    n_mask = n < out_features
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rows = W + n[:, None].to(tl.int64) * stride_w
+    for start in range(0, in_features, BLOCK_K):
+        x = tl.load(X + start + k).to(tl.float32)
+        w = tl.load(rows + (start + k)[None, :], mask=n_mask[:, None], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE + n, mask=n_mask, other=0.0)
+    tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=n_mask)
+
+
+# Tile shapes of the one-row kernel by input width, as engine_bench.py's micro section chose
+# them on an H200 (graph-timed; BENCHMARKS.md).
+GEMV_CONFIGS = {
+    "narrow": {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4},  # in_features ≤ 8192
+    "wide": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4},
+}
+
+
+def gemv_config(in_features: int) -> dict[str, int]:
+    return GEMV_CONFIGS["narrow" if in_features <= 8192 else "wide"]
+
+
+def weight_vector(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    chosen = config or gemv_config(in_features)
+    if in_features % chosen["BLOCK_K"]:
+        raise ValueError(f"input width {in_features} is not a multiple of {chosen['BLOCK_K']}")
+    out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
+    _weight_vector_kernel[(triton.cdiv(out_features, chosen["BLOCK_N"]),)](
+        x,
+        weight,
+        weight if scale is None else scale,
+        out,
+        out_features,
+        in_features,
+        weight.stride(0),
+        HAS_SCALE=scale is not None,
+        BLOCK_N=chosen["BLOCK_N"],
+        BLOCK_K=chosen["BLOCK_K"],
+        num_warps=chosen["num_warps"],
+    )
+    return out
+
+
+def weight_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    rows, in_features = x.shape
+    if rows == 1 and in_features % gemv_config(in_features)["BLOCK_K"] == 0 and x.is_contiguous():
+        return weight_vector(x, weight, scale)
+    out_features = weight.shape[0]
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    block_n = 32
+    _weight_matmul_kernel[(triton.cdiv(out_features, block_n),)](
+        x,
+        weight,
+        weight if scale is None else scale,
+        out,
+        rows,
+        out_features,
+        in_features,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_SCALE=scale is not None,
+        BLOCK_M=max(16, triton.next_power_of_2(rows)),
+        BLOCK_N=block_n,
+        BLOCK_K=256,
+        num_warps=4,
+        num_stages=4 if rows <= 32 else 3,
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- decode attention
 
 
