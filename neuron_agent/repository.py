@@ -44,6 +44,7 @@ def torch_parameters(
         "kv_cache_tokens": str(profile.kv_cache_tokens),
         "engine_max_batch_size": str(profile.max_batch_size),
         "max_queue_size": str(profile.max_queue_size),
+        "prefix_caching": "true" if profile.prefix_caching else "false",
         "stats_path": str(stats_path),
     }
 

@@ -26,6 +26,8 @@ class EngineOptions:
     max_queue_size: int = 256
     prefill_chunk: int = 512
     group_size: int = 128
+    # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
+    prefix_caching: bool = True
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +69,9 @@ def build_engine(options: EngineOptions) -> Engine:
     )
     del tensors
     model.eval()
-    pool = BlockPool(spec, options.kv_cache_tokens, dtype, device)
+    pool = BlockPool(
+        spec, options.kv_cache_tokens, dtype, device, prefix_caching=options.prefix_caching
+    )
     return Engine(
         model, pool, options.max_batch_size, options.max_queue_size, options.prefill_chunk
     )

@@ -79,6 +79,7 @@ class TritonPythonModel:
             kv_cache_tokens=int(parameters.get("kv_cache_tokens", "65536")),
             max_batch_size=int(parameters.get("max_batch_size", "8")),
             max_queue_size=int(parameters.get("max_queue_size", "256")),
+            prefix_caching=parameters.get("prefix_caching", "true") != "false",
         )
         try:
             self.engine = build_engine(options)
@@ -140,8 +141,24 @@ class TritonPythonModel:
             except Exception:  # the client is gone; the engine drops it on the next step
                 log.debug("response not delivered", exc_info=True)
 
+        def admitted(cached: int) -> None:
+            # The first response, before any token: what the prefix cache gave (the gateway
+            # puts it in the usage it opens the client's stream with).
+            response = pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                    pb_utils.Tensor("sequence_length", np.array([[0]], dtype=np.int32)),
+                    pb_utils.Tensor("cached_prompt_tokens", np.array([[cached]], dtype=np.int32)),
+                ]
+            )
+            try:
+                sender.send(response, flags=0)
+            except Exception:
+                log.debug("response not delivered", exc_info=True)
+
         return GenerationRequest(
             prompt=ids,
+            admitted=admitted,
             max_new_tokens=int(_scalar(request, "request_output_len", 16)),
             emit=emit,
             fail=lambda message: self._send_error(sender, message),
