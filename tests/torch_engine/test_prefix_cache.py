@@ -19,6 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cortex.config import ModelProfile
+from neuron_agent.repository import render
 from neuron_agent.torch_engine.checkpoint import read_spec
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
@@ -296,3 +298,16 @@ def test_agent_shaped_requests_run_together_without_reserving_max_tokens(
         assert not any(c.error or c.done.is_set() for c in collectors)
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_the_profile_switch_reaches_the_model_config(
+    tiny_model: Path, tmp_path: Path, caching: bool
+) -> None:
+    """`prefix_caching` in models.toml reaches the torch model's config.pbtxt (the benchmark's
+    cache-off model, served from such a profile, reports no reuse)."""
+    profile = ModelProfile(name="m", source=str(tiny_model), prefix_caching=caching)
+    config = render(profile, tiny_model, [], False, tmp_path / "stats.json")["config.pbtxt"]
+    line = next(x for x in config.decode().splitlines() if '"prefix_caching"' in x)
+    assert f'string_value: "{str(caching).lower()}"' in line
+    assert 'name: "cached_prompt_tokens"' in config.decode()
