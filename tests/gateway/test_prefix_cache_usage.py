@@ -20,12 +20,18 @@ import httpx
 import openai
 import pytest
 
+from build_engines.request import BuildRequest
+from build_engines.request import Quantization as BuildQuantization
+from build_engines.trtllm import build_command
 from control_plane.anthropic.protocol import MessagesRequest
 from control_plane.anthropic.translate import chat_request as anthropic_chat_request
+from control_plane.node_client import GenerationParams, build_request
 from control_plane.openai.protocol import ChatCompletionRequest
 from control_plane.openai.translate import chat_request as openai_chat_request
 from control_plane.prompting import ModelTokenizer
+from cortex.config import TRTLLM_TOKENS_PER_BLOCK, EngineKind, ModelProfile
 from cortex.neuron_api import TokenizerFiles
+from neuron_agent.repository import render
 from tests.conftest import Embedded
 
 BLOCK = 16
@@ -169,3 +175,25 @@ def test_both_dialects_report_the_reused_prefix(
     reported += reusable(chat_ids, chat_ids)
     assert metric(embedded, "cortex_cached_input_tokens_total") - cached_before == reported
     assert 0 < metric(embedded, "cortex_prefix_cache_hit_ratio") < 1
+
+
+def test_trtllm_engines_are_built_and_served_for_kv_cache_reuse(tmp_path: Path) -> None:
+    """TensorRT-LLM reuses KV blocks only with paged context FMHA in the engine and
+    `enable_kv_cache_reuse` in its model config; it reports reuse (`kv_cache_reused_blocks`,
+    in blocks of the size the engine was built with) when a request sets
+    `return_perf_metrics`, which its template must declare."""
+    request = BuildRequest(
+        checkpoint=tmp_path, quant=BuildQuantization.FP8, output=tmp_path, max_input_len=1024
+    )
+    command = build_command(request, tmp_path / "ckpt", tmp_path / "engine")
+    assert command[command.index("--use_paged_context_fmha") + 1] == "enable"
+    assert command[command.index("--tokens_per_block") + 1] == str(TRTLLM_TOKENS_PER_BLOCK)
+    profile = ModelProfile(name="m", source=str(tmp_path), engine=EngineKind.TRTLLM)
+    config = render(profile, tmp_path, [0], True, tmp_path / "stats.json")["config.pbtxt"].decode()
+    assert 'key: "enable_kv_cache_reuse" value: { string_value: "true" }' in config
+    assert '{ name: "return_perf_metrics" data_type: TYPE_BOOL' in config
+    assert '{ name: "kv_cache_reused_blocks" data_type: TYPE_INT32' in config
+    asked = build_request("m", [1, 2], GenerationParams(4, (2,), 0, return_perf_metrics=True), "r")
+    assert "return_perf_metrics" in [tensor.name for tensor in asked.inputs]
+    plain = build_request("m", [1, 2], GenerationParams(4, (2,), 0), "r")
+    assert "return_perf_metrics" not in [tensor.name for tensor in plain.inputs]
