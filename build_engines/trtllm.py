@@ -19,13 +19,14 @@ from build_engines.errors import NeedsTensorRTLLM, StageFailed
 from build_engines.progress import Progress
 from build_engines.request import BuildRequest, Quantization
 from build_engines.versions import TargetVersions, find_trtllm_build, package_version
+from cortex.config import TRTLLM_TOKENS_PER_BLOCK
 
 QUANT_ALGOS: dict[Quantization, str | None] = {
     Quantization.FP8: "FP8",
     Quantization.INT4_AWQ: "W4A16_AWQ",
     Quantization.NONE: None,
 }
-TOKENS_PER_BLOCK = 32
+TOKENS_PER_BLOCK = TRTLLM_TOKENS_PER_BLOCK  # the gateway counts reused blocks with it
 LOGITS_DTYPE = "float32"  # the tensorrt_llm template's logits_datatype is TYPE_FP32 to match
 
 

@@ -93,6 +93,8 @@ class FinishReason(enum.StrEnum):
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # Of prompt_tokens, those the engine read from its prefix cache instead of computing.
+    cached_prompt_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -105,10 +107,13 @@ class Usage:
 @dataclass(frozen=True)
 class Started:
     """The request was admitted: model resolved and prompt tokenized. Always the first event,
-    before any `Waiting`, so encoders can open their stream with the real prompt size."""
+    before any `Waiting`, so encoders can open their stream with the real prompt size. On a
+    warm model it waits for the engine's first response, which says how much of the prompt
+    came from the prefix cache (Claude Code reads that from the stream's opening event)."""
 
     model: str
     prompt_tokens: int
+    cached_prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)

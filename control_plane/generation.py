@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from control_plane.canonical import (
@@ -41,6 +41,7 @@ from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.tool_calls import parser_for
 from cortex import logs
+from cortex.config import EngineKind
 from cortex.neuron_api import CatalogueEntry
 
 T = TypeVar("T")
@@ -161,8 +162,11 @@ async def generate(
         bool(request.tools),
         request.parallel_tool_calls,
     )
+    if prepared.entry.profile.engine is EngineKind.TRTLLM:
+        params = replace(params, return_perf_metrics=True)  # its prefix-cache reuse
     deadline = time.monotonic() + settings.request_timeout_s
     completion = 0
+    cached = 0
     first_token_at: float | None = None
     outcome = "error"
     series.in_flight.inc()
@@ -170,15 +174,17 @@ async def generate(
         async with fleet.using(node, model) as triton:
             stream = triton.generate(model, prompt, params, request.request_id)
             try:
-                # The call is started before the client's stream opens: grpc's send task is
-                # already queued when the response headers are written (it runs on the loop's
-                # next turn), rather than waiting for the read-ahead task's first turn too.
-                if not announced:
-                    yield Started(model, len(prompt))
                 async with contextlib.aclosing(
                     Paced(stream, settings.ping_interval_s, deadline)
                 ) as steps:
                     async for tokens in steps:
+                        # The stream opens on the engine's first response (the torch engine
+                        # sends one on admission, before prefill), which carries the prefix
+                        # cache's share of the prompt; on a keep-alive first, without it.
+                        cached = min(stream.cached_prompt_tokens or 0, len(prompt))
+                        if not announced:
+                            announced = True
+                            yield Started(model, len(prompt), cached)
                         if tokens is None:  # a long prefill: keep the client's stream alive
                             yield Waiting()
                             continue
@@ -214,7 +220,7 @@ async def generate(
             reason = FinishReason.STOP
         outcome = "ok"
         stop_sequence = stopper.matched if reason is FinishReason.STOP_SEQUENCE else None
-        yield Finished(reason, Usage(len(prompt), completion), stop_sequence)
+        yield Finished(reason, Usage(len(prompt), completion, cached), stop_sequence)
     except (GeneratorExit, asyncio.CancelledError):
         outcome = "cancelled"
         raise
@@ -228,7 +234,7 @@ async def generate(
         series.in_flight.dec()
         ended = time.monotonic()
         series.requests(outcome).inc()
-        series.input_tokens.inc(len(prompt))
+        series.record_prompt(len(prompt), cached)
         series.output_tokens.inc(completion)
         series.duration.observe(ended - started)
         if first_token_at is not None and completion > 1:
@@ -243,6 +249,7 @@ async def generate(
             api=api,
             outcome=outcome,
             prompt_tokens=len(prompt),
+            cached_prompt_tokens=cached,
             completion_tokens=completion,
             ttft_s=None if first_token_at is None else round(first_token_at - started, 4),
             duration_s=round(ended - started, 4),

@@ -29,6 +29,7 @@ class RequestSeries:
     duration: Histogram
     tokens_per_second: Histogram
     input_tokens: Counter
+    cached_input_tokens: Counter
     output_tokens: Counter
     in_flight: Gauge
     _requests: dict[str, Counter] = field(default_factory=dict)
@@ -38,6 +39,18 @@ class RequestSeries:
         if counter is None:
             counter = self._requests[outcome] = self.metrics.requests.labels(*self.labels, outcome)
         return counter
+
+    def record_prompt(self, prompt_tokens: int, cached_tokens: int) -> None:
+        """A request's prompt: its size, the part read from the prefix cache, and the model's
+        hit ratio on that node since this gateway started (over every API)."""
+        self.input_tokens.inc(prompt_tokens)
+        self.cached_input_tokens.inc(cached_tokens)
+        model, node, _ = self.labels
+        totals = self.metrics.prompt_totals.setdefault((model, node), [0, 0])
+        totals[0] += cached_tokens
+        totals[1] += prompt_tokens
+        if totals[1]:
+            self.metrics.prefix_cache_hit_ratio.labels(model, node).set(totals[0] / totals[1])
 
 
 class GatewayMetrics:
@@ -57,6 +70,20 @@ class GatewayMetrics:
             registry=r,
         )
         self.input_tokens = Counter("cortex_input_tokens", "Prompt tokens", labels, registry=r)
+        self.cached_input_tokens = Counter(
+            "cortex_cached_input_tokens",
+            "Prompt tokens the engine read from its prefix cache",
+            labels,
+            registry=r,
+        )
+        # (model, node) → [cached prompt tokens, prompt tokens] since start.
+        self.prompt_totals: dict[tuple[str, str], list[int]] = {}
+        self.prefix_cache_hit_ratio = Gauge(
+            "cortex_prefix_cache_hit_ratio",
+            "Share of prompt tokens read from the prefix cache, since the gateway started",
+            ("model", "node"),
+            registry=r,
+        )
         self.output_tokens = Counter("cortex_output_tokens", "Generated tokens", labels, registry=r)
         self.ttft = Histogram(
             "cortex_time_to_first_token_seconds",
@@ -131,6 +158,7 @@ class GatewayMetrics:
                 duration=self.duration.labels(*key),
                 tokens_per_second=self.tokens_per_second.labels(*key),
                 input_tokens=self.input_tokens.labels(*key),
+                cached_input_tokens=self.cached_input_tokens.labels(*key),
                 output_tokens=self.output_tokens.labels(*key),
                 in_flight=self.in_flight.labels(model, node),
             )

@@ -16,7 +16,7 @@ import httpx
 
 from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
 from cortex import logs
-from cortex.config import NeuronRef
+from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
 
 # grpcio runs client channels on its EventEngine by default; for the gateway's stream reads (one
@@ -92,6 +92,9 @@ class GenerationParams:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    # Ask TensorRT-LLM for its per-request KV-cache figures (kv_cache_reused_blocks, …); only
+    # for engines whose model declares the input (our torch engine reports without asking).
+    return_perf_metrics: bool = False
 
 
 # Request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same), in
@@ -106,6 +109,7 @@ _SCALARS = (
     ("runtime_top_k", "INT32", "<i"),
     ("runtime_top_p", "FP32", "<f"),
     ("seed", "UINT64", "<Q"),
+    ("return_perf_metrics", "BOOL", "<?"),
 )
 _SCALAR_TENSORS = {
     name: service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=dtype, shape=[1, 1])
@@ -141,6 +145,8 @@ def build_request(
     ]
     if params.seed is not None:
         values.append(("seed", params.seed))
+    if params.return_perf_metrics:
+        values.append(("return_perf_metrics", True))
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     ids = request.inputs.add()
     ids.name, ids.datatype = "input_ids", "INT32"
@@ -161,6 +167,24 @@ def output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
                 return (raw.cast("q") if output.datatype == "INT64" else raw.cast("i")).tolist()
             return list(output.contents.int_contents or output.contents.int64_contents)
     return []
+
+
+def cached_prompt_tokens(response: service_pb2.ModelInferResponse) -> int | None:
+    """Prompt tokens the engine read from its prefix cache, where this response says: our
+    torch engine's `cached_prompt_tokens`, or TensorRT-LLM's `kv_cache_reused_blocks` in whole
+    blocks of the size `cortex build-engine` builds with."""
+    for index, output in enumerate(response.outputs):
+        if output.name in ("cached_prompt_tokens", "kv_cache_reused_blocks"):
+            if index < len(response.raw_output_contents):
+                values = memoryview(response.raw_output_contents[index]).cast("i").tolist()
+            else:
+                values = list(output.contents.int_contents)
+            if not values:
+                return None
+            if output.name == "kv_cache_reused_blocks":
+                return values[0] * TRTLLM_TOKENS_PER_BLOCK
+            return values[0]
+    return None
 
 
 class TritonStream:
@@ -207,6 +231,9 @@ class Generation:
         self._call = call
         self._model = model
         self._finished = False
+        # Prompt tokens from the engine's prefix cache, once a response has said (the torch
+        # engine's first response does, before any token); None until then.
+        self.cached_prompt_tokens: int | None = None
 
     def __aiter__(self) -> Generation:
         return self
@@ -229,6 +256,8 @@ class Generation:
         final = result.parameters.get("triton_final_response")
         if final is not None and final.bool_param:
             self._finished = True
+        if self.cached_prompt_tokens is None and result.outputs:
+            self.cached_prompt_tokens = cached_prompt_tokens(result)
         return output_ids(result)
 
     async def aclose(self) -> None:

@@ -117,10 +117,16 @@ def fold_system_messages(request: ChatRequest) -> list[Message]:
     """Messages as chat templates accept them: one leading system message, no other.
 
     Leading system messages (and the instructions the request implies) form the system prompt.
-    A later one — Claude Code sends them mid-conversation — is folded into the next user turn,
-    else the previous one, keeping its place in the conversation: many templates (Qwen's) refuse
-    a system message that is not first, and the prompt prefix before it stays the same, which
-    keeps prefix caches useful. Tool results are never split from the call they answer.
+    A later one — Claude Code sends them mid-conversation — keeps its place in the conversation,
+    as many templates (Qwen's) refuse a system message that is not first: right after a user
+    turn it joins the end of that turn; elsewhere it joins the start of the next user turn (so
+    it never splits a tool call from its result), else the previous one.
+
+    Where it goes is decided by what comes before it wherever possible, so a conversation's
+    next request renders this part the same and the prompt only grows at its end (prefix
+    caches reuse all of it). Claude Code's first request ends with a system message right after
+    the first user turn, and its next request adds turns behind it: folded into the next user
+    turn, the first turn would render differently from one request to the next.
     """
     messages = list(request.messages)
     lead = 0
@@ -132,7 +138,11 @@ def fold_system_messages(request: ChatRequest) -> list[Message]:
     folded: list[Message] = []
     for message in rest:
         if message.role == "system":
-            if message.content:
+            if message.content and not pending and folded and folded[-1].role == "user":
+                last = folded[-1]
+                parts = [last.content, message.content] if last.content else [message.content]
+                folded[-1] = replace(last, content="\n\n".join(parts))
+            elif message.content:
                 pending.append(message.content)
         elif message.role == "user" and pending:
             content = "\n\n".join([*pending, message.content] if message.content else pending)

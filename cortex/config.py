@@ -119,6 +119,11 @@ class EngineKind(enum.StrEnum):
     TRTLLM = "trtllm"
 
 
+# KV-cache block size `cortex build-engine` builds TensorRT-LLM engines with; the gateway turns
+# the backend's `kv_cache_reused_blocks` into prompt tokens read from the cache with it.
+TRTLLM_TOKENS_PER_BLOCK = 32
+
+
 class Quantization(enum.StrEnum):
     NONE = "none"
     FP8 = "fp8"
@@ -160,6 +165,9 @@ class ModelProfile(_Config):
     prefill_tokens: Annotated[int, Field(ge=0)] = 0
     # torch engine on a GPU: decode through CUDA graphs captured at load (false: eager).
     cuda_graphs: bool = True
+    # Reuse the KV cache of earlier requests' equal prompt prefixes (torch engine; trtllm
+    # engines always reuse, as their template enables it).
+    prefix_caching: bool = True
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None
     # A Triton model-directory template folder to use instead of the engine's own one under

@@ -46,6 +46,7 @@ def torch_parameters(
         "max_queue_size": str(profile.max_queue_size),
         "prefill_tokens": str(profile.prefill_tokens),
         "cuda_graphs": str(profile.cuda_graphs).lower(),
+        "prefix_caching": "true" if profile.prefix_caching else "false",
         "stats_path": str(stats_path),
     }
 

@@ -221,13 +221,23 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
 # ---- responses --------------------------------------------------------------------------------
 
 
-def usage_body(finished: Finished) -> dict[str, int]:
+def usage_fields(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, int]:
+    """Anthropic usage; its three prompt parts sum to the whole prompt.
+    `cache_read_input_tokens` came from the engine's prefix cache. `cache_creation_input_tokens`
+    counts tokens written to a cache entry that a `cache_control` breakpoint created; cortex's
+    cache is automatic (every full block is kept, at no extra cost, with no entry to create),
+    so it is 0 and every prompt token not read from the cache is `input_tokens`."""
     return {
-        "input_tokens": finished.usage.prompt_tokens,
-        "output_tokens": finished.usage.completion_tokens,
+        "input_tokens": prompt_tokens - cached_tokens,
+        "output_tokens": output_tokens,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": cached_tokens,
     }
+
+
+def usage_body(finished: Finished) -> dict[str, int]:
+    usage = finished.usage
+    return usage_fields(usage.prompt_tokens, usage.cached_prompt_tokens, usage.completion_tokens)
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:
@@ -305,13 +315,12 @@ class MessageStreamEncoder:
                 "stop_reason": STOP_REASONS[event.reason],
                 "stop_sequence": event.stop_sequence,
             }
-            usage = {
-                "input_tokens": event.usage.prompt_tokens,
-                "output_tokens": event.usage.completion_tokens,
-            }
             return (
                 self._close()
-                + _sse("message_delta", {"type": "message_delta", "delta": ending, "usage": usage})
+                + _sse(
+                    "message_delta",
+                    {"type": "message_delta", "delta": ending, "usage": usage_body(event)},
+                )
                 + _sse("message_stop", {"type": "message_stop"})
             )
         return b""
@@ -325,12 +334,7 @@ class MessageStreamEncoder:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {
-                "input_tokens": event.prompt_tokens,
-                "output_tokens": 0,
-                "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0,
-            },
+            "usage": usage_fields(event.prompt_tokens, event.cached_prompt_tokens, 0),
         }
         return {"type": "message_start", "message": message}
 

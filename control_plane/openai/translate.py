@@ -151,11 +151,13 @@ def call_id_for(neutral_id: str) -> str:
     return f"call_{neutral_id}"
 
 
-def usage_body(usage: Usage) -> dict[str, int]:
+def usage_body(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        # Of prompt_tokens, those read from the engine's prefix cache.
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
 
 
@@ -216,7 +218,7 @@ class ChunkEncoder:
         self._text_head = b"data: " + self._prefix + b'"choices":[{"index":0,"delta":{"content":'
         self._text_tail = b'},"logprobs":null,"finish_reason":null}]' + ending
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         body = {"choices": choices}
         if self.include_usage:
             body["usage"] = usage  # type: ignore[assignment]

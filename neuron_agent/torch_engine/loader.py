@@ -27,6 +27,8 @@ class EngineOptions:
     prefill_tokens: int = 0  # 0: 512 on CPU, 8192 on a GPU
     group_size: int = 128
     cuda_graphs: bool = True
+    # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
+    prefix_caching: bool = True
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +70,9 @@ def build_engine(options: EngineOptions) -> Engine:
     )
     del tensors
     model.eval()
-    pool = BlockPool(spec, options.kv_cache_tokens, dtype, device)
+    pool = BlockPool(
+        spec, options.kv_cache_tokens, dtype, device, prefix_caching=options.prefix_caching
+    )
     prefill_tokens = options.prefill_tokens or (8192 if device.type == "cuda" else 512)
     return Engine(
         model,

@@ -3,11 +3,19 @@
 One engine thread loops over `step()`:
   1. requests cancelled by their client (or the gateway) leave, freeing their blocks at once;
   2. waiting requests are admitted in arrival order while the batch has room and the KV pool can
-     reserve their whole budget (prompt + max new tokens) — so nothing runs out of memory later;
-  3. admitted prompts are prefilled in one forward pass over chunks of several sequences, at most
-     `prefill_tokens` tokens a step (a long prompt does not stall decoding for long);
+     hold their prompt: the longest cached prefix of the prompt (whole blocks, shared with
+     other requests) is reused, blocks are taken for the rest;
+  3. admitted prompts are prefilled from where the reused prefix ends, in one forward pass over
+     chunks of several sequences, at most `prefill_tokens` tokens a step (a long prompt does
+     not stall decoding for long);
   4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
-     replay of the CUDA graph captured for that batch size (`graphs`).
+     replay of the CUDA graph captured for that batch size (`graphs`) — taking a new block when
+     its last one is full.
+Blocks for generated tokens are taken as sequences grow, not reserved for `max_new_tokens` at
+admission: agents ask for far more (Claude Code: 32,000) than they use. When the pool runs dry
+the youngest running sequence is preempted — its blocks released (registered ones stay cached),
+itself put back at the front of the queue — and later resumes by recomputing its prompt and
+generated tokens, which mostly come back from the prefix cache. Its client sees only a pause.
 Requests beyond the queue limit, or larger than the whole KV budget, are rejected with a clear
 sentence instead of waiting forever or exhausting memory.
 """
@@ -25,7 +33,7 @@ import torch
 
 from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
-from neuron_agent.torch_engine.kv_cache import BlockPool
+from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
     HostCopy,
@@ -50,21 +58,33 @@ class GenerationRequest:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     stream: bool = True
     request_id: str = ""
+    # admitted(cached_prompt_tokens): called once, from the engine thread, when the request
+    # first joins the batch, with how many prompt tokens it reuses from the prefix cache.
+    admitted: Callable[[int], None] | None = None
 
 
 @dataclass
 class _Sequence:
     request: GenerationRequest
     blocks: list[int]
-    tokens: list[int]
+    tokens: list[int]  # prompt, then generated tokens (an end token is not kept)
     cached: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    keys: list[BlockKey] = field(default_factory=list)  # prefix keys of its full blocks
+    reused: int | None = None  # prompt tokens from the prefix cache at first admission
+
+    @property
+    def prefill_target(self) -> int:
+        """Positions that must be in the cache before the next token is chosen: the whole
+        prompt for a new sequence; all but the newest token for one resumed after preemption
+        (decoding feeds that one)."""
+        return len(self.tokens) - 1 if self.generated else len(self.tokens)
 
     @property
     def prefilling(self) -> bool:
-        return self.cached < len(self.request.prompt)
+        return self.cached < self.prefill_target
 
 
 class Engine:
@@ -103,6 +123,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
+        self.preemptions = 0
+        self.prefix_hit_tokens = 0  # prompt tokens reused from the prefix cache, since start
         # on_change(running, waiting): told whenever the counts change (the node reads them).
         self.on_change = on_change
         self._reported = (-1, -1)
@@ -163,17 +185,22 @@ class Engine:
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """float32 logits at every position of one prompt, outside the batch (accuracy checks:
-        quantized against plain). Uses the first cache slots: call it on an idle engine."""
+        quantized against plain). Call it on an idle engine: it takes blocks from the pool."""
         count = len(prompt)
-        slots = torch.arange(count, device=self.device)
-        batch = ForwardBatch(
-            positions=slots,
-            write_slots=slots,
-            block_size=self.pool.block_size,
-            chunks=(PrefillChunk(0, count),),
-        )
-        tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        return self.model(tokens, batch, self.pool.layers)
+        blocks = self.pool.allocate(count)
+        if blocks is None:
+            raise RequestRejected(f"{count} tokens do not fit the KV budget")
+        try:
+            batch = ForwardBatch(
+                positions=torch.arange(count, device=self.device),
+                write_slots=self.pool.slots(blocks, 0, count).to(self.device),
+                block_size=self.pool.block_size,
+                chunks=(PrefillChunk(0, count),),
+            )
+            tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
+            return self.model(tokens, batch, self.pool.layers)
+        finally:
+            self.pool.release(blocks)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -181,8 +208,11 @@ class Engine:
                 "waiting": len(self._waiting),
                 "running": len(self._running),
                 "free_kv_blocks": self.pool.free_blocks,
+                "cached_kv_blocks": self.pool.cached_blocks,
                 "kv_blocks": self.pool.num_blocks,
                 "steps": self.steps,
+                "preemptions": self.preemptions,
+                "prefix_hit_tokens": self.prefix_hit_tokens,
             }
 
     # ------------------------------------------------------------------ the loop
@@ -217,7 +247,7 @@ class Engine:
         prefilling = [s for s in self._running if s.prefilling]
         if prefilling:
             self._prefill(prefilling)
-        decoding = [s for s in self._running if not s.prefilling and s.generated]
+        decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])
         if decoding:
             self._decode(decoding)
 
@@ -233,35 +263,90 @@ class Engine:
             sequence.request.emit([], True)
 
     def _admit(self) -> None:
+        admitted: list[_Sequence] = []
         with self._lock:
             while self._waiting and len(self._running) < self.max_batch_size:
                 sequence = self._waiting[0]
-                request = sequence.request
-                blocks = self.pool.allocate(len(request.prompt) + request.max_new_tokens)
-                if blocks is None:
-                    return  # first come, first served: wait for blocks to come back
+                if not self._place(sequence):
+                    break  # first come, first served: wait for blocks to come back
                 self._waiting.popleft()
-                sequence.blocks = blocks
                 self._running.append(sequence)
+                if sequence.reused is None:
+                    sequence.reused = sequence.cached
+                    self.prefix_hit_tokens += sequence.cached
+                    admitted.append(sequence)
+        for sequence in admitted:
+            if sequence.request.admitted is not None:
+                sequence.request.admitted(sequence.cached)
+
+    def _place(self, sequence: _Sequence) -> bool:
+        """Blocks for a waiting sequence's tokens: its longest cached prefix (at least the last
+        token is left to compute, so there are logits to choose from), new blocks for the rest.
+        Refused while that would leave running sequences less than a block each to grow into,
+        which would only preempt the newcomer again at once."""
+        pool = self.pool
+        blocks, keys = pool.lookup(sequence.tokens[:-1])
+        needed = pool.blocks_for(len(sequence.tokens)) - len(blocks)
+        if needed + len(self._running) > pool.free_blocks or not pool.grow(
+            blocks, len(sequence.tokens)
+        ):
+            pool.release(blocks)
+            return False
+        sequence.blocks, sequence.keys = blocks, keys
+        sequence.cached = len(keys) * pool.block_size
+        return True
+
+    def _grow(self, decoding: list[_Sequence]) -> list[_Sequence]:
+        """A slot for each decoding sequence's next token (oldest first), preempting the
+        youngest running sequence while the pool is dry; returns those that may decode."""
+        ready = []
+        for sequence in decoding:
+            if sequence not in self._running:
+                continue  # preempted to make room for an older one
+            while not self.pool.grow(sequence.blocks, len(sequence.tokens)):
+                victim = self._running[-1]
+                self._preempt(victim)
+                if victim is sequence:
+                    break
+            else:
+                ready.append(sequence)
+        return [s for s in ready if s in self._running]
+
+    def _preempt(self, sequence: _Sequence) -> None:
+        """Back to the front of the queue, its blocks released (full ones stay cached): it
+        resumes by recomputing prompt + generated tokens, most of them from the cache."""
+        with self._lock:
+            self._running.remove(sequence)
+            self._waiting.appendleft(sequence)
+        self.pool.release(sequence.blocks)
+        sequence.keys = []
+        sequence.cached = 0
+        self.preemptions += 1
+        log.info(
+            "preempted request %s at %d tokens: the KV cache is full",
+            sequence.request.request_id or "-",
+            len(sequence.tokens),
+        )
 
     # ------------------------------------------------------------------ forward passes
 
     def _prefill(self, sequences: list[_Sequence]) -> None:
         """One forward pass over prompt chunks of several sequences, at most `prefill_tokens`
-        tokens in all; a sequence whose prompt is done gets its first token."""
+        tokens in all, each from where its cached prefix ends; a sequence whose prompt is done
+        gets its first token."""
         budget = self.prefill_tokens
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[torch.Tensor] = []
         chunks: list[PrefillChunk] = []
+        filled: list[tuple[_Sequence, int]] = []  # (sequence, cached positions after this pass)
         finishing: list[tuple[_Sequence, int]] = []  # (sequence, its last row)
         for sequence in sequences:
             if budget <= 0:
                 break
             start = sequence.cached
-            stop = min(len(sequence.request.prompt), start + budget)
+            stop = min(sequence.prefill_target, start + budget)
             budget -= stop - start
-            chunk_slots = self.pool.slots(sequence.blocks, start, stop)
             chunks.append(
                 PrefillChunk(
                     start=len(tokens),
@@ -271,11 +356,11 @@ class Engine:
                     else self.pool.slots(sequence.blocks, 0, stop).to(self.device),
                 )
             )
-            tokens.extend(sequence.request.prompt[start:stop])
+            tokens.extend(sequence.tokens[start:stop])
             positions.extend(range(start, stop))
-            slots.append(chunk_slots)
-            sequence.cached = stop
-            if stop == len(sequence.request.prompt):
+            slots.append(self.pool.slots(sequence.blocks, start, stop))
+            filled.append((sequence, stop))
+            if not sequence.generated and stop == len(sequence.tokens):
                 finishing.append((sequence, len(tokens) - 1))
         device = self.device
         batch = ForwardBatch(
@@ -288,6 +373,9 @@ class Engine:
         logits = self.model(
             torch.tensor(tokens, dtype=torch.long, device=device), batch, self.pool.layers, rows
         )
+        for sequence, stop in filled:
+            sequence.cached = stop
+            self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, stop)
         if finishing:
             self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1))
 
@@ -303,6 +391,7 @@ class Engine:
         )
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.cached = length
+            self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, length)
         self._sample_and_accept(sequences, logits, greedy)
 
     def _sample_and_accept(
@@ -314,7 +403,7 @@ class Engine:
             [s.request.sampling for s in sequences],
             [s.generator for s in sequences],
         )
-        for sequence, token in zip(sequences, chosen, strict=True):
+        for sequence, token in zip(sequences, self._host.tolist(chosen), strict=True):
             self._accept(sequence, token)
 
     # ------------------------------------------------------------------ results

@@ -65,6 +65,7 @@ def _write_stats(path: Path, running: int, waiting: int) -> None:
 
 @dataclass
 class _Outgoing:
+    cached_prompt_tokens: int | None = None  # said once, in a response of its own, first
     tokens: list[int] = field(default_factory=list)
     final: bool = False
     error: str | None = None
@@ -93,6 +94,12 @@ class ResponseWriter:
             outgoing.final = outgoing.final or final
             self._wake.notify()
 
+    def admitted(self, sender: Any, cached_prompt_tokens: int) -> None:
+        with self._wake:
+            outgoing = self._waiting.setdefault(sender, _Outgoing())
+            outgoing.cached_prompt_tokens = cached_prompt_tokens
+            self._wake.notify()
+
     def error(self, sender: Any, message: str) -> None:
         with self._wake:
             self._waiting.setdefault(sender, _Outgoing()).error = message
@@ -119,6 +126,20 @@ class ResponseWriter:
 
 def _send(sender: Any, outgoing: _Outgoing) -> None:
     try:
+        if outgoing.cached_prompt_tokens is not None:
+            # Before any token: what the prefix cache gave (the gateway puts it in the usage it
+            # opens the client's stream with).
+            cached = np.array([[outgoing.cached_prompt_tokens]], dtype=np.int32)
+            sender.send(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
+                        pb_utils.Tensor("sequence_length", np.array([[0]], dtype=np.int32)),
+                        pb_utils.Tensor("cached_prompt_tokens", cached),
+                    ]
+                ),
+                flags=0,
+            )
         if outgoing.tokens or (outgoing.final and outgoing.error is None):
             tokens = outgoing.tokens
             response = pb_utils.InferenceResponse(
@@ -162,6 +183,7 @@ class TritonPythonModel:
             max_queue_size=int(parameters.get("max_queue_size", "256")),
             prefill_tokens=int(parameters.get("prefill_tokens", "0")),
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
+            prefix_caching=parameters.get("prefix_caching", "true") != "false",
         )
         self.writer = ResponseWriter()
         try:
@@ -212,6 +234,7 @@ class TritonPythonModel:
 
         return GenerationRequest(
             prompt=ids,
+            admitted=lambda cached: self.writer.admitted(sender, cached),
             max_new_tokens=int(_scalar(request, "request_output_len", 16)),
             emit=lambda tokens, final: self.writer.tokens(sender, tokens, final),
             fail=lambda message: self.writer.error(sender, message),

@@ -57,6 +57,15 @@ def test_non_streamed_message(claude: anthropic.Anthropic) -> None:
     assert message._request_id and message._request_id.startswith("req_")
 
 
+def prompt_size(usage: anthropic.types.Usage) -> int:
+    """The whole prompt: what count_tokens says (cache reads are part of it)."""
+    return (
+        usage.input_tokens
+        + (usage.cache_read_input_tokens or 0)
+        + (usage.cache_creation_input_tokens or 0)
+    )
+
+
 def test_streamed_message_matches_non_streamed(claude: anthropic.Anthropic) -> None:
     request = {
         "model": "claude-sonnet-4-5",
@@ -72,7 +81,8 @@ def test_streamed_message_matches_non_streamed(claude: anthropic.Anthropic) -> N
     assert kinds.count("text") > 1  # really streamed
     assert streamed.content[0].text == whole.content[0].text  # type: ignore[union-attr]
     assert streamed.stop_reason == whole.stop_reason
-    assert streamed.usage.input_tokens == whole.usage.input_tokens
+    # The second run reads the prompt from the prefix cache: the prompt's parts sum the same.
+    assert prompt_size(streamed.usage) == prompt_size(whole.usage)
     assert streamed.usage.output_tokens == whole.usage.output_tokens
 
 
@@ -112,7 +122,7 @@ def test_count_tokens_is_the_usage_the_request_reports(
     }
     counted = claude.messages.count_tokens(**conversation).input_tokens  # type: ignore[arg-type]
     message = claude.messages.create(max_tokens=4, **conversation)  # type: ignore[arg-type]
-    assert counted == message.usage.input_tokens
+    assert counted == prompt_size(message.usage)
 
     # And it is the model's own template over the same conversation, tools included (the
     # server tool and the billing header left out, the tool result as a tool turn).
@@ -171,7 +181,7 @@ def test_prefill_is_continued(claude: anthropic.Anthropic, tiny_model: Path) -> 
     prompt = tokenizer.apply_chat_template(messages, continue_final_message=True, return_dict=False)
     assert counted == len(prompt)
     message = claude.messages.create(model="cortex-tiny", max_tokens=8, messages=messages)  # type: ignore[arg-type]
-    assert message.usage.input_tokens == counted
+    assert prompt_size(message.usage) == counted
 
 
 def raw_headers(**extra: str) -> dict[str, str]:
@@ -244,7 +254,10 @@ def test_claude_code_style_request(root: str) -> None:
         headers=headers,
     )
     assert counted.status_code == 200
-    assert counted.json()["input_tokens"] == payloads[0]["message"]["usage"]["input_tokens"]
+    usage = payloads[0]["message"]["usage"]
+    assert (
+        counted.json()["input_tokens"] == usage["input_tokens"] + usage["cache_read_input_tokens"]
+    )
 
 
 def test_max_tokens_one_probe(root: str) -> None:

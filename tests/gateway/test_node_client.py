@@ -9,7 +9,12 @@ import pytest
 from tritonclient.grpc import InferInput, service_pb2
 from tritonclient.grpc._utils import _get_inference_request
 
-from control_plane.node_client import GenerationParams, build_request, output_ids
+from control_plane.node_client import (
+    GenerationParams,
+    build_request,
+    cached_prompt_tokens,
+    output_ids,
+)
 
 
 def tritonclient_request(
@@ -33,6 +38,8 @@ def tritonclient_request(
     ]
     if params.seed is not None:
         inputs.append(tensor("seed", np.array([[params.seed]], dtype=np.uint64), "UINT64"))
+    if params.return_perf_metrics:
+        inputs.append(tensor("return_perf_metrics", np.array([[True]], dtype=bool), "BOOL"))
     return _get_inference_request(
         model_name=model,
         inputs=inputs,
@@ -61,6 +68,7 @@ def tritonclient_request(
             top_p=0.9,
             seed=2**63,
         ),
+        GenerationParams(max_tokens=8, end_ids=(2,), pad_id=0, return_perf_metrics=True),
     ],
 )
 def test_the_request_is_what_tritonclient_builds(params: GenerationParams) -> None:
@@ -96,3 +104,29 @@ def test_an_empty_final_response_has_no_tokens() -> None:
     none_yet.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1, 0])
     none_yet.raw_output_contents.append(b"")
     assert output_ids(none_yet) == []
+
+
+def test_cached_prompt_tokens_are_read_from_either_engine() -> None:
+    """The torch engine's `cached_prompt_tokens` as it is; TensorRT-LLM's reused blocks times
+    the block size engines are built with (32 tokens); none on responses that do not say."""
+    torch_first = service_pb2.ModelInferResponse()
+    torch_first.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1, 0])
+    torch_first.outputs.add(name="sequence_length", datatype="INT32", shape=[1, 1])
+    torch_first.outputs.add(name="cached_prompt_tokens", datatype="INT32", shape=[1, 1])
+    torch_first.raw_output_contents.extend(
+        [b"", np.array([0], dtype="<i4").tobytes(), np.array([17408], dtype="<i4").tobytes()]
+    )
+    assert cached_prompt_tokens(torch_first) == 17408
+
+    trtllm = service_pb2.ModelInferResponse()
+    trtllm.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1, 1])
+    trtllm.outputs.add(name="kv_cache_reused_blocks", datatype="INT32", shape=[1, 1])
+    trtllm.raw_output_contents.extend(
+        [np.array([5], dtype="<i4").tobytes(), np.array([544], dtype="<i4").tobytes()]
+    )
+    assert cached_prompt_tokens(trtllm) == 544 * 32
+
+    plain = service_pb2.ModelInferResponse()
+    plain.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1, 1])
+    plain.raw_output_contents.append(np.array([5], dtype="<i4").tobytes())
+    assert cached_prompt_tokens(plain) is None

@@ -21,13 +21,13 @@ from control_plane.errors import Overloaded, UpstreamFailed, anthropic_body, ope
 from control_plane.openai.translate import ChunkEncoder
 
 EVENTS = [
-    Started("m", 12),
+    Started("m", 12, 8),
     Waiting(),
     TextDelta("Let me check."),
     ToolCallStart(0, "abc", "get_weather"),
     ToolCallDelta(0, '{"city":'),
     ToolCallDelta(0, '"Paris"}'),
-    Finished(FinishReason.TOOL_CALLS, Usage(12, 9)),
+    Finished(FinishReason.TOOL_CALLS, Usage(12, 9, 8)),
 ]
 
 
@@ -41,8 +41,8 @@ def test_anthropic_stream_bytes() -> None:
         b"event: message_start\n"
         b'data: {"type":"message_start","message":{"id":"msg_1","type":"message",'
         b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,'
-        b'"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":0,'
-        b'"cache_creation_input_tokens":0,"cache_read_input_tokens":0}}}\n\n'
+        b'"stop_sequence":null,"usage":{"input_tokens":4,"output_tokens":0,'
+        b'"cache_creation_input_tokens":0,"cache_read_input_tokens":8}}}\n\n'
         b"event: ping\n"
         b'data: {"type":"ping"}\n\n'
         b"event: content_block_start\n"
@@ -64,7 +64,8 @@ def test_anthropic_stream_bytes() -> None:
         b'data: {"type":"content_block_stop","index":1}\n\n'
         b"event: message_delta\n"
         b'data: {"type":"message_delta","delta":{"stop_reason":"tool_use","stop_sequence":null},'
-        b'"usage":{"input_tokens":12,"output_tokens":9}}\n\n'
+        b'"usage":{"input_tokens":4,"output_tokens":9,"cache_creation_input_tokens":0,'
+        b'"cache_read_input_tokens":8}}\n\n'
         b"event: message_stop\n"
         b'data: {"type":"message_stop"}\n\n'
     )
@@ -88,7 +89,8 @@ def test_anthropic_stop_sequence_and_consecutive_text_share_one_block() -> None:
     assert out.endswith(
         b"event: message_delta\n"
         b'data: {"type":"message_delta","delta":{"stop_reason":"stop_sequence","stop_sequence":"END"},'
-        b'"usage":{"input_tokens":3,"output_tokens":2}}\n\n'
+        b'"usage":{"input_tokens":3,"output_tokens":2,"cache_creation_input_tokens":0,'
+        b'"cache_read_input_tokens":0}}\n\n'
         b"event: message_stop\n"
         b'data: {"type":"message_stop"}\n\n'
     )
@@ -131,7 +133,8 @@ def test_openai_stream_bytes() -> None:
         + b'"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"tool_calls"}],'
         b'"usage":null}\n\n'
         + head
-        + b'"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}\n\n'
+        + b'"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
+        b'"prompt_tokens_details":{"cached_tokens":8}}}\n\n'
         b"data: [DONE]\n\n"
     )
 
