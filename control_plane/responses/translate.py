@@ -1,0 +1,330 @@
+"""Responses requests → canonical requests; canonical results → `response` objects and their
+output items (the stream encoder in `stream` builds its events from the same pieces).
+
+Conversation rules: `instructions` is the leading system message, `developer` turns are system
+turns, `function_call` items join the assistant turn just before them (what Chat spells as one
+assistant message with `tool_calls`), each `function_call_output` is a tool message, and
+`reasoning` items are accepted and left out (a local model cannot read another model's
+reasoning). Server-side state — `previous_response_id`, `conversation`, stored prompts,
+background runs — and tools cortex cannot run are refused with a 400 that names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from control_plane.canonical import (
+    ChatRequest,
+    Finished,
+    FinishReason,
+    Message,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+    offered_tools,
+)
+from control_plane.errors import InvalidRequest
+from control_plane.openai.translate import call_id_for
+from control_plane.responses.protocol import (
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionTool,
+    InputItem,
+    InputTokensRequest,
+    MessageItem,
+    OtherItem,
+    Parts,
+    ResponsesRequest,
+    ToolParam,
+)
+
+EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
+NO_STORE = (
+    "cortex keeps no responses between requests, so {field} cannot be used: send the whole "
+    "conversation in `input` (Codex does this with `store: false`)"
+)
+
+
+def function_item_id(neutral_id: str) -> str:
+    """The id of a function_call output item (its `call_id` is the Chat dialect's `call_…`)."""
+    return f"fc_{neutral_id}"
+
+
+# ---- requests ---------------------------------------------------------------------------------
+
+
+def _refuse_server_state(body: ResponsesRequest | InputTokensRequest) -> None:
+    for field in ("previous_response_id", "conversation", "prompt"):
+        if getattr(body, field, None) is not None:
+            raise InvalidRequest(NO_STORE.format(field=f"`{field}`"), field)
+    if getattr(body, "background", None):
+        raise InvalidRequest(
+            "background responses are not supported: cortex keeps none", "background"
+        )
+
+
+def _parts_text(parts: Parts, path: str) -> str:
+    texts = []
+    for number, part in enumerate(parts):
+        kind = part.get("type")
+        if kind in TEXT_PARTS:
+            texts.append(str(part.get("text", "")))
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+        else:
+            raise InvalidRequest(
+                f"content part type {kind!r} is not supported by text-only models",
+                param=f"{path}[{number}]",
+            )
+    return "".join(texts)
+
+
+def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]:
+    messages: list[Message] = [Message(role="system", content=instructions)] if instructions else []
+    tool_names: dict[str, str] = {}
+    for index, item in enumerate(items):
+        path = f"input[{index}]"
+        if isinstance(item, MessageItem):
+            role = "system" if item.role == "developer" else item.role
+            messages.append(
+                Message(role=role, content=_parts_text(item.content, f"{path}.content"))
+            )
+        elif isinstance(item, FunctionCallItem):
+            tool_names[item.call_id] = item.name
+            call = ToolCall(item.call_id, item.name, item.arguments)
+            previous = messages[-1] if messages else None
+            if previous is not None and previous.role == "assistant":
+                # The calls of one turn follow its text: one assistant message, as in Chat.
+                messages[-1] = Message(
+                    role="assistant",
+                    content=previous.content,
+                    tool_calls=(*previous.tool_calls, call),
+                )
+            else:
+                messages.append(Message(role="assistant", tool_calls=(call,)))
+        elif isinstance(item, FunctionCallOutputItem):
+            messages.append(
+                Message(
+                    role="tool",
+                    content=_parts_text(item.output, f"{path}.output"),
+                    tool_call_id=item.call_id,
+                    name=tool_names.get(item.call_id),
+                )
+            )
+        elif isinstance(item, OtherItem):
+            raise InvalidRequest(
+                f"input item type {item.type!r} is not supported here (cortex runs function "
+                "tools only and keeps no stored items)",
+                f"{path}.type",
+            )
+        # reasoning items: accepted, and nothing a local model can read.
+    return messages
+
+
+def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
+    offered = []
+    for index, tool in enumerate(tools or []):
+        if not isinstance(tool, FunctionTool):
+            raise InvalidRequest(
+                f"tool type {tool.type!r} is not supported: cortex serves only 'function' "
+                'tools, run by the client (in Codex: web_search = "disabled")',
+                f"tools[{index}].type",
+            )
+        offered.append(Tool(tool.name, tool.description or "", tool.parameters or EMPTY_SCHEMA))
+    return tuple(offered)
+
+
+def _tool_choice(
+    value: str | dict[str, Any] | None, tools: tuple[Tool, ...]
+) -> tuple[ToolChoice, str | None, tuple[Tool, ...]]:
+    """(choice, named tool, tools allowed) from every tool_choice form this dialect defines."""
+    if value is None:
+        return ToolChoice.AUTO, None, tools
+    if isinstance(value, str):
+        if value in ("auto", "none", "required"):
+            return ToolChoice(value), None, tools
+        raise InvalidRequest(
+            "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice"
+        )
+    kind = value.get("type")
+    if kind == "function":
+        name = value.get("name")
+        if isinstance(name, str) and name:
+            return ToolChoice.NAMED, name, tools
+        raise InvalidRequest("tool_choice.name is required", "tool_choice.name")
+    if kind == "allowed_tools":
+        names = {
+            entry.get("name")
+            for entry in value.get("tools") or []
+            if isinstance(entry, dict) and entry.get("type") == "function"
+        }
+        mode = ToolChoice.REQUIRED if value.get("mode") == "required" else ToolChoice.AUTO
+        return mode, None, tuple(t for t in tools if t.name in names)
+    raise InvalidRequest(
+        f"tool_choice type {kind!r} is not supported: only function tools run here",
+        "tool_choice.type",
+    )
+
+
+def _json_mode(body: ResponsesRequest | InputTokensRequest) -> bool:
+    kind = ((body.text.format if body.text else None) or {}).get("type")
+    return kind in ("json_object", "json_schema")
+
+
+def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    return (stop,) if isinstance(stop, str) else tuple(stop)
+
+
+def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -> ChatRequest:
+    _refuse_server_state(body)
+    messages = _messages(body.instructions, body.input)
+    choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))
+    tools = offered_tools(tools, choice, named)
+    generation: dict[str, Any] = {}
+    if isinstance(body, ResponsesRequest):
+        generation = {
+            "max_tokens": body.max_output_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "top_k": body.top_k,
+            "seed": body.seed,
+            "stop": _stops(body.stop),
+            "stream": bool(body.stream),
+        }
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(messages),
+        tools=tools,
+        tool_choice=choice,
+        tool_choice_name=named,
+        parallel_tool_calls=body.parallel_tool_calls is not False,
+        json_mode=_json_mode(body),
+        request_id=request_id,
+        **generation,
+    )
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def echo(body: ResponsesRequest) -> dict[str, Any]:
+    """The request's settings, as every response object of it repeats them."""
+    reasoning = body.reasoning or {}
+    return {
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "previous_response_id": None,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": reasoning.get("summary")},
+        "store": False,  # whatever the client asked: nothing is kept
+        "temperature": body.temperature,
+        "text": {"format": (body.text.format if body.text else None) or {"type": "text"}},
+        "tool_choice": body.tool_choice if body.tool_choice is not None else "auto",
+        "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
+        "top_p": body.top_p,
+        "truncation": "disabled",
+        "user": None,
+    }
+
+
+def cached_prompt_tokens(usage: Usage) -> int:
+    """Prompt tokens the engine served from its prefix cache. The canonical usage does not carry
+    that count yet; this is the one place to read it from once it does."""
+    return 0
+
+
+def usage_body(usage: Usage) -> dict[str, Any]:
+    # Unlike Anthropic's, `input_tokens` here includes the cached tokens.
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {
+            "cached_tokens": cached_prompt_tokens(usage),
+            "cache_write_tokens": 0,
+        },
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": []}
+
+
+def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": parts,
+    }
+
+
+def function_call_item(neutral_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {
+        "id": function_item_id(neutral_id),
+        "type": "function_call",
+        "status": status,
+        "arguments": arguments,
+        "call_id": call_id_for(neutral_id),
+        "name": name,
+    }
+
+
+def incomplete(finished: Finished) -> bool:
+    return finished.reason is FinishReason.LENGTH
+
+
+def response_object(
+    response_id: str,
+    model: str,
+    created_at: int,
+    settings: dict[str, Any],
+    status: str,
+    output: list[dict[str, Any]],
+    usage: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `response` resource: the body of a non-streamed answer, and the snapshot the
+    lifecycle events (created, in_progress, completed, incomplete, failed) carry."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": False,
+        "error": error,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "model": model,
+        "output": output,
+        **settings,
+        "usage": usage,
+    }
+
+
+def response_body(
+    response_id: str,
+    model: str,
+    created_at: int,
+    settings: dict[str, Any],
+    message_id: str,
+    text: str,
+    calls: list[tuple[str, str, str]],
+    finished: Finished,
+) -> dict[str, Any]:
+    """A whole answer: its text as one message item, then one item per function call."""
+    status = "incomplete" if incomplete(finished) else "completed"
+    output = [message_item(message_id, [text_part(text)], status)] if text else []
+    output.extend(
+        function_call_item(call_id, name, arguments, "completed")
+        for call_id, name, arguments in calls
+    )
+    return response_object(
+        response_id, model, created_at, settings, status, output, usage_body(finished.usage)
+    )
