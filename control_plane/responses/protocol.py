@@ -47,6 +47,7 @@ class FunctionCallItem(_Lenient):
     call_id: str
     name: str
     arguments: str = ""
+    namespace: str | None = None  # set when the function came from a namespace tool
 
 
 class FunctionCallOutputItem(_Lenient):
@@ -105,18 +106,31 @@ class OtherTool(_Lenient):
     type: str
 
 
-TOOL_TAGS = ("function", "other")
+class NamespaceTool(_Lenient):
+    """Function tools grouped under one name (Codex sends each MCP server's tools so); calls
+    to them name the function and its namespace."""
+
+    type: Literal["namespace"]
+    name: str
+    description: str = ""
+    tools: list[ToolParam]
+
+
+TOOL_TAGS = ("function", "namespace", "other")
 
 
 def _tool_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "function" if kind == "function" else "other"
+    return kind if kind in ("function", "namespace") else "other"
 
 
 ToolParam = Annotated[
-    Annotated[FunctionTool, Tag("function")] | Annotated[OtherTool, Tag("other")],
+    Annotated[FunctionTool, Tag("function")]
+    | Annotated[NamespaceTool, Tag("namespace")]
+    | Annotated[OtherTool, Tag("other")],
     Discriminator(_tool_tag),
 ]
+NamespaceTool.model_rebuild()
 
 
 class TextConfig(_Lenient):

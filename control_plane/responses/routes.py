@@ -34,17 +34,28 @@ async def create_response(request: Request) -> HTTPResponse | None:
     response_id = f"resp_{request.ctx.request_id}"
     message_id = f"msg_{request.ctx.request_id}"
     settings = translate.echo(body)
+    names = translate.namespaced(body)
     created_at = int(time.time())
     events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
     if not body.stream:
         text, calls, finished = await collect(events)
         return json(
             translate.response_body(
-                response_id, body.model, created_at, settings, message_id, text, calls, finished
+                response_id,
+                body.model,
+                created_at,
+                settings,
+                message_id,
+                text,
+                calls,
+                finished,
+                names,
             )
         )
     first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
-    encoder = ResponseStreamEncoder(response_id, body.model, settings, message_id, created_at)
+    encoder = ResponseStreamEncoder(
+        response_id, body.model, settings, message_id, created_at, names
+    )
     response = await request.respond(
         content_type="text/event-stream",
         headers={"cache-control": "no-cache", "x-accel-buffering": "no"},

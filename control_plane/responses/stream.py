@@ -31,6 +31,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import CortexError, Overloaded, PromptTooLong
 from control_plane.responses.translate import (
+    Namespaced,
     function_call_item,
     function_item_id,
     incomplete,
@@ -71,8 +72,10 @@ class ResponseStreamEncoder:
         settings: dict[str, Any],
         message_id: str,
         created_at: int | None = None,
+        names: Namespaced | None = None,
     ) -> None:
         self.response_id = response_id
+        self.names = names or {}
         self.model = model
         self.settings = settings
         self.message_id = message_id
@@ -127,7 +130,7 @@ class ResponseStreamEncoder:
             out = self._close()
             self.open = "function_call"
             self.call = [event.id, event.name, ""]
-            item = function_call_item(event.id, event.name, "", "in_progress")
+            item = function_call_item(event.id, event.name, "", "in_progress", self.names)
             return out + self._event(
                 "response.output_item.added", {"output_index": len(self.output), "item": item}
             )
@@ -158,7 +161,9 @@ class ResponseStreamEncoder:
             )
         elif self.open == "function_call":
             neutral_id, name, arguments = self.call
-            partial.append(function_call_item(neutral_id, name, arguments, "incomplete"))
+            partial.append(
+                function_call_item(neutral_id, name, arguments, "incomplete", self.names)
+            )
         self.open = None
         details = {"code": error.openai_code, "message": error.message, "param": error.param}
         failed = {"code": failure_code(error), "message": error.message}
@@ -222,13 +227,13 @@ class ResponseStreamEncoder:
             )
         elif self.open == "function_call":
             neutral_id, name, arguments = self.call
-            item = function_call_item(neutral_id, name, arguments, "completed")
+            item = function_call_item(neutral_id, name, arguments, "completed", self.names)
             out = self._event(
                 "response.function_call_arguments.done",
                 {
                     "item_id": item["id"],
                     "output_index": index,
-                    "name": name,
+                    "name": item["name"],
                     "arguments": arguments,
                 },
             ) + self._event("response.output_item.done", {"output_index": index, "item": item})

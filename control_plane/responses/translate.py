@@ -33,6 +33,7 @@ from control_plane.responses.protocol import (
     InputItem,
     InputTokensRequest,
     MessageItem,
+    NamespaceTool,
     OtherItem,
     Parts,
     ResponsesRequest,
@@ -45,6 +46,16 @@ NO_STORE = (
     "cortex keeps no responses between requests, so {field} cannot be used: send the whole "
     "conversation in `input` (Codex does this with `store: false`)"
 )
+
+
+# Where a function came from a namespace tool: its name as the model sees it → (namespace, name).
+Namespaced = dict[str, tuple[str, str]]
+
+
+def qualified(namespace: str, name: str) -> str:
+    """The one name a namespaced function has in the prompt: `mcp__server` + `lookup` is
+    `mcp__server__lookup`, the spelling Codex gave MCP tools before namespaces."""
+    return f"{namespace}__{name}"
 
 
 def function_item_id(neutral_id: str) -> str:
@@ -92,8 +103,9 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                 Message(role=role, content=_parts_text(item.content, f"{path}.content"))
             )
         elif isinstance(item, FunctionCallItem):
-            tool_names[item.call_id] = item.name
-            call = ToolCall(item.call_id, item.name, item.arguments)
+            name = qualified(item.namespace, item.name) if item.namespace else item.name
+            tool_names[item.call_id] = name
+            call = ToolCall(item.call_id, name, item.arguments)
             previous = messages[-1] if messages else None
             if previous is not None and previous.role == "assistant":
                 # The calls of one turn follow its text: one assistant message, as in Chat.
@@ -123,17 +135,39 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
     return messages
 
 
+def _function(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
+    if not isinstance(tool, FunctionTool):
+        raise InvalidRequest(
+            f"tool type {tool.type!r} is not supported: cortex serves only 'function' tools "
+            '(also inside namespaces), run by the client (in Codex: web_search = "disabled")',
+            f"{path}.type",
+        )
+    name = qualified(namespace, tool.name) if namespace else tool.name
+    return Tool(name, tool.description or "", tool.parameters or EMPTY_SCHEMA)
+
+
 def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
-    offered = []
+    offered: list[Tool] = []
     for index, tool in enumerate(tools or []):
-        if not isinstance(tool, FunctionTool):
-            raise InvalidRequest(
-                f"tool type {tool.type!r} is not supported: cortex serves only 'function' "
-                'tools, run by the client (in Codex: web_search = "disabled")',
-                f"tools[{index}].type",
+        if isinstance(tool, NamespaceTool):
+            offered.extend(
+                _function(inner, f"tools[{index}].tools[{number}]", tool.name)
+                for number, inner in enumerate(tool.tools)
             )
-        offered.append(Tool(tool.name, tool.description or "", tool.parameters or EMPTY_SCHEMA))
+        else:
+            offered.append(_function(tool, f"tools[{index}]"))
     return tuple(offered)
+
+
+def namespaced(body: ResponsesRequest) -> Namespaced:
+    """The request's namespaced functions, so that calls to them are told apart on the way out."""
+    return {
+        qualified(tool.name, inner.name): (tool.name, inner.name)
+        for tool in body.tools or []
+        if isinstance(tool, NamespaceTool)
+        for inner in tool.tools
+        if isinstance(inner, FunctionTool)
+    }
 
 
 def _tool_choice(
@@ -266,8 +300,10 @@ def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict
     }
 
 
-def function_call_item(neutral_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {
+def function_call_item(
+    neutral_id: str, name: str, arguments: str, status: str, names: Namespaced | None = None
+) -> dict[str, Any]:
+    item = {
         "id": function_item_id(neutral_id),
         "type": "function_call",
         "status": status,
@@ -275,6 +311,9 @@ def function_call_item(neutral_id: str, name: str, arguments: str, status: str) 
         "call_id": call_id_for(neutral_id),
         "name": name,
     }
+    if names and name in names:
+        item["namespace"], item["name"] = names[name]
+    return item
 
 
 def incomplete(finished: Finished) -> bool:
@@ -317,12 +356,13 @@ def response_body(
     text: str,
     calls: list[tuple[str, str, str]],
     finished: Finished,
+    names: Namespaced | None = None,
 ) -> dict[str, Any]:
     """A whole answer: its text as one message item, then one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
     output = [message_item(message_id, [text_part(text)], status)] if text else []
     output.extend(
-        function_call_item(call_id, name, arguments, "completed")
+        function_call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls
     )
     return response_object(

@@ -177,6 +177,21 @@ def test_overload_after_start_tells_codex_to_retry_later() -> None:
     assert failed["response"]["output"] == []
 
 
+def test_namespaced_call_names_its_namespace_in_every_event() -> None:
+    stream = ResponseStreamEncoder(
+        "resp_1", "m", SETTINGS, "msg_1", 7, {"mcp__docs__lookup": ("mcp__docs", "lookup")}
+    )
+    out = stream.event(Started("m", 1)) + stream.event(ToolCallStart(0, "abc", "mcp__docs__lookup"))
+    out += stream.event(ToolCallDelta(0, "{}"))
+    out += stream.event(Finished(FinishReason.TOOL_CALLS, Usage(1, 1)))
+    payloads = [json.loads(f.split(b"data: ", 1)[1]) for f in out.split(b"\n\n")[:-1]]
+    items = [p["item"] for p in payloads if "item" in p]
+    items.append(payloads[-1]["response"]["output"][0])
+    assert [(i["namespace"], i["name"]) for i in items] == [("mcp__docs", "lookup")] * 3
+    done = [p for p in payloads if p["type"] == "response.function_call_arguments.done"]
+    assert done[0]["name"] == "lookup"
+
+
 @given(texts=st.lists(st.text(min_size=1), min_size=1, max_size=4), index=st.integers(0, 3))
 def test_text_deltas_are_the_generic_event(texts: list[str], index: int) -> None:
     """Text deltas are written from bytes made when their item opens; they must stay exactly

@@ -122,6 +122,56 @@ def test_codex_turns_become_chat_turns() -> None:
     assert request.stream is True
 
 
+def test_namespaced_functions_have_one_name_in_the_prompt_and_two_on_the_wire() -> None:
+    """Codex sends each MCP server's tools as a namespace; the model sees one name per
+    function, and its calls come back as the function's name and its namespace."""
+    body = {
+        "input": [
+            {"role": "user", "content": "look it up"},
+            {
+                "type": "function_call",
+                "call_id": "call_1",
+                "namespace": "mcp__docs",
+                "name": "lookup",
+                "arguments": "{}",
+            },
+            {
+                "type": "function_call_output",
+                "call_id": "call_1",
+                "output": [{"type": "input_text", "text": "found"}],
+            },
+        ],
+        "tools": [
+            {"type": "function", "name": "shell"},
+            {
+                "type": "namespace",
+                "name": "mcp__docs",
+                "description": "Project docs",
+                "tools": [
+                    {
+                        "type": "function",
+                        "name": "lookup",
+                        "description": "Find a page",
+                        "parameters": {"type": "object"},
+                    }
+                ],
+            },
+        ],
+    }
+    request = translated(**body)
+    assert [t.name for t in request.tools] == ["shell", "mcp__docs__lookup"]
+    assert request.messages[1].tool_calls == (ToolCall("call_1", "mcp__docs__lookup", "{}"),)
+    assert request.messages[2] == Message(
+        role="tool", content="found", tool_call_id="call_1", name="mcp__docs__lookup"
+    )
+    names = translate.namespaced(ResponsesRequest.model_validate({"model": "m", **body}))
+    assert names == {"mcp__docs__lookup": ("mcp__docs", "lookup")}
+    item = translate.function_call_item("x", "mcp__docs__lookup", "{}", "completed", names)
+    assert (item["namespace"], item["name"], item["call_id"]) == ("mcp__docs", "lookup", "call_x")
+    plain = translate.function_call_item("y", "shell", "{}", "completed", names)
+    assert "namespace" not in plain and plain["name"] == "shell"
+
+
 def test_string_input_instructions_and_json_format() -> None:
     request = translated(
         input="Give me JSON",
@@ -180,6 +230,22 @@ def test_tool_choice_forms() -> None:
             "'web_search'",
         ),
         ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0].type", "'custom'"),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "namespace",
+                        "name": "n",
+                        "tools": [
+                            {"type": "function", "name": "f"},
+                            {"type": "custom", "name": "g"},
+                        ],
+                    }
+                ]
+            },
+            "tools[0].tools[1].type",
+            "'custom'",
+        ),
         ({"tool_choice": {"type": "web_search"}}, "tool_choice.type", "'web_search'"),
         ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
         (
