@@ -29,7 +29,7 @@ from control_plane.canonical import (
     ToolCallStart,
     Waiting,
 )
-from control_plane.errors import CortexError, Overloaded, PromptTooLong
+from control_plane.errors import CortexError, Overloaded
 from control_plane.responses.translate import (
     Namespaced,
     function_call_item,
@@ -53,9 +53,8 @@ def sse(kind: str, sequence_number: int, fields: dict[str, Any]) -> bytes:
 
 
 def failure_code(error: CortexError) -> str:
-    """The `response.error.code` for a failure: the codes Codex acts on where one fits."""
-    if isinstance(error, PromptTooLong):
-        return "context_length_exceeded"  # Codex stops and tells the user to compact
+    """The `response.error.code` for a failure after the stream started (a prompt too long is
+    refused before it, as an HTTP 400 with `context_length_exceeded`)."""
     if isinstance(error, Overloaded):
         return "rate_limit_exceeded"  # Codex retries after a pause
     return "server_error"  # Codex retries
