@@ -74,10 +74,10 @@ class ResponseStreamEncoder:
         names: Namespaced | None = None,
     ) -> None:
         self.response_id = response_id
-        self.names = names or {}
         self.model = model
         self.settings = settings
         self.message_id = message_id
+        self.names = names or {}
         self.created_at = int(time.time()) if created_at is None else created_at
         self.sequence = 0
         self.output: list[dict[str, Any]] = []  # finished items, in output order
@@ -95,15 +95,22 @@ class ResponseStreamEncoder:
     def _event(self, kind: str, fields: dict[str, Any]) -> bytes:
         return sse(kind, self._next(), fields)
 
-    def _snapshot(self, status: str, **extra: Any) -> dict[str, Any]:
+    def _snapshot(
+        self,
+        status: str,
+        output: list[dict[str, Any]] | None = None,
+        usage: dict[str, Any] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         return response_object(
             self.response_id,
             self.model,
             self.created_at,
             self.settings,
             status,
-            extra.pop("output", []),
-            **extra,
+            output or [],
+            usage,
+            error,
         )
 
     def event(self, event: object) -> bytes:
