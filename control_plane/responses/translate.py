@@ -216,6 +216,8 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -> ChatRequest:
     _refuse_server_state(body)
     messages = _messages(body.instructions, body.input)
+    if not any(m.role != "system" for m in messages):
+        raise InvalidRequest("input: a conversation needs at least one turn", "input")
     choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))
     tools = offered_tools(tools, choice, named)
     generation: dict[str, Any] = {}

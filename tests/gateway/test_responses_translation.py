@@ -217,6 +217,8 @@ def test_tool_choice_forms() -> None:
     ("body", "param", "words"),
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id", "keeps no responses"),
+        ({"input": [], "instructions": "Be brief."}, "input", "at least one turn"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input", "at least one turn"),
         ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
         ({"background": True}, "background", "background"),
         (
