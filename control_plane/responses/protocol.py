@@ -58,6 +58,22 @@ class FunctionCallOutputItem(_Lenient):
     output: Parts
 
 
+class CustomToolCallItem(_Lenient):
+    """A call of a custom (freeform) tool the model made earlier: its input is plain text."""
+
+    type: Literal["custom_tool_call"]
+    call_id: str
+    name: str
+    input: str = ""
+    namespace: str | None = None
+
+
+class CustomToolCallOutputItem(_Lenient):
+    type: Literal["custom_tool_call_output"]
+    call_id: str
+    output: Parts
+
+
 class ReasoningItem(_Lenient):
     """Reasoning echoed back from an earlier turn (Codex replays it with encrypted content)."""
 
@@ -68,7 +84,15 @@ class OtherItem(_Lenient):
     type: str
 
 
-ITEM_TAGS = ("message", "function_call", "function_call_output", "reasoning", "other")
+ITEM_TAGS = (
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "reasoning",
+    "other",
+)
 
 
 def _item_tag(value: Any) -> str:
@@ -82,6 +106,8 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
     | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
+    | Annotated[CustomToolCallOutputItem, Tag("custom_tool_call_output")]
     | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[OtherItem, Tag("other")],
     Discriminator(_item_tag),
@@ -100,15 +126,25 @@ class FunctionTool(_Lenient):
     strict: bool | None = None
 
 
+class CustomTool(_Lenient):
+    """A tool the client runs whose input is free text, optionally in a grammar (`format`:
+    `{"type": "grammar", "syntax": "lark", "definition": …}`); Codex's `apply_patch` is one."""
+
+    type: Literal["custom"]
+    name: str
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
 class OtherTool(_Lenient):
-    """Built-in and hosted tools (`web_search`, `file_search`, `custom`, `mcp`, …)."""
+    """Built-in and hosted tools (`web_search`, `file_search`, `mcp`, `local_shell`, …)."""
 
     type: str
 
 
 class NamespaceTool(_Lenient):
-    """Function tools grouped under one name (Codex sends each MCP server's tools so); calls
-    to them name the function and its namespace."""
+    """Function and custom tools grouped under one name (Codex sends each MCP server's tools
+    so); calls to them name the tool and its namespace."""
 
     type: Literal["namespace"]
     name: str
@@ -116,16 +152,17 @@ class NamespaceTool(_Lenient):
     tools: list[ToolParam]
 
 
-TOOL_TAGS = ("function", "namespace", "other")
+TOOL_TAGS = ("function", "custom", "namespace", "other")
 
 
 def _tool_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("function", "namespace") else "other"
+    return kind if kind in TOOL_TAGS else "other"
 
 
 ToolParam = Annotated[
     Annotated[FunctionTool, Tag("function")]
+    | Annotated[CustomTool, Tag("custom")]
     | Annotated[NamespaceTool, Tag("namespace")]
     | Annotated[OtherTool, Tag("other")],
     Discriminator(_tool_tag),

@@ -34,7 +34,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
     response_id = f"resp_{request.ctx.request_id}"
     message_id = f"msg_{request.ctx.request_id}"
     settings = translate.echo(body)
-    names = translate.namespaced(body)
+    names = translate.call_names(body)
     created_at = int(time.time())
     events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
     if not body.stream:

@@ -8,6 +8,9 @@ and Codex CLI parse it. Every event is `event: <type>` + `data: <json>` with tha
              output_text.done → content_part.done → output_item.done
       call:  output_item.added (function_call) → function_call_arguments.delta … →
              function_call_arguments.done → output_item.done
+      custom tool call: output_item.added (custom_tool_call) → custom_tool_call_input.delta
+             (its whole input: the model writes it as JSON, so it is plain text only at the
+             end) → custom_tool_call_input.done → output_item.done
     response.completed (or response.incomplete when max_output_tokens cut it), with usage
 
 Keep-alives (a cold load, a long prefill) are `response.in_progress` again: an SSE comment would
@@ -31,9 +34,8 @@ from control_plane.canonical import (
 )
 from control_plane.errors import CortexError, Overloaded
 from control_plane.responses.translate import (
-    Namespaced,
-    function_call_item,
-    function_item_id,
+    CallNames,
+    call_item,
     incomplete,
     message_item,
     response_object,
@@ -71,19 +73,20 @@ class ResponseStreamEncoder:
         settings: dict[str, Any],
         message_id: str,
         created_at: int | None = None,
-        names: Namespaced | None = None,
+        names: CallNames | None = None,
     ) -> None:
         self.response_id = response_id
         self.model = model
         self.settings = settings
         self.message_id = message_id
-        self.names = names or {}
+        self.names = names or CallNames()
         self.created_at = int(time.time()) if created_at is None else created_at
         self.sequence = 0
         self.output: list[dict[str, Any]] = []  # finished items, in output order
-        self.open: str | None = None  # "message" or "function_call" while an item is open
+        self.open: str | None = None  # the open item's type ("message", "function_call", …)
         self.text: list[str] = []
         self.call: list[str] = []  # the open call: neutral id, name, arguments so far
+        self.call_id = ""  # the open call's item id
         self.messages = 0  # message items so far (a second text run after a call needs an id)
         # The per-token hot path: the bytes around a text delta, made when its item opens.
         self._delta_head = b""
@@ -124,19 +127,21 @@ class ResponseStreamEncoder:
             if not event.arguments:
                 return b""
             self.call[2] += event.arguments
+            if self.open == "custom_tool_call":
+                return b""  # its plain input is known once the arguments are whole
             return self._event(
                 "response.function_call_arguments.delta",
                 {
-                    "item_id": function_item_id(self.call[0]),
+                    "item_id": self.call_id,
                     "output_index": len(self.output),
                     "delta": event.arguments,
                 },
             )
         if isinstance(event, ToolCallStart):
             out = self._close()
-            self.open = "function_call"
             self.call = [event.id, event.name, ""]
-            item = function_call_item(event.id, event.name, "", "in_progress", self.names)
+            item = call_item(event.id, event.name, "", "in_progress", self.names)
+            self.open, self.call_id = item["type"], item["id"]
             return out + self._event(
                 "response.output_item.added", {"output_index": len(self.output), "item": item}
             )
@@ -165,11 +170,9 @@ class ResponseStreamEncoder:
             partial.append(
                 message_item(self._item_id(), [text_part("".join(self.text))], "incomplete")
             )
-        elif self.open == "function_call":
+        elif self.open is not None:
             neutral_id, name, arguments = self.call
-            partial.append(
-                function_call_item(neutral_id, name, arguments, "incomplete", self.names)
-            )
+            partial.append(call_item(neutral_id, name, arguments, "incomplete", self.names))
         self.open = None
         details = {"code": error.openai_code, "message": error.message, "param": error.param}
         failed = {"code": failure_code(error), "message": error.message}
@@ -233,16 +236,30 @@ class ResponseStreamEncoder:
             )
         elif self.open == "function_call":
             neutral_id, name, arguments = self.call
-            item = function_call_item(neutral_id, name, arguments, "completed", self.names)
+            item = call_item(neutral_id, name, arguments, "completed", self.names)
+            fields = {"item_id": item["id"], "output_index": index}
             out = self._event(
                 "response.function_call_arguments.done",
-                {
-                    "item_id": item["id"],
-                    "output_index": index,
-                    "name": item["name"],
-                    "arguments": arguments,
-                },
+                {**fields, "name": item["name"], "arguments": arguments},
             ) + self._event("response.output_item.done", {"output_index": index, "item": item})
+        elif self.open == "custom_tool_call":
+            neutral_id, name, arguments = self.call
+            item = call_item(neutral_id, name, arguments, "completed", self.names)
+            fields = {"item_id": item["id"], "output_index": index}
+            delta = (
+                self._event(
+                    "response.custom_tool_call_input.delta", {**fields, "delta": item["input"]}
+                )
+                if item["input"]
+                else b""
+            )
+            out = (
+                delta
+                + self._event(
+                    "response.custom_tool_call_input.done", {**fields, "input": item["input"]}
+                )
+                + self._event("response.output_item.done", {"output_index": index, "item": item})
+            )
         else:
             return b""
         self.open = None

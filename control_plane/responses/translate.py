@@ -2,15 +2,18 @@
 output items (the stream encoder in `stream` builds its events from the same pieces).
 
 Conversation rules: `instructions` is the leading system message, `developer` turns are system
-turns, `function_call` items join the assistant turn just before them (what Chat spells as one
-assistant message with `tool_calls`), each `function_call_output` is a tool message, and
-`reasoning` items are accepted and left out (a local model cannot read another model's
-reasoning). Server-side state — `previous_response_id`, `conversation`, stored prompts,
-background runs — and tools cortex cannot run are refused with a 400 that names the field.
+turns, `function_call` (and `custom_tool_call`) items join the assistant turn just before them
+(what Chat spells as one assistant message with `tool_calls`), each call's output is a tool
+message, and `reasoning` items are accepted and left out (a local model cannot read another
+model's reasoning). Server-side state — `previous_response_id`, `conversation`, stored prompts,
+background runs — and built-in tools cortex cannot run are refused with a 400 that names the
+field.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.canonical import (
@@ -27,6 +30,9 @@ from control_plane.canonical import (
 from control_plane.errors import InvalidRequest
 from control_plane.openai.translate import call_id_for
 from control_plane.responses.protocol import (
+    CustomTool,
+    CustomToolCallItem,
+    CustomToolCallOutputItem,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionTool,
@@ -48,8 +54,23 @@ NO_STORE = (
 )
 
 
-# Where a function came from a namespace tool: its name as the model sees it → (namespace, name).
-Namespaced = dict[str, tuple[str, str]]
+# A custom tool is shown to the model as a function of one string argument.
+CUSTOM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"input": {"type": "string", "description": "The tool's input, as plain text"}},
+    "required": ["input"],
+}
+
+
+@dataclass(frozen=True)
+class CallNames:
+    """How the model's calls go back to the client. The model sees one name per tool — a
+    namespaced tool's is `qualified(namespace, name)` — and custom tools as functions of one
+    string, `input`; their calls leave as name + namespace, and custom ones as
+    `custom_tool_call` items carrying the plain input."""
+
+    namespaced: dict[str, tuple[str, str]] = field(default_factory=dict)  # shown → (ns, name)
+    custom: frozenset[str] = frozenset()  # shown names of custom tools
 
 
 def qualified(namespace: str, name: str) -> str:
@@ -58,18 +79,29 @@ def qualified(namespace: str, name: str) -> str:
     return f"{namespace}__{name}"
 
 
-def function_item_id(neutral_id: str) -> str:
-    """The id of a function_call output item (its `call_id` is the Chat dialect's `call_…`)."""
-    return f"fc_{neutral_id}"
+def call_item_id(neutral_id: str, custom: bool = False) -> str:
+    """The id of a call's output item (its `call_id` is the Chat dialect's `call_…`)."""
+    return f"ctc_{neutral_id}" if custom else f"fc_{neutral_id}"
+
+
+def custom_input(arguments: str) -> str:
+    """A custom tool's plain input from the arguments the model wrote for it: the `input`
+    string, or the text itself when the model wrote something else."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return arguments
+    text = value.get("input") if isinstance(value, dict) else None
+    return text if isinstance(text, str) else arguments
 
 
 # ---- requests ---------------------------------------------------------------------------------
 
 
 def _refuse_server_state(body: ResponsesRequest | InputTokensRequest) -> None:
-    for field in ("previous_response_id", "conversation", "prompt"):
-        if getattr(body, field, None) is not None:
-            raise InvalidRequest(NO_STORE.format(field=f"`{field}`"), field)
+    for name in ("previous_response_id", "conversation", "prompt"):
+        if getattr(body, name, None) is not None:
+            raise InvalidRequest(NO_STORE.format(field=f"`{name}`"), name)
     if getattr(body, "background", None):
         raise InvalidRequest(
             "background responses are not supported: cortex keeps none", "background"
@@ -102,10 +134,15 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
             messages.append(
                 Message(role=role, content=_parts_text(item.content, f"{path}.content"))
             )
-        elif isinstance(item, FunctionCallItem):
+        elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             name = qualified(item.namespace, item.name) if item.namespace else item.name
             tool_names[item.call_id] = name
-            call = ToolCall(item.call_id, name, item.arguments)
+            arguments = (
+                item.arguments
+                if isinstance(item, FunctionCallItem)
+                else json.dumps({"input": item.input}, ensure_ascii=False)
+            )
+            call = ToolCall(item.call_id, name, arguments)
             previous = messages[-1] if messages else None
             if previous is not None and previous.role == "assistant":
                 # The calls of one turn follow its text: one assistant message, as in Chat.
@@ -116,7 +153,7 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                 )
             else:
                 messages.append(Message(role="assistant", tool_calls=(call,)))
-        elif isinstance(item, FunctionCallOutputItem):
+        elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append(
                 Message(
                     role="tool",
@@ -135,15 +172,26 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
     return messages
 
 
-def _function(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
-    if not isinstance(tool, FunctionTool):
-        raise InvalidRequest(
-            f"tool type {tool.type!r} is not supported: cortex serves only 'function' tools "
-            '(also inside namespaces), run by the client (in Codex: web_search = "disabled")',
-            f"{path}.type",
-        )
-    name = qualified(namespace, tool.name) if namespace else tool.name
-    return Tool(name, tool.description or "", tool.parameters or EMPTY_SCHEMA)
+def _custom_description(tool: CustomTool) -> str:
+    form = tool.format or {}
+    if form.get("type") != "grammar" or not form.get("definition"):
+        return tool.description or ""
+    grammar = f"The input follows this {form.get('syntax', '')} grammar:\n{form['definition']}"
+    return f"{tool.description}\n\n{grammar}" if tool.description else grammar
+
+
+def _tool(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
+    if isinstance(tool, FunctionTool | CustomTool):
+        name = qualified(namespace, tool.name) if namespace else tool.name
+        if isinstance(tool, FunctionTool):
+            return Tool(name, tool.description or "", tool.parameters or EMPTY_SCHEMA)
+        return Tool(name, _custom_description(tool), CUSTOM_SCHEMA)
+    raise InvalidRequest(
+        f"tool type {tool.type!r} is not supported: cortex serves only tools the client runs, "
+        "'function' and 'custom' ones (also inside namespaces); in Codex set "
+        'web_search = "disabled"',
+        f"{path}.type",
+    )
 
 
 def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
@@ -151,23 +199,29 @@ def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
     for index, tool in enumerate(tools or []):
         if isinstance(tool, NamespaceTool):
             offered.extend(
-                _function(inner, f"tools[{index}].tools[{number}]", tool.name)
+                _tool(inner, f"tools[{index}].tools[{number}]", tool.name)
                 for number, inner in enumerate(tool.tools)
             )
         else:
-            offered.append(_function(tool, f"tools[{index}]"))
+            offered.append(_tool(tool, f"tools[{index}]"))
     return tuple(offered)
 
 
-def namespaced(body: ResponsesRequest) -> Namespaced:
-    """The request's namespaced functions, so that calls to them are told apart on the way out."""
-    return {
-        qualified(tool.name, inner.name): (tool.name, inner.name)
-        for tool in body.tools or []
-        if isinstance(tool, NamespaceTool)
-        for inner in tool.tools
-        if isinstance(inner, FunctionTool)
-    }
+def call_names(body: ResponsesRequest) -> CallNames:
+    """How calls to this request's tools are spelled on the way out."""
+    namespaced, custom = {}, set()
+    for tool in body.tools or []:
+        inner = tool.tools if isinstance(tool, NamespaceTool) else [tool]
+        for member in inner:
+            if not isinstance(member, FunctionTool | CustomTool):
+                continue
+            shown = member.name
+            if isinstance(tool, NamespaceTool):
+                shown = qualified(tool.name, member.name)
+                namespaced[shown] = (tool.name, member.name)
+            if isinstance(member, CustomTool):
+                custom.add(shown)
+    return CallNames(namespaced, frozenset(custom))
 
 
 def _tool_choice(
@@ -302,19 +356,22 @@ def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict
     }
 
 
-def function_call_item(
-    neutral_id: str, name: str, arguments: str, status: str, names: Namespaced | None = None
+def call_item(
+    neutral_id: str, name: str, arguments: str, status: str, names: CallNames | None = None
 ) -> dict[str, Any]:
-    item = {
-        "id": function_item_id(neutral_id),
-        "type": "function_call",
-        "status": status,
-        "arguments": arguments,
-        "call_id": call_id_for(neutral_id),
-        "name": name,
-    }
-    if names and name in names:
-        item["namespace"], item["name"] = names[name]
+    """A call's output item: `function_call`, or `custom_tool_call` for a custom tool."""
+    names = names or CallNames()
+    namespace, own_name = names.namespaced.get(name, (None, name))
+    custom = name in names.custom
+    item: dict[str, Any] = {"id": call_item_id(neutral_id, custom)}
+    if custom:
+        item.update(type="custom_tool_call", call_id=call_id_for(neutral_id), name=own_name)
+        item["input"] = custom_input(arguments) if arguments else ""
+    else:
+        item.update(type="function_call", status=status, arguments=arguments)
+        item.update(call_id=call_id_for(neutral_id), name=own_name)
+    if namespace is not None:
+        item["namespace"] = namespace
     return item
 
 
@@ -358,13 +415,13 @@ def response_body(
     text: str,
     calls: list[tuple[str, str, str]],
     finished: Finished,
-    names: Namespaced | None = None,
+    names: CallNames | None = None,
 ) -> dict[str, Any]:
     """A whole answer: its text as one message item, then one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
     output = [message_item(message_id, [text_part(text)], status)] if text else []
     output.extend(
-        function_call_item(call_id, name, arguments, "completed", names)
+        call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls
     )
     return response_object(

@@ -137,6 +137,27 @@ def test_streamed_function_call_round_trip(oai: openai.OpenAI) -> None:
     assert TOOL_RESULT in answer.output_text
 
 
+def test_custom_tool_calls_come_back_as_custom_items(oai: openai.OpenAI) -> None:
+    """A custom tool (Codex's freeform apply_patch is one) is called like a function by the
+    model, and its call reaches the client as a custom_tool_call item, streamed or not."""
+    custom = {"type": "custom", "name": "get_weather", "description": "The weather, as text"}
+    request: dict[str, Any] = {
+        "model": "replay-hermes",
+        "input": "What is the weather in Paris?",
+        "tools": [custom],
+    }
+    whole = oai.responses.create(**request)
+    (item,) = whole.output
+    assert item.type == "custom_tool_call" and item.name == "get_weather"
+    # The fake writes function arguments; with no `input` string in them, they are the input.
+    assert json.loads(item.input) == {"city": "Paris", "unit": "celsius"}
+    events = events_of(oai, **request)
+    kinds = [e.type for e in events]
+    assert "response.custom_tool_call_input.done" in kinds
+    assert "response.function_call_arguments.delta" not in kinds
+    assert events[-1].response.output[0].input == item.input
+
+
 def test_non_streamed_parallel_calls(oai: openai.OpenAI) -> None:
     response = oai.responses.create(
         model="replay-hermes",

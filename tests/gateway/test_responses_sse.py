@@ -8,6 +8,12 @@ import json
 
 from hypothesis import given
 from hypothesis import strategies as st
+from openai.types.responses import (
+    ResponseCustomToolCallInputDeltaEvent,
+    ResponseCustomToolCallInputDoneEvent,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputItemDoneEvent,
+)
 
 from control_plane.canonical import (
     Finished,
@@ -21,6 +27,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import Overloaded, UpstreamFailed
 from control_plane.responses.stream import ResponseStreamEncoder, sse
+from control_plane.responses.translate import CallNames
 
 EVENTS = [
     Started("m", 12),
@@ -178,9 +185,8 @@ def test_overload_after_start_tells_codex_to_retry_later() -> None:
 
 
 def test_namespaced_call_names_its_namespace_in_every_event() -> None:
-    stream = ResponseStreamEncoder(
-        "resp_1", "m", SETTINGS, "msg_1", 7, {"mcp__docs__lookup": ("mcp__docs", "lookup")}
-    )
+    names = CallNames({"mcp__docs__lookup": ("mcp__docs", "lookup")})
+    stream = ResponseStreamEncoder("resp_1", "m", SETTINGS, "msg_1", 7, names)
     out = stream.event(Started("m", 1)) + stream.event(ToolCallStart(0, "abc", "mcp__docs__lookup"))
     out += stream.event(ToolCallDelta(0, "{}"))
     out += stream.event(Finished(FinishReason.TOOL_CALLS, Usage(1, 1)))
@@ -190,6 +196,51 @@ def test_namespaced_call_names_its_namespace_in_every_event() -> None:
     assert [(i["namespace"], i["name"]) for i in items] == [("mcp__docs", "lookup")] * 3
     done = [p for p in payloads if p["type"] == "response.function_call_arguments.done"]
     assert done[0]["name"] == "lookup"
+
+
+def test_custom_tool_call_events() -> None:
+    """A custom tool's input is the string inside the arguments the model wrote, so it is
+    sent once the call is whole; the SDK's own event types accept every event."""
+    stream = ResponseStreamEncoder(
+        "resp_1", "m", SETTINGS, "msg_1", 7, CallNames(custom=frozenset({"apply_patch"}))
+    )
+    stream.event(Started("m", 1))
+    out = stream.event(ToolCallStart(0, "abc", "apply_patch"))
+    out += stream.event(ToolCallDelta(0, '{"input": "*** Begin'))
+    out += stream.event(ToolCallDelta(0, ' Patch"}'))
+    out += stream.event(Finished(FinishReason.TOOL_CALLS, Usage(1, 4)))
+    frames = out.split(b"\n\n")[:-1]
+    item = (
+        b'{"id":"ctc_abc","type":"custom_tool_call","call_id":"call_abc","name":"apply_patch",'
+        b'"input":"*** Begin Patch"}'
+    )
+    assert frames[:4] == [
+        b"event: response.output_item.added\n"
+        b'data: {"type":"response.output_item.added","output_index":0,"item":{"id":"ctc_abc",'
+        b'"type":"custom_tool_call","call_id":"call_abc","name":"apply_patch","input":""},'
+        b'"sequence_number":2}',
+        b"event: response.custom_tool_call_input.delta\n"
+        b'data: {"type":"response.custom_tool_call_input.delta","item_id":"ctc_abc",'
+        b'"output_index":0,"delta":"*** Begin Patch","sequence_number":3}',
+        b"event: response.custom_tool_call_input.done\n"
+        b'data: {"type":"response.custom_tool_call_input.done","item_id":"ctc_abc",'
+        b'"output_index":0,"input":"*** Begin Patch","sequence_number":4}',
+        b"event: response.output_item.done\n"
+        b'data: {"type":"response.output_item.done","output_index":0,"item":'
+        + item
+        + b',"sequence_number":5}',
+    ]
+    assert frames[4].startswith(b"event: response.completed\n")
+    assert item in frames[4]
+    kinds = {
+        "response.output_item.added": ResponseOutputItemAddedEvent,
+        "response.custom_tool_call_input.delta": ResponseCustomToolCallInputDeltaEvent,
+        "response.custom_tool_call_input.done": ResponseCustomToolCallInputDoneEvent,
+        "response.output_item.done": ResponseOutputItemDoneEvent,
+    }
+    for frame in frames[:4]:
+        payload = json.loads(frame.split(b"data: ", 1)[1])
+        kinds[payload["type"]].model_validate(payload)
 
 
 @given(texts=st.lists(st.text(min_size=1), min_size=1, max_size=4), index=st.integers(0, 3))

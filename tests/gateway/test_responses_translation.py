@@ -164,12 +164,71 @@ def test_namespaced_functions_have_one_name_in_the_prompt_and_two_on_the_wire() 
     assert request.messages[2] == Message(
         role="tool", content="found", tool_call_id="call_1", name="mcp__docs__lookup"
     )
-    names = translate.namespaced(ResponsesRequest.model_validate({"model": "m", **body}))
-    assert names == {"mcp__docs__lookup": ("mcp__docs", "lookup")}
-    item = translate.function_call_item("x", "mcp__docs__lookup", "{}", "completed", names)
+    names = translate.call_names(ResponsesRequest.model_validate({"model": "m", **body}))
+    assert names == translate.CallNames({"mcp__docs__lookup": ("mcp__docs", "lookup")})
+    item = translate.call_item("x", "mcp__docs__lookup", "{}", "completed", names)
     assert (item["namespace"], item["name"], item["call_id"]) == ("mcp__docs", "lookup", "call_x")
-    plain = translate.function_call_item("y", "shell", "{}", "completed", names)
+    plain = translate.call_item("y", "shell", "{}", "completed", names)
     assert "namespace" not in plain and plain["name"] == "shell"
+
+
+APPLY_PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Edit files.",
+    "format": {
+        "type": "grammar",
+        "syntax": "lark",
+        "definition": "start: begin_patch hunk+ end_patch",
+    },
+}
+PATCH = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+
+
+def test_custom_tools_are_functions_of_one_string_in_the_prompt() -> None:
+    """Codex's freeform apply_patch: a custom tool whose input is plain text in a grammar."""
+    body = {
+        "input": [
+            {"role": "user", "content": "add a.txt"},
+            {
+                "type": "custom_tool_call",
+                "call_id": "call_1",
+                "name": "apply_patch",
+                "input": PATCH,
+            },
+            {"type": "custom_tool_call_output", "call_id": "call_1", "output": "Done!"},
+        ],
+        "tools": [APPLY_PATCH, {"type": "function", "name": "shell"}],
+    }
+    request = translated(**body)
+    patch_tool = request.tools[0]
+    assert patch_tool.name == "apply_patch"
+    assert patch_tool.description.startswith("Edit files.")
+    assert "lark grammar:\nstart: begin_patch hunk+ end_patch" in patch_tool.description
+    assert patch_tool.parameters == translate.CUSTOM_SCHEMA
+    (call,) = request.messages[1].tool_calls
+    assert (call.id, call.name, json.loads(call.arguments)) == (
+        "call_1",
+        "apply_patch",
+        {"input": PATCH},
+    )
+    assert request.messages[2] == Message(
+        role="tool", content="Done!", tool_call_id="call_1", name="apply_patch"
+    )
+
+    names = translate.call_names(ResponsesRequest.model_validate({"model": "m", **body}))
+    assert names.custom == {"apply_patch"}
+    item = translate.call_item("x", "apply_patch", json.dumps({"input": PATCH}), "completed", names)
+    assert item == {
+        "id": "ctc_x",
+        "type": "custom_tool_call",
+        "call_id": "call_x",
+        "name": "apply_patch",
+        "input": PATCH,
+    }
+    # What the model wrote when it did not follow the one-string shape is passed on as it is.
+    assert translate.custom_input('{"patch": 1}') == '{"patch": 1}'
+    assert translate.custom_input("*** Begin Patch") == "*** Begin Patch"
 
 
 def test_string_input_instructions_and_json_format() -> None:
@@ -231,7 +290,7 @@ def test_tool_choice_forms() -> None:
             "tools[1].type",
             "'web_search'",
         ),
-        ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "tools[0].type", "'custom'"),
+        ({"tools": [{"type": "local_shell"}]}, "tools[0].type", "'local_shell'"),
         (
             {
                 "tools": [
@@ -240,13 +299,13 @@ def test_tool_choice_forms() -> None:
                         "name": "n",
                         "tools": [
                             {"type": "function", "name": "f"},
-                            {"type": "custom", "name": "g"},
+                            {"type": "mcp", "server_label": "g"},
                         ],
                     }
                 ]
             },
             "tools[0].tools[1].type",
-            "'custom'",
+            "'mcp'",
         ),
         ({"tool_choice": {"type": "web_search"}}, "tool_choice.type", "'web_search'"),
         ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
