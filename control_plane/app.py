@@ -31,6 +31,7 @@ from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.openai.routes import blueprint as openai_routes
 from control_plane.prompting import import_tokenizer_support
+from control_plane.responses.routes import blueprint as responses_routes
 from cortex import logs
 from cortex.config import CortexConfig, split_host_port
 
@@ -47,6 +48,8 @@ def is_anthropic(request: Request) -> bool:
     if request.path.startswith("/v1/messages"):
         return True
     if request.path in ("/v1/chat/completions", "/v1/completions"):
+        return False
+    if request.path.startswith("/v1/responses"):
         return False
     return "anthropic-version" in request.headers
 
@@ -90,6 +93,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     app.ctx.metrics = GatewayMetrics()
     app.blueprint(openai_routes)
     app.blueprint(anthropic_routes)
+    app.blueprint(responses_routes)
     keys = tuple(config.gateway.api_keys)
 
     @app.before_server_start

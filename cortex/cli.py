@@ -133,7 +133,7 @@ def _run_embedded(ports: object) -> None:
             f"  metrics   http://{ports.metrics_listen}/metrics\n"
             f"  neuron    http://{ports.neuron_listen}   (Triton HTTP :{ports.triton_port_base}, "
             f"gRPC :{ports.triton_port_base + 1}, metrics :{ports.triton_port_base + 2})\n"
-            f"  model     cortex-tiny (aliases claude-*, gpt-*)\n"
+            f"  model     cortex-tiny (aliases claude-*, gpt-*, codex-*)\n"
             f"Try:\n  curl http://{ports.listen}/v1/chat/completions -H 'content-type: application/json' "
             '-d \'{"model": "cortex-tiny", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
             "Ctrl-C stops everything.",

@@ -50,7 +50,7 @@ def write_neuron_files(folder: Path, checkpoint: Path, ports: EmbeddedPorts) -> 
         f"""# Written by `cortex serve` (embedded default); edit a copy, not this file.
 [[models]]
 name = "{MODEL_NAME}"
-aliases = ["claude-*", "gpt-*"]
+aliases = ["claude-*", "gpt-*", "codex-*"]
 source = "{checkpoint}"
 engine = "torch"
 context_length = {CONTEXT_LENGTH}

@@ -1,0 +1,105 @@
+"""Responses endpoints: POST /v1/responses (streamed or not), POST /v1/responses/input_tokens,
+and clear 404s for the routes that read stored responses (cortex stores none)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pydantic import BaseModel
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+from control_plane import wire
+from control_plane.errors import CortexError, NotFound, UpstreamFailed
+from control_plane.generation import collect, count_prompt_tokens, generate
+from control_plane.responses import translate
+from control_plane.responses.protocol import InputTokensRequest, ResponsesRequest, field_path
+from control_plane.responses.stream import ResponseStreamEncoder
+
+blueprint = Blueprint("responses", url_prefix="/v1")
+log = logging.getLogger("cortex.gateway.responses")
+API = "responses"  # the `api` label of its metrics and request log lines
+
+
+def parse_body(model: type[BaseModel], request: Request) -> Any:
+    return wire.parse_body(model, request, field_path)
+
+
+@blueprint.post("/responses")
+async def create_response(request: Request) -> HTTPResponse | None:
+    body: ResponsesRequest = parse_body(ResponsesRequest, request)
+    chat = translate.chat_request(body, request.ctx.request_id)
+    response_id = f"resp_{request.ctx.request_id}"
+    message_id = f"msg_{request.ctx.request_id}"
+    settings = translate.echo(body)
+    names = translate.call_names(body)
+    created_at = int(time.time())
+    events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
+    if not body.stream:
+        text, calls, finished = await collect(events)
+        return json(
+            translate.response_body(
+                response_id,
+                body.model,
+                created_at,
+                settings,
+                message_id,
+                text,
+                calls,
+                finished,
+                names,
+            )
+        )
+    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
+    encoder = ResponseStreamEncoder(
+        response_id, body.model, settings, message_id, created_at, names
+    )
+    response = await request.respond(
+        content_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+    try:
+        await response.send(encoder.event(first))
+        async for event in events:
+            data = encoder.event(event)
+            if data:
+                await response.send(data)
+    except Exception as error:
+        # After the first byte the status is sent: the failure becomes the stream's last events.
+        if not isinstance(error, CortexError):
+            log.exception("stream %s failed", request.ctx.request_id)
+            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
+        await response.send(encoder.error(error))
+    finally:
+        await events.aclose()
+    await response.eof()
+    return None
+
+
+@blueprint.post("/responses/input_tokens")
+async def input_tokens(request: Request) -> HTTPResponse:
+    body: InputTokensRequest = parse_body(InputTokensRequest, request)
+    chat = translate.chat_request(body, request.ctx.request_id)
+    count = await count_prompt_tokens(request.app.ctx.fleet, chat)
+    return json({"object": "response.input_tokens", "input_tokens": count})
+
+
+@blueprint.route("/responses/<response_id>", methods=["GET", "DELETE"])
+async def stored_response(request: Request, response_id: str) -> HTTPResponse:
+    raise NotFound(
+        f"No response with id {response_id!r}: cortex stores no responses (every response "
+        "says store: false)",
+        "response_id",
+    )
+
+
+@blueprint.get("/responses/<response_id>/input_items")
+async def stored_input_items(request: Request, response_id: str) -> HTTPResponse:
+    return await stored_response(request, response_id)
+
+
+@blueprint.post("/responses/<response_id>/cancel")
+async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
+    return await stored_response(request, response_id)
