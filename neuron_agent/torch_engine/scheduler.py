@@ -91,11 +91,15 @@ class Engine:
         # on_change(running, waiting): told whenever the counts change (the node reads them).
         self.on_change = on_change
         self._reported = (-1, -1)
+        # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
+        self.failure: str | None = None
 
     # ------------------------------------------------------------------ public surface
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
+        if self.failure is not None:
+            raise RequestRejected(self.failure)
         prompt_length = len(request.prompt)
         if prompt_length == 0:
             raise RequestRejected("the prompt is empty")
@@ -144,6 +148,21 @@ class Engine:
             sequence.request.fail("the model is being unloaded")
         self._waiting.clear()
         self._running.clear()
+
+    def abort(self, message: str) -> None:
+        """Fail every request now, and every later one, with `message`; the loop ends. Called
+        from another thread, as the engine thread may be stuck in a collective that a dead rank
+        never joins."""
+        with self._wake:
+            self.failure = message
+            self._stopping = True
+            doomed = [*self._waiting, *self._running]
+            self._waiting.clear()
+            self._running = []
+            self._wake.notify()
+        for sequence in doomed:
+            sequence.request.fail(message)
+        self._report()
 
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
