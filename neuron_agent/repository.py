@@ -45,6 +45,8 @@ def torch_parameters(
         "engine_max_batch_size": str(profile.max_batch_size),
         "max_queue_size": str(profile.max_queue_size),
         "stats_path": str(stats_path),
+        "tp": str(profile.tp),
+        "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",
     }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from neuron_agent.torch_engine.errors import EngineError
-from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+from neuron_agent.torch_engine.loader import EngineOptions, build_engine, close_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
@@ -49,15 +49,28 @@ def _stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(sequences)
 
 
-def _write_stats(path: Path, running: int, waiting: int) -> None:
-    """Counts the neuron agent reads for in-flight requests and last use (atomic replace)."""
-    data = {"running": running, "waiting": waiting, "last_used": time.time()}
+def _write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
+    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), and
+    why the engine failed if it did (a tensor-parallel rank died)."""
+    data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
+    if failed is not None:
+        data["failed"] = failed
     temporary = path.with_suffix(".tmp")
     try:
         temporary.write_text(json.dumps(data))
         os.replace(temporary, path)
     except OSError:
         log.debug("stats not written", exc_info=True)
+
+
+def _devices(parameters: dict[str, str]) -> tuple[str, ...]:
+    """Each rank's device: `gpu_device_ids` ("0,1", the NVML indices the neuron placed the
+    model on, as TensorRT-LLM's template takes them) on a GPU node; every rank on the CPU
+    otherwise."""
+    ids = [i.strip() for i in parameters.get("gpu_device_ids", "").split(",") if i.strip()]
+    if not ids or not parameters.get("device", "cpu").startswith("cuda"):
+        return ()
+    return tuple(f"cuda:{i}" for i in ids)
 
 
 class TritonPythonModel:
@@ -79,6 +92,10 @@ class TritonPythonModel:
             kv_cache_tokens=int(parameters.get("kv_cache_tokens", "65536")),
             max_batch_size=int(parameters.get("max_batch_size", "8")),
             max_queue_size=int(parameters.get("max_queue_size", "256")),
+            tp=int(parameters.get("tp", "1") or "1"),
+            devices=_devices(parameters),
+            # The stub's command line names this file; the neuron finds the ranks by it too.
+            label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
         )
         try:
             self.engine = build_engine(options)
@@ -88,10 +105,16 @@ class TritonPythonModel:
         self.default_end_ids = frozenset(self.engine.model.spec.eos_token_ids)
         stats_path = parameters.get("stats_path")
         if stats_path:
+            engine = self.engine
             self.engine.on_change = lambda running, waiting: _write_stats(
-                Path(stats_path), running, waiting
+                Path(stats_path), running, waiting, engine.failure
             )
             _write_stats(Path(stats_path), 0, 0)
+            ranks = getattr(engine.model, "ranks", None)
+            if ranks is not None:
+                ranks.on_failure.append(
+                    lambda message: _write_stats(Path(stats_path), 0, 0, message)
+                )
         self.engine.start()
 
     def execute(self, requests: list[Any]) -> None:
@@ -166,4 +189,4 @@ class TritonPythonModel:
     def finalize(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.stop()
+            close_engine(engine)
