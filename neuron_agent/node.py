@@ -10,7 +10,6 @@ result says so.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -96,7 +95,8 @@ class Node:
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._specs: dict[str, ModelSpec | None] = {}
-        self._retiring: set[asyncio.Task[None]] = set()
+        # Unloads of models whose engine failed (a rank died), by model name.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,7 +272,7 @@ class Node:
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
         existing = self.loaded.get(name)
-        if existing is not None and existing.state == "READY":
+        if existing is not None and existing.state == "READY" and not self._engine_failure(name):
             return self._describe(name, existing)
         task = self._loads.get(name)
         if task is None:
@@ -288,11 +288,13 @@ class Node:
                 shard_spec(read_spec(self.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
                 raise NodeError(422, f"{name}: {error}") from None
-        stale = self.loaded.pop(name, None)
-        if stale is not None and stale.state == "UNAVAILABLE":
-            # A failed copy (a rank died) may still be loaded in Triton: unload it first.
-            with contextlib.suppress(TritonError):
-                await self.supervisor.unload(name)
+        stale = self.loaded.get(name)
+        if stale is not None and self._engine_failure(name):
+            self._retire_failed(name, stale)
+        if name in self._retiring:
+            # A failed copy is still leaving Triton: a load meanwhile would not replace it.
+            await self._retiring[name]
+        self.loaded.pop(name, None)
         estimate = self.estimate(profile)
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
@@ -371,11 +373,24 @@ class Node:
                 entry.state = "UNAVAILABLE"
                 entry.reason = str(error)
 
-    async def _unload_failed(self, name: str) -> None:
+    def _retire_failed(self, name: str, entry: _Loaded) -> None:
+        """Mark a model whose engine failed (a rank died) UNAVAILABLE with the engine's reason,
+        and unload it: its stub still holds rank 0's memory. A later load loads it afresh."""
+        failure = self._engine_failure(name)
+        if name in self._retiring or failure is None:
+            return
+        entry.state, entry.reason = "UNAVAILABLE", failure
+        self._event(f"{name} failed: {failure}")
+        self._retiring[name] = asyncio.create_task(self._unload_failed(name, entry))
+        self._retiring[name].add_done_callback(lambda _t: self._retiring.pop(name, None))
+
+    async def _unload_failed(self, name: str, entry: _Loaded) -> None:
         try:
             await self.supervisor.unload(name)
         except TritonError as error:
             self._event(f"{name} failed and could not be unloaded: {error}")
+            return
+        await self._memory_returned(entry, timeout=30.0)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reporting
@@ -423,14 +438,8 @@ class Node:
         # Triton is the truth about readiness: a model it lost (crash) is not READY here either.
         if self.supervisor.state == "live":
             for name, entry in self.loaded.items():
-                failure = self._engine_failure(name) if entry.state == "READY" else None
-                if failure is not None:
-                    entry.state, entry.reason = "UNAVAILABLE", failure
-                    self._event(f"{name} failed: {failure}")
-                    # Its stub still holds rank 0's memory: unload it (a later load reloads).
-                    task = asyncio.create_task(self._unload_failed(name))
-                    self._retiring.add(task)
-                    task.add_done_callback(self._retiring.discard)
+                if entry.state == "READY" and self._engine_failure(name):
+                    self._retire_failed(name, entry)
                 elif entry.state == "READY" and not await self.supervisor.is_ready(name):
                     entry.state = "UNAVAILABLE"
                     entry.reason = "Triton does not report it ready"
