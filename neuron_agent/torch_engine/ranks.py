@@ -169,7 +169,6 @@ class RankGroup:
             message += "; the model cannot serve until it is loaded again"
         self.failure = message
         log.error("%s", message)
-        self._stop_workers(grace=0.0)
         if self.device.type == "cuda":
             leave_process_group(abort=True)  # unblocks rank 0's collectives on the dead peer
         for listener in self.on_failure:
@@ -177,6 +176,9 @@ class RankGroup:
                 listener(message)
             except Exception:
                 log.exception("a rank-failure listener failed")
+        for other in self.processes:  # no lock: the engine thread may hold it, stuck
+            if other.poll() is None:
+                other.kill()
 
     def explain(self, error: BaseException, wait: float = 2.0) -> str:
         """The failure behind a collective's error: a dead peer, as the watchdog names it."""
@@ -201,28 +203,29 @@ class RankGroup:
 
     # ------------------------------------------------------------------ close
 
-    def _stop_workers(self, grace: float) -> None:
-        with self._send_lock:
-            for process in self.processes:
-                with contextlib.suppress(OSError, ValueError):
-                    if process.stdin is not None:
-                        if process.poll() is None and grace > 0:
-                            process.stdin.write(_frame({"op": "stop"}))
-                        process.stdin.close()
-        deadline = time.monotonic() + grace
-        for process in self.processes:
-            if process.poll() is None and grace > 0:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(max(0.0, deadline - time.monotonic()))
-            if process.poll() is None:
-                process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)
-
     def close(self) -> None:
         """Stop every worker (asked first, killed after a grace period) and leave the group."""
         self._closing = True
-        self._stop_workers(STOP_GRACE_SECONDS)
+        # A step still sending (stuck on a dead peer) must not keep the workers alive.
+        locked = self._send_lock.acquire(timeout=5)
+        try:
+            for process in self.processes:
+                with contextlib.suppress(OSError, ValueError):
+                    if process.stdin is not None:
+                        if process.poll() is None and locked:
+                            process.stdin.write(_frame({"op": "stop"}))
+                        process.stdin.close()
+        finally:
+            if locked:
+                self._send_lock.release()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.0, deadline - time.monotonic()))
+            if process.poll() is None:
+                process.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(5)
         leave_process_group(abort=self.failure is not None and self.device.type == "cuda")
 
     @property
@@ -250,7 +253,7 @@ class LeaderModel(LlamaModel):
         try:
             ranks.send_call(tokens, batch)
             return super().forward(tokens, batch, kv_caches, logits_index)
-        except (OSError, RuntimeError) as error:  # a broken pipe, a collective's peer gone
+        except (OSError, ValueError, RuntimeError) as error:  # a broken or closed pipe, a peer gone
             raise EngineError(ranks.explain(error)) from None
 
 
@@ -266,8 +269,9 @@ def build_parallel_engine(options: EngineOptions, planned: LoadPlan) -> Engine:
         ranks.close()
         raise
     except Exception as error:
+        message = ranks.explain(error, wait=0.5)
         ranks.close()
-        raise EngineError(ranks.explain(error, wait=0.5)) from error
+        raise EngineError(message) from error
     engine = Engine(
         model, pool, options.max_batch_size, options.max_queue_size, options.prefill_chunk
     )
