@@ -47,7 +47,9 @@ class LoadedModel(_Wire):
     tp: int
     gpus: list[int]
     memory_bytes: int
+    # tp × the largest share one of its tp devices holds (what the neuron places by).
     estimated_bytes: int
+    estimated_bytes_per_gpu: int = 0
     loaded_at: float | None = None
     load_seconds: float | None = None
     in_flight: int = 0
@@ -58,6 +60,7 @@ class LoadedModel(_Wire):
 class CatalogueEntry(_Wire):
     profile: ModelProfile
     estimated_bytes: int
+    estimated_bytes_per_gpu: int = 0
     context_length: int
 
 

@@ -29,7 +29,12 @@ from cortex.neuron_api import (
 )
 from neuron_agent.gpus import DeviceInventory
 from neuron_agent.repository import materialise, render
-from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
+from neuron_agent.torch_engine.checkpoint import (
+    ModelSpec,
+    estimate_weight_bytes,
+    read_spec,
+    shard_spec,
+)
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
 
@@ -90,6 +95,8 @@ class Node:
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._specs: dict[str, ModelSpec | None] = {}
+        # Unloads of models whose engine failed (a rank died), by model name.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,7 +130,8 @@ class Node:
         return self._specs[profile.name]
 
     def estimate(self, profile: ModelProfile) -> int:
-        """Weights × quantization + KV budget + runtime overhead, in bytes."""
+        """Weights × quantization + KV budget + runtime overhead, in bytes. A torch model at
+        tp > 1 takes its largest rank's share on each of its tp devices: tp × that."""
         if profile.engine is EngineKind.TRTLLM:
             engine_dir = self.source_of(profile)
             weights = sum(p.stat().st_size for p in engine_dir.glob("*.engine"))
@@ -136,9 +144,15 @@ class Node:
         dtype_bytes = (
             4 if not self.inventory.has_gpu and profile.dtype in ("auto", "float32") else 2
         )
-        weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes)
-        kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(dtype_bytes)
-        return weights + kv + RUNTIME_OVERHEAD_BYTES
+        try:
+            local = shard_spec(spec, profile.tp)
+        except UnsupportedCheckpoint:
+            return 0  # the load is refused with the reason
+        # Each rank: its shard of the linear layers, the embedding (and on rank 0 the head),
+        # its kv heads' share of the KV budget, its own process and CUDA context.
+        weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes, profile.tp)
+        kv = profile.kv_cache_tokens * local.kv_bytes_per_token(dtype_bytes)
+        return (weights + kv + RUNTIME_OVERHEAD_BYTES) * profile.tp
 
     def context_length(self, profile: ModelProfile) -> int:
         spec = self.spec_of(profile)
@@ -150,6 +164,7 @@ class Node:
             CatalogueEntry(
                 profile=profile,
                 estimated_bytes=self.estimate(profile),
+                estimated_bytes_per_gpu=self.estimate(profile) // profile.tp,
                 context_length=self.context_length(profile),
             )
             for profile in self.profiles.values()
@@ -257,7 +272,7 @@ class Node:
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
         existing = self.loaded.get(name)
-        if existing is not None and existing.state == "READY":
+        if existing is not None and existing.state == "READY" and not self._engine_failure(name):
             return self._describe(name, existing)
         task = self._loads.get(name)
         if task is None:
@@ -268,11 +283,18 @@ class Node:
 
     async def _load(self, profile: ModelProfile, gpus: list[int] | None) -> LoadedModel:
         name = profile.name
-        if self.spec_of(profile) is None and profile.engine is EngineKind.TORCH:
+        if profile.engine is EngineKind.TORCH:
             try:
-                read_spec(self.source_of(profile))
+                shard_spec(read_spec(self.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
                 raise NodeError(422, f"{name}: {error}") from None
+        stale = self.loaded.get(name)
+        if stale is not None and self._engine_failure(name):
+            self._retire_failed(name, stale)
+        if name in self._retiring:
+            # A failed copy is still leaving Triton: a load meanwhile would not replace it.
+            await self._retiring[name]
+        self.loaded.pop(name, None)
         estimate = self.estimate(profile)
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
@@ -351,14 +373,43 @@ class Node:
                 entry.state = "UNAVAILABLE"
                 entry.reason = str(error)
 
+    def _retire_failed(self, name: str, entry: _Loaded) -> None:
+        """Mark a model whose engine failed (a rank died) UNAVAILABLE with the engine's reason,
+        and unload it: its stub still holds rank 0's memory. A later load loads it afresh."""
+        failure = self._engine_failure(name)
+        if name in self._retiring or failure is None:
+            return
+        entry.state, entry.reason = "UNAVAILABLE", failure
+        self._event(f"{name} failed: {failure}")
+        self._retiring[name] = asyncio.create_task(self._unload_failed(name, entry))
+        self._retiring[name].add_done_callback(lambda _t: self._retiring.pop(name, None))
+
+    async def _unload_failed(self, name: str, entry: _Loaded) -> None:
+        try:
+            await self.supervisor.unload(name)
+        except TritonError as error:
+            self._event(f"{name} failed and could not be unloaded: {error}")
+            return
+        await self._memory_returned(entry, timeout=30.0)
+        (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ reporting
 
     def _engine_stats(self, name: str) -> dict[str, float]:
+        data = self._engine_file(name)
+        return {k: float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+    def _engine_file(self, name: str) -> dict[str, object]:
         try:
             data = json.loads((self.stats_dir / f"{name}.json").read_text())
-            return {k: float(v) for k, v in data.items()}
+            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+
+    def _engine_failure(self, name: str) -> str | None:
+        """Why the engine says it cannot serve (a tensor-parallel rank died), if it does."""
+        failed = self._engine_file(name).get("failed")
+        return str(failed) if failed else None
 
     def in_flight(self, name: str) -> int:
         stats = self._engine_stats(name)
@@ -375,6 +426,7 @@ class Node:
             gpus=entry.gpus,
             memory_bytes=entry.memory_bytes,
             estimated_bytes=entry.estimated_bytes,
+            estimated_bytes_per_gpu=entry.estimated_bytes // max(1, entry.profile.tp),
             loaded_at=entry.loaded_at,
             load_seconds=entry.load_seconds,
             in_flight=int(stats.get("running", 0) + stats.get("waiting", 0)),
@@ -386,10 +438,16 @@ class Node:
         # Triton is the truth about readiness: a model it lost (crash) is not READY here either.
         if self.supervisor.state == "live":
             for name, entry in self.loaded.items():
-                if entry.state == "READY" and not await self.supervisor.is_ready(name):
+                if entry.state == "READY" and self._engine_failure(name):
+                    self._retire_failed(name, entry)
+                elif entry.state == "READY" and not await self.supervisor.is_ready(name):
                     entry.state = "UNAVAILABLE"
                     entry.reason = "Triton does not report it ready"
-                elif entry.state == "UNAVAILABLE" and await self.supervisor.is_ready(name):
+                elif (
+                    entry.state == "UNAVAILABLE"
+                    and not self._engine_failure(name)
+                    and await self.supervisor.is_ready(name)
+                ):
                     entry.state, entry.reason = "READY", None
         for entry in self.loaded.values():
             if entry.state == "READY":

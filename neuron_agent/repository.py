@@ -48,6 +48,8 @@ def torch_parameters(
         "cuda_graphs": str(profile.cuda_graphs).lower(),
         "prefix_caching": "true" if profile.prefix_caching else "false",
         "stats_path": str(stats_path),
+        "tp": str(profile.tp),
+        "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",
     }
 
 

@@ -149,6 +149,9 @@ class TritonSupervisor:
         env = dict(os.environ)
         # The Python stub builds its sys.path from the first python3 on PATH: make it ours.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # CUDA numbers GPUs fastest first unless told otherwise; the neuron places models by
+        # NVML index (PCI bus order), and both engines take those indices (gpu_device_ids).
+        env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             [*layout.library_path, env.get("LD_LIBRARY_PATH", "")]
         ).strip(os.pathsep)

@@ -3,6 +3,8 @@ continuous batching, sampling, cancellation and load-time quantization.
 
     checkpoint.py   config.json + safetensors → ModelSpec and tensors (ModelOpt exports too)
     quant.py        QuantLinear: one layer type over plain / int8 / int4 / fp8 weights
+    parallel.py     tensor parallel: which rows / columns a rank holds, process group, all-reduce
+    ranks.py        a tp model's processes: rank 0 drives the worker ranks, watchdog, stop
     llama.py        the model (Llama, Mistral, Qwen2, Qwen3 differ in a few switches)
     kv_cache.py     block pool and per-sequence block tables
     sampling.py     greedy, temperature, top-k, top-p, seeded generators

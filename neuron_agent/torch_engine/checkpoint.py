@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,8 +170,34 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def estimate_weight_bytes(spec: ModelSpec, quantization: str, dtype_bytes: int) -> int:
-    """Bytes the weights take once loaded with the given in-situ quantization."""
+def shard_spec(spec: ModelSpec, tp: int) -> ModelSpec:
+    """The sizes one of `tp` tensor-parallel ranks holds: its share of the attention heads and
+    of the MLP width, and its kv heads — divided across ranks, or, when there are fewer kv heads
+    than ranks, one kv head per rank, each replicated on tp / kv_heads ranks."""
+    if tp == 1:
+        return spec
+    problems = []
+    if spec.num_heads % tp:
+        problems.append(f"its {spec.num_heads} attention heads")
+    if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
+        problems.append(f"its {spec.num_kv_heads} kv heads (nor do they divide tp)")
+    if spec.intermediate_size % tp:
+        problems.append(f"its MLP width {spec.intermediate_size}")
+    if problems:
+        raise UnsupportedCheckpoint(f"tp = {tp} does not divide " + " or ".join(problems))
+    return replace(
+        spec,
+        num_heads=spec.num_heads // tp,
+        num_kv_heads=max(1, spec.num_kv_heads // tp),
+        intermediate_size=spec.intermediate_size // tp,
+    )
+
+
+def estimate_weight_bytes(spec: ModelSpec, quantization: str, dtype_bytes: int, tp: int = 1) -> int:
+    """Bytes the weights take once loaded with the given in-situ quantization; at tp > 1, on
+    rank 0, the largest rank (each holds its shard of the linear layers and the whole
+    embedding; rank 0 also holds the output head)."""
+    spec = shard_spec(spec, tp)
     params = spec.parameter_count()
     embeddings = spec.vocab_size * spec.hidden_size * (1 if spec.tie_word_embeddings else 2)
     linear = params - embeddings

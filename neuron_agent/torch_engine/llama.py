@@ -22,9 +22,16 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
 from neuron_agent.torch_engine import kernels
-from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec
+from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, unpack_int4_rows
+from neuron_agent.torch_engine.parallel import (
+    RowParallelLinear,
+    Shard,
+    head_rows,
+    kv_head_rows,
+    mlp_rows,
+)
+from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, row_amax, unpack_int4_rows
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,9 @@ class ForwardBatch:
     Every token has a position and a cache slot to write. A decode pass has one token per
     sequence and names each sequence's blocks (`block_tables` [B, W]) and cached length after
     this token (`seq_lens` [B]); attention reads the cache through the table. A prefill pass
-    names its chunks instead; attention runs per chunk over the chunk and what precedes it.
+    names its chunks instead (`prefill`); attention runs per chunk over the chunk and what
+    precedes it. Fields are tensors, numbers and tuples of ints only: a tensor-parallel step
+    sends them to the other ranks as they are (`ranks.py`).
     """
 
     positions: torch.Tensor
@@ -54,11 +63,45 @@ class ForwardBatch:
     block_tables: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
     decode_splits: int = 1
-    chunks: tuple[PrefillChunk, ...] = ()
+    # Prefill: each chunk's new tokens (in row order), how many positions it attends to when
+    # earlier ones are cached (0 when it starts its sequence), and those positions' slots.
+    chunk_lengths: tuple[int, ...] = ()
+    key_lengths: tuple[int, ...] = ()
+    key_slots: torch.Tensor | None = None
+
+    @classmethod
+    def prefill(
+        cls,
+        positions: torch.Tensor,
+        write_slots: torch.Tensor,
+        block_size: int,
+        chunks: list[PrefillChunk],
+    ) -> ForwardBatch:
+        continued = [c.key_slots for c in chunks if c.key_slots is not None]
+        return cls(
+            positions=positions,
+            write_slots=write_slots,
+            block_size=block_size,
+            chunk_lengths=tuple(c.length for c in chunks),
+            key_lengths=tuple(0 if c.key_slots is None else len(c.key_slots) for c in chunks),
+            key_slots=torch.cat(continued) if continued else None,
+        )
 
     @property
     def decoding(self) -> bool:
         return self.block_tables is not None
+
+    @property
+    def chunks(self) -> list[PrefillChunk]:
+        chunks, row, key = [], 0, 0
+        for length, keys in zip(self.chunk_lengths, self.key_lengths, strict=True):
+            slots = None
+            if keys:
+                assert self.key_slots is not None
+                slots = self.key_slots[key : key + keys]
+            chunks.append(PrefillChunk(row, length, slots))
+            row, key = row + length, key + keys
+        return chunks
 
 
 def rope_inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -214,20 +257,22 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         group_size: int = 128,
+        shard: Shard | None = None,
     ) -> None:
         super().__init__()
-        self.spec = spec
+        shard = shard or Shard()
+        # This rank's sizes (its heads, kv heads, MLP slice): what its layers and cache hold.
+        self.spec = shard_spec(spec, shard.world)
         self.dtype = dtype
         self.device = device
-        loader = _WeightLoader(spec, tensors, quantization, dtype, device, group_size)
+        loader = _WeightLoader(spec, tensors, quantization, dtype, device, group_size, shard)
         self.embed = nn.Parameter(loader.plain("model.embed_tokens.weight"), requires_grad=False)
         self.layers = nn.ModuleList(loader.layer(i) for i in range(spec.num_layers))
         self.norm = RMSNorm(loader.plain("model.norm.weight"), spec.rms_norm_eps)
         head_name = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
         if head_name not in tensors:
             head_name = "model.embed_tokens.weight"
-        # The output head stays unquantized: it is small next to the body and sets the logits.
-        self.lm_head = QuantLinear.from_weight(loader.plain(head_name), None, "none", dtype)
+        self.lm_head = loader.head(head_name)
         self.register_buffer(
             "cos_sin",
             rope_table(spec.rope, spec.head_dim, spec.context_length).to(device),
@@ -256,7 +301,10 @@ class LlamaModel(nn.Module):
 
 
 class _WeightLoader:
-    """Turns checkpoint tensors into modules, quantizing or reading stored quantization."""
+    """Turns checkpoint tensors into modules, quantizing or reading stored quantization.
+
+    At tp > 1 it reads only this rank's rows (column-parallel) or columns (row-parallel) of each
+    projection from the memory-mapped checkpoint; `parallel` says which part is whose."""
 
     def __init__(
         self,
@@ -266,6 +314,7 @@ class _WeightLoader:
         dtype: torch.dtype,
         device: torch.device,
         group_size: int,
+        shard: Shard | None = None,
     ) -> None:
         self.spec = spec
         self.tensors = tensors
@@ -273,6 +322,7 @@ class _WeightLoader:
         self.dtype = dtype
         self.device = device
         self.group_size = group_size
+        self.shard = shard or Shard()
 
     def _get(self, name: str) -> torch.Tensor:
         try:
@@ -281,7 +331,9 @@ class _WeightLoader:
             raise UnsupportedCheckpoint(f"the checkpoint lacks tensor {name}") from None
 
     def plain(self, name: str) -> torch.Tensor:
-        tensor = self._get(name)
+        return self._plain(name, self._get(name))
+
+    def _plain(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8):
             raise UnsupportedCheckpoint(f"tensor {name} is quantized where a plain one is expected")
         return tensor.to(device=self.device, dtype=self.dtype)
@@ -290,57 +342,138 @@ class _WeightLoader:
         tensor = self.tensors.get(name)
         return None if tensor is None else tensor.to(self.device)
 
-    def linear(self, prefixes: list[str]) -> QuantLinear:
-        """One QuantLinear for the concatenation of the named projections (fused q/k/v etc.)."""
+    def head(self, name: str) -> QuantLinear:
+        """The output head, unquantized (small next to the body, and it sets the logits). Only
+        rank 0 samples: the other ranks hold an empty one."""
+        if self.shard.rank != 0:
+            empty = torch.empty((0, self.spec.hidden_size), dtype=self.dtype, device=self.device)
+            return QuantLinear("none", empty, None, None, self.dtype)
+        return QuantLinear.from_weight(self.plain(name), None, "none", self.dtype)
+
+    def linear(
+        self, parts: list[tuple[str, slice]], row_parallel: bool = False
+    ) -> QuantLinear | RowParallelLinear:
+        """One QuantLinear for the concatenation of the named projections (fused q/k/v etc.),
+        each cut to this rank's rows `part` (column-parallel) or, with `row_parallel`, to its
+        input columns (the one projection's partial output is then summed over the ranks)."""
         stored = self.spec.stored_quantization
-        biases = [self._optional(f"{p}.bias") for p in prefixes]
-        bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
-        if stored == "modelopt_fp8":
-            weights = [self._get(f"{p}.weight").to(self.device) for p in prefixes]
-            scales = [
-                self._get(f"{p}.weight_scale").float().to(self.device).expand(w.shape[0])
-                for p, w in zip(prefixes, weights, strict=True)
+        prefixes = [prefix for prefix, _ in parts]
+        cuts = [cut for _, cut in parts]
+
+        def shard(tensor: torch.Tensor, cut: slice) -> torch.Tensor:
+            return tensor[:, cut] if row_parallel else tensor[cut]
+
+        biases = [self.tensors.get(f"{p}.bias") for p in prefixes]
+        bias = None
+        if all(b is not None for b in biases):
+            pieces = [
+                b if row_parallel else b[c]
+                for b, c in zip(biases, cuts, strict=True)
+                if b is not None
             ]
-            return QuantLinear("fp8", torch.cat(weights), torch.cat(scales), bias, self.dtype)
-        if stored == "modelopt_int4_awq":
-            weights = [self._get(f"{p}.weight").to(self.device) for p in prefixes]
-            scales = [self._get(f"{p}.weight_scale").float().to(self.device) for p in prefixes]
-            pre_scales = [self._optional(f"{p}.pre_quant_scale") for p in prefixes]
-            pre_scale = pre_scales[0]
-            if any(
-                (s is None) != (pre_scale is None)
-                or (s is not None and pre_scale is not None and not torch.equal(s, pre_scale))
-                for s in pre_scales
-            ):
-                raise UnsupportedCheckpoint(
-                    f"{prefixes}: fused projections with different AWQ scales"
-                )
-            # ModelOpt packs pairs of output rows; ours packs pairs along the input.
-            packed = pack_int4(torch.cat([unpack_int4_rows(w) for w in weights]))
-            return QuantLinear(
-                "int4", packed, torch.cat(scales), bias, self.dtype, self.group_size, pre_scale
+            bias = torch.cat(pieces).to(self.device)
+        parallel_bias = None
+        if row_parallel and self.shard.parallel:
+            parallel_bias, bias = bias, None  # added once, after the partial outputs are summed
+        if stored == "modelopt_fp8":
+            weights, scales = [], []
+            for prefix, cut in parts:
+                weight = shard(self._get(f"{prefix}.weight"), cut).to(self.device)
+                scale = self._get(f"{prefix}.weight_scale").float().reshape(-1)
+                if scale.numel() > 1 and not row_parallel:
+                    scale = scale[cut]  # per-channel scales go with their rows
+                weights.append(weight)
+                scales.append(scale.to(self.device).expand(weight.shape[0]))
+            linear = QuantLinear("fp8", torch.cat(weights), torch.cat(scales), bias, self.dtype)
+        elif stored == "modelopt_int4_awq":
+            linear = self._awq(parts, row_parallel, bias)
+        else:
+            weight = torch.cat(
+                [self._plain(f"{p}.weight", shard(self._get(f"{p}.weight"), c)) for p, c in parts]
             )
-        weight = torch.cat([self.plain(f"{p}.weight") for p in prefixes])
-        mode = {"int4_awq": "int4"}.get(self.quantization, self.quantization)
-        return QuantLinear.from_weight(weight, bias, mode, self.dtype, self.group_size)
+            mode = {"int4_awq": "int4"}.get(self.quantization, self.quantization)
+            amax = None
+            if row_parallel and self.shard.parallel and mode in ("int8", "fp8"):
+                amax = self.shard.all_reduce_max(row_amax(weight))
+            linear = QuantLinear.from_weight(weight, bias, mode, self.dtype, self.group_size, amax)
+        if row_parallel and self.shard.parallel:
+            return RowParallelLinear(linear, parallel_bias, self.shard)
+        return linear
+
+    def _awq(
+        self, parts: list[tuple[str, slice]], row_parallel: bool, bias: torch.Tensor | None
+    ) -> QuantLinear:
+        group = self.group_size
+        weights, scales, pre_scales = [], [], []
+        for prefix, cut in parts:
+            # ModelOpt packs pairs of output rows: rows [a, b) are packed rows [a/2, b/2).
+            packed = self._get(f"{prefix}.weight")
+            scale = self._get(f"{prefix}.weight_scale")
+            pre_scale = self.tensors.get(f"{prefix}.pre_quant_scale")
+            if row_parallel:
+                if cut.start % group or (cut.stop - cut.start) % group:
+                    raise UnsupportedCheckpoint(
+                        f"{prefix}: int4 groups of {group} would straddle its tp shards"
+                    )
+                packed = packed[:, cut]
+                scale = scale[:, cut.start // group : cut.stop // group]
+                pre_scale = None if pre_scale is None else pre_scale[cut]
+            else:
+                if cut.start % 2 or cut.stop % 2:
+                    raise UnsupportedCheckpoint(
+                        f"{prefix}: its tp shards split a pair of packed int4 rows"
+                    )
+                packed = packed[cut.start // 2 : cut.stop // 2]
+                scale = scale[cut]
+            weights.append(unpack_int4_rows(packed.to(self.device)))
+            scales.append(scale.float().to(self.device))
+            pre_scales.append(None if pre_scale is None else pre_scale.to(self.device))
+        pre_scale = pre_scales[0]
+        if any(
+            (s is None) != (pre_scale is None)
+            or (s is not None and pre_scale is not None and not torch.equal(s, pre_scale))
+            for s in pre_scales
+        ):
+            raise UnsupportedCheckpoint(
+                f"{[p for p, _ in parts]}: fused projections with different AWQ scales"
+            )
+        # Ours packs pairs along the input.
+        return QuantLinear(
+            "int4",
+            pack_int4(torch.cat(weights)),
+            torch.cat(scales),
+            bias,
+            self.dtype,
+            group,
+            pre_scale,
+        )
 
     def layer(self, index: int) -> DecoderLayer:
         prefix = f"model.layers.{index}"
         attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        eps = self.spec.rms_norm_eps
+        spec, shard, eps = self.spec, self.shard, self.spec.rms_norm_eps
+        heads, kv_heads, width = (
+            head_rows(spec, shard),
+            kv_head_rows(spec, shard),
+            mlp_rows(spec, shard),
+        )
         modules: dict[str, nn.Module] = {
             "input_layernorm": RMSNorm(self.plain(f"{prefix}.input_layernorm.weight"), eps),
             "post_attention_layernorm": RMSNorm(
                 self.plain(f"{prefix}.post_attention_layernorm.weight"), eps
             ),
             "qkv": self.linear(
-                [f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"]
+                [
+                    (f"{attention}.q_proj", heads),
+                    (f"{attention}.k_proj", kv_heads),
+                    (f"{attention}.v_proj", kv_heads),
+                ]
             ),
-            "o_proj": self.linear([f"{attention}.o_proj"]),
-            "gate_up": self.linear([f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
-            "down_proj": self.linear([f"{mlp}.down_proj"]),
+            "o_proj": self.linear([(f"{attention}.o_proj", heads)], row_parallel=True),
+            "gate_up": self.linear([(f"{mlp}.gate_proj", width), (f"{mlp}.up_proj", width)]),
+            "down_proj": self.linear([(f"{mlp}.down_proj", width)], row_parallel=True),
         }
-        if self.spec.qk_norm:
+        if spec.qk_norm:  # per head_dim: the same on every rank
             modules["q_norm"] = RMSNorm(self.plain(f"{attention}.q_norm.weight"), eps)
             modules["k_norm"] = RMSNorm(self.plain(f"{attention}.k_norm.weight"), eps)
-        return DecoderLayer(self.spec, modules)
+        return DecoderLayer(shard_spec(spec, shard.world), modules)

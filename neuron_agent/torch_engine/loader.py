@@ -1,7 +1,13 @@
-"""Build a ready Engine from a checkpoint folder and the profile's parameters."""
+"""Build a ready Engine from a checkpoint folder and the profile's parameters.
+
+At `tp > 1` this process becomes rank 0: it starts the other ranks (`ranks.py`), each loads its
+own shard of the same checkpoint, and the engine's scheduler drives them all through rank 0's
+model.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +17,7 @@ from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec, read_tens
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import LlamaModel
+from neuron_agent.torch_engine.parallel import Shard, check_shardable
 from neuron_agent.torch_engine.quant import MODES
 from neuron_agent.torch_engine.scheduler import Engine
 
@@ -29,6 +36,21 @@ class EngineOptions:
     cuda_graphs: bool = True
     # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
     prefix_caching: bool = True
+    # Tensor-parallel ranks, and each rank's device ("cuda:0", "cuda:1"; empty: all on `device`).
+    tp: int = 1
+    devices: tuple[str, ...] = ()
+    # Shown on the other ranks' command lines: the neuron finds a model's processes by it.
+    label: str = ""
+
+    def device_of(self, rank: int) -> torch.device:
+        if not self.devices:
+            return torch.device(self.device)
+        if len(self.devices) != self.tp:
+            raise UnsupportedCheckpoint(
+                f"tp = {self.tp} needs {self.tp} devices, got {len(self.devices)}: "
+                + ", ".join(self.devices)
+            )
+        return torch.device(self.devices[rank])
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +65,16 @@ def choose_dtype(spec: ModelSpec, requested: str, device: torch.device) -> torch
     return torch.bfloat16 if stored == torch.float32 else stored
 
 
-def build_engine(options: EngineOptions) -> Engine:
+@dataclass(frozen=True)
+class LoadPlan:
+    """What every rank loads: checked once, before any rank starts."""
+
+    spec: ModelSpec
+    mode: str
+    group: int
+
+
+def plan(options: EngineOptions) -> LoadPlan:
     spec = read_spec(options.checkpoint)
     mode = {"int4_awq": "int4"}.get(options.quantization, options.quantization)
     if mode not in MODES:
@@ -57,28 +88,75 @@ def build_engine(options: EngineOptions) -> Engine:
                 f"the checkpoint is already quantized ({spec.stored_quantization}); "
                 f"set quantization to 'none' or '{expected}'"
             )
-    device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UnsupportedCheckpoint("device cuda was asked for but no GPU is visible")
-    dtype = choose_dtype(spec, options.dtype, device)
-    if mode == "fp8" and device.type == "cpu" and not spec.stored_quantization:
-        pass  # FP8 on CPU dequantizes per matmul: correct, slow; useful for checking accuracy
+    if options.tp < 1:
+        raise UnsupportedCheckpoint(f"tp must be at least 1, got {options.tp}")
+    for rank in range(options.tp):
+        device = options.device_of(rank)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UnsupportedCheckpoint("device cuda was asked for but no GPU is visible")
     group = spec.quant_group_size if spec.stored_quantization else options.group_size
+    check_shardable(spec, options.tp, mode, group)
+    return LoadPlan(spec, mode, group)
+
+
+def load_shard(
+    options: EngineOptions,
+    planned: LoadPlan,
+    shard: Shard,
+    model_type: Callable[..., LlamaModel] = LlamaModel,
+) -> tuple[LlamaModel, BlockPool]:
+    """This rank's model and KV cache (the whole model at tp = 1)."""
+    device = options.device_of(shard.rank)
+    dtype = choose_dtype(planned.spec, options.dtype, device)
+    # Memory-mapped: a rank reads only the rows and columns of its shard.
     tensors = read_tensors(options.checkpoint)
-    model = LlamaModel(
-        spec, tensors, "none" if spec.stored_quantization else mode, dtype, device, group
+    stored = planned.spec.stored_quantization
+    model = model_type(
+        planned.spec,
+        tensors,
+        "none" if stored else planned.mode,
+        dtype,
+        device,
+        planned.group,
+        shard,
     )
     del tensors
     model.eval()
+    # model.spec is the rank's: its kv heads are what its cache holds.
     pool = BlockPool(
-        spec, options.kv_cache_tokens, dtype, device, prefix_caching=options.prefix_caching
+        model.spec, options.kv_cache_tokens, dtype, device, prefix_caching=options.prefix_caching
     )
-    prefill_tokens = options.prefill_tokens or (8192 if device.type == "cuda" else 512)
+    return model, pool
+
+
+def new_engine(
+    options: EngineOptions, model: LlamaModel, pool: BlockPool, cuda_graphs: bool
+) -> Engine:
+    prefill_tokens = options.prefill_tokens or (8192 if model.device.type == "cuda" else 512)
     return Engine(
         model,
         pool,
         options.max_batch_size,
         options.max_queue_size,
         prefill_tokens,
-        cuda_graphs=options.cuda_graphs,
+        cuda_graphs=cuda_graphs,
     )
+
+
+def build_engine(options: EngineOptions) -> Engine:
+    planned = plan(options)
+    if options.tp > 1:
+        from neuron_agent.torch_engine.ranks import build_parallel_engine
+
+        return build_parallel_engine(options, planned)
+    model, pool = load_shard(options, planned, Shard())
+    return new_engine(options, model, pool, options.cuda_graphs)
+
+
+def close_engine(engine: Engine) -> None:
+    """Stop the engine and, at tp > 1, its other ranks (no process is left behind)."""
+    engine.stop()
+    from neuron_agent.torch_engine.ranks import LeaderModel
+
+    if isinstance(engine.model, LeaderModel):
+        engine.model.ranks.close()

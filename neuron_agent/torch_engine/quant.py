@@ -32,8 +32,17 @@ def fp8_matmul_available(device: torch.device) -> bool:
     return major >= 9
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
+def row_amax(weight: torch.Tensor) -> torch.Tensor:
+    """Each output row's largest magnitude (float32): what per-channel scales come from. A
+    row-parallel shard holds part of each row; its ranks take the maximum of their parts."""
+    return weight.abs().amax(dim=1).float()
+
+
+def quantize_int8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`amax`: the rows' largest magnitudes when `weight` is only part of each row (tp)."""
+    scale = (row_amax(weight) if amax is None else amax).clamp(min=1e-8) / 127.0
     quantized = torch.round(weight.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return quantized, scale
 
@@ -74,8 +83,10 @@ def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(packed.shape[0] * 2, packed.shape[1])
 
 
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / FP8_MAX
+def quantize_fp8(
+    weight: torch.Tensor, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (row_amax(weight) if amax is None else amax).clamp(min=1e-8) / FP8_MAX
     quantized = (weight.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return quantized, scale
 
@@ -127,16 +138,19 @@ class QuantLinear(nn.Module):
         mode: str,
         compute_dtype: torch.dtype,
         group_size: int = 128,
+        amax: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Quantize a full-precision weight now (in-situ quantization at load time)."""
+        """Quantize a full-precision weight now (in-situ quantization at load time). `amax`:
+        the whole rows' largest magnitudes when `weight` is a row-parallel shard, so per-channel
+        scales equal the unsharded layer's (int4's groups lie inside one shard: no need)."""
         if mode == "none":
             return cls("none", weight.to(compute_dtype), None, bias, compute_dtype)
         if mode == "int8":
-            quantized, scale = quantize_int8(weight)
+            quantized, scale = quantize_int8(weight, amax)
         elif mode == "int4":
             quantized, scale = quantize_int4(weight, group_size)
         elif mode == "fp8":
-            quantized, scale = quantize_fp8(weight)
+            quantized, scale = quantize_fp8(weight, amax)
         else:
             raise UnsupportedCheckpoint(f"quantization {mode!r} is not one of {', '.join(MODES)}")
         return cls(mode, quantized, scale, bias, compute_dtype, group_size)

@@ -128,11 +128,15 @@ class Engine:
         # on_change(running, waiting): told whenever the counts change (the node reads them).
         self.on_change = on_change
         self._reported = (-1, -1)
+        # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
+        self.failure: str | None = None
 
     # ------------------------------------------------------------------ public surface
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
+        if self.failure is not None:
+            raise RequestRejected(self.failure)
         prompt_length = len(request.prompt)
         if prompt_length == 0:
             raise RequestRejected("the prompt is empty")
@@ -182,6 +186,21 @@ class Engine:
         self._waiting.clear()
         self._running.clear()
 
+    def abort(self, message: str) -> None:
+        """Fail every request now, and every later one, with `message`; the loop ends. Called
+        from another thread, as the engine thread may be stuck in a collective that a dead rank
+        never joins."""
+        with self._wake:
+            self.failure = message
+            self._stopping = True
+            doomed = [*self._waiting, *self._running]
+            self._waiting.clear()
+            self._running = []
+            self._wake.notify()
+        for sequence in doomed:
+            sequence.request.fail(message)
+        self._report()
+
     @torch.inference_mode()
     def prompt_logits(self, prompt: list[int]) -> torch.Tensor:
         """float32 logits at every position of one prompt, outside the batch (accuracy checks:
@@ -191,11 +210,11 @@ class Engine:
         if blocks is None:
             raise RequestRejected(f"{count} tokens do not fit the KV budget")
         try:
-            batch = ForwardBatch(
+            batch = ForwardBatch.prefill(
                 positions=torch.arange(count, device=self.device),
                 write_slots=self.pool.slots(blocks, 0, count).to(self.device),
                 block_size=self.pool.block_size,
-                chunks=(PrefillChunk(0, count),),
+                chunks=[PrefillChunk(0, count)],
             )
             tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
             return self.model(tokens, batch, self.pool.layers)
@@ -363,11 +382,11 @@ class Engine:
             if not sequence.generated and stop == len(sequence.tokens):
                 finishing.append((sequence, len(tokens) - 1))
         device = self.device
-        batch = ForwardBatch(
+        batch = ForwardBatch.prefill(
             positions=torch.tensor(positions, device=device),
             write_slots=torch.cat(slots).to(device),
             block_size=self.pool.block_size,
-            chunks=tuple(chunks),
+            chunks=chunks,
         )
         rows = torch.tensor([row for _, row in finishing], dtype=torch.long, device=device)
         logits = self.model(

@@ -22,7 +22,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from neuron_agent.torch_engine.errors import EngineError
-from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+from neuron_agent.torch_engine.loader import EngineOptions, build_engine, close_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
@@ -52,9 +52,12 @@ def _stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(sequences)
 
 
-def _write_stats(path: Path, running: int, waiting: int) -> None:
-    """Counts the neuron agent reads for in-flight requests and last use (atomic replace)."""
-    data = {"running": running, "waiting": waiting, "last_used": time.time()}
+def _write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
+    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), and
+    why the engine failed if it did (a tensor-parallel rank died)."""
+    data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
+    if failed is not None:
+        data["failed"] = failed
     temporary = path.with_suffix(".tmp")
     try:
         temporary.write_text(json.dumps(data))
@@ -161,6 +164,16 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
         log.debug("response not delivered", exc_info=True)
 
 
+def _devices(parameters: dict[str, str]) -> tuple[str, ...]:
+    """Each rank's device: `gpu_device_ids` ("0,1", the NVML indices the neuron placed the
+    model on, as TensorRT-LLM's template takes them) on a GPU node; every rank on the CPU
+    otherwise."""
+    ids = [i.strip() for i in parameters.get("gpu_device_ids", "").split(",") if i.strip()]
+    if not ids or not parameters.get("device", "cpu").startswith("cuda"):
+        return ()
+    return tuple(f"cuda:{i}" for i in ids)
+
+
 class TritonPythonModel:
     engine: Engine
     writer: ResponseWriter
@@ -184,6 +197,10 @@ class TritonPythonModel:
             prefill_tokens=int(parameters.get("prefill_tokens", "0")),
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
+            tp=int(parameters.get("tp", "1") or "1"),
+            devices=_devices(parameters),
+            # The stub's command line names this file; the neuron finds the ranks by it too.
+            label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
         )
         self.writer = ResponseWriter()
         try:
@@ -194,10 +211,16 @@ class TritonPythonModel:
         self.default_end_ids = frozenset(self.engine.model.spec.eos_token_ids)
         stats_path = parameters.get("stats_path")
         if stats_path:
+            engine = self.engine
             self.engine.on_change = lambda running, waiting: _write_stats(
-                Path(stats_path), running, waiting
+                Path(stats_path), running, waiting, engine.failure
             )
             _write_stats(Path(stats_path), 0, 0)
+            ranks = getattr(engine.model, "ranks", None)
+            if ranks is not None:
+                ranks.on_failure.append(
+                    lambda message: _write_stats(Path(stats_path), 0, 0, message)
+                )
         self.engine.start()
 
     def execute(self, requests: list[Any]) -> None:
@@ -249,7 +272,7 @@ class TritonPythonModel:
     def finalize(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.stop()
+            close_engine(engine)
         writer = getattr(self, "writer", None)
         if writer is not None:
             writer.close()
