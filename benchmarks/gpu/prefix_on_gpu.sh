@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Prefix caching on a GPU (issue 16): the Llama-3.1-8B-shaped model (random bf16 weights, with
+# cortex-tiny's tokenizer files beside them so the gateway can render Claude Code's prompts)
+# served twice by one neuron — prefix caching on and off — behind a gateway, and
+# benchmarks/prefix_cache.py's Claude-Code-shaped trace through it. Run after
+# engine_on_triton.sh in the same call (it reuses its setup); carry .gpu (tokenizer/ included).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+source /tmp/cortex-gpu/env.sh
+CKPT=/tmp/ckpt-llama-3.1-8b
+[ -f $CKPT/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out $CKPT
+cp .gpu/tokenizer/* $CKPT/
+W=/tmp/cortex-gpu/prefix; mkdir -p $W
+cat > $W/models.toml <<TOML
+[[models]]
+name = "llama8b"
+source = "$CKPT"
+dtype = "bfloat16"
+kv_cache_tokens = 131072
+[[models]]
+name = "llama8b-nocache"
+source = "$CKPT"
+dtype = "bfloat16"
+kv_cache_tokens = 131072
+prefix_caching = false
+TOML
+cat > $W/neuron.toml <<TOML
+[neuron]
+name = "h200"
+listen = "127.0.0.1:13141"
+models = "models.toml"
+state_dir = "$W/state"
+[triton]
+binary = "/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver"
+address = "127.0.0.1"
+TOML
+cat > $W/cortex.toml <<TOML
+[gateway]
+listen = "127.0.0.1:31323"
+metrics_listen = "127.0.0.1:31324"
+[[neurons]]
+name = "h200"
+endpoint = "http://127.0.0.1:13141"
+TOML
+python3 -m cortex.cli neuron --config $W/neuron.toml > $W/neuron.log 2>&1 &
+NEURON=$!
+for i in $(seq 1 120); do curl -sf 127.0.0.1:13141/health >/dev/null && break; sleep 1; done
+for model in llama8b llama8b-nocache; do
+  curl -s -XPOST 127.0.0.1:13141/models/load -d "{\"model\": \"$model\"}"; echo
+done
+python3 -m cortex.cli serve --config $W/cortex.toml > $W/gateway.log 2>&1 &
+GATEWAY=$!
+for i in $(seq 1 60); do curl -sf 127.0.0.1:31323/health >/dev/null && break; sleep 1; done
+sleep 3
+timeout 300 python3 -m benchmarks.prefix_cache --url http://127.0.0.1:31323 --model llama8b \
+  --model-off llama8b-nocache --tokenizer $CKPT --out $OUT/prefix_cache_gpu.json 2>&1 | tail -40
+kill $GATEWAY; kill $NEURON; sleep 3
+(tail -n 30 $W/gateway.log; tail -n 30 $W/neuron.log) > $OUT/prefix_servers.log 2>&1
