@@ -540,7 +540,7 @@ def table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", nargs="*", default=["roofline", "kernels", "correct", "speed", "peer"]
+        "--only", nargs="*", default=["roofline", "kernels", "correct", "speed", "peer", "micro"]
     )
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes")
     args = parser.parse_args()

@@ -6,6 +6,6 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 benchmarks/gpu/engine_bench.py ${ENGINE_BENCH_ARGS:-} 2>&1 | tee "$OUT/engine_bench.log"
-bash benchmarks/gpu/engine_on_triton.sh > "$OUT/triton.log" 2>&1
-bash benchmarks/gpu/prefix_on_gpu.sh 2>&1 | tail -40
+python3 benchmarks/gpu/engine_bench.py ${ENGINE_BENCH_ARGS:-} > /tmp/engine_bench.log 2>&1
+bash benchmarks/gpu/engine_on_triton.sh > /tmp/triton.log 2>&1
+bash benchmarks/gpu/prefix_on_gpu.sh > "$OUT/prefix_gpu.log" 2>&1

@@ -63,7 +63,7 @@ class GenerationRequest:
     admitted: Callable[[int], None] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the loop asks `in self._running` per sequence per step
 class _Sequence:
     request: GenerationRequest
     blocks: list[int]

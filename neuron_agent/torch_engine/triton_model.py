@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,9 @@ class TritonPythonModel:
             # The stub's command line names this file; the neuron finds the ranks by it too.
             label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
         )
+        # The engine thread wants the GIL back as soon as each step's GPU wait ends; with the
+        # default 5 ms switch interval the response thread kept it for milliseconds per step.
+        sys.setswitchinterval(0.0002)
         self.writer = ResponseWriter()
         try:
             self.engine = build_engine(options)
