@@ -10,9 +10,10 @@ import contextlib
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
 from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
 from cortex import logs
@@ -32,6 +33,9 @@ try:
 finally:
     if _OPERATOR_EXPERIMENTS is None:
         del os.environ["GRPC_EXPERIMENTS"]
+
+
+W = TypeVar("W", bound=BaseModel)
 
 
 class NeuronClient:
@@ -66,21 +70,30 @@ class NeuronClient:
             raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
         return dict(response.json())
 
+    async def _read(self, wire: type[W], method: str, path: str, **kwargs: Any) -> W:
+        """A call's answer as its wire model; an answer that does not fit is the neuron's
+        failure, translated here like any other."""
+        data = await self._call(method, path, **kwargs)
+        try:
+            return wire.model_validate(data)
+        except ValidationError as error:
+            raise UpstreamFailed(
+                f"neuron {self.neuron.name} answered {path} with an unexpected body: "
+                f"{error.error_count()} problem(s), first: {error.errors()[0]['loc']}"
+            ) from None
+
     async def status(self, timeout: float) -> NeuronStatus:
-        data = await self._call("GET", "/status", timeout=timeout)
-        return NeuronStatus.model_validate(data)
+        return await self._read(NeuronStatus, "GET", "/status", timeout=timeout)
 
     async def load(self, model: str) -> LoadedModel:
-        return LoadedModel.model_validate(
-            await self._call("POST", "/models/load", json={"model": model})
-        )
+        return await self._read(LoadedModel, "POST", "/models/load", json={"model": model})
 
     async def unload(self, model: str, force: bool = False) -> UnloadResult:
-        data = await self._call("POST", "/models/unload", json={"model": model, "force": force})
-        return UnloadResult.model_validate(data)
+        body = {"model": model, "force": force}
+        return await self._read(UnloadResult, "POST", "/models/unload", json=body)
 
     async def tokenizer(self, model: str) -> TokenizerFiles:
-        return TokenizerFiles.model_validate(await self._call("GET", f"/models/{model}/tokenizer"))
+        return await self._read(TokenizerFiles, "GET", f"/models/{model}/tokenizer")
 
 
 @dataclass(frozen=True)
@@ -220,8 +233,10 @@ class Generation:
             self._finished = True
             raise _translate(error.details() or str(error.code()), self._model) from None
         if response is grpc.aio.EOF:
+            # The stream closed before the engine's final response: the answer was cut (Triton
+            # or the channel went away), and a cut answer must never pass for a whole one.
             self._finished = True
-            raise StopAsyncIteration
+            raise UpstreamFailed(f"{self._model}: the stream ended before the answer was complete")
         if response.error_message:
             self._finished = True
             raise _translate(response.error_message, self._model)
