@@ -7,6 +7,7 @@ Lower-level errors (httpx, gRPC) are translated to the gateway's exception tree 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -15,7 +16,13 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
+from control_plane.errors import (
+    CortexError,
+    ModelNotFound,
+    NodeUnavailable,
+    Overloaded,
+    UpstreamFailed,
+)
 from cortex import logs
 from cortex.config import NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
@@ -36,6 +43,7 @@ finally:
 
 
 W = TypeVar("W", bound=BaseModel)
+log = logging.getLogger("cortex.node_client")
 
 
 class NeuronClient:
@@ -57,7 +65,8 @@ class NeuronClient:
         try:
             response = await self._client.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as error:
-            raise UpstreamFailed(f"neuron {self.neuron.name} did not answer: {error!r}") from None
+            log.debug("neuron %s: %s %s failed: %r", self.neuron.name, method, path, error)
+            raise NodeUnavailable(self.neuron.name, "its neuron agent does not answer") from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("error", response.text)
@@ -187,8 +196,9 @@ class TritonStream:
     half-closed stream open until the request's final response, and cancelling the call still
     cancels the request in the engine (tests/gateway/test_streaming.py)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, node: str = "") -> None:
         self.url = url
+        self.node = node or url
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
         # `_registered_method` as grpc's generated stubs pass it: the path is resolved once.
         self._stream_infer = self._channel.unary_stream(
@@ -208,7 +218,7 @@ class TritonStream:
         """Start a generation: the request leaves on the event loop's next turn, whatever the
         caller does meanwhile (the gateway writes its client's response headers)."""
         return Generation(
-            self._stream_infer(build_request(model, prompt, params, request_id)), model
+            self._stream_infer(build_request(model, prompt, params, request_id)), model, self.node
         )
 
 
@@ -216,9 +226,10 @@ class Generation:
     """One generation's new token ids as the engine produces them (`async for`); `aclose()` (or
     leaving through `contextlib.aclosing`) cancels the Triton request if it is still running."""
 
-    def __init__(self, call: Any, model: str) -> None:
+    def __init__(self, call: Any, model: str, node: str) -> None:
         self._call = call
         self._model = model
+        self._node = node
         self._finished = False
 
     def __aiter__(self) -> Generation:
@@ -231,6 +242,11 @@ class Generation:
             response = await self._call.read()
         except grpc.aio.AioRpcError as error:
             self._finished = True
+            log.warning(
+                "%s on %s: gRPC %s: %s", self._model, self._node, error.code(), error.details()
+            )
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise NodeUnavailable(self._node, "its Triton does not answer") from None
             raise _translate(error.details() or str(error.code()), self._model) from None
         if response is grpc.aio.EOF:
             # The stream closed before the engine's final response: the answer was cut (Triton

@@ -29,7 +29,7 @@ class Replay:
 
 def serve(replay: type[Replay]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             data = json.dumps(replay.body).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
