@@ -32,6 +32,7 @@ from control_plane.metrics import GatewayMetrics
 from control_plane.openai.routes import blueprint as openai_routes
 from control_plane.prompting import import_tokenizer_support
 from control_plane.responses.routes import blueprint as responses_routes
+from control_plane.shutdown import Drain
 from cortex import logs
 from cortex.config import CortexConfig, split_host_port
 
@@ -89,6 +90,9 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     )
     app.config.REQUEST_MAX_SIZE = 64 * 1024 * 1024
     app.config.KEEP_ALIVE_TIMEOUT = 75
+    # Answers in flight are drained before Sanic stops (control_plane/shutdown.py); what is
+    # left then is idle keep-alive connections.
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 1.0
     app.ctx.config = config
     app.ctx.metrics = GatewayMetrics()
     app.blueprint(openai_routes)
@@ -98,6 +102,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
+        app.ctx.drain = Drain(config.gateway.drain_timeout_s)
         app.ctx.fleet = Fleet(config, app.ctx.metrics)
         await app.ctx.fleet.start()
         host, port = split_host_port(config.gateway.metrics_listen)
@@ -105,13 +110,17 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
         gc.freeze()  # what start-up made lives as long as the server: keep it out of GC passes
         app.ctx.warm_up = asyncio.create_task(warm_up())
 
+    @app.after_server_start
+    async def handle_signals(app: Sanic) -> None:
+        app.ctx.drain.install(lambda: app.stop(terminate=False))
+
     async def warm_up() -> None:
         # A model's first request builds its tokenizer, which imports transformers: do that now,
         # beside serving, rather than in front of that request (and its cold load).
         await asyncio.to_thread(import_tokenizer_support)
         gc.freeze()
 
-    @app.before_server_stop
+    @app.after_server_stop
     async def stop(app: Sanic) -> None:
         await app.ctx.fleet.stop()
         server = getattr(app.ctx, "metrics_server", None)

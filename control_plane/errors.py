@@ -10,6 +10,9 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
     ├── Overloaded            529/503  overloaded_error    (Retry-After)
     ├── UpstreamTimeout       504  timeout_error
     └── UpstreamFailed        502  api_error               (a node or Triton failed)
+        └── NodeUnavailable   502  api_error               (a node does not answer at all)
+
+Messages say in words what happened; the low-level cause (gRPC or httpx text) goes to the log.
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ class UpstreamFailed(CortexError):
     status = 502
     kind = "api_error"
     openai_type = "server_error"
+
+
+class NodeUnavailable(UpstreamFailed):
+    def __init__(self, node: str, what: str = "does not answer") -> None:
+        self.node = node
+        super().__init__(f"node {node} is unavailable: {what}; try again shortly")
 
 
 def openai_body(error: CortexError) -> dict[str, Any]:

@@ -136,7 +136,7 @@ class Fleet:
         if neuron.triton is None or neuron.triton.url != grpc_url:
             if neuron.triton is not None:
                 await neuron.triton.close()
-            neuron.triton = TritonStream(grpc_url)
+            neuron.triton = TritonStream(grpc_url, name)
 
     def _grpc_url(self, name: str, status: NeuronStatus) -> str:
         # The neuron reports Triton on its own loopback; reach it on the neuron's host.
@@ -162,6 +162,9 @@ class Fleet:
         snapshot = self.snapshot()
         name = resolve_model(snapshot, requested)
         if name is None:
+            down = [node.name for node in snapshot.nodes if not node.up]
+            if down:  # it may be theirs: not "no such model" while a node is away
+                raise Overloaded(f"node {', '.join(down)} is unavailable; try again shortly")
             raise ModelNotFound(requested)
         return snapshot.catalogue()[name]
 

@@ -7,14 +7,22 @@ Lower-level errors (httpx, gRPC) are translated to the gateway's exception tree 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
 
-from control_plane.errors import CortexError, ModelNotFound, Overloaded, UpstreamFailed
+from control_plane.errors import (
+    CortexError,
+    ModelNotFound,
+    NodeUnavailable,
+    Overloaded,
+    UpstreamFailed,
+)
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
@@ -32,6 +40,10 @@ try:
 finally:
     if _OPERATOR_EXPERIMENTS is None:
         del os.environ["GRPC_EXPERIMENTS"]
+
+
+W = TypeVar("W", bound=BaseModel)
+log = logging.getLogger("cortex.node_client")
 
 
 class NeuronClient:
@@ -53,7 +65,8 @@ class NeuronClient:
         try:
             response = await self._client.request(method, path, headers=headers, **kwargs)
         except httpx.HTTPError as error:
-            raise UpstreamFailed(f"neuron {self.neuron.name} did not answer: {error!r}") from None
+            log.debug("neuron %s: %s %s failed: %r", self.neuron.name, method, path, error)
+            raise NodeUnavailable(self.neuron.name, "its neuron agent does not answer") from None
         if response.status_code >= 400:
             try:
                 message = response.json().get("error", response.text)
@@ -66,21 +79,30 @@ class NeuronClient:
             raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
         return dict(response.json())
 
+    async def _read(self, wire: type[W], method: str, path: str, **kwargs: Any) -> W:
+        """A call's answer as its wire model; an answer that does not fit is the neuron's
+        failure, translated here like any other."""
+        data = await self._call(method, path, **kwargs)
+        try:
+            return wire.model_validate(data)
+        except ValidationError as error:
+            raise UpstreamFailed(
+                f"neuron {self.neuron.name} answered {path} with an unexpected body: "
+                f"{error.error_count()} problem(s), first: {error.errors()[0]['loc']}"
+            ) from None
+
     async def status(self, timeout: float) -> NeuronStatus:
-        data = await self._call("GET", "/status", timeout=timeout)
-        return NeuronStatus.model_validate(data)
+        return await self._read(NeuronStatus, "GET", "/status", timeout=timeout)
 
     async def load(self, model: str) -> LoadedModel:
-        return LoadedModel.model_validate(
-            await self._call("POST", "/models/load", json={"model": model})
-        )
+        return await self._read(LoadedModel, "POST", "/models/load", json={"model": model})
 
     async def unload(self, model: str, force: bool = False) -> UnloadResult:
-        data = await self._call("POST", "/models/unload", json={"model": model, "force": force})
-        return UnloadResult.model_validate(data)
+        body = {"model": model, "force": force}
+        return await self._read(UnloadResult, "POST", "/models/unload", json=body)
 
     async def tokenizer(self, model: str) -> TokenizerFiles:
-        return TokenizerFiles.model_validate(await self._call("GET", f"/models/{model}/tokenizer"))
+        return await self._read(TokenizerFiles, "GET", f"/models/{model}/tokenizer")
 
 
 @dataclass(frozen=True)
@@ -198,8 +220,9 @@ class TritonStream:
     half-closed stream open until the request's final response, and cancelling the call still
     cancels the request in the engine (tests/gateway/test_streaming.py)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, node: str = "") -> None:
         self.url = url
+        self.node = node or url
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
         # `_registered_method` as grpc's generated stubs pass it: the path is resolved once.
         self._stream_infer = self._channel.unary_stream(
@@ -219,7 +242,7 @@ class TritonStream:
         """Start a generation: the request leaves on the event loop's next turn, whatever the
         caller does meanwhile (the gateway writes its client's response headers)."""
         return Generation(
-            self._stream_infer(build_request(model, prompt, params, request_id)), model
+            self._stream_infer(build_request(model, prompt, params, request_id)), model, self.node
         )
 
 
@@ -227,9 +250,10 @@ class Generation:
     """One generation's new token ids as the engine produces them (`async for`); `aclose()` (or
     leaving through `contextlib.aclosing`) cancels the Triton request if it is still running."""
 
-    def __init__(self, call: Any, model: str) -> None:
+    def __init__(self, call: Any, model: str, node: str) -> None:
         self._call = call
         self._model = model
+        self._node = node
         self._finished = False
         # Prompt tokens from the engine's prefix cache, once a response has said (the torch
         # engine's first response does, before any token); None until then.
@@ -245,10 +269,17 @@ class Generation:
             response = await self._call.read()
         except grpc.aio.AioRpcError as error:
             self._finished = True
+            log.warning(
+                "%s on %s: gRPC %s: %s", self._model, self._node, error.code(), error.details()
+            )
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise NodeUnavailable(self._node, "its Triton does not answer") from None
             raise _translate(error.details() or str(error.code()), self._model) from None
         if response is grpc.aio.EOF:
+            # The stream closed before the engine's final response: the answer was cut (Triton
+            # or the channel went away), and a cut answer must never pass for a whole one.
             self._finished = True
-            raise StopAsyncIteration
+            raise UpstreamFailed(f"{self._model}: the stream ended before the answer was complete")
         if response.error_message:
             self._finished = True
             raise _translate(response.error_message, self._model)

@@ -89,7 +89,15 @@ def _run_gateway(settings: object) -> None:
     assert isinstance(settings, CortexConfig)
     host, port = split_host_port(settings.gateway.listen)
     gateway = create_app(settings)
-    gateway.run(host=host, port=port, single_process=True, access_log=False, motd=False)
+    # Signals are the gateway's own (control_plane/shutdown.py): it drains before Sanic stops.
+    gateway.run(
+        host=host,
+        port=port,
+        single_process=True,
+        access_log=False,
+        motd=False,
+        register_sys_signals=False,
+    )
 
 
 def _run_embedded(ports: object) -> None:
@@ -97,12 +105,10 @@ def _run_embedded(ports: object) -> None:
 
     from cortex.demo.tiny_model import default_cache_dir, ensure_tiny_model
     from cortex.embedded import (
+        EmbeddedNeuron,
         EmbeddedPorts,
         gateway_config,
-        start_neuron,
         state_dir,
-        stop_process,
-        wait_healthy,
         write_neuron_files,
     )
 
@@ -124,9 +130,10 @@ def _run_embedded(ports: object) -> None:
     neuron_config = write_neuron_files(folder, checkpoint, ports)
     log_path = folder / "neuron.log"
     console.print(f"Starting the neuron agent and tritonserver (log: {log_path})…")
-    neuron = start_neuron(neuron_config, log_path)
+    neuron = EmbeddedNeuron(neuron_config, log_path, f"http://{ports.neuron_listen}")
     try:
-        wait_healthy(f"http://{ports.neuron_listen}", neuron, timeout=180)
+        neuron.wait_healthy(timeout=180)
+        neuron.watch()
         console.print(
             f"[green]cortex is running[/green]\n"
             f"  gateway   http://{ports.listen}/v1   (OpenAI + Anthropic)\n"
@@ -143,7 +150,7 @@ def _run_embedded(ports: object) -> None:
     except RuntimeError as error:
         fail(f"{error}; see {log_path}")
     finally:
-        stop_process(neuron)
+        neuron.stop()
 
 
 @app.command()

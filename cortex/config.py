@@ -63,6 +63,9 @@ class GatewaySection(_Config):
     request_timeout_s: Annotated[float, Field(gt=0)] = 600.0
     # Keep-alive interval of streams while nothing is produced (cold load, long prefill).
     ping_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    # On SIGTERM the gateway stops accepting and lets streams in flight finish for up to this
+    # many seconds; streams still running then are cut, and say so.
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     log_format: str = "text"
 
     _listen = field_validator("listen", "metrics_listen")(_check_host_port)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,11 @@ from cortex.config import (
     NeuronRef,
 )
 from cortex.demo.tiny_model import CONTEXT_LENGTH, MODEL_NAME
+
+log = logging.getLogger("cortex.embedded")
+# Seconds between a neuron's death and its restart: doubled after each restart that dies again
+# before it became healthy, up to the last.
+RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -129,3 +136,59 @@ def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class EmbeddedNeuron:
+    """The embedded node's neuron agent, kept running: started, watched from a thread, restarted
+    with backoff when it dies (`kill -9`, a crash), stopped on shutdown. The gateway notices the
+    gap through its polls and tells clients the node is unavailable meanwhile."""
+
+    def __init__(self, config_path: Path, log_path: Path, url: str) -> None:
+        self.config_path = config_path
+        self.log_path = log_path
+        self.url = url
+        self.process = start_neuron(config_path, log_path)
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # a restart and a stop do not cross
+        self._watcher: threading.Thread | None = None
+
+    def wait_healthy(self, timeout: float) -> None:
+        wait_healthy(self.url, self.process, timeout)
+
+    def watch(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, name="cortex-neuron", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            code = self.process.poll()
+            if code is None:
+                self._stopping.wait(0.5)
+                continue
+            delay = RESTART_BACKOFF_S[min(failures, len(RESTART_BACKOFF_S) - 1)]
+            log.error("node local is unavailable (exit code %s), restarting in %.0f s", code, delay)
+            if self._stopping.wait(delay):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                self.process = start_neuron(self.config_path, self.log_path)
+            self.restarts += 1
+            try:
+                wait_healthy(self.url, self.process, timeout=180)
+            except RuntimeError as error:
+                failures += 1
+                log.error("the neuron agent's restart failed: %s (see %s)", error, self.log_path)
+                continue
+            failures = 0
+            log.info("node local is back (restart %d)", self.restarts)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        stop_process(process)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)

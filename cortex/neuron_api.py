@@ -13,7 +13,9 @@ ignore unknown fields.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from cortex.config import ModelProfile
 
@@ -62,6 +64,15 @@ class CatalogueEntry(_Wire):
     estimated_bytes: int
     estimated_bytes_per_gpu: int = 0
     context_length: int
+
+    @field_validator("profile", mode="before")
+    @classmethod
+    def _known_fields(cls, value: Any) -> Any:
+        """The profile is config (unknown keys are an error in models.toml), but here it is
+        read off the wire: a newer neuron's new fields are left out, not refused."""
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k in ModelProfile.model_fields}
+        return value
 
 
 class TritonInfo(_Wire):

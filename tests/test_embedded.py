@@ -3,10 +3,14 @@ client, a real tritonserver running the torch engine on cortex-tiny."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import anthropic
+import httpx
 import openai
 import psutil
 import pytest
@@ -95,12 +99,101 @@ def test_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
     assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
-def test_clean_shutdown_leaves_no_process(tiny_model: Path, tmp_path: Path) -> None:
-    fleet = start_embedded(tmp_path)
-    children = descendants(fleet.process.pid)
+LONG = {
+    "model": "cortex-tiny",
+    "messages": [{"role": "user", "content": "Write a long story about a list and a tuple."}],
+    "max_tokens": 400,
+    "temperature": 0,
+}
+
+
+def neuron_agent(fleet: Embedded) -> psutil.Process:
+    (agent,) = [c for c in psutil.Process(fleet.process.pid).children() if "neuron" in c.cmdline()]
+    return agent
+
+
+def wait_until_up(fleet: Embedded, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            health = httpx.get(fleet.base_url.removesuffix("/v1") + "/health", timeout=5).json()
+            if health["neurons_up"] == 1:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"the neuron did not come back: {fleet.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def own_fleet(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    """A fleet of its own, for tests that kill its parts and stop it."""
+    fleet = start_embedded(tmp_path_factory.mktemp("own-fleet"))
+    yield fleet
+    stop(fleet.process)
+
+
+def test_a_dead_neuron_cuts_streams_with_an_error_and_is_restarted(own_fleet: Embedded) -> None:
+    client = openai.OpenAI(base_url=own_fleet.base_url, api_key="unused", max_retries=0)
+    claude = anthropic.Anthropic(
+        base_url=own_fleet.base_url.removesuffix("/v1"), api_key="unused", max_retries=0
+    )
+    chat = client.chat.completions.create(**LONG, stream=True)  # type: ignore[call-overload]
+    message = claude.messages.create(  # type: ignore[call-overload]
+        **{k: v for k, v in LONG.items() if k != "temperature"}, stream=True
+    )
+    chat_chunks, message_events = iter(chat), iter(message)
+    for _ in range(3):
+        next(chat_chunks)
+        next(message_events)
+    neuron_agent(own_fleet).kill()  # its tritonserver dies with it
+    # Neither stream may end as if its answer were whole.
+    with pytest.raises(openai.APIError) as cut:
+        for chunk in chat_chunks:
+            assert not (chunk.choices and chunk.choices[0].finish_reason), "a cut passed as whole"
+    assert "unavailable" in cut.value.message or "not complete" in cut.value.message
+    with pytest.raises(anthropic.APIStatusError):
+        for event in message_events:
+            assert event.type != "message_stop", "a cut passed as whole"
+    # While it is away, clients are told so in words, with no gRPC text; then it is back.
+    failures: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            reply = client.chat.completions.create(**{**LONG, "max_tokens": 4})  # type: ignore[call-overload]
+            break
+        except openai.APIStatusError as error:
+            failures.append(error.message)
+            assert error.status_code in (502, 503), error.message
+            assert error.status_code == 502 or error.response.headers.get("retry-after")
+            assert "node local is unavailable" in error.message, error.message
+            assert "addresses" not in error.message and "ipv4" not in error.message
+            time.sleep(1)
+    else:
+        raise AssertionError(f"the neuron did not come back: {own_fleet.log.read_text()[-3000:]}")
+    assert failures, "the node's absence went unnoticed"
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+    assert "restarting" in own_fleet.log.read_text()
+
+
+def test_sigterm_lets_a_stream_finish_then_leaves_no_process(own_fleet: Embedded) -> None:
+    wait_until_up(own_fleet)
+    children = descendants(own_fleet.process.pid)
     names = {c.name() for c in children}
     assert "tritonserver" in names
-    stop(fleet.process, signal.SIGTERM)
+    client = openai.OpenAI(base_url=own_fleet.base_url, api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(  # type: ignore[call-overload]
+        **LONG, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = iter(stream)
+    seen = [next(chunks) for _ in range(4)]
+    own_fleet.process.send_signal(signal.SIGTERM)
+    rest = list(chunks)  # a cut would raise here
+    finish = [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0] in ("stop", "length"), finish
+    usage = rest[-1].usage
+    assert usage is not None
+    text = [c.choices[0].delta.content for c in [*seen, *rest] if c.choices]
+    assert usage.completion_tokens >= len([t for t in text if t])
+    own_fleet.process.wait(60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
         c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
@@ -108,4 +201,4 @@ def test_clean_shutdown_leaves_no_process(tiny_model: Path, tmp_path: Path) -> N
         time.sleep(0.2)
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left behind: {[c.cmdline()[:2] for c in left]}"
-    assert fleet.process.returncode == 0
+    assert own_fleet.process.returncode == 0

@@ -7,7 +7,9 @@ SDKs append reaches the same handlers. Any `anthropic-version` and `anthropic-be
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from pydantic import BaseModel
@@ -17,6 +19,7 @@ from sanic.response import HTTPResponse, empty, json
 from control_plane import wire
 from control_plane.anthropic import translate
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest, field_path
+from control_plane.canonical import Event
 from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed, anthropic_body
 from control_plane.generation import collect, count_prompt_tokens, generate
 
@@ -40,10 +43,18 @@ async def messages(request: Request) -> HTTPResponse | None:
         log.debug("request %s for user %s", request.ctx.request_id, body.metadata["user_id"])
     message_id = f"msg_{request.ctx.request_id}"
     chat = translate.chat_request(body, request.ctx.request_id)
-    events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "anthropic")
-    if not body.stream:
-        text, calls, finished = await collect(events)
-        return json(translate.message_body(message_id, body.model, text, calls, finished))
+    with request.app.ctx.drain.hold():
+        events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "anthropic")
+        if not body.stream:
+            text, calls, finished = await collect(events)
+            return json(translate.message_body(message_id, body.model, text, calls, finished))
+        await _stream(request, body, message_id, events)
+    return None
+
+
+async def _stream(
+    request: Request, body: MessagesRequest, message_id: str, events: AsyncGenerator[Event, None]
+) -> None:
     first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
     encoder = translate.MessageStreamEncoder(message_id, body.model)
     response = await request.respond(
@@ -56,6 +67,11 @@ async def messages(request: Request) -> HTTPResponse | None:
             data = encoder.event(event)
             if data:
                 await response.send(data)
+    except asyncio.CancelledError:
+        cut = request.app.ctx.drain.cut_error()
+        if cut is None:  # the client went away
+            raise
+        await response.send(encoder.error(anthropic_body(cut, anthropic_request_id(request))))
     except Exception as error:
         # After the first byte the status is sent: the failure becomes the stream's last event.
         if not isinstance(error, CortexError):
@@ -65,7 +81,6 @@ async def messages(request: Request) -> HTTPResponse | None:
     finally:
         await events.aclose()
     await response.eof()
-    return None
 
 
 @blueprint.post("/v1/messages/count_tokens")

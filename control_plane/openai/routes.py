@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -74,13 +75,14 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, request)
     request_id = f"chatcmpl-{request.ctx.request_id}"
     chat = translate.chat_request(body, request.ctx.request_id)
-    events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
-    if not body.stream:
-        text, calls, finished = await collect(events)
-        return json(translate.chat_completion(request_id, body.model, text, calls, finished))
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    encoder = translate.ChunkEncoder(request_id, body.model, include_usage)
-    await _stream(request, events, encoder.start(), encoder.event)
+    with request.app.ctx.drain.hold():
+        events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
+        if not body.stream:
+            text, calls, finished = await collect(events)
+            return json(translate.chat_completion(request_id, body.model, text, calls, finished))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        encoder = translate.ChunkEncoder(request_id, body.model, include_usage)
+        await _stream(request, events, encoder.start(), encoder.event)
     return None
 
 
@@ -89,10 +91,6 @@ async def completions(request: Request) -> HTTPResponse | None:
     body: CompletionRequest = parse_body(CompletionRequest, request)
     request_id = f"cmpl-{request.ctx.request_id}"
     chat = translate.completion_request(body, request.ctx.request_id)
-    events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
-    if not body.stream:
-        text, _calls, finished = await collect(events)
-        return json(translate.completion_body(request_id, body.model, text, finished))
 
     def chunk(event: Event) -> bytes:
         if isinstance(event, TextDelta) and event.text:
@@ -102,7 +100,12 @@ async def completions(request: Request) -> HTTPResponse | None:
             return translate.completion_chunk(request_id, body.model, "", finish)
         return b""
 
-    await _stream(request, events, b"", chunk)
+    with request.app.ctx.drain.hold():
+        events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
+        if not body.stream:
+            text, _calls, finished = await collect(events)
+            return json(translate.completion_body(request_id, body.model, text, finished))
+        await _stream(request, events, b"", chunk)
     return None
 
 
@@ -128,6 +131,12 @@ async def _stream(
             if data:
                 await response.send(data)
     except StopAsyncIteration:
+        await response.send(ChunkEncoder.done())
+    except asyncio.CancelledError:
+        cut = request.app.ctx.drain.cut_error()
+        if cut is None:  # the client went away
+            raise
+        await response.send(ChunkEncoder.error(openai_body(cut)))
         await response.send(ChunkEncoder.done())
     except Exception as error:
         if not isinstance(error, CortexError):

@@ -70,6 +70,7 @@ class ReplayFleet:
     replay_source: Path  # the fake's folder: replay.json, and cancelled.log as it fills
     gateway_log: Path
     neuron_log: Path
+    neuron_url: str
 
 
 def _models_toml(folder: Path, tiny_model: Path) -> str:
@@ -154,6 +155,7 @@ def replay_fleet(
             replay_source=folder / "replay-source",
             gateway_log=gateway_log,
             neuron_log=neuron.log,
+            neuron_url=neuron.url,
         )
     finally:
         stop(gateway)
