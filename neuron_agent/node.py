@@ -27,8 +27,8 @@ from cortex.neuron_api import (
     TritonInfo,
     UnloadResult,
 )
-from neuron_agent.gpus import DeviceInventory
-from neuron_agent.repository import materialise, render
+from neuron_agent.gpus import DeviceInventory, PhysicalGpu
+from neuron_agent.repository import RepositoryError, materialise, render
 from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
@@ -215,11 +215,12 @@ class Node:
                 continue
         return found
 
-    def _measure(self, entry: _Loaded) -> int:
+    def _measure(self, entry: _Loaded, physical: list[PhysicalGpu] | None = None) -> int:
         if self.inventory.has_gpu and entry.gpus:
+            physical = self.inventory.physical() if physical is None else physical
             total = 0
             for gpu in entry.gpus:
-                used = self.inventory.used_on(gpu)
+                used = self.inventory.used_on(gpu, physical)
                 if used is not None:
                     total += max(0, used - entry.baseline_used.get(gpu, used))
             return total
@@ -258,7 +259,10 @@ class Node:
         profile = self.profile(name)
         existing = self.loaded.get(name)
         if existing is not None and existing.state == "READY":
-            return self._describe(name, existing)
+            if await self.supervisor.is_ready(name):
+                return self._describe(name, existing)
+            # Triton lost it (a crash): load it again.
+            existing.state, existing.reason = "UNAVAILABLE", "Triton does not report it ready"
         task = self._loads.get(name)
         if task is None:
             task = asyncio.create_task(self._load(profile, gpus))
@@ -276,21 +280,31 @@ class Node:
         estimate = self.estimate(profile)
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
+        stats_path = self.stats_dir / f"{name}.json"
+        try:
+            files = render(
+                profile, self.source_of(profile), devices, self.inventory.has_gpu, stats_path
+            )
+        except (RepositoryError, OSError) as error:
+            raise NodeError(
+                500, f"{name}: its Triton model directory cannot be made: {error}"
+            ) from None
+        # Registered from here on, so concurrent placements count its memory; whatever ends
+        # the load early (an error of any kind, a cancellation) takes the entry away again.
         entry = _Loaded(profile, "LOADING", devices, estimate, baseline_used=baseline)
         self.loaded[name] = entry
-        stats_path = self.stats_dir / f"{name}.json"
-        files = render(
-            profile, self.source_of(profile), devices, self.inventory.has_gpu, stats_path
-        )
         started = time.monotonic()
         try:
             await asyncio.to_thread(
                 materialise, self.repository, self.state_dir / "scratch", name, files
             )
             await self.supervisor.load(name)
-        except (TritonError, OSError) as error:
+        except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
             raise NodeError(502, f"Triton could not load {name}: {error}") from None
+        except BaseException:
+            self.loaded.pop(name, None)
+            raise
         entry.state = "READY"
         entry.load_seconds = time.monotonic() - started
         entry.loaded_at = time.time()
@@ -364,36 +378,60 @@ class Node:
         stats = self._engine_stats(name)
         return int(stats.get("running", 0) + stats.get("waiting", 0))
 
-    def _describe(self, name: str, entry: _Loaded) -> LoadedModel:
+    def _describe(
+        self,
+        name: str,
+        entry: _Loaded,
+        state: str | None = None,
+        reason: str | None = None,
+        memory_bytes: int | None = None,
+        last_inference: float | None = None,
+    ) -> LoadedModel:
+        """The model as the API reports it; `status` passes what it observed now."""
         stats = self._engine_stats(name)
         return LoadedModel(
             name=name,
-            state=entry.state,
+            state=state or entry.state,
             engine=entry.profile.engine.value,
             quantization=entry.profile.quantization.value,
             tp=entry.profile.tp,
             gpus=entry.gpus,
-            memory_bytes=entry.memory_bytes,
+            memory_bytes=entry.memory_bytes if memory_bytes is None else memory_bytes,
             estimated_bytes=entry.estimated_bytes,
             loaded_at=entry.loaded_at,
             load_seconds=entry.load_seconds,
             in_flight=int(stats.get("running", 0) + stats.get("waiting", 0)),
-            last_used=stats.get("last_used") or entry.loaded_at,
-            reason=entry.reason,
+            last_used=last_inference or entry.loaded_at,
+            reason=reason if state else entry.reason,
         )
 
+    async def _observe(self, name: str, entry: _Loaded, physical: list[PhysicalGpu]) -> LoadedModel:
+        """One model as Triton sees it now, read without changing the node's own record:
+        Triton is the truth about readiness (a model it lost in a crash is not READY here
+        either) and, from its model statistics, about the last inference, for every engine."""
+        state, reason = entry.state, entry.reason
+        last_inference = None
+        if self.supervisor.state == "live" and entry.state in ("READY", "UNAVAILABLE"):
+            ready = await self.supervisor.is_ready(name)
+            if entry.state == "READY" and not ready:
+                state, reason = "UNAVAILABLE", "Triton does not report it ready"
+            elif entry.state == "UNAVAILABLE" and ready:
+                state, reason = "READY", None
+            if ready:
+                stats = await self.supervisor.model_stats(name)
+                milliseconds = stats.get("last_inference")
+                if isinstance(milliseconds, int) and milliseconds > 0:
+                    last_inference = milliseconds / 1000
+        memory = entry.memory_bytes
+        if state == "READY":
+            memory = self._measure(entry, physical) or entry.memory_bytes
+        return self._describe(name, entry, state, reason, memory, last_inference)
+
     async def status(self) -> NeuronStatus:
-        # Triton is the truth about readiness: a model it lost (crash) is not READY here either.
-        if self.supervisor.state == "live":
-            for name, entry in self.loaded.items():
-                if entry.state == "READY" and not await self.supervisor.is_ready(name):
-                    entry.state = "UNAVAILABLE"
-                    entry.reason = "Triton does not report it ready"
-                elif entry.state == "UNAVAILABLE" and await self.supervisor.is_ready(name):
-                    entry.state, entry.reason = "READY", None
-        for entry in self.loaded.values():
-            if entry.state == "READY":
-                entry.memory_bytes = self._measure(entry) or entry.memory_bytes
+        """What the node holds now. A read only: nothing here changes the node's record, and
+        NVML is read once for the whole report."""
+        physical = self.inventory.physical()
+        loaded = [await self._observe(n, e, physical) for n, e in list(self.loaded.items())]
         return NeuronStatus(
             name=self.name,
             triton=TritonInfo(
@@ -404,9 +442,9 @@ class Node:
                 restarts=self.supervisor.restarts,
                 last_error=self.supervisor.last_error,
             ),
-            gpus=self.inventory.snapshot(self._held_by_device()),
+            gpus=self.inventory.snapshot(self._held_by_device(), physical),
             has_gpu=self.inventory.has_gpu,
-            loaded=[self._describe(n, e) for n, e in self.loaded.items()],
+            loaded=loaded,
             catalogue=self.catalogue(),
             events=self.events,
         )
