@@ -1,4 +1,6 @@
-"""What a node holds and how it changes: the catalogue, loads, unloads, memory accounting.
+"""What a node holds and how it changes: the load / unload state machine over the node's Triton
+(its supervisor) and devices (its inventory), both passed in; the catalogue and placement it
+consults are pure modules (`catalogue`, `placement`).
 
 The node is the arbiter of its own Triton: loads and unloads go through here only. Two loads of
 one model become one; loads of different models run together. A load that won't fit is refused
@@ -10,32 +12,26 @@ result says so.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import (
-    CatalogueEntry,
-    LoadedModel,
-    NeuronStatus,
-    TokenizerFiles,
-    TritonInfo,
-    UnloadResult,
-)
+from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, TritonInfo, UnloadResult
+from neuron_agent.catalogue import Catalogue
+from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
+from neuron_agent.placement import held_by_device, place
 from neuron_agent.repository import RepositoryError, materialise, render
-from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
+from neuron_agent.torch_engine.checkpoint import read_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
-# Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
-RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -46,19 +42,19 @@ TOKENIZER_FILES = (
 )
 
 
-class NodeError(Exception):
-    """A lifecycle request failed; `status` is the HTTP status the API answers with."""
+class ModelState(enum.StrEnum):
+    """A loaded model's state, as /status reports it."""
 
-    def __init__(self, status: int, message: str, **detail: object) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = detail
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
 
 
 @dataclass
 class _Loaded:
     profile: ModelProfile
-    state: str
+    state: ModelState
     gpus: list[int]
     estimated_bytes: int
     memory_bytes: int = 0
@@ -69,27 +65,36 @@ class _Loaded:
 
 
 class Node:
-    def __init__(self, config: NeuronConfig) -> None:
+    def __init__(
+        self, config: NeuronConfig, inventory: DeviceInventory, supervisor: TritonSupervisor
+    ) -> None:
         self.config = config
         self.name = config.neuron.name
         self.state_dir = config.resolve(config.neuron.state_dir)
         self.repository = self.state_dir / "repository"
         self.stats_dir = self.state_dir / "stats"
-        self.inventory = DeviceInventory(self.name, config.neuron.memory_budget_mib)
-        self.supervisor = TritonSupervisor(
-            config.triton,
-            self.repository,
-            self.state_dir,
-            shm_prefix=f"cortex{config.triton.http_port}",
-            on_restart=self._reload_after_restart,
-        )
-        self.profiles = {
-            p.name: p for p in config.models.models if not p.neurons or self.name in p.neurons
-        }
+        self.inventory = inventory
+        self.supervisor = supervisor
+        supervisor.on_restart = self._reload_after_restart
+        self.catalogue = Catalogue(config, inventory.has_gpu)
+        self.profiles = self.catalogue.profiles
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
-        self._specs: dict[str, ModelSpec | None] = {}
+
+    @classmethod
+    def from_config(cls, config: NeuronConfig) -> Node:
+        """The node with its own devices and tritonserver, as `cortex neuron` runs it."""
+        state_dir = config.resolve(config.neuron.state_dir)
+        supervisor = TritonSupervisor(
+            config.triton,
+            state_dir / "repository",
+            state_dir,
+            shm_prefix=f"cortex{config.triton.http_port}",
+        )
+        return cls(
+            config, DeviceInventory(config.neuron.name, config.neuron.memory_budget_mib), supervisor
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -106,96 +111,18 @@ class Node:
         log.warning(message)
         self.events = [*self.events[-19:], f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"]
 
-    # ------------------------------------------------------------------ catalogue and estimates
-
-    def source_of(self, profile: ModelProfile) -> Path:
-        return self.config.resolve(profile.source)
-
-    def spec_of(self, profile: ModelProfile) -> ModelSpec | None:
-        if profile.name not in self._specs:
-            folder = self.source_of(profile)
-            if profile.engine is EngineKind.TRTLLM:
-                folder = self.config.resolve(profile.tokenizer) if profile.tokenizer else folder
-            try:
-                self._specs[profile.name] = read_spec(folder)
-            except UnsupportedCheckpoint:
-                self._specs[profile.name] = None
-        return self._specs[profile.name]
-
-    def estimate(self, profile: ModelProfile) -> int:
-        """Weights × quantization + KV budget + runtime overhead, in bytes."""
-        if profile.engine is EngineKind.TRTLLM:
-            engine_dir = self.source_of(profile)
-            weights = sum(p.stat().st_size for p in engine_dir.glob("*.engine"))
-            spec = self.spec_of(profile)
-            kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(2) if spec else 0
-            return weights + kv + RUNTIME_OVERHEAD_BYTES
-        spec = self.spec_of(profile)
-        if spec is None:
-            return 0
-        dtype_bytes = (
-            4 if not self.inventory.has_gpu and profile.dtype in ("auto", "float32") else 2
-        )
-        weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes)
-        kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(dtype_bytes)
-        return weights + kv + RUNTIME_OVERHEAD_BYTES
-
-    def context_length(self, profile: ModelProfile) -> int:
-        spec = self.spec_of(profile)
-        context = spec.context_length if spec else 4096
-        return min(context, profile.context_length or context)
-
-    def catalogue(self) -> list[CatalogueEntry]:
-        return [
-            CatalogueEntry(
-                profile=profile,
-                estimated_bytes=self.estimate(profile),
-                context_length=self.context_length(profile),
-            )
-            for profile in self.profiles.values()
-        ]
-
     # ------------------------------------------------------------------ memory
 
     def _held_by_device(self) -> dict[int, int]:
-        held: dict[int, int] = {}
-        for entry in self.loaded.values():
-            share = max(entry.estimated_bytes, entry.memory_bytes) // max(1, len(entry.gpus))
-            for gpu in entry.gpus:
-                held[gpu] = held.get(gpu, 0) + share
-        return held
+        return held_by_device(
+            (e.gpus, e.estimated_bytes, e.memory_bytes) for e in self.loaded.values()
+        )
 
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
         """Devices for the model, or NodeError 409 with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
-        if not devices:
-            available = psutil.virtual_memory().available
-            if estimate > available:
-                raise NodeError(
-                    409,
-                    f"{profile.name} needs about {estimate / 2**30:.2f} GiB; "
-                    f"this node has {available / 2**30:.2f} GiB of memory available",
-                    needed_bytes=estimate,
-                    free_bytes=available,
-                )
-            return []
-        share = estimate // profile.tp
-        candidates = [d for d in devices if wanted is None or d.index in wanted]
-        fitting = sorted(
-            (d for d in candidates if d.memory_free_bytes >= share),
-            key=lambda d: -d.memory_free_bytes,
-        )
-        if len(fitting) < profile.tp:
-            free = {d.index: d.memory_free_bytes for d in candidates}
-            raise NodeError(
-                409,
-                f"{profile.name} needs {share / 2**30:.2f} GiB on each of {profile.tp} device(s); "
-                "free per device: "
-                + ", ".join(f"{i}: {b / 2**30:.2f} GiB" for i, b in free.items()),
-                needed_bytes_per_device=share,
-                free_bytes=free,
-            )
-        return sorted(d.index for d in fitting[: profile.tp])
+        host = psutil.virtual_memory().available if not devices else 0
+        return place(profile, estimate, devices, wanted, host)
 
     def _stub_processes(self, name: str) -> list[psutil.Process]:
         process = self.supervisor.process
@@ -258,11 +185,14 @@ class Node:
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
         existing = self.loaded.get(name)
-        if existing is not None and existing.state == "READY":
+        if existing is not None and existing.state is ModelState.READY:
             if await self.supervisor.is_ready(name):
                 return self._describe(name, existing)
             # Triton lost it (a crash): load it again.
-            existing.state, existing.reason = "UNAVAILABLE", "Triton does not report it ready"
+            existing.state, existing.reason = (
+                ModelState.UNAVAILABLE,
+                "Triton does not report it ready",
+            )
         task = self._loads.get(name)
         if task is None:
             task = asyncio.create_task(self._load(profile, gpus))
@@ -272,18 +202,22 @@ class Node:
 
     async def _load(self, profile: ModelProfile, gpus: list[int] | None) -> LoadedModel:
         name = profile.name
-        if self.spec_of(profile) is None and profile.engine is EngineKind.TORCH:
+        if self.catalogue.spec_of(profile) is None and profile.engine is EngineKind.TORCH:
             try:
-                read_spec(self.source_of(profile))
+                read_spec(self.catalogue.source_of(profile))
             except UnsupportedCheckpoint as error:
                 raise NodeError(422, f"{name}: {error}") from None
-        estimate = self.estimate(profile)
+        estimate = self.catalogue.estimate(profile)
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
         stats_path = self.stats_dir / f"{name}.json"
         try:
             files = render(
-                profile, self.source_of(profile), devices, self.inventory.has_gpu, stats_path
+                profile,
+                self.catalogue.source_of(profile),
+                devices,
+                self.inventory.has_gpu,
+                stats_path,
             )
         except (RepositoryError, OSError) as error:
             raise NodeError(
@@ -291,7 +225,7 @@ class Node:
             ) from None
         # Registered from here on, so concurrent placements count its memory; whatever ends
         # the load early (an error of any kind, a cancellation) takes the entry away again.
-        entry = _Loaded(profile, "LOADING", devices, estimate, baseline_used=baseline)
+        entry = _Loaded(profile, ModelState.LOADING, devices, estimate, baseline_used=baseline)
         self.loaded[name] = entry
         started = time.monotonic()
         try:
@@ -305,7 +239,7 @@ class Node:
         except BaseException:
             self.loaded.pop(name, None)
             raise
-        entry.state = "READY"
+        entry.state = ModelState.READY
         entry.load_seconds = time.monotonic() - started
         entry.loaded_at = time.time()
         entry.memory_bytes = self._measure(entry)
@@ -327,11 +261,11 @@ class Node:
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
-        entry.state = "UNLOADING"
+        entry.state = ModelState.UNLOADING
         try:
             await self.supervisor.unload(name)
         except TritonError as error:
-            entry.state = "READY"
+            entry.state = ModelState.READY
             raise NodeError(502, f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
@@ -351,18 +285,18 @@ class Node:
 
     async def _reload_after_restart(self) -> None:
         # Everything this node holds, including models /status already saw Triton lose.
-        survivors = [n for n, e in self.loaded.items() if e.state != "UNLOADING"]
+        survivors = [n for n, e in self.loaded.items() if e.state is not ModelState.UNLOADING]
         if survivors:
             self._event(f"Triton restarted; reloading {', '.join(survivors)}")
         for name in survivors:
             entry = self.loaded[name]
-            entry.state = "LOADING"
+            entry.state = ModelState.LOADING
             try:
                 await self.supervisor.load(name)
-                entry.state, entry.reason = "READY", None
+                entry.state, entry.reason = ModelState.READY, None
                 entry.memory_bytes = self._measure(entry)
             except TritonError as error:
-                entry.state = "UNAVAILABLE"
+                entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
 
     # ------------------------------------------------------------------ reporting
@@ -382,7 +316,7 @@ class Node:
         self,
         name: str,
         entry: _Loaded,
-        state: str | None = None,
+        state: ModelState | None = None,
         reason: str | None = None,
         memory_bytes: int | None = None,
         last_inference: float | None = None,
@@ -411,19 +345,22 @@ class Node:
         either) and, from its model statistics, about the last inference, for every engine."""
         state, reason = entry.state, entry.reason
         last_inference = None
-        if self.supervisor.state == "live" and entry.state in ("READY", "UNAVAILABLE"):
+        if self.supervisor.state == "live" and entry.state in (
+            ModelState.READY,
+            ModelState.UNAVAILABLE,
+        ):
             ready = await self.supervisor.is_ready(name)
-            if entry.state == "READY" and not ready:
-                state, reason = "UNAVAILABLE", "Triton does not report it ready"
-            elif entry.state == "UNAVAILABLE" and ready:
-                state, reason = "READY", None
+            if entry.state is ModelState.READY and not ready:
+                state, reason = ModelState.UNAVAILABLE, "Triton does not report it ready"
+            elif entry.state is ModelState.UNAVAILABLE and ready:
+                state, reason = ModelState.READY, None
             if ready:
                 stats = await self.supervisor.model_stats(name)
                 milliseconds = stats.get("last_inference")
                 if isinstance(milliseconds, int) and milliseconds > 0:
                     last_inference = milliseconds / 1000
         memory = entry.memory_bytes
-        if state == "READY":
+        if state is ModelState.READY:
             memory = self._measure(entry, physical) or entry.memory_bytes
         return self._describe(name, entry, state, reason, memory, last_inference)
 
@@ -445,14 +382,16 @@ class Node:
             gpus=self.inventory.snapshot(self._held_by_device(), physical),
             has_gpu=self.inventory.has_gpu,
             loaded=loaded,
-            catalogue=self.catalogue(),
+            catalogue=self.catalogue.entries(),
             events=self.events,
         )
 
     def tokenizer_files(self, name: str) -> TokenizerFiles:
         profile = self.profile(name)
         folder = (
-            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
+            self.config.resolve(profile.tokenizer)
+            if profile.tokenizer
+            else self.catalogue.source_of(profile)
         )
         files = {}
         for file_name in TOKENIZER_FILES:
@@ -461,13 +400,13 @@ class Node:
                 files[file_name] = path.read_text(encoding="utf-8")
         if "tokenizer.json" not in files:
             raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
-        spec = self.spec_of(profile)
+        spec = self.catalogue.spec_of(profile)
         generation = json.loads(files.get("generation_config.json", "{}"))
         eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
         return TokenizerFiles(
             model=name,
             files=files,
-            context_length=self.context_length(profile),
+            context_length=self.catalogue.context_length(profile),
             eos_token_ids=eos if isinstance(eos, list) else [eos],
             pad_token_id=generation.get("pad_token_id"),
         )

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from cortex.config import load_neuron_config
-from neuron_agent.node import Node, NodeError
+from neuron_agent.errors import NodeError
+from neuron_agent.node import Node
 
 
 def node_with(folder: Path, tiny_model: Path) -> Node:
@@ -36,7 +37,7 @@ state_dir = "{folder / "state"}"
 memory_budget_mib = [4096]
 """
     )
-    return Node(load_neuron_config(folder / "neuron.toml"))
+    return Node.from_config(load_neuron_config(folder / "neuron.toml"))
 
 
 def test_a_template_that_cannot_be_filled_leaves_no_entry(tmp_path: Path, tiny_model: Path) -> None:

@@ -1,0 +1,89 @@
+"""What a node can serve and what each model would cost: its catalogue, with a memory estimate
+and a context length per model.
+
+`estimate_bytes` and `context_length` are pure (a profile and a checkpoint's shape in, numbers
+out); `Catalogue` reads each checkpoint's shape once and keeps it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cortex.config import EngineKind, ModelProfile, NeuronConfig
+from cortex.neuron_api import CatalogueEntry
+from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+
+# Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
+RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
+# A model whose checkpoint does not say its context length.
+DEFAULT_CONTEXT = 4096
+
+
+def estimate_bytes(
+    profile: ModelProfile, spec: ModelSpec | None, has_gpu: bool, engine_bytes: int = 0
+) -> int:
+    """Weights × quantization + KV budget + runtime overhead, in bytes. `engine_bytes`: the size
+    of a TensorRT-LLM engine's files, whose weights are already in their final form."""
+    if profile.engine is EngineKind.TRTLLM:
+        kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(2) if spec else 0
+        return engine_bytes + kv + RUNTIME_OVERHEAD_BYTES
+    if spec is None:
+        return 0
+    # On CPU an "auto" or float32 model runs in float32; on a GPU in 16 bits.
+    dtype_bytes = 4 if not has_gpu and profile.dtype in ("auto", "float32") else 2
+    weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes)
+    kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(dtype_bytes)
+    return weights + kv + RUNTIME_OVERHEAD_BYTES
+
+
+def context_length(profile: ModelProfile, spec: ModelSpec | None) -> int:
+    """The checkpoint's context, capped by the profile's."""
+    context = spec.context_length if spec else DEFAULT_CONTEXT
+    return min(context, profile.context_length or context)
+
+
+class Catalogue:
+    """The models this node may serve (those whose `neurons` list names it, or has none)."""
+
+    def __init__(self, config: NeuronConfig, has_gpu: bool) -> None:
+        self.config = config
+        self.has_gpu = has_gpu
+        name = config.neuron.name
+        self.profiles = {
+            p.name: p for p in config.models.models if not p.neurons or name in p.neurons
+        }
+        self._specs: dict[str, ModelSpec | None] = {}
+
+    def source_of(self, profile: ModelProfile) -> Path:
+        return self.config.resolve(profile.source)
+
+    def spec_of(self, profile: ModelProfile) -> ModelSpec | None:
+        if profile.name not in self._specs:
+            folder = self.source_of(profile)
+            if profile.engine is EngineKind.TRTLLM:
+                folder = self.config.resolve(profile.tokenizer) if profile.tokenizer else folder
+            try:
+                self._specs[profile.name] = read_spec(folder)
+            except UnsupportedCheckpoint:
+                self._specs[profile.name] = None
+        return self._specs[profile.name]
+
+    def estimate(self, profile: ModelProfile) -> int:
+        engine_bytes = 0
+        if profile.engine is EngineKind.TRTLLM:
+            engine_bytes = sum(p.stat().st_size for p in self.source_of(profile).glob("*.engine"))
+        return estimate_bytes(profile, self.spec_of(profile), self.has_gpu, engine_bytes)
+
+    def context_length(self, profile: ModelProfile) -> int:
+        return context_length(profile, self.spec_of(profile))
+
+    def entries(self) -> list[CatalogueEntry]:
+        return [
+            CatalogueEntry(
+                profile=profile,
+                estimated_bytes=self.estimate(profile),
+                context_length=self.context_length(profile),
+            )
+            for profile in self.profiles.values()
+        ]
