@@ -139,6 +139,6 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
 
     @app.get("/models/<name:str>/tokenizer")
     async def tokenizer(request: Request, name: str) -> HTTPResponse:
-        return json_response(node.tokenizer_files(name).model_dump(mode="json"))
+        return json_response(node.catalogue.tokenizer_files(name).model_dump(mode="json"))
 
     return app

@@ -7,10 +7,12 @@ out); `Catalogue` reads each checkpoint's shape once and keeps it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import CatalogueEntry
+from cortex.neuron_api import CatalogueEntry, TokenizerFiles
+from neuron_agent.errors import NodeError
 from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 
@@ -18,6 +20,14 @@ from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
 # A model whose checkpoint does not say its context length.
 DEFAULT_CONTEXT = 4096
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
 
 
 def estimate_bytes(
@@ -87,3 +97,32 @@ class Catalogue:
             )
             for profile in self.profiles.values()
         ]
+
+    def profile(self, name: str) -> ModelProfile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
+
+    def tokenizer_files(self, name: str) -> TokenizerFiles:
+        profile = self.profile(name)
+        folder = (
+            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
+        )
+        files = {}
+        for file_name in TOKENIZER_FILES:
+            path = folder / file_name
+            if path.exists():
+                files[file_name] = path.read_text(encoding="utf-8")
+        if "tokenizer.json" not in files:
+            raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
+        spec = self.spec_of(profile)
+        generation = json.loads(files.get("generation_config.json", "{}"))
+        eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
+        return TokenizerFiles(
+            model=name,
+            files=files,
+            context_length=self.context_length(profile),
+            eos_token_ids=eos if isinstance(eos, list) else [eos],
+            pad_token_id=generation.get("pad_token_id"),
+        )

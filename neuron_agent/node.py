@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, TritonInfo, UnloadResult
+from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
 from neuron_agent.catalogue import Catalogue
 from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
@@ -32,14 +32,6 @@ from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "config.json",
-)
 
 
 class ModelState(enum.StrEnum):
@@ -177,10 +169,7 @@ class Node:
     # ------------------------------------------------------------------ load / unload
 
     def profile(self, name: str) -> ModelProfile:
-        try:
-            return self.profiles[name]
-        except KeyError:
-            raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
+        return self.catalogue.profile(name)
 
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
@@ -384,29 +373,4 @@ class Node:
             loaded=loaded,
             catalogue=self.catalogue.entries(),
             events=self.events,
-        )
-
-    def tokenizer_files(self, name: str) -> TokenizerFiles:
-        profile = self.profile(name)
-        folder = (
-            self.config.resolve(profile.tokenizer)
-            if profile.tokenizer
-            else self.catalogue.source_of(profile)
-        )
-        files = {}
-        for file_name in TOKENIZER_FILES:
-            path = folder / file_name
-            if path.exists():
-                files[file_name] = path.read_text(encoding="utf-8")
-        if "tokenizer.json" not in files:
-            raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
-        spec = self.catalogue.spec_of(profile)
-        generation = json.loads(files.get("generation_config.json", "{}"))
-        eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
-        return TokenizerFiles(
-            model=name,
-            files=files,
-            context_length=self.catalogue.context_length(profile),
-            eos_token_ids=eos if isinstance(eos, list) else [eos],
-            pad_token_id=generation.get("pad_token_id"),
         )
