@@ -204,13 +204,6 @@ def _export_stage(plan: BuildPlan) -> Stage:
     )
 
 
-def _export_hf(
-    context: StageContext, request: BuildRequest, info: CheckpointInfo, quant_dir: Path
-) -> dict[str, Any]:
-    with context.progress.task("loading the model and exporting", None):
-        return quantize.export_hf_checkpoint(request, info, quant_dir, context.out)
-
-
 def _build_stage(plan: BuildPlan) -> Stage:
     request = plan.request
     out = plan.work_dir / "build"

@@ -68,7 +68,6 @@ class ChatRequest:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stream: bool = False
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice.AUTO
     tool_choice_name: str | None = None
@@ -86,7 +85,6 @@ class FinishReason(enum.StrEnum):
     STOP_SEQUENCE = "stop_sequence"  # a client stop string matched
     LENGTH = "length"
     TOOL_CALLS = "tool_calls"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

@@ -292,7 +292,12 @@ class Generation:
         return output_ids(result)
 
     async def aclose(self) -> None:
-        self._call.cancel()
+        # Only a generation still running is cancelled. After the engine's final response the
+        # call ends by itself (Triton closes the half-closed stream); cancelling it anyway costs
+        # tritonserver memory that it never gives back (about 7 KB a request, measured with
+        # benchmarks/triton_rss.py), so a finished one is left to end.
+        if not self._finished:
+            self._call.cancel()
 
 
 def _translate(message: str, model: str) -> CortexError:

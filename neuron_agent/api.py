@@ -23,7 +23,8 @@ from sanic.response import json as json_response
 from cortex import logs
 from cortex.config import NeuronConfig
 from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
-from neuron_agent.node import Node, NodeError
+from neuron_agent.errors import NodeError
+from neuron_agent.node import Node
 
 log = logging.getLogger("cortex.neuron.api")
 # Polled every few seconds by every gateway: logged only at debug level.
@@ -55,7 +56,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
     app.config.RESPONSE_TIMEOUT = 3600  # a large model's load takes minutes
     app.config.REQUEST_TIMEOUT = 60
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    node = node or Node(config)
+    node = node or Node.from_config(config)
     app.ctx.node = node
     token = config.neuron.token
 
@@ -138,6 +139,6 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
 
     @app.get("/models/<name:str>/tokenizer")
     async def tokenizer(request: Request, name: str) -> HTTPResponse:
-        return json_response(node.tokenizer_files(name).model_dump(mode="json"))
+        return json_response(node.catalogue.tokenizer_files(name).model_dump(mode="json"))
 
     return app

@@ -26,17 +26,30 @@ class PhysicalGpu:
     processes: tuple[tuple[int, int], ...]  # (pid, bytes)
 
 
+_nvml_state: list[bool] = []  # [initialised?] once tried: NVML is initialised once per process
+
+
+def _nvml_ready() -> bool:
+    if not _nvml_state:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _nvml_state.append(True)
+        except ImportError:
+            _nvml_state.append(False)
+        except Exception as error:  # pynvml.NVMLError: no driver, no device
+            log.info("no NVIDIA GPU here (%s): this node serves CPU models", error)
+            _nvml_state.append(False)
+    return _nvml_state[0]
+
+
 def read_nvml() -> list[PhysicalGpu]:
-    """Every GPU NVML sees; [] when there is no driver or no device."""
-    try:
-        import pynvml
-    except ImportError:
+    """Every GPU NVML sees now; [] when there is no driver or no device."""
+    if not _nvml_ready():
         return []
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as error:
-        log.info("no NVIDIA GPU here (%s): this node serves CPU models", error)
-        return []
+    import pynvml
+
     try:
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
@@ -60,8 +73,9 @@ def read_nvml() -> list[PhysicalGpu]:
                 )
             )
         return gpus
-    finally:
-        pynvml.nvmlShutdown()
+    except pynvml.NVMLError as error:
+        log.warning("NVML read failed: %s", error)
+        return []
 
 
 class DeviceInventory:
@@ -72,12 +86,16 @@ class DeviceInventory:
         self.budgets = [b * MIB for b in budgets_mib]
         self.has_gpu = bool(read_nvml())
 
-    def _physical(self) -> list[PhysicalGpu]:
+    def physical(self) -> list[PhysicalGpu]:
+        """One NVML read of every real device (none on a node without GPUs)."""
         return read_nvml() if self.has_gpu else []
 
-    def snapshot(self, held_by_device: dict[int, int]) -> list[GpuInfo]:
-        """`held_by_device`: bytes the loaded models hold per device index (virtual devices)."""
-        physical = self._physical()
+    def snapshot(
+        self, held_by_device: dict[int, int], physical: list[PhysicalGpu] | None = None
+    ) -> list[GpuInfo]:
+        """`held_by_device`: bytes the loaded models hold per device index (virtual devices);
+        `physical`: a read already made for this report."""
+        physical = self.physical() if physical is None else physical
         if physical:
             return [self._real(gpu, held_by_device) for gpu in physical]
         return [
@@ -108,9 +126,10 @@ class DeviceInventory:
             processes=[{"pid": pid, "bytes": used_bytes} for pid, used_bytes in gpu.processes],
         )
 
-    def used_on(self, index: int) -> int | None:
-        """NVML's used bytes on a real device now; None on virtual devices."""
-        for gpu in self._physical():
+    def used_on(self, index: int, physical: list[PhysicalGpu] | None = None) -> int | None:
+        """NVML's used bytes on a real device (now, or in a read already made); None on
+        virtual devices."""
+        for gpu in self.physical() if physical is None else physical:
             if gpu.index == index:
                 return gpu.used
         return None

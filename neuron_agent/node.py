@@ -1,4 +1,6 @@
-"""What a node holds and how it changes: the catalogue, loads, unloads, memory accounting.
+"""What a node holds and how it changes: the load / unload state machine over the node's Triton
+(its supervisor) and devices (its inventory), both passed in; the catalogue and placement it
+consults are pure modules (`catalogue`, `placement`).
 
 The node is the arbiter of its own Triton: loads and unloads go through here only. Two loads of
 one model become one; loads of different models run together. A load that won't fit is refused
@@ -10,60 +12,41 @@ result says so.
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import (
-    CatalogueEntry,
-    LoadedModel,
-    NeuronStatus,
-    TokenizerFiles,
-    TritonInfo,
-    UnloadResult,
-)
-from neuron_agent.gpus import DeviceInventory
-from neuron_agent.repository import materialise, render
-from neuron_agent.torch_engine.checkpoint import (
-    ModelSpec,
-    estimate_weight_bytes,
-    read_spec,
-    shard_spec,
-)
+from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from neuron_agent.catalogue import Catalogue
+from neuron_agent.errors import NodeError
+from neuron_agent.gpus import DeviceInventory, PhysicalGpu
+from neuron_agent.placement import held_by_device, place
+from neuron_agent.repository import RepositoryError, materialise, render
+from neuron_agent.torch_engine.checkpoint import read_spec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
-# Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
-RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "config.json",
-)
 
 
-class NodeError(Exception):
-    """A lifecycle request failed; `status` is the HTTP status the API answers with."""
+class ModelState(enum.StrEnum):
+    """A loaded model's state, as /status reports it."""
 
-    def __init__(self, status: int, message: str, **detail: object) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = detail
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
 
 
 @dataclass
 class _Loaded:
     profile: ModelProfile
-    state: str
+    state: ModelState
     gpus: list[int]
     estimated_bytes: int
     memory_bytes: int = 0
@@ -74,29 +57,38 @@ class _Loaded:
 
 
 class Node:
-    def __init__(self, config: NeuronConfig) -> None:
+    def __init__(
+        self, config: NeuronConfig, inventory: DeviceInventory, supervisor: TritonSupervisor
+    ) -> None:
         self.config = config
         self.name = config.neuron.name
         self.state_dir = config.resolve(config.neuron.state_dir)
         self.repository = self.state_dir / "repository"
         self.stats_dir = self.state_dir / "stats"
-        self.inventory = DeviceInventory(self.name, config.neuron.memory_budget_mib)
-        self.supervisor = TritonSupervisor(
-            config.triton,
-            self.repository,
-            self.state_dir,
-            shm_prefix=f"cortex{config.triton.http_port}",
-            on_restart=self._reload_after_restart,
-        )
-        self.profiles = {
-            p.name: p for p in config.models.models if not p.neurons or self.name in p.neurons
-        }
+        # Unloads of models whose engine failed (a rank died), by model name.
+        self._retiring: dict[str, asyncio.Task[None]] = {}
+        self.inventory = inventory
+        self.supervisor = supervisor
+        supervisor.on_restart = self._reload_after_restart
+        self.catalogue = Catalogue(config, inventory.has_gpu)
+        self.profiles = self.catalogue.profiles
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
-        self._specs: dict[str, ModelSpec | None] = {}
-        # Unloads of models whose engine failed (a rank died), by model name.
-        self._retiring: dict[str, asyncio.Task[None]] = {}
+
+    @classmethod
+    def from_config(cls, config: NeuronConfig) -> Node:
+        """The node with its own devices and tritonserver, as `cortex neuron` runs it."""
+        state_dir = config.resolve(config.neuron.state_dir)
+        supervisor = TritonSupervisor(
+            config.triton,
+            state_dir / "repository",
+            state_dir,
+            shm_prefix=f"cortex{config.triton.http_port}",
+        )
+        return cls(
+            config, DeviceInventory(config.neuron.name, config.neuron.memory_budget_mib), supervisor
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -113,104 +105,18 @@ class Node:
         log.warning(message)
         self.events = [*self.events[-19:], f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}"]
 
-    # ------------------------------------------------------------------ catalogue and estimates
-
-    def source_of(self, profile: ModelProfile) -> Path:
-        return self.config.resolve(profile.source)
-
-    def spec_of(self, profile: ModelProfile) -> ModelSpec | None:
-        if profile.name not in self._specs:
-            folder = self.source_of(profile)
-            if profile.engine is EngineKind.TRTLLM:
-                folder = self.config.resolve(profile.tokenizer) if profile.tokenizer else folder
-            try:
-                self._specs[profile.name] = read_spec(folder)
-            except UnsupportedCheckpoint:
-                self._specs[profile.name] = None
-        return self._specs[profile.name]
-
-    def estimate(self, profile: ModelProfile) -> int:
-        """Weights × quantization + KV budget + runtime overhead, in bytes. A torch model at
-        tp > 1 takes its largest rank's share on each of its tp devices: tp × that."""
-        if profile.engine is EngineKind.TRTLLM:
-            engine_dir = self.source_of(profile)
-            weights = sum(p.stat().st_size for p in engine_dir.glob("*.engine"))
-            spec = self.spec_of(profile)
-            kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(2) if spec else 0
-            return weights + kv + RUNTIME_OVERHEAD_BYTES
-        spec = self.spec_of(profile)
-        if spec is None:
-            return 0
-        dtype_bytes = (
-            4 if not self.inventory.has_gpu and profile.dtype in ("auto", "float32") else 2
-        )
-        try:
-            local = shard_spec(spec, profile.tp)
-        except UnsupportedCheckpoint:
-            return 0  # the load is refused with the reason
-        # Each rank: its shard of the linear layers, the embedding (and on rank 0 the head),
-        # its kv heads' share of the KV budget, its own process and CUDA context.
-        weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes, profile.tp)
-        kv = profile.kv_cache_tokens * local.kv_bytes_per_token(dtype_bytes)
-        return (weights + kv + RUNTIME_OVERHEAD_BYTES) * profile.tp
-
-    def context_length(self, profile: ModelProfile) -> int:
-        spec = self.spec_of(profile)
-        context = spec.context_length if spec else 4096
-        return min(context, profile.context_length or context)
-
-    def catalogue(self) -> list[CatalogueEntry]:
-        return [
-            CatalogueEntry(
-                profile=profile,
-                estimated_bytes=self.estimate(profile),
-                estimated_bytes_per_gpu=self.estimate(profile) // profile.tp,
-                context_length=self.context_length(profile),
-            )
-            for profile in self.profiles.values()
-        ]
-
     # ------------------------------------------------------------------ memory
 
     def _held_by_device(self) -> dict[int, int]:
-        held: dict[int, int] = {}
-        for entry in self.loaded.values():
-            share = max(entry.estimated_bytes, entry.memory_bytes) // max(1, len(entry.gpus))
-            for gpu in entry.gpus:
-                held[gpu] = held.get(gpu, 0) + share
-        return held
+        return held_by_device(
+            (e.gpus, e.estimated_bytes, e.memory_bytes) for e in self.loaded.values()
+        )
 
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
         """Devices for the model, or NodeError 409 with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
-        if not devices:
-            available = psutil.virtual_memory().available
-            if estimate > available:
-                raise NodeError(
-                    409,
-                    f"{profile.name} needs about {estimate / 2**30:.2f} GiB; "
-                    f"this node has {available / 2**30:.2f} GiB of memory available",
-                    needed_bytes=estimate,
-                    free_bytes=available,
-                )
-            return []
-        share = estimate // profile.tp
-        candidates = [d for d in devices if wanted is None or d.index in wanted]
-        fitting = sorted(
-            (d for d in candidates if d.memory_free_bytes >= share),
-            key=lambda d: -d.memory_free_bytes,
-        )
-        if len(fitting) < profile.tp:
-            free = {d.index: d.memory_free_bytes for d in candidates}
-            raise NodeError(
-                409,
-                f"{profile.name} needs {share / 2**30:.2f} GiB on each of {profile.tp} device(s); "
-                "free per device: "
-                + ", ".join(f"{i}: {b / 2**30:.2f} GiB" for i, b in free.items()),
-                needed_bytes_per_device=share,
-                free_bytes=free,
-            )
-        return sorted(d.index for d in fitting[: profile.tp])
+        host = psutil.virtual_memory().available if not devices else 0
+        return place(profile, estimate, devices, wanted, host)
 
     def _stub_processes(self, name: str) -> list[psutil.Process]:
         process = self.supervisor.process
@@ -230,11 +136,12 @@ class Node:
                 continue
         return found
 
-    def _measure(self, entry: _Loaded) -> int:
+    def _measure(self, entry: _Loaded, physical: list[PhysicalGpu] | None = None) -> int:
         if self.inventory.has_gpu and entry.gpus:
+            physical = self.inventory.physical() if physical is None else physical
             total = 0
             for gpu in entry.gpus:
-                used = self.inventory.used_on(gpu)
+                used = self.inventory.used_on(gpu, physical)
                 if used is not None:
                     total += max(0, used - entry.baseline_used.get(gpu, used))
             return total
@@ -264,16 +171,23 @@ class Node:
     # ------------------------------------------------------------------ load / unload
 
     def profile(self, name: str) -> ModelProfile:
-        try:
-            return self.profiles[name]
-        except KeyError:
-            raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
+        return self.catalogue.profile(name)
 
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
         existing = self.loaded.get(name)
-        if existing is not None and existing.state == "READY" and not self._engine_failure(name):
-            return self._describe(name, existing)
+        if (
+            existing is not None
+            and existing.state is ModelState.READY
+            and not self._engine_failure(name)
+        ):
+            if await self.supervisor.is_ready(name):
+                return self._describe(name, existing)
+            # Triton lost it (a crash): load it again.
+            existing.state, existing.reason = (
+                ModelState.UNAVAILABLE,
+                "Triton does not report it ready",
+            )
         task = self._loads.get(name)
         if task is None:
             task = asyncio.create_task(self._load(profile, gpus))
@@ -285,7 +199,7 @@ class Node:
         name = profile.name
         if profile.engine is EngineKind.TORCH:
             try:
-                shard_spec(read_spec(self.source_of(profile)), profile.tp)
+                shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
                 raise NodeError(422, f"{name}: {error}") from None
         stale = self.loaded.get(name)
@@ -294,26 +208,41 @@ class Node:
         if name in self._retiring:
             # A failed copy is still leaving Triton: a load meanwhile would not replace it.
             await self._retiring[name]
-        self.loaded.pop(name, None)
-        estimate = self.estimate(profile)
+        if name in self.loaded and self.loaded[name].state is not ModelState.READY:
+            self.loaded.pop(name, None)
+        estimate = self.catalogue.estimate(profile)
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
-        entry = _Loaded(profile, "LOADING", devices, estimate, baseline_used=baseline)
-        self.loaded[name] = entry
         stats_path = self.stats_dir / f"{name}.json"
-        files = render(
-            profile, self.source_of(profile), devices, self.inventory.has_gpu, stats_path
-        )
+        try:
+            files = render(
+                profile,
+                self.catalogue.source_of(profile),
+                devices,
+                self.inventory.has_gpu,
+                stats_path,
+            )
+        except (RepositoryError, OSError) as error:
+            raise NodeError(
+                500, f"{name}: its Triton model directory cannot be made: {error}"
+            ) from None
+        # Registered from here on, so concurrent placements count its memory; whatever ends
+        # the load early (an error of any kind, a cancellation) takes the entry away again.
+        entry = _Loaded(profile, ModelState.LOADING, devices, estimate, baseline_used=baseline)
+        self.loaded[name] = entry
         started = time.monotonic()
         try:
             await asyncio.to_thread(
                 materialise, self.repository, self.state_dir / "scratch", name, files
             )
             await self.supervisor.load(name)
-        except (TritonError, OSError) as error:
+        except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
             raise NodeError(502, f"Triton could not load {name}: {error}") from None
-        entry.state = "READY"
+        except BaseException:
+            self.loaded.pop(name, None)
+            raise
+        entry.state = ModelState.READY
         entry.load_seconds = time.monotonic() - started
         entry.loaded_at = time.time()
         entry.memory_bytes = self._measure(entry)
@@ -335,11 +264,11 @@ class Node:
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
-        entry.state = "UNLOADING"
+        entry.state = ModelState.UNLOADING
         try:
             await self.supervisor.unload(name)
         except TritonError as error:
-            entry.state = "READY"
+            entry.state = ModelState.READY
             raise NodeError(502, f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
@@ -359,18 +288,18 @@ class Node:
 
     async def _reload_after_restart(self) -> None:
         # Everything this node holds, including models /status already saw Triton lose.
-        survivors = [n for n, e in self.loaded.items() if e.state != "UNLOADING"]
+        survivors = [n for n, e in self.loaded.items() if e.state is not ModelState.UNLOADING]
         if survivors:
             self._event(f"Triton restarted; reloading {', '.join(survivors)}")
         for name in survivors:
             entry = self.loaded[name]
-            entry.state = "LOADING"
+            entry.state = ModelState.LOADING
             try:
                 await self.supervisor.load(name)
-                entry.state, entry.reason = "READY", None
+                entry.state, entry.reason = ModelState.READY, None
                 entry.memory_bytes = self._measure(entry)
             except TritonError as error:
-                entry.state = "UNAVAILABLE"
+                entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
 
     def _retire_failed(self, name: str, entry: _Loaded) -> None:
@@ -379,7 +308,7 @@ class Node:
         failure = self._engine_failure(name)
         if name in self._retiring or failure is None:
             return
-        entry.state, entry.reason = "UNAVAILABLE", failure
+        entry.state, entry.reason = ModelState.UNAVAILABLE, failure
         self._event(f"{name} failed: {failure}")
         self._retiring[name] = asyncio.create_task(self._unload_failed(name, entry))
         self._retiring[name].add_done_callback(lambda _t: self._retiring.pop(name, None))
@@ -415,43 +344,68 @@ class Node:
         stats = self._engine_stats(name)
         return int(stats.get("running", 0) + stats.get("waiting", 0))
 
-    def _describe(self, name: str, entry: _Loaded) -> LoadedModel:
+    def _describe(
+        self,
+        name: str,
+        entry: _Loaded,
+        state: ModelState | None = None,
+        reason: str | None = None,
+        memory_bytes: int | None = None,
+        last_inference: float | None = None,
+    ) -> LoadedModel:
+        """The model as the API reports it; `status` passes what it observed now."""
         stats = self._engine_stats(name)
         return LoadedModel(
             name=name,
-            state=entry.state,
+            state=state or entry.state,
             engine=entry.profile.engine.value,
             quantization=entry.profile.quantization.value,
             tp=entry.profile.tp,
             gpus=entry.gpus,
-            memory_bytes=entry.memory_bytes,
+            memory_bytes=entry.memory_bytes if memory_bytes is None else memory_bytes,
             estimated_bytes=entry.estimated_bytes,
             estimated_bytes_per_gpu=entry.estimated_bytes // max(1, entry.profile.tp),
             loaded_at=entry.loaded_at,
             load_seconds=entry.load_seconds,
             in_flight=int(stats.get("running", 0) + stats.get("waiting", 0)),
-            last_used=stats.get("last_used") or entry.loaded_at,
-            reason=entry.reason,
+            last_used=last_inference or entry.loaded_at,
+            reason=reason if state else entry.reason,
         )
 
+    async def _observe(self, name: str, entry: _Loaded, physical: list[PhysicalGpu]) -> LoadedModel:
+        """One model as Triton sees it now, read without changing the node's own record:
+        Triton is the truth about readiness (a model it lost in a crash is not READY here
+        either) and, from its model statistics, about the last inference, for every engine."""
+        if entry.state is ModelState.READY and self._engine_failure(name):
+            # The one change a report makes: a dead rank's model is retired (and unloaded) at
+            # once, so the gateway sees it failed instead of routing to it.
+            self._retire_failed(name, entry)
+        state, reason = entry.state, entry.reason
+        last_inference = None
+        if self.supervisor.state == "live" and entry.state in (
+            ModelState.READY,
+            ModelState.UNAVAILABLE,
+        ):
+            ready = await self.supervisor.is_ready(name)
+            if entry.state is ModelState.READY and not ready:
+                state, reason = ModelState.UNAVAILABLE, "Triton does not report it ready"
+            elif entry.state is ModelState.UNAVAILABLE and ready:
+                state, reason = ModelState.READY, None
+            if ready:
+                stats = await self.supervisor.model_stats(name)
+                milliseconds = stats.get("last_inference")
+                if isinstance(milliseconds, int) and milliseconds > 0:
+                    last_inference = milliseconds / 1000
+        memory = entry.memory_bytes
+        if state is ModelState.READY:
+            memory = self._measure(entry, physical) or entry.memory_bytes
+        return self._describe(name, entry, state, reason, memory, last_inference)
+
     async def status(self) -> NeuronStatus:
-        # Triton is the truth about readiness: a model it lost (crash) is not READY here either.
-        if self.supervisor.state == "live":
-            for name, entry in self.loaded.items():
-                if entry.state == "READY" and self._engine_failure(name):
-                    self._retire_failed(name, entry)
-                elif entry.state == "READY" and not await self.supervisor.is_ready(name):
-                    entry.state = "UNAVAILABLE"
-                    entry.reason = "Triton does not report it ready"
-                elif (
-                    entry.state == "UNAVAILABLE"
-                    and not self._engine_failure(name)
-                    and await self.supervisor.is_ready(name)
-                ):
-                    entry.state, entry.reason = "READY", None
-        for entry in self.loaded.values():
-            if entry.state == "READY":
-                entry.memory_bytes = self._measure(entry) or entry.memory_bytes
+        """What the node holds now. A read only: nothing here changes the node's record, and
+        NVML is read once for the whole report."""
+        physical = self.inventory.physical()
+        loaded = [await self._observe(n, e, physical) for n, e in list(self.loaded.items())]
         return NeuronStatus(
             name=self.name,
             triton=TritonInfo(
@@ -462,32 +416,9 @@ class Node:
                 restarts=self.supervisor.restarts,
                 last_error=self.supervisor.last_error,
             ),
-            gpus=self.inventory.snapshot(self._held_by_device()),
+            gpus=self.inventory.snapshot(self._held_by_device(), physical),
             has_gpu=self.inventory.has_gpu,
-            loaded=[self._describe(n, e) for n, e in self.loaded.items()],
-            catalogue=self.catalogue(),
+            loaded=loaded,
+            catalogue=self.catalogue.entries(),
             events=self.events,
-        )
-
-    def tokenizer_files(self, name: str) -> TokenizerFiles:
-        profile = self.profile(name)
-        folder = (
-            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
-        )
-        files = {}
-        for file_name in TOKENIZER_FILES:
-            path = folder / file_name
-            if path.exists():
-                files[file_name] = path.read_text(encoding="utf-8")
-        if "tokenizer.json" not in files:
-            raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
-        spec = self.spec_of(profile)
-        generation = json.loads(files.get("generation_config.json", "{}"))
-        eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
-        return TokenizerFiles(
-            model=name,
-            files=files,
-            context_length=self.context_length(profile),
-            eos_token_ids=eos if isinstance(eos, list) else [eos],
-            pad_token_id=generation.get("pad_token_id"),
         )

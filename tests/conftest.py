@@ -95,6 +95,23 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: fl
             process.wait()
 
 
+def start_gateway(
+    config: Path, port: int, log: Path, timeout: float = 60
+) -> subprocess.Popen[bytes]:
+    """`cortex serve --config CONFIG`, returned once its /health answers on `port`."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", timeout, process)
+    except Exception:
+        stop(process)
+        raise RuntimeError(f"the gateway did not start:\n{log.read_text()[-2000:]}") from None
+    return process
+
+
 @dataclass
 class Embedded:
     process: subprocess.Popen[bytes]

@@ -46,7 +46,6 @@ STOP_REASONS = {
     FinishReason.STOP_SEQUENCE: "stop_sequence",
     FinishReason.LENGTH: "max_tokens",
     FinishReason.TOOL_CALLS: "tool_use",
-    FinishReason.CANCELLED: "end_turn",
 }
 EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 
@@ -202,7 +201,6 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
             "top_p": body.top_p,
             "top_k": body.top_k,
             "stop": tuple(body.stop_sequences or ()),
-            "stream": body.stream,
         }
     return ChatRequest(
         model=body.model,

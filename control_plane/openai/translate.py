@@ -28,7 +28,6 @@ FINISH_REASONS = {
     FinishReason.STOP_SEQUENCE: "stop",
     FinishReason.LENGTH: "length",
     FinishReason.TOOL_CALLS: "tool_calls",
-    FinishReason.CANCELLED: "stop",
 }
 
 
@@ -90,7 +89,6 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         top_k=body.top_k,
         seed=body.seed,
         stop=_stops(body.stop),
-        stream=body.stream,
         tools=tools,
         tool_choice=choice,
         tool_choice_name=named,
@@ -141,7 +139,6 @@ def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
         top_p=body.top_p,
         seed=body.seed,
         stop=_stops(body.stop),
-        stream=body.stream,
         request_id=request_id,
     )
 

@@ -107,7 +107,8 @@ def test_ten_concurrent_requests_for_a_cold_model_cause_one_load(
     before = fleet["large"].triton_loads("m3")
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: ask(g.url, "m3"), range(10)))
-    assert len(answers) == 10 and all(isinstance(a, str) for a in answers)
+    # Ten greedy answers to one prompt from the one copy loaded: one non-empty answer.
+    assert len(answers) == 10 and len(set(answers)) == 1 and answers[0]
     assert g.loads("m3") == 1
     assert fleet["large"].triton_loads("m3") == before + 1
 

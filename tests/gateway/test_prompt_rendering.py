@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.canonical import ChatRequest, Message, Tool
-from control_plane.prompting import ModelTokenizer, template_inputs
+from control_plane.prompting import ModelTokenizer
 from cortex.neuron_api import TokenizerFiles
 
 
@@ -27,8 +27,14 @@ def tokenizer(tiny_model: Path) -> ModelTokenizer:
     )
 
 
-def reference(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
-    messages, tools, prefill = template_inputs(request)
+def reference(
+    tokenizer: ModelTokenizer,
+    messages: list[dict[str, str]],
+    tools: list[dict[str, object]] | None,
+    prefill: bool,
+) -> list[int]:
+    """transformers' own tokenized rendering of the conversation, given as the chat template's
+    documented input (not through cortex's translation of it)."""
     ids = tokenizer.tokenizer.apply_chat_template(
         messages,
         tools=tools,
@@ -51,10 +57,17 @@ def test_render_is_the_reference_encoding(
     tokenizer: ModelTokenizer, system: str, user: str, reply: str, prefill: bool, with_tool: bool
 ) -> None:
     messages = [Message("system", system), Message("user", user)]
+    expected = [{"role": "system", "content": system}] if system else []  # no empty system turn
+    expected.append({"role": "user", "content": user})
     if prefill:
         messages.append(Message("assistant", reply))
+        expected.append({"role": "assistant", "content": reply})
     tools = (Tool("get_weather", "", {"type": "object"}),) if with_tool else ()
+    expected_tools: list[dict[str, object]] | None = None
+    if with_tool:
+        function = {"name": "get_weather", "description": "", "parameters": {"type": "object"}}
+        expected_tools = [{"type": "function", "function": function}]
     request = ChatRequest(
         model="cortex-tiny", messages=tuple(messages), tools=tools, continue_final=prefill
     )
-    assert tokenizer.render(request) == reference(tokenizer, request)
+    assert tokenizer.render(request) == reference(tokenizer, expected, expected_tools, prefill)

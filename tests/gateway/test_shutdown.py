@@ -7,18 +7,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_ports, stop, wait_for
+from tests import conftest
+from tests.conftest import free_ports, stop
 from tests.gateway.conftest import API_KEY, ReplayFleet
 
 
-def start_gateway(
+def own_gateway(
     folder: Path, fleet: ReplayFleet, drain_timeout_s: float
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     """A gateway of its own, to stop; the model is made ready first (no cold load in a test)."""
@@ -52,12 +52,7 @@ endpoint = "{fleet.neuron_url}"
         encoding="utf-8",
     )
     log = folder / "gateway.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(f"http://127.0.0.1:{port}/health", 60, process)
+    process = conftest.start_gateway(config, port, log)
     # Ready once it has polled the neuron and sees the model loaded.
     deadline = time.monotonic() + 30
     while (
@@ -81,7 +76,7 @@ def stream_lines(url: str, path: str, body: dict[str, object]) -> Iterator[str]:
 def test_sigterm_lets_the_answer_in_flight_finish(
     replay_fleet: ReplayFleet, tmp_path: Path
 ) -> None:
-    process, url, log = start_gateway(tmp_path, replay_fleet, drain_timeout_s=15)
+    process, url, log = own_gateway(tmp_path, replay_fleet, drain_timeout_s=15)
     try:
         body = {
             "model": "replay-hermes",
@@ -109,7 +104,7 @@ def test_sigterm_lets_the_answer_in_flight_finish(
 def test_a_stream_that_outlives_the_drain_is_cut_with_an_error(
     replay_fleet: ReplayFleet, tmp_path: Path
 ) -> None:
-    process, url, log = start_gateway(tmp_path, replay_fleet, drain_timeout_s=1.0)
+    process, url, log = own_gateway(tmp_path, replay_fleet, drain_timeout_s=1.0)
     try:
         slow = [{"role": "user", "content": "never finish"}]  # 4 s to its first token
         chat = stream_lines(

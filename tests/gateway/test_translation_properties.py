@@ -37,6 +37,21 @@ from control_plane.canonical import (
 from control_plane.openai import translate as openai_translate
 from control_plane.openai.protocol import ChatCompletionRequest
 
+# What each dialect calls the canonical reasons, written from their API references (OpenAI's
+# `finish_reason`, Anthropic's `stop_reason`), not taken from the encoders under test.
+OPENAI_FINISH = {
+    FinishReason.STOP: "stop",
+    FinishReason.STOP_SEQUENCE: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.TOOL_CALLS: "tool_calls",
+}
+ANTHROPIC_STOP = {
+    FinishReason.STOP: "end_turn",
+    FinishReason.STOP_SEQUENCE: "stop_sequence",
+    FinishReason.LENGTH: "max_tokens",
+    FinishReason.TOOL_CALLS: "tool_use",
+}
+
 text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30)
 names = st.from_regex(r"[a-zA-Z][a-zA-Z0-9_-]{0,15}", fullmatch=True)
 ids = st.from_regex(r"[a-zA-Z0-9_-]{1,24}", fullmatch=True)
@@ -303,7 +318,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
         (c.id.removeprefix("call_"), c.function.name, json.loads(c.function.arguments or "{}"))  # type: ignore[union-attr]
         for c in message.tool_calls or []
     ] == expected_calls
-    assert completion.choices[0].finish_reason == openai_translate.FINISH_REASONS[finished.reason]
+    assert completion.choices[0].finish_reason == OPENAI_FINISH[finished.reason]
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == finished.usage.prompt_tokens
     assert completion.usage.completion_tokens == finished.usage.completion_tokens
@@ -320,7 +335,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
         for b in snapshot.content
         if b.type == "tool_use"
     ] == expected_calls
-    assert snapshot.stop_reason == anthropic_translate.STOP_REASONS[finished.reason]
+    assert snapshot.stop_reason == ANTHROPIC_STOP[finished.reason]
     assert snapshot.stop_sequence == finished.stop_sequence
     assert snapshot.usage.input_tokens == finished.usage.prompt_tokens
     assert snapshot.usage.output_tokens == finished.usage.completion_tokens

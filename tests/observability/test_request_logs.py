@@ -6,8 +6,6 @@ an API key) in front of the same embedded neuron logs JSON lines."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Embedded, free_ports, stop, wait_for
+from tests.conftest import Embedded, free_ports, start_gateway, stop
 from tests.observability.conftest import NODE
 
 API_KEY = "sk-observability-secret"
@@ -132,13 +130,8 @@ def json_gateway(
         encoding="utf-8",
     )
     log = folder / "gateway.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    process = start_gateway(config, listen, log)
     try:
-        wait_for(f"http://127.0.0.1:{listen}/health", 60, process)
         yield JsonGateway(f"http://127.0.0.1:{listen}/v1", log)
     finally:
         stop(process)

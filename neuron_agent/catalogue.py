@@ -1,0 +1,141 @@
+"""What a node can serve and what each model would cost: its catalogue, with a memory estimate
+and a context length per model.
+
+`estimate_bytes` and `context_length` are pure (a profile and a checkpoint's shape in, numbers
+out); `Catalogue` reads each checkpoint's shape once and keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cortex.config import EngineKind, ModelProfile, NeuronConfig
+from cortex.neuron_api import CatalogueEntry, TokenizerFiles
+from neuron_agent.errors import NodeError
+from neuron_agent.torch_engine.checkpoint import (
+    ModelSpec,
+    estimate_weight_bytes,
+    read_spec,
+    shard_spec,
+)
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+
+# Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
+RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
+# A model whose checkpoint does not say its context length.
+DEFAULT_CONTEXT = 4096
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+def estimate_bytes(
+    profile: ModelProfile, spec: ModelSpec | None, has_gpu: bool, engine_bytes: int = 0
+) -> int:
+    """Weights × quantization + KV budget + runtime overhead, in bytes. `engine_bytes`: the size
+    of a TensorRT-LLM engine's files, whose weights are already in their final form. A torch
+    model at tp > 1 takes its largest rank's share on each of its tp devices: tp × that."""
+    if profile.engine is EngineKind.TRTLLM:
+        kv = profile.kv_cache_tokens * spec.kv_bytes_per_token(2) if spec else 0
+        return engine_bytes + kv + RUNTIME_OVERHEAD_BYTES
+    if spec is None:
+        return 0
+    # On CPU an "auto" or float32 model runs in float32; on a GPU in 16 bits.
+    dtype_bytes = 4 if not has_gpu and profile.dtype in ("auto", "float32") else 2
+    try:
+        local = shard_spec(spec, profile.tp)
+    except UnsupportedCheckpoint:
+        return 0  # the load is refused with the reason
+    # Each rank: its shard of the linear layers, the embedding (and on rank 0 the head), its kv
+    # heads' share of the KV budget, its own process and CUDA context.
+    weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes, profile.tp)
+    kv = profile.kv_cache_tokens * local.kv_bytes_per_token(dtype_bytes)
+    return (weights + kv + RUNTIME_OVERHEAD_BYTES) * profile.tp
+
+
+def context_length(profile: ModelProfile, spec: ModelSpec | None) -> int:
+    """The checkpoint's context, capped by the profile's."""
+    context = spec.context_length if spec else DEFAULT_CONTEXT
+    return min(context, profile.context_length or context)
+
+
+class Catalogue:
+    """The models this node may serve (those whose `neurons` list names it, or has none)."""
+
+    def __init__(self, config: NeuronConfig, has_gpu: bool) -> None:
+        self.config = config
+        self.has_gpu = has_gpu
+        name = config.neuron.name
+        self.profiles = {
+            p.name: p for p in config.models.models if not p.neurons or name in p.neurons
+        }
+        self._specs: dict[str, ModelSpec | None] = {}
+
+    def source_of(self, profile: ModelProfile) -> Path:
+        return self.config.resolve(profile.source)
+
+    def spec_of(self, profile: ModelProfile) -> ModelSpec | None:
+        if profile.name not in self._specs:
+            folder = self.source_of(profile)
+            if profile.engine is EngineKind.TRTLLM:
+                folder = self.config.resolve(profile.tokenizer) if profile.tokenizer else folder
+            try:
+                self._specs[profile.name] = read_spec(folder)
+            except UnsupportedCheckpoint:
+                self._specs[profile.name] = None
+        return self._specs[profile.name]
+
+    def estimate(self, profile: ModelProfile) -> int:
+        engine_bytes = 0
+        if profile.engine is EngineKind.TRTLLM:
+            engine_bytes = sum(p.stat().st_size for p in self.source_of(profile).glob("*.engine"))
+        return estimate_bytes(profile, self.spec_of(profile), self.has_gpu, engine_bytes)
+
+    def context_length(self, profile: ModelProfile) -> int:
+        return context_length(profile, self.spec_of(profile))
+
+    def entries(self) -> list[CatalogueEntry]:
+        return [
+            CatalogueEntry(
+                profile=profile,
+                estimated_bytes=self.estimate(profile),
+                estimated_bytes_per_gpu=self.estimate(profile) // profile.tp,
+                context_length=self.context_length(profile),
+            )
+            for profile in self.profiles.values()
+        ]
+
+    def profile(self, name: str) -> ModelProfile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
+
+    def tokenizer_files(self, name: str) -> TokenizerFiles:
+        profile = self.profile(name)
+        folder = (
+            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
+        )
+        files = {}
+        for file_name in TOKENIZER_FILES:
+            path = folder / file_name
+            if path.exists():
+                files[file_name] = path.read_text(encoding="utf-8")
+        if "tokenizer.json" not in files:
+            raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
+        spec = self.spec_of(profile)
+        generation = json.loads(files.get("generation_config.json", "{}"))
+        eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
+        return TokenizerFiles(
+            model=name,
+            files=files,
+            context_length=self.context_length(profile),
+            eos_token_ids=eos if isinstance(eos, list) else [eos],
+            pad_token_id=generation.get("pad_token_id"),
+        )
