@@ -328,19 +328,23 @@ class Fleet:
                 return view.name
         tried: set[str] = set()
         errors: list[str] = []
+        failed = False
         while True:
             plan = plan_placement(
                 self.snapshot(), model, self.config.eviction.strategy, exclude=frozenset(tried)
             )
             if isinstance(plan, Refusal):
-                if errors:
+                if failed:
                     raise UpstreamFailed(f"{model} could not be loaded: " + "; ".join(errors))
-                raise Overloaded(f"cannot place {model}: {plan.reason}", retry_after=30)
+                reasons = "; ".join([*errors, plan.reason])
+                raise Overloaded(f"cannot place {model}: {reasons}", retry_after=30)
             placement = plan[0]
             tried.add(placement.node)
             try:
                 await self.place(model, placement, "make_room")
             except CortexError as error:
+                # A refusal (no room after all, a victim got busy) is not a failed node.
+                failed = failed or not isinstance(error, Overloaded)
                 errors.append(f"{placement.node}: {error.message}")
                 await self.poll(placement.node)
                 continue
