@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -20,12 +19,10 @@ from control_plane.canonical import (
     ChatRequest,
     Event,
     Finished,
-    FinishReason,
     Started,
     TextDelta,
     ToolCallDelta,
     ToolCallStart,
-    Usage,
     Waiting,
 )
 from control_plane.errors import (
@@ -37,8 +34,10 @@ from control_plane.errors import (
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import GenerationParams
+from control_plane.output import Output
 from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
+from control_plane.request_record import RequestRecord
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.neuron_api import CatalogueEntry
@@ -50,19 +49,25 @@ T = TypeVar("T")
 # the tokenizer's batch encode runs without the GIL and other streams keep flowing.
 INLINE_RENDER_CHARS = 8192
 
-log = logging.getLogger("cortex.requests")
-
 
 async def _once(awaitable: Awaitable[T]) -> AsyncGenerator[T, None]:
     yield await awaitable
 
 
 async def render(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
-    """The prompt's ids: small prompts at once, large ones in a thread."""
+    """The prompt's ids: small prompts at once, large ones in a thread. An empty one is the
+    client's mistake (nothing to answer), not the engine's to refuse."""
+    if request.raw_prompt is None and not request.messages:
+        raise InvalidRequest("messages: the conversation has no content to answer", "messages")
     size = len(request.raw_prompt or "") + sum(len(m.content) for m in request.messages)
     if size <= INLINE_RENDER_CHARS and not request.tools:
-        return tokenizer.render(request)
-    return await asyncio.to_thread(tokenizer.render, request)
+        prompt = tokenizer.render(request)
+    else:
+        prompt = await asyncio.to_thread(tokenizer.render, request)
+    if not prompt:
+        field = "prompt" if request.raw_prompt is not None else "messages"
+        raise InvalidRequest(f"{field}: the prompt is empty", field)
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -119,16 +124,16 @@ async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
 async def generate(
     fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
 ) -> AsyncGenerator[Event, None]:
-    started = time.monotonic()
+    record = RequestRecord(request.request_id, api, request.model)
     logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
     settings = fleet.config.gateway
     try:
         prepared = await prepare(fleet, request)
     except CortexError as error:
-        _refused(metrics, request, request.model, api, error, started)
+        record.refused(metrics, error.kind)
         raise
     model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
-    max_tokens = prepared.max_tokens
+    record.model, record.prompt_tokens = model, len(prompt)
 
     # A warm model is ready at once, so errors here still come before the first event (plain
     # HTTP errors); a cold load announces the request first, then keeps the stream alive.
@@ -148,23 +153,25 @@ async def generate(
                     else:
                         node = result
         except CortexError as error:
-            _refused(metrics, request, model, api, error, started, len(prompt))
+            record.refused(metrics, error.kind)
             raise
-    metrics.queue_wait.labels(model).observe(time.monotonic() - started)
+    record.node = node
+    metrics.queue_wait.labels(model).observe(time.monotonic() - record.started)
 
     series = metrics.series(model, node, api)
-    params = generation_params(tokenizer, request, max_tokens)
-    decoder = tokenizer.stream_decoder(prompt)
-    stopper = StopMatcher(request.stop)
-    parser = parser_for(
-        prepared.entry.profile.tool_call_format.value,
-        bool(request.tools),
-        request.parallel_tool_calls,
+    params = generation_params(tokenizer, request, max_tokens=prepared.max_tokens)
+    output = Output(
+        tokenizer.stream_decoder(),
+        StopMatcher(request.stop),
+        parser_for(
+            prepared.entry.profile.tool_call_format.value,
+            bool(request.tools),
+            request.parallel_tool_calls,
+        ),
+        len(prompt),
+        prepared.max_tokens,
     )
     deadline = time.monotonic() + settings.request_timeout_s
-    completion = 0
-    first_token_at: float | None = None
-    outcome = "error"
     series.in_flight.inc()
     try:
         async with fleet.using(node, model) as triton:
@@ -182,102 +189,31 @@ async def generate(
                         if tokens is None:  # a long prefill: keep the client's stream alive
                             yield Waiting()
                             continue
-                        if tokens and first_token_at is None:
-                            first_token_at = time.monotonic()
-                            series.ttft.observe(first_token_at - started)
-                        text = ""
-                        for token in tokens:
-                            completion += 1
-                            text += decoder.step(token)
-                        for event in parser.feed(stopper.feed(text)):
+                        if tokens and record.first_token_at is None:
+                            record.first_token_at = time.monotonic()
+                            series.ttft.observe(record.first_token_at - record.started)
+                        for event in output.feed(tokens):
                             yield event
-                        if stopper.matched or parser.done:
+                        if output.done:
                             break
             finally:
                 await stream.aclose()
-        if not (stopper.matched or parser.done):
-            for event in parser.feed(stopper.feed(decoder.finish())):
-                yield event
-            for event in parser.feed(stopper.flush()):
-                yield event
-        for event in parser.finish():
+        record.outcome = "ok"
+        for event in output.finish():
             yield event
-        # Calls decide the reason even when a stop string came after them: the client must
-        # answer the calls.
-        if parser.calls:
-            reason = FinishReason.TOOL_CALLS
-        elif stopper.matched:
-            reason = FinishReason.STOP_SEQUENCE
-        elif completion >= max_tokens:
-            reason = FinishReason.LENGTH
-        else:
-            reason = FinishReason.STOP
-        outcome = "ok"
-        stop_sequence = stopper.matched if reason is FinishReason.STOP_SEQUENCE else None
-        yield Finished(reason, Usage(len(prompt), completion), stop_sequence)
     except (GeneratorExit, asyncio.CancelledError):
-        outcome = "cancelled"
+        record.outcome = "cancelled"
         raise
     except CortexError as error:
-        outcome = error.kind
+        record.outcome = error.kind
         raise
     except Exception as error:  # a node failing mid-stream ends the stream with an error
-        outcome = "api_error"
+        record.outcome = "api_error"
         raise UpstreamFailed(f"{model} on {node} failed: {error}") from error
     finally:
         series.in_flight.dec()
-        ended = time.monotonic()
-        series.requests(outcome).inc()
-        series.input_tokens.inc(len(prompt))
-        series.output_tokens.inc(completion)
-        series.duration.observe(ended - started)
-        if first_token_at is not None and completion > 1:
-            decode_time = ended - first_token_at
-            series.inter_token.observe(decode_time / (completion - 1))
-            if decode_time > 0:
-                series.tokens_per_second.observe((completion - 1) / decode_time)
-        _log_request(
-            request_id=request.request_id,
-            model=model,
-            node=node,
-            api=api,
-            outcome=outcome,
-            prompt_tokens=len(prompt),
-            completion_tokens=completion,
-            ttft_s=None if first_token_at is None else round(first_token_at - started, 4),
-            duration_s=round(ended - started, 4),
-        )
-
-
-def _refused(
-    metrics: GatewayMetrics,
-    request: ChatRequest,
-    model: str,
-    api: str,
-    error: CortexError,
-    started: float,
-    prompt_tokens: int = 0,
-) -> None:
-    """Count and log a request that ended before it reached a node (unknown model, invalid
-    request, no room to load, a load that failed or took too long)."""
-    metrics.refused.labels(api, error.kind).inc()
-    _log_request(
-        request_id=request.request_id,
-        model="_".join(model.split())[:200] or "-",  # a client's string: one token in the line
-        node=None,
-        api=api,
-        outcome=error.kind,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=0,
-        ttft_s=None,
-        duration_s=round(time.monotonic() - started, 4),
-    )
-
-
-def _log_request(**fields: object) -> None:
-    """The one line per request: `key=value` pairs in text logs, fields in JSON logs."""
-    text = " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items())
-    log.info("request %s", text, extra=fields)
+        record.completion_tokens = output.completion_tokens
+        record.served(series)
 
 
 async def collect(events: AsyncIterator[Event]) -> tuple[str, list[tuple[str, str, str]], Finished]:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import tempfile
 import threading
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jinja2 import TemplateError
 from tokenizers.decoders import DecodeStream
 
 from control_plane.canonical import ChatRequest, Message, ToolChoice
+from control_plane.errors import InvalidRequest
 from cortex.neuron_api import TokenizerFiles
 
 if TYPE_CHECKING:
@@ -73,13 +75,18 @@ class ModelTokenizer:
         if request.raw_prompt is not None:
             return list(self.backend.encode(request.raw_prompt, add_special_tokens=False).ids)
         messages, tools, prefill = template_inputs(request)
-        text = self.tokenizer.apply_chat_template(
-            messages,
-            tools=tools,
-            add_generation_prompt=not prefill,
-            continue_final_message=prefill,
-            tokenize=False,
-        )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tools=tools,
+                add_generation_prompt=not prefill,
+                continue_final_message=prefill,
+                tokenize=False,
+            )
+        except TemplateError as error:  # the template's own `raise_exception` (say, roles)
+            raise InvalidRequest(
+                f"messages: the model's chat template refuses them: {error}", "messages"
+            ) from None
         # What apply_chat_template(tokenize=True) does with the text, minus its per-call argument
         # handling (a third of the time of a short prompt): encode, adding no special tokens. The
         # batch form, as transformers uses, lets go of the GIL while it works on a long prompt.
@@ -89,8 +96,8 @@ class ModelTokenizer:
     def decode(self, ids: list[int]) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=True))
 
-    def stream_decoder(self, prompt_ids: list[int]) -> IncrementalDecoder:
-        return IncrementalDecoder(self, prompt_ids)
+    def stream_decoder(self) -> IncrementalDecoder:
+        return IncrementalDecoder(self)
 
 
 def template_inputs(request: ChatRequest) -> tuple[list[dict[str, Any]], list[Any] | None, bool]:
@@ -194,7 +201,7 @@ def _arguments(text: str) -> Any:
 class IncrementalDecoder:
     """Token ids in, complete text out; `finish` flushes what a final partial character left."""
 
-    def __init__(self, tokenizer: ModelTokenizer, prompt_ids: list[int]) -> None:
+    def __init__(self, tokenizer: ModelTokenizer) -> None:
         self.tokenizer = tokenizer
         self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
@@ -250,8 +257,3 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.buffer = self.buffer, ""
         return out
-
-
-def describe(request: ChatRequest) -> dict[str, Any]:
-    """The request as plain data (logs, tests)."""
-    return asdict(request)

@@ -1,0 +1,82 @@
+"""A generation's output, as a pure pipeline: token ids in, canonical events out.
+
+    token ids → incremental detokenization → stop strings → tool-call parsing → events
+    … the end → what the decoder and the stop matcher still hold → `Finished` with its reason
+
+No I/O and no clock: `generate` feeds it what the engine streams, and tests feed it ids by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from control_plane.canonical import Event, Finished, FinishReason, Usage
+from control_plane.prompting import StopMatcher
+from control_plane.tool_calls import ToolParser
+
+
+class Decoder(Protocol):
+    """Token ids in, complete text out (`prompting.IncrementalDecoder`)."""
+
+    def step(self, token_id: int) -> str: ...
+
+    def finish(self) -> str: ...
+
+
+def finish_reason(
+    calls: int, stop_sequence: str | None, completion_tokens: int, max_tokens: int
+) -> FinishReason:
+    """Why a generation that ran to its end ended. Calls decide the reason even when a stop
+    string came after them: the client must answer the calls."""
+    if calls:
+        return FinishReason.TOOL_CALLS
+    if stop_sequence is not None:
+        return FinishReason.STOP_SEQUENCE
+    if completion_tokens >= max_tokens:
+        return FinishReason.LENGTH
+    return FinishReason.STOP
+
+
+class Output:
+    """One generation's output. `feed` each batch of new token ids; stop feeding once `done`
+    (a stop string matched, or no more calls are wanted) and call `finish` for the last events."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        stopper: StopMatcher,
+        parser: ToolParser,
+        prompt_tokens: int,
+        max_tokens: int,
+    ) -> None:
+        self.decoder = decoder
+        self.stopper = stopper
+        self.parser = parser
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.completion_tokens = 0
+
+    @property
+    def done(self) -> bool:
+        return self.stopper.matched is not None or self.parser.done
+
+    def feed(self, tokens: list[int]) -> list[Event]:
+        self.completion_tokens += len(tokens)
+        step = self.decoder.step
+        text = "".join([step(token) for token in tokens])
+        return self.parser.feed(self.stopper.feed(text))
+
+    def finish(self) -> list[Event]:
+        """The events the end releases: text held back (a partial character, a possible stop
+        string, an unterminated call), then `Finished`."""
+        events: list[Event] = []
+        if not self.done:
+            events.extend(self.parser.feed(self.stopper.feed(self.decoder.finish())))
+            events.extend(self.parser.feed(self.stopper.flush()))
+        events.extend(self.parser.finish())
+        matched = self.stopper.matched
+        reason = finish_reason(self.parser.calls, matched, self.completion_tokens, self.max_tokens)
+        stop_sequence = matched if reason is FinishReason.STOP_SEQUENCE else None
+        usage = Usage(self.prompt_tokens, self.completion_tokens)
+        events.append(Finished(reason, usage, stop_sequence))
+        return events
