@@ -62,7 +62,14 @@ from control_plane.lifecycle import (
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
 from control_plane.prompting import ModelTokenizer
-from control_plane.routing import FleetSnapshot, NodeView, choose_replica, resolve_model
+from control_plane.routing import (
+    FleetSnapshot,
+    NodeView,
+    catalogue_index,
+    choose_replica,
+    merge_catalogues,
+    resolve_model,
+)
 from cortex.config import CortexConfig, NeuronRef
 from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus, TokenizerFiles
 
@@ -95,6 +102,7 @@ class _Neuron:
     draining: set[str] = field(default_factory=set)
     loading: dict[str, int] = field(default_factory=dict)
     leaving: set[str] = field(default_factory=set)
+    catalogue: dict[str, CatalogueEntry] | None = None
     # When the node went down lately (circuit breaker), and until when it stays out.
     failures: deque[float] = field(default_factory=deque)
     out_until: float = 0.0
@@ -133,6 +141,7 @@ class Fleet:
         # Pinned models that could not be placed, with the reason (`cortex_pinned_unplaced`).
         self.pinned_unplaced: dict[str, str] = {}
         self._pinned: set[str] = set()  # every pinned model any catalogue has listed
+        self._merged: dict[str, CatalogueEntry] | None = None
 
     # ------------------------------------------------------------------ polling
 
@@ -199,12 +208,15 @@ class Fleet:
             self.metrics.memory_used.labels(name, str(gpu.index)).set(gpu.memory_used_bytes)
             self.metrics.memory_free.labels(name, str(gpu.index)).set(gpu.memory_free_bytes)
         neuron.missed = 0
+        if neuron.status is None or neuron.status.catalogue != status.catalogue:
+            self._merged = None
         if time.monotonic() < neuron.out_until:
             return  # the breaker is open: it answers, but stays out of rotation for now
         if not neuron.up:
             log.info("neuron %s is up", name)
         self.metrics.neuron_up.labels(name).set(1)
         neuron.status, neuron.up = status, True
+        neuron.catalogue = catalogue_index(status)  # once per poll, not per request
         grpc_url = self._grpc_url(name, status)
         if neuron.triton is None or neuron.triton.url != grpc_url:
             if neuron.triton is not None:
@@ -232,6 +244,7 @@ class Fleet:
                 )
         neuron.up = False
         neuron.status = None
+        self._merged = None
         self.metrics.neuron_up.labels(name).set(0)
 
     def node_failed(self, name: str, reason: str) -> None:
@@ -247,20 +260,21 @@ class Fleet:
         return f"{host}:{port}"
 
     def snapshot(self) -> FleetSnapshot:
-        return FleetSnapshot(
-            tuple(
-                NodeView(
-                    name,
-                    n.up,
-                    n.status,
-                    dict(n.in_flight),
-                    frozenset(n.draining),
-                    dict(n.loading),
-                    frozenset(n.leaving),
-                )
-                for name, n in self.neurons.items()
+        nodes = tuple(
+            NodeView(
+                name,
+                n.up,
+                n.status,
+                dict(n.in_flight),
+                frozenset(n.draining),
+                dict(n.loading),
+                frozenset(n.leaving),
             )
+            for name, n in self.neurons.items()
         )
+        if self._merged is None:  # merged again only when a node's catalogue or state changed
+            self._merged = merge_catalogues(nodes)
+        return FleetSnapshot(nodes, self._merged)
 
     # ------------------------------------------------------------------ models
 

@@ -19,6 +19,7 @@ busier one) and removes an idle replica beyond the model's floor; `LoadWindow` k
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 from control_plane.routing import FleetSnapshot, NodeView, busy
 from cortex.config import EvictionStrategy, ScalingSection
-from cortex.neuron_api import LoadedModel
+from cortex.neuron_api import CatalogueEntry, LoadedModel
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,14 @@ class _Devices:
 
 
 def residents(node: NodeView) -> list[Resident]:
+    """The models loaded on the node as placement sees them (computed once per view)."""
+    cached: list[Resident] | None = node.memo.get("residents")
+    if cached is None:
+        cached = node.memo["residents"] = _residents(node)
+    return cached
+
+
+def _residents(node: NodeView) -> list[Resident]:
     if node.status is None:
         return []
     profiles = node.catalogue()
@@ -101,6 +110,21 @@ def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
     )
+
+
+def _oldest_evictable(node: NodeView) -> float | None:
+    """When the longest-idle model that may be evicted was last used (None: no such model)."""
+    if "oldest" not in node.memo:
+        node.memo["oldest"] = min(
+            (
+                r.last_used
+                for r in residents(node)
+                if not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+            ),
+            default=None,
+        )
+    oldest: float | None = node.memo["oldest"]
+    return oldest
 
 
 def _devices(node: NodeView) -> _Devices:
@@ -175,14 +199,15 @@ def plan_placement(
     eligible: Callable[[Resident], bool] | None = None,
 ) -> list[Placement] | Refusal:
     """Every node that can take the model, best first, each with what must leave for it.
+    When some node takes it without evicting anything, only such nodes are listed: no plan
+    that evicts can be cheaper, and the eviction search is skipped.
 
     `order` overrides the strategy's victim order (benchmarks compare against an oracle);
     `exclude` names nodes not to consider (those holding a replica already); `eligible` narrows
     who may be evicted (a new replica may only push out models idle for a while)."""
     victims_first = order or (lambda candidates: victim_order(strategy, candidates))
     options: list[tuple[tuple[float, ...], Placement]] = []
-    refusals: list[Refusal] = []
-    now = time.time()
+    crowded: list[tuple[NodeView, CatalogueEntry]] = []
     for node in snapshot.nodes:
         entry = node.catalogue().get(model)
         if entry is None or node.status is None or node.name in exclude:
@@ -191,15 +216,31 @@ def plan_placement(
             continue  # there (or on its way) already
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
-            continue
+        elif node.fits(entry.estimated_bytes // entry.profile.tp, entry.profile.tp):
+            left = node.free_bytes() - entry.estimated_bytes
+            options.append(((0, 0, 0, -left), Placement(node.name)))
+        else:
+            crowded.append((node, entry))
+    refusals: list[Refusal] = []
+    now = time.time()
+
+    # Branch and bound: a plan evicts at least one model, and none of its victims has been idle
+    # longer than the node's longest-idle evictable model. Nodes are tried best bound first and
+    # the search stops once the best plan found beats the next bound.
+    def bound(candidate: tuple[NodeView, CatalogueEntry]) -> tuple[float, ...]:
+        oldest = _oldest_evictable(candidate[0])
+        if oldest is None:
+            return (float("inf"),)
+        if strategy is EvictionStrategy.PRIORITY:
+            return (1, float("-inf"))
+        return (1, 0, -(now - oldest))
+
+    best: tuple[float, ...] | None = None
+    for node, entry in sorted(crowded, key=bound) if not options else ():
+        if best is not None and best < bound((node, entry)):
+            break
         tp = entry.profile.tp
-        need = entry.estimated_bytes // tp
-        if _devices(node).fits(need, tp):  # the common case, without the victims' search
-            options.append(
-                ((0, 0, 0, entry.estimated_bytes - node.free_bytes()), Placement(node.name))
-            )
-            continue
-        plan = _eviction_for(node, need, tp, victims_first, eligible)
+        plan = _eviction_for(node, entry.estimated_bytes // tp, tp, victims_first, eligible)
         if isinstance(plan, Refusal):
             refusals.append(plan)
             continue
@@ -211,6 +252,7 @@ def plan_placement(
             -left,
         )
         options.append((cost, Placement(node.name, plan)))
+        best = cost if best is None else min(best, cost)
     if options:
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
     if not refusals:
@@ -225,9 +267,10 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
     for node in snapshot.nodes:
         if node.status is None:
             continue
-        ttls = {e.profile.name: e.profile.idle_ttl_s for e in node.status.catalogue}
+        catalogue = node.catalogue()
         for resident in residents(node):
-            ttl = ttls.get(resident.name)
+            entry = catalogue.get(resident.name)
+            ttl = entry.profile.idle_ttl_s if entry else None
             if (
                 ttl is None
                 or resident.pinned
@@ -252,39 +295,43 @@ def plan_defrag(snapshot: FleetSnapshot) -> Move | None:
     is the one after which the largest free block is largest; it must beat today's. Only tp-1,
     unpinned models move, and only to nodes allowed to hold them. Models with requests in flight
     may move: the move is make-before-break, and the old copy drains before it is unloaded.
-    """
-    blocks = {
-        (n.name, index): free
+
+    After a move the largest block is the source's grown block or the largest one the move did
+    not touch; any target but the largest block leaves that one whole, so for each model the
+    best-fitting other device is as good as any (and keeps large holes). With the devices
+    sorted by free memory that is a binary search per model: O(models · log devices)."""
+    blocks = [
+        (free, n.name, index)
         for n in snapshot.nodes
         if n.status
         for index, free in n.device_free.items()
-    }
+    ]
     if not blocks:
         return None
-    best_now = max(blocks.values())
+    blocks.sort()
+    frees = [free for free, _, _ in blocks]
+    best_now = frees[-1]
+    views = {n.name: n for n in snapshot.nodes}
     best: tuple[int, Move] | None = None
     for source in snapshot.nodes:
         for resident in residents(source):
             if resident.pinned or len(resident.gpus) != 1 or resident.name in source.leaving:
                 continue
-            for target in snapshot.nodes:
-                if target.name == source.name or target.status is None:
-                    continue
+            grown = source.device_free.get(resident.gpus[0], 0) + resident.bytes
+            if grown <= best_now or (best is not None and grown <= best[0]):
+                continue  # not better than today, nor than a move already found
+            for position in range(bisect.bisect_left(frees, resident.bytes), len(blocks)):
+                _, target_name, _ = blocks[position]
+                target = views[target_name]
                 if (
-                    resident.name not in target.catalogue()
+                    target_name == source.name
+                    or resident.name not in target.catalogue()
                     or resident.name in target.loaded
                     or resident.name in target.loading
                 ):
                     continue
-                for index, free in target.device_free.items():
-                    if free < resident.bytes:
-                        continue
-                    after = dict(blocks)
-                    after[(source.name, resident.gpus[0])] += resident.bytes
-                    after[(target.name, index)] -= resident.bytes
-                    gain = max(after.values())
-                    if gain > best_now and (best is None or gain > best[0]):
-                        best = (gain, Move(resident.name, source.name, target.name))
+                best = (grown, Move(resident.name, source.name, target_name))
+                break
     return None if best is None else best[1]
 
 
@@ -329,8 +376,11 @@ class LoadWindow:
         self._samples: dict[str, deque[tuple[float, float]]] = {}
 
     def record(self, snapshot: FleetSnapshot, now: float) -> None:
-        for model in snapshot.catalogue():
-            replicas = snapshot.replicas(model)
+        index = snapshot.replica_index()
+        for model, entry in snapshot.catalogue().items():
+            if entry.profile.max_replicas == 1:
+                continue
+            replicas = index.get(model, [])
             per_replica = sum(busy(n, model) for n in replicas) / len(replicas) if replicas else 0.0
             samples = self._samples.setdefault(model, deque())
             samples.append((now, per_replica))
@@ -358,6 +408,8 @@ def plan_scaling(
     actions: list[ScaleOut | ScaleIn] = []
     for model, entry in snapshot.catalogue().items():
         profile = entry.profile
+        if profile.max_replicas == 1:
+            continue  # one replica at most (min_replicas <= max_replicas): nothing to scale
         placed = snapshot.placed_on(model)
         if not placed:
             continue  # not wanted now: a request (or pinning) brings the first copy

@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from control_plane.canonical import ChatRequest
 from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus
@@ -34,6 +35,11 @@ class NodeView:
     # Models this gateway is unloading here: their memory is not free yet, and no second plan
     # may count on evicting them.
     leaving: frozenset[str] = frozenset()
+    # The catalogue by model name when the caller keeps one per status (it changes only with
+    # the status); otherwise built from the status on first use.
+    catalogue_index: dict[str, CatalogueEntry] | None = field(default=None, repr=False)
+    # Planner results that depend only on this view (residents, victim orders), kept with it.
+    memo: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property
     def loaded(self) -> dict[str, LoadedModel]:
@@ -55,7 +61,9 @@ class NodeView:
     def _catalogue(self) -> dict[str, CatalogueEntry]:
         if not self.up or self.status is None:
             return {}
-        return {entry.profile.name: entry for entry in self.status.catalogue}
+        if self.catalogue_index is not None:
+            return self.catalogue_index
+        return catalogue_index(self.status)
 
     def catalogue(self) -> dict[str, CatalogueEntry]:
         return self._catalogue
@@ -76,8 +84,25 @@ class NodeView:
                 free[index] -= size // tp
         return free
 
-    def free_bytes(self) -> int:
+    @cached_property
+    def _free_total(self) -> int:
         return sum(self.device_free.values())
+
+    def free_bytes(self) -> int:
+        return self._free_total
+
+    @cached_property
+    def free_descending(self) -> tuple[int, ...]:
+        """Free bytes per device, largest first: a model of tp N fits if the N-th is enough."""
+        return tuple(sorted(self.device_free.values(), reverse=True))
+
+    def fits(self, need_per_device: int, tp: int) -> bool:
+        frees = self.free_descending
+        return len(frees) >= tp and frees[tp - 1] >= need_per_device
+
+
+def catalogue_index(status: NeuronStatus) -> dict[str, CatalogueEntry]:
+    return {entry.profile.name: entry for entry in status.catalogue}
 
 
 def busy(node: NodeView, model: str) -> int:
@@ -94,41 +119,56 @@ def busy(node: NodeView, model: str) -> int:
 @dataclass(frozen=True)
 class FleetSnapshot:
     nodes: tuple[NodeView, ...]
+    # The merged catalogue when the caller keeps one (it changes only when a node's does);
+    # otherwise it is merged from the nodes on first use.
+    merged: dict[str, CatalogueEntry] | None = None
 
     @cached_property
     def _catalogue(self) -> dict[str, CatalogueEntry]:
-        merged: dict[str, CatalogueEntry] = {}
-        for node in self.nodes:
-            for name, entry in node.catalogue().items():
-                merged.setdefault(name, entry)
-        return merged
+        if self.merged is not None:
+            return self.merged
+        return merge_catalogues(self.nodes)
 
     def catalogue(self) -> dict[str, CatalogueEntry]:
         """Every model any up node can serve (first node's profile wins for shared names)."""
         return self._catalogue
 
     @cached_property
-    def _replicas(self) -> dict[str, tuple[NodeView, ...]]:
-        found: dict[str, list[NodeView]] = {}
+    def _index(self) -> tuple[dict[str, list[NodeView]], dict[str, list[str]]]:
+        ready: dict[str, list[NodeView]] = {}
+        placed: dict[str, list[str]] = {}
         for node in self.nodes:
             for model in node.ready_models():
-                found.setdefault(model, []).append(node)
-        return {model: tuple(nodes) for model, nodes in found.items()}
+                ready.setdefault(model, []).append(node)
+            if node.up:
+                for model in {*node.loaded, *node.loading} - node.leaving:
+                    placed.setdefault(model, []).append(node.name)
+        return ready, placed
 
-    def replicas(self, model: str) -> tuple[NodeView, ...]:
-        """The up nodes with `model` READY (and not draining), in fleet order."""
-        return self._replicas.get(model, ())
+    def replicas(self, model: str) -> list[NodeView]:
+        """The up nodes with `model` READY (and not draining), in fleet order. One query scans
+        the nodes; bulk callers build the index once (`replica_index`)."""
+        if "_index" in self.__dict__:
+            return self._index[0].get(model, [])
+        return [n for n in self.nodes if model in n.ready_models()]
+
+    def replica_index(self) -> dict[str, list[NodeView]]:
+        return self._index[0]
 
     def loaded_on(self, model: str) -> list[str]:
         return [n.name for n in self.replicas(model)]
 
     def placed_on(self, model: str) -> list[str]:
         """Up nodes that hold the model in any state (READY, LOADING, …) or are loading it."""
-        return [
-            n.name
-            for n in self.nodes
-            if n.up and (model in n.loaded or model in n.loading) and model not in n.leaving
-        ]
+        return self._index[1].get(model, [])
+
+
+def merge_catalogues(nodes: tuple[NodeView, ...]) -> dict[str, CatalogueEntry]:
+    merged: dict[str, CatalogueEntry] = {}
+    for node in nodes:
+        for name, entry in node.catalogue().items():
+            merged.setdefault(name, entry)
+    return merged
 
 
 def resolve_model(snapshot: FleetSnapshot, requested: str) -> str | None:
