@@ -48,10 +48,12 @@ from control_plane.errors import (
     UpstreamTimeout,
 )
 from control_plane.lifecycle import (
+    Demand,
     LoadWindow,
     Move,
     Placement,
     Refusal,
+    Resident,
     ScaleIn,
     idle_expired,
     pinned_missing,
@@ -70,7 +72,7 @@ from control_plane.routing import (
     merge_catalogues,
     resolve_model,
 )
-from cortex.config import CortexConfig, NeuronRef
+from cortex.config import CortexConfig, EvictionStrategy, NeuronRef
 from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus, TokenizerFiles
 
 log = logging.getLogger("cortex.fleet")
@@ -138,6 +140,7 @@ class Fleet:
         self._tokenizer_locks: dict[str, asyncio.Lock] = {}
         self._poller: asyncio.Task[None] | None = None
         self.window = LoadWindow(config.scaling.window_s)
+        self.demand = Demand(config.eviction.demand_half_life_s)
         # Pinned models that could not be placed, with the reason (`cortex_pinned_unplaced`).
         self.pinned_unplaced: dict[str, str] = {}
         self._pinned: set[str] = set()  # every pinned model any catalogue has listed
@@ -345,7 +348,11 @@ class Fleet:
         failed = False
         while True:
             plan = plan_placement(
-                self.snapshot(), model, self.config.eviction.strategy, exclude=frozenset(tried)
+                self.snapshot(),
+                model,
+                self.config.eviction.strategy,
+                self._worth(),
+                exclude=frozenset(tried),
             )
             if isinstance(plan, Refusal):
                 if failed:
@@ -363,6 +370,12 @@ class Fleet:
                 await self.poll(placement.node)
                 continue
             return placement.node
+
+    def _worth(self) -> Callable[[Resident], float] | None:
+        """What keeping a model is worth to the `demand` strategy (None: the strategy's order)."""
+        if self.config.eviction.strategy is EvictionStrategy.DEMAND:
+            return self.demand.per_byte(time.time())
+        return None
 
     async def place(self, model: str, placement: Placement, reason: str) -> None:
         """Carry out a placement: evict its victims, then load. The caller made the plan from a
@@ -543,6 +556,7 @@ class Fleet:
         if neuron.triton is None:
             raise UpstreamFailed(f"neuron {node} has no Triton endpoint yet")
         neuron.in_flight[model] = neuron.in_flight.get(model, 0) + 1
+        self.demand.record(model, time.time())
         try:
             yield neuron.triton
         finally:

@@ -20,6 +20,7 @@ busier one) and removes an idle replica beyond the model's floor; `LoadWindow` k
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -131,14 +132,42 @@ def _devices(node: NodeView) -> _Devices:
     return _Devices(dict(node.device_free))
 
 
-def victim_order(strategy: EvictionStrategy, candidates: list[Resident]) -> list[Resident]:
-    """Who leaves first: lru → least recently used; priority → lowest priority, then LRU."""
+def victim_order(
+    strategy: EvictionStrategy,
+    candidates: list[Resident],
+    value: Callable[[Resident], float] | None = None,
+) -> list[Resident]:
+    """Who leaves first: by `value` (least valuable first) when one is given — the `demand`
+    strategy's recent requests per byte, or a benchmark's oracle; lru → least recently used;
+    priority → lowest priority, then LRU."""
+    if value is not None:
+        return sorted(candidates, key=lambda r: (value(r), r.last_used, r.name))
     if strategy is EvictionStrategy.PRIORITY:
         return sorted(candidates, key=lambda r: (r.priority, r.last_used, r.name))
     return sorted(candidates, key=lambda r: (r.last_used, r.name))
 
 
 VictimOrder = Callable[[list[Resident]], list[Resident]]
+
+
+class Demand:
+    """Requests per model, decayed exponentially with a half-life: what the `demand` strategy
+    keeps. A model's worth is its recent demand per byte it holds (GreedyDual-Size-Frequency
+    with load cost proportional to size): a large model must be asked for more to stay."""
+
+    def __init__(self, half_life_s: float) -> None:
+        self._rate = math.log(2) / half_life_s
+        self._counts: dict[str, tuple[float, float]] = {}  # model → (count, as of)
+
+    def record(self, model: str, now: float) -> None:
+        self._counts[model] = (self.value(model, now) + 1.0, now)
+
+    def value(self, model: str, now: float) -> float:
+        count, at = self._counts.get(model, (0.0, now))
+        return count * math.exp(-self._rate * max(0.0, now - at))
+
+    def per_byte(self, now: float) -> Callable[[Resident], float]:
+        return lambda resident: self.value(resident.name, now) / max(1, resident.bytes)
 
 
 def _eviction_for(
@@ -194,7 +223,7 @@ def plan_placement(
     snapshot: FleetSnapshot,
     model: str,
     strategy: EvictionStrategy,
-    order: VictimOrder | None = None,
+    value: Callable[[Resident], float] | None = None,
     exclude: frozenset[str] = frozenset(),
     eligible: Callable[[Resident], bool] | None = None,
 ) -> list[Placement] | Refusal:
@@ -202,10 +231,14 @@ def plan_placement(
     When some node takes it without evicting anything, only such nodes are listed: no plan
     that evicts can be cheaper, and the eviction search is skipped.
 
-    `order` overrides the strategy's victim order (benchmarks compare against an oracle);
+    `value` says what keeping a model is worth (never negative): victims are the least
+    valuable, and among nodes the one losing the least value wins (after the fewest victims);
     `exclude` names nodes not to consider (those holding a replica already); `eligible` narrows
     who may be evicted (a new replica may only push out models idle for a while)."""
-    victims_first = order or (lambda candidates: victim_order(strategy, candidates))
+
+    def victims_first(candidates: list[Resident]) -> list[Resident]:
+        return victim_order(strategy, candidates, value)
+
     options: list[tuple[tuple[float, ...], Placement]] = []
     crowded: list[tuple[NodeView, CatalogueEntry]] = []
     for node in snapshot.nodes:
@@ -231,6 +264,8 @@ def plan_placement(
         oldest = _oldest_evictable(candidate[0])
         if oldest is None:
             return (float("inf"),)
+        if value is not None:
+            return (1, 0.0, float("-inf"))
         if strategy is EvictionStrategy.PRIORITY:
             return (1, float("-inf"))
         return (1, 0, -(now - oldest))
@@ -245,12 +280,13 @@ def plan_placement(
             refusals.append(plan)
             continue
         left = node.free_bytes() + sum(v.bytes for v in plan) - entry.estimated_bytes
-        cost = (
-            len(plan),
-            sum(v.priority for v in plan) if strategy is EvictionStrategy.PRIORITY else 0,
-            -min((now - v.last_used for v in plan), default=0.0),
-            -left,
-        )
+        if value is not None:
+            lost: float = sum(value(v) for v in plan)
+        elif strategy is EvictionStrategy.PRIORITY:
+            lost = sum(v.priority for v in plan)
+        else:
+            lost = 0
+        cost = (len(plan), lost, -min((now - v.last_used for v in plan), default=0.0), -left)
         options.append((cost, Placement(node.name, plan)))
         best = cost if best is None else min(best, cost)
     if options:

@@ -55,6 +55,8 @@ def split_host_port(value: str) -> tuple[str, int]:
 class EvictionStrategy(enum.StrEnum):
     LRU = "lru"
     PRIORITY = "priority"
+    # Least recent requests per byte held (decayed counts): fewer loads than LRU on mixed sizes.
+    DEMAND = "demand"
 
 
 class GatewaySection(_Config):
@@ -95,6 +97,8 @@ class EvictionSection(_Config):
     interval_s: Annotated[float, Field(gt=0)] = 30.0
     # Every this many eviction cycles the fleet is re-packed; 0 turns defragmentation off.
     defrag_after_cycles: Annotated[int, Field(ge=0)] = 10
+    # Half-life of the request counts the `demand` strategy ranks models by.
+    demand_half_life_s: Annotated[float, Field(gt=0)] = 300.0
     # How long a defragmentation move waits for the old copy's streams before leaving it be.
     drain_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 

@@ -3,8 +3,11 @@ hand-built snapshots."""
 
 from __future__ import annotations
 
+import pytest
+
 from control_plane.canonical import ChatRequest, Message
 from control_plane.lifecycle import (
+    Demand,
     LoadWindow,
     Placement,
     Refusal,
@@ -446,3 +449,23 @@ def test_no_replica_at_the_maximum_and_idle_replicas_beyond_the_floor_go() -> No
     assert [(a.model, a.placement.node) for a in actions if isinstance(a, ScaleOut)] == [
         ("hot", "two")
     ]
+
+
+def test_demand_evicts_what_is_asked_for_least_per_byte() -> None:
+    # b was used last, but a is asked for far more: under demand, b leaves.
+    full = node(
+        "n", [20 * GB], [("a", 0, 10 * GB, NOW - 100), ("b", 0, 10 * GB, NOW - 1)], CATALOGUE
+    )
+    demand = Demand(half_life_s=60)
+    for second in range(10):
+        demand.record("a", NOW - 200 + second)
+    demand.record("b", NOW - 1)
+    plan = plan_placement(
+        FleetSnapshot((full,)), "c", EvictionStrategy.DEMAND, demand.per_byte(NOW)
+    )
+    assert isinstance(plan, list) and [v.name for v in plan[0].victims] == ["b"]
+    lru = plan_placement(FleetSnapshot((full,)), "c", LRU)
+    assert isinstance(lru, list) and [v.name for v in lru[0].victims] == ["a"]
+    # Counts fade: long after, one recent request outweighs ten old ones.
+    assert demand.value("a", NOW + 600) < demand.value("b", NOW + 600) * 10
+    assert demand.value("a", NOW - 190) == pytest.approx(10, rel=0.2)
