@@ -1,4 +1,5 @@
-"""Trace replay through the placement planner: hit rate of `lru` and `priority` against an
+"""Trace replay through the placement planner: hit rate and loads of `lru`, `priority` and
+`demand` against an
 offline oracle (Belady: evict what is next used farthest in the future), on one synthetic
 multi-model trace over a fleet of different GPU sizes.
 
@@ -6,8 +7,11 @@ multi-model trace over a fleet of different GPU sizes.
 
 Pure: no servers. Each request advances the clock one second; a request for a model loaded
 anywhere is a hit, otherwise the planner places it (evicting as its plan says). The oracle uses
-the same planner with its victim order replaced, so only the eviction choice differs. With
-models of different sizes Belady's rule is a strong offline baseline, not a proven optimum.
+the same planner with the worth of each model replaced by its next use (victims: the ones
+needed farthest ahead, on whichever node loses the least), so only the eviction choice
+differs. With models of different sizes Belady's rule is a strong offline baseline, not a
+proven optimum: an online policy that beat it would say the oracle is weak, not the policy
+good.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import argparse
 import bisect
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from control_plane.lifecycle import Placement, Resident, plan_placement
+from control_plane.lifecycle import Demand, Placement, Resident, plan_placement
 from control_plane.routing import FleetSnapshot, NodeView
 from cortex.config import EvictionStrategy, ModelProfile
 from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
 
 GB = 10**9
+# The demand strategy's half-life, in requests (one request a second here).
+HALF_LIFE_S = 60.0
 NODES = {"h100": 80 * GB, "l40s": 48 * GB, "4090": 24 * GB}
 # name: (GB, priority). Priorities as an operator would set them: the popular assistants high.
 MODELS = {
@@ -111,26 +118,32 @@ def replay(trace: list[str], strategy: EvictionStrategy, oracle: bool) -> tuple[
     for index, model in enumerate(trace):
         uses[model].append(index)
     sim = Sim()
+    demand = Demand(HALF_LIFE_S)
     hits = loads = 0
     for index, model in enumerate(trace):
         clock = float(index)
+        demand.record(model, clock)  # as the gateway counts a request that reaches a node
         holder = next((n for n, models in sim.loaded.items() if model in models), None)
         if holder is not None:
             hits += 1
             sim.loaded[holder][model] = clock
             continue
 
-        def farthest_next_use(candidates: list[Resident], now: int = index) -> list[Resident]:
-            def next_use(resident: Resident) -> int:
-                later = uses[resident.name]
-                position = bisect.bisect_right(later, now)
-                return later[position] if position < len(later) else len(trace) + 1
+        def soon_needed(resident: Resident, now: int = index) -> float:
+            """The oracle's worth of keeping a model: 1 / requests until its next use (0 when
+            never used again), so victims are the ones needed farthest ahead (Belady), also
+            when choosing between nodes."""
+            later = uses[resident.name]
+            position = bisect.bisect_right(later, now)
+            return 1 / (later[position] - now) if position < len(later) else 0.0
 
-            return sorted(candidates, key=next_use, reverse=True)
-
-        plan = plan_placement(
-            sim.snapshot(clock), model, strategy, farthest_next_use if oracle else None
-        )
+        if oracle:
+            value: Callable[[Resident], float] | None = soon_needed
+        elif strategy is EvictionStrategy.DEMAND:
+            value = demand.per_byte(clock)
+        else:
+            value = None
+        plan = plan_placement(sim.snapshot(clock), model, strategy, value)
         assert isinstance(plan, list), plan
         placement: Placement = plan[0]
         for victim in placement.victims:
@@ -157,6 +170,7 @@ def main() -> None:
     for label, strategy, oracle in (
         ("lru", EvictionStrategy.LRU, False),
         ("priority", EvictionStrategy.PRIORITY, False),
+        (f"demand (half-life {HALF_LIFE_S:.0f} requests)", EvictionStrategy.DEMAND, False),
         ("Belady (offline oracle)", EvictionStrategy.LRU, True),
     ):
         results = [replay(trace, strategy, oracle) for trace in traces]

@@ -1,24 +1,41 @@
-"""Fleet state, cold loads, eviction and defragmentation: the thin async shell around the pure
-planning in `routing` and `lifecycle`.
+"""Fleet state, cold loads, replicas, eviction and defragmentation: the thin async shell around
+the pure planning in `routing` and `lifecycle`.
 
 The gateway polls every neuron's /status (a neuron is down after `missed_polls_down` missed
-polls, up again when it answers), keeps the latest snapshot, and counts its own in-flight
-requests. A request for a model nobody has loaded triggers one load however many requests wait
-for it (they wait up to `load_timeout_s`); the placement plan says where, and what must be
-evicted first; a failed load tries the next candidate. An APScheduler interval job unloads
-models past their idle TTL and, every `defrag_after_cycles` cycles, carries out one re-packing
-move make-before-break: load the new copy, let traffic move to it, unload the old one.
+polls, or at once when a request fails on it; up again when it answers, unless its circuit
+breaker keeps it out a while), keeps the latest snapshot, and counts its own in-flight requests.
+
+A request for a model nobody has loaded triggers one load however many requests wait for it
+(they wait up to `load_timeout_s`); the placement plan says where, and what must be evicted
+first; a failed load re-plans without that node. Loads of different models run at once: there
+is no fleet-wide lock. A plan is made and its memory reserved in the snapshot in one step (no
+await between), so concurrent plans see each other's loads under way and victims being
+unloaded; the neuron serialises what happens on its node. Before placing, the gateway looks at
+the candidate nodes afresh: a load another gateway started shows there as LOADING, and this one
+waits for that load instead of starting a second copy.
+
+Pinned models are placed at start, when a neuron comes up or goes down, and on every cycle while
+one is missing. Each poll samples load per replica; models allowed more than one replica get
+another when it stays high (`plan_scaling`). An APScheduler interval job unloads models past
+their idle TTL and, every `defrag_after_cycles` cycles, carries out one re-packing move
+make-before-break: load the new copy, let traffic move to it, unload the old one.
+
+Node clients come from a factory (`NodeClientFactory`), so the fleet's behaviour can be tested
+against in-process fakes as well as against real neurons.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -30,50 +47,110 @@ from control_plane.errors import (
     UpstreamFailed,
     UpstreamTimeout,
 )
-from control_plane.lifecycle import Move, Refusal, idle_expired, plan_defrag, plan_placement
+from control_plane.lifecycle import (
+    Demand,
+    LoadWindow,
+    Move,
+    Placement,
+    Refusal,
+    Resident,
+    ScaleIn,
+    idle_expired,
+    pinned_missing,
+    plan_defrag,
+    plan_placement,
+    plan_scaling,
+)
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
 from control_plane.prompting import ModelTokenizer
-from control_plane.routing import FleetSnapshot, NodeView, choose_replica, resolve_model
-from cortex.config import CortexConfig
-from cortex.neuron_api import CatalogueEntry, NeuronStatus
+from control_plane.routing import (
+    FleetSnapshot,
+    NodeView,
+    catalogue_index,
+    choose_replica,
+    merge_catalogues,
+    resolve_model,
+)
+from cortex.config import CortexConfig, EvictionStrategy, NeuronRef
+from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus, TokenizerFiles
 
 log = logging.getLogger("cortex.fleet")
 
 
+class NodeClient(Protocol):
+    """What the fleet asks of a neuron (`NeuronClient` over HTTP; tests may pass fakes)."""
+
+    neuron: NeuronRef
+
+    async def status(self, timeout: float) -> NeuronStatus: ...
+    async def load(self, model: str) -> LoadedModel: ...
+    async def unload(self, model: str, force: bool = False) -> Any: ...
+    async def tokenizer(self, model: str) -> TokenizerFiles: ...
+    async def close(self) -> None: ...
+
+
+NodeClientFactory = Callable[[NeuronRef, float], NodeClient]
+
+
 @dataclass
 class _Neuron:
-    client: NeuronClient
+    client: NodeClient
     status: NeuronStatus | None = None
     up: bool = False
     missed: int = 0
     triton: TritonStream | None = None
     in_flight: dict[str, int] = field(default_factory=dict)
     draining: set[str] = field(default_factory=set)
+    loading: dict[str, int] = field(default_factory=dict)
+    leaving: set[str] = field(default_factory=set)
+    catalogue: dict[str, CatalogueEntry] | None = None
+    # When the node went down lately (circuit breaker), and until when it stays out.
+    failures: deque[float] = field(default_factory=deque)
+    out_until: float = 0.0
+
+
+@dataclass(frozen=True)
+class DefragResult:
+    """A move carried out: `old_copy_unloaded` is False when the old copy kept serving past the
+    drain timeout and was left in place (two copies now)."""
+
+    move: Move
+    old_copy_unloaded: bool
 
 
 class Fleet:
-    def __init__(self, config: CortexConfig, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: CortexConfig,
+        metrics: GatewayMetrics | None = None,
+        clients: NodeClientFactory = NeuronClient,
+    ) -> None:
         self.config = config
         self.metrics = metrics or GatewayMetrics()
         self.cycles = 0
         self._scheduler: AsyncIOScheduler | None = None
-        self._lifecycle_lock = asyncio.Lock()
         settings = config.gateway
         self.neurons = {
-            n.name: _Neuron(NeuronClient(n, settings.load_timeout_s)) for n in config.neurons
+            n.name: _Neuron(clients(n, settings.load_timeout_s)) for n in config.neurons
         }
         self._loads: dict[str, asyncio.Task[str]] = {}
+        self._background: dict[str, asyncio.Task[None]] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
         self._tokenizer_locks: dict[str, asyncio.Lock] = {}
         self._poller: asyncio.Task[None] | None = None
-        self.changed = asyncio.Event()
-        self.last_used: dict[str, float] = {}
+        self.window = LoadWindow(config.scaling.window_s)
+        self.demand = Demand(config.eviction.demand_half_life_s)
+        # Pinned models that could not be placed, with the reason (`cortex_pinned_unplaced`).
+        self.pinned_unplaced: dict[str, str] = {}
+        self._pinned: set[str] = set()  # every pinned model any catalogue has listed
+        self._merged: dict[str, CatalogueEntry] | None = None
 
     # ------------------------------------------------------------------ polling
 
     async def start(self) -> None:
         await self.poll_all()
+        self.keep_pinned()
         self._poller = asyncio.create_task(self._poll_forever())
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
@@ -92,7 +169,7 @@ class Fleet:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for task in self._loads.values():
+        for task in [*self._loads.values(), *self._background.values()]:
             task.cancel()
         for neuron in self.neurons.values():
             await neuron.client.close()
@@ -102,12 +179,18 @@ class Fleet:
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.gateway.poll_interval_s)
-            await self.poll_all()
+            try:
+                await self.poll_all()
+                self.window.record(self.snapshot(), time.time())
+                self.scale()
+            except Exception:  # one bad round must not end polling for good
+                log.exception("fleet poll failed; polling goes on")
 
     async def poll_all(self) -> None:
+        before = {name: n.up for name, n in self.neurons.items()}
         await asyncio.gather(*(self.poll(name) for name in self.neurons))
-        self.changed.set()
-        self.changed.clear()
+        if any(self.neurons[name].up != up for name, up in before.items()):
+            self.keep_pinned()  # a node came (pinned models may go there) or went (re-place)
 
     async def poll(self, name: str) -> None:
         neuron = self.neurons[name]
@@ -116,27 +199,62 @@ class Fleet:
             status = await neuron.client.status(
                 timeout=max(5.0, 2 * self.config.gateway.poll_interval_s)
             )
-        except CortexError as error:
+        except Exception as error:  # any failure is a missed poll, never the end of polling
+            message = error.message if isinstance(error, CortexError) else repr(error)
             neuron.missed += 1
             if neuron.missed >= self.config.gateway.missed_polls_down:
-                if neuron.up:
-                    log.warning("neuron %s is down: %s", name, error.message)
-                neuron.up = False
-                neuron.status = None
-                self.metrics.neuron_up.labels(name).set(0)
+                self._set_down(name, message)
+            else:
+                log.info("neuron %s missed a poll: %s", name, message)
             return
-        self.metrics.neuron_up.labels(name).set(1)
         for gpu in status.gpus:
             self.metrics.memory_used.labels(name, str(gpu.index)).set(gpu.memory_used_bytes)
             self.metrics.memory_free.labels(name, str(gpu.index)).set(gpu.memory_free_bytes)
+        neuron.missed = 0
+        if neuron.status is None or neuron.status.catalogue != status.catalogue:
+            self._merged = None
+        if time.monotonic() < neuron.out_until:
+            return  # the breaker is open: it answers, but stays out of rotation for now
         if not neuron.up:
             log.info("neuron %s is up", name)
-        neuron.status, neuron.up, neuron.missed = status, True, 0
+        self.metrics.neuron_up.labels(name).set(1)
+        neuron.status, neuron.up = status, True
+        neuron.catalogue = catalogue_index(status)  # once per poll, not per request
         grpc_url = self._grpc_url(name, status)
         if neuron.triton is None or neuron.triton.url != grpc_url:
             if neuron.triton is not None:
                 await neuron.triton.close()
             neuron.triton = TritonStream(grpc_url, name)
+
+    def _set_down(self, name: str, reason: str) -> None:
+        neuron = self.neurons[name]
+        if neuron.up:
+            log.warning("neuron %s is down: %s", name, reason)
+            now = time.monotonic()
+            settings = self.config.gateway
+            neuron.failures.append(now)
+            while neuron.failures and neuron.failures[0] < now - settings.breaker_window_s:
+                neuron.failures.popleft()
+            if len(neuron.failures) >= settings.breaker_failures:
+                neuron.out_until = now + settings.breaker_open_s
+                neuron.failures.clear()
+                log.warning(
+                    "neuron %s went down %d times in %.0f s: out of rotation for %.0f s",
+                    name,
+                    settings.breaker_failures,
+                    settings.breaker_window_s,
+                    settings.breaker_open_s,
+                )
+        neuron.up = False
+        neuron.status = None
+        self._merged = None
+        self.metrics.neuron_up.labels(name).set(0)
+
+    def node_failed(self, name: str, reason: str) -> None:
+        """A request failed on the node before its first token: down at once, without waiting
+        for missed polls (a poll brings it back when it answers and its breaker allows)."""
+        self._set_down(name, reason)
+        self.keep_pinned()
 
     def _grpc_url(self, name: str, status: NeuronStatus) -> str:
         # The neuron reports Triton on its own loopback; reach it on the neuron's host.
@@ -144,17 +262,22 @@ class Fleet:
         port = status.triton.grpc_url.rpartition(":")[2]
         return f"{host}:{port}"
 
-    def mark_down(self, name: str) -> None:
-        neuron = self.neurons[name]
-        neuron.up, neuron.status = False, None
-
     def snapshot(self) -> FleetSnapshot:
-        return FleetSnapshot(
-            tuple(
-                NodeView(name, n.up, n.status, dict(n.in_flight), frozenset(n.draining))
-                for name, n in self.neurons.items()
+        nodes = tuple(
+            NodeView(
+                name,
+                n.up,
+                n.status,
+                dict(n.in_flight),
+                frozenset(n.draining),
+                dict(n.loading),
+                frozenset(n.leaving),
             )
+            for name, n in self.neurons.items()
         )
+        if self._merged is None:  # merged again only when a node's catalogue or state changed
+            self._merged = merge_catalogues(nodes)
+        return FleetSnapshot(nodes, self._merged)
 
     # ------------------------------------------------------------------ models
 
@@ -187,13 +310,13 @@ class Fleet:
                 gc.freeze()
         return self._tokenizers[model]
 
-    def ready_replica(self, model: str) -> str | None:
+    def ready_replica(self, model: str, affinity: str | None = None) -> str | None:
         """The node to serve a model that is READY somewhere now, without waiting."""
-        return choose_replica(self.snapshot(), model)
+        return choose_replica(self.snapshot(), model, affinity, self.config.gateway.affinity_slack)
 
-    async def ensure_ready(self, model: str) -> str:
+    async def ensure_ready(self, model: str, affinity: str | None = None) -> str:
         """A node with the model READY, loading it first if needed (one load per model)."""
-        node = self.ready_replica(model)
+        node = self.ready_replica(model, affinity)
         if node is not None:
             return node
         task = self._loads.get(model)
@@ -209,25 +332,70 @@ class Fleet:
             ) from None
 
     async def _cold_load(self, model: str) -> str:
-        async with self._lifecycle_lock:  # placements must see each other's evictions
-            node = choose_replica(self.snapshot(), model)
-            if node is not None:
-                return node
-            plan = plan_placement(self.snapshot(), model, self.config.eviction.strategy)
+        # A fresh look at every node that may hold the model: another gateway may be loading it.
+        await asyncio.gather(
+            *(self.poll(n.name) for n in self.snapshot().nodes if model in n.catalogue())
+        )
+        snapshot = self.snapshot()
+        node = choose_replica(snapshot, model)
+        if node is not None:
+            return node
+        for view in snapshot.nodes:
+            reported = view.loaded.get(model)
+            if view.up and reported is not None and reported.state == "LOADING":
+                log.info("%s is being loaded on %s already; waiting for it", model, view.name)
+                await self.load(view.name, model)  # the neuron joins the load under way
+                return view.name
+        tried: set[str] = set()
+        errors: list[str] = []
+        failed = False
+        while True:
+            plan = plan_placement(
+                self.snapshot(),
+                model,
+                self.config.eviction.strategy,
+                self._worth(),
+                exclude=frozenset(tried),
+            )
             if isinstance(plan, Refusal):
-                raise Overloaded(f"cannot place {model}: {plan.reason}", retry_after=30)
-            errors = []
-            for placement in plan:
-                try:
-                    for victim in placement.victims:
-                        await self.unload(victim.node, victim.name, "make_room")
-                    await self.load(placement.node, model)
-                except CortexError as error:
-                    errors.append(f"{placement.node}: {error.message}")
-                    await self.poll(placement.node)
-                    continue
-                return placement.node
-            raise UpstreamFailed(f"{model} could not be loaded: " + "; ".join(errors))
+                if failed:
+                    raise UpstreamFailed(f"{model} could not be loaded: " + "; ".join(errors))
+                reasons = "; ".join([*errors, plan.reason])
+                raise Overloaded(f"cannot place {model}: {reasons}", retry_after=30)
+            placement = plan[0]
+            tried.add(placement.node)
+            try:
+                await self.place(model, placement, "make_room")
+            except CortexError as error:
+                # A refusal (no room after all, a victim got busy) is not a failed node.
+                failed = failed or not isinstance(error, Overloaded)
+                errors.append(f"{placement.node}: {error.message}")
+                await self.poll(placement.node)
+                continue
+            return placement.node
+
+    def _worth(self) -> Callable[[Resident], float] | None:
+        """What keeping a model is worth to the `demand` strategy (None: the strategy's order)."""
+        if self.config.eviction.strategy is EvictionStrategy.DEMAND:
+            return self.demand.per_byte(time.time())
+        return None
+
+    async def place(self, model: str, placement: Placement, reason: str) -> None:
+        """Carry out a placement: evict its victims, then load. The caller made the plan from a
+        snapshot just now; the memory is reserved before anything is awaited."""
+        neuron = self.neurons[placement.node]
+        entry = neuron.status and next(
+            (e for e in neuron.status.catalogue if e.profile.name == model), None
+        )
+        neuron.loading[model] = entry.estimated_bytes if entry else 0
+        neuron.leaving.update(v.name for v in placement.victims)
+        try:
+            for victim in placement.victims:
+                await self.unload(victim.node, victim.name, reason)
+            await self.load(placement.node, model)
+        finally:
+            neuron.loading.pop(model, None)
+            neuron.leaving.difference_update(v.name for v in placement.victims)
 
     async def load(self, node: str, model: str) -> None:
         started = time.monotonic()
@@ -243,52 +411,146 @@ class Fleet:
         await self.poll(node)
 
     async def unload(self, node: str, model: str, reason: str) -> None:
-        await self.neurons[node].client.unload(model)
+        neuron = self.neurons[node]
+        neuron.leaving.add(model)
+        try:
+            await neuron.client.unload(model)
+        finally:
+            neuron.leaving.discard(model)
         self.metrics.evictions.labels(model, node, reason).inc()
         log.info("unloaded %s from %s (%s)", model, node, reason)
         await self.poll(node)
 
+    # ------------------------------------------------------------------ pinned and replicas
+
+    def _in_background(self, key: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one background job per key (a model's pinning or scaling) at a time."""
+        if key in self._background:
+            return
+        task = asyncio.create_task(work())
+        self._background[key] = task
+        task.add_done_callback(lambda _t: self._background.pop(key, None))
+
+    def keep_pinned(self) -> None:
+        """Place every pinned model that no up node holds, each in its own task."""
+        snapshot = self.snapshot()
+        catalogue = snapshot.catalogue()
+        self._pinned.update(name for name, entry in catalogue.items() if entry.profile.pinned)
+        for model in self._pinned - catalogue.keys():
+            self._pinned_not_resident(model, f"no node that may hold {model} is up")
+        for model in list(self.pinned_unplaced):
+            if snapshot.placed_on(model):
+                self._pinned_placed(model)
+        for model in pinned_missing(snapshot):
+            self._in_background(f"pin:{model}", functools.partial(self._pin, model))
+
+    async def _pin(self, model: str) -> None:
+        try:
+            node = await self.ensure_ready(model)
+        except CortexError as error:
+            self._pinned_not_resident(model, error.message)
+            return
+        log.info("pinned model %s is resident on %s", model, node)
+        self._pinned_placed(model)
+
+    def _pinned_not_resident(self, model: str, reason: str) -> None:
+        if model not in self.pinned_unplaced:
+            log.warning("pinned model %s is not resident: %s", model, reason)
+        self.pinned_unplaced[model] = reason
+        self.metrics.pinned_unplaced.labels(model).set(1)
+
+    def _pinned_placed(self, model: str) -> None:
+        self.pinned_unplaced.pop(model, None)
+        self.metrics.pinned_unplaced.labels(model).set(0)
+
+    def scale(self) -> None:
+        """Carry out what `plan_scaling` says for the load the window has seen."""
+        snapshot = self.snapshot()
+        actions = plan_scaling(
+            snapshot,
+            self.window,
+            self.config.scaling,
+            self.config.eviction.strategy,
+            time.time(),
+        )
+        for action in actions:
+            work: Callable[[], Coroutine[Any, Any, None]]
+            if isinstance(action, ScaleIn):
+                work = functools.partial(self._scale_in, action.model, action.node)
+            else:
+                work = functools.partial(
+                    self._scale_out, action.model, action.placement, action.reason
+                )
+            self._in_background(f"scale:{action.model}", work)
+
+    async def _scale_out(self, model: str, placement: Placement, reason: str) -> None:
+        log.info("adding a replica of %s on %s: %s", model, placement.node, reason)
+        try:
+            await self.place(model, placement, "scale_out")
+        except CortexError as error:
+            log.warning("new replica of %s on %s failed: %s", model, placement.node, error.message)
+
+    async def _scale_in(self, model: str, node: str) -> None:
+        try:
+            await self.unload(node, model, "scale_in")
+        except CortexError as error:
+            log.info("replica of %s on %s stays: %s", model, node, error.message)
+
     # ------------------------------------------------------------------ scheduled lifecycle
 
     async def eviction_cycle(self) -> None:
-        """Idle TTLs now; every `defrag_after_cycles` cycles one re-packing move."""
+        """Idle TTLs now; every `defrag_after_cycles` cycles one re-packing move; pinned models
+        that are still missing are tried again."""
         self.cycles += 1
-        async with self._lifecycle_lock:
-            for resident in idle_expired(self.snapshot(), time.time()):
-                try:
-                    await self.unload(resident.node, resident.name, "idle_ttl")
-                except CortexError as error:
-                    log.warning("idle unload of %s failed: %s", resident.name, error.message)
+        for resident in idle_expired(self.snapshot(), time.time()):
+            try:
+                await self.unload(resident.node, resident.name, "idle_ttl")
+            except CortexError as error:
+                log.warning("idle unload of %s failed: %s", resident.name, error.message)
+        self.keep_pinned()
         every = self.config.eviction.defrag_after_cycles
         if every and self.cycles % every == 0:
             await self.defragment()
 
-    async def defragment(self) -> Move | None:
-        async with self._lifecycle_lock:
-            move = plan_defrag(self.snapshot())
-            if move is None:
-                return None
-            log.info("defragmenting: moving %s from %s to %s", move.model, move.source, move.target)
-            source = self.neurons[move.source]
-            try:
-                await self.load(move.target, move.model)
-                source.draining.add(move.model)
-                # Both copies are READY now; new requests go to the least busy one. Unloading
-                # the old copy waits for its streams: the neuron refuses while any are in flight.
-                for _ in range(600):
-                    if not self.neurons[move.source].in_flight.get(move.model):
-                        try:
-                            await self.unload(move.source, move.model, "defrag")
-                            break
-                        except Overloaded:
-                            pass
-                    await asyncio.sleep(0.1)
-            except CortexError as error:
-                log.warning("defragmentation move failed: %s", error.message)
-                return None
-            finally:
-                source.draining.discard(move.model)
-            return move
+    async def defragment(self) -> DefragResult | None:
+        """One re-packing move, make before break. Cold loads and other moves go on meanwhile:
+        the new copy's memory is reserved like any load's, and draining holds no lock."""
+        move = plan_defrag(self.snapshot())
+        if move is None:
+            return None
+        log.info("defragmenting: moving %s from %s to %s", move.model, move.source, move.target)
+        source = self.neurons[move.source]
+        try:
+            await self.place(move.model, Placement(move.target), "defrag")
+        except CortexError as error:
+            log.warning("defragmentation move failed: %s", error.message)
+            return None
+        source.draining.add(move.model)
+        # Both copies are READY now; new requests go to the new one. Unloading the old copy
+        # waits for its streams: the neuron refuses while any are in flight.
+        deadline = time.monotonic() + self.config.eviction.drain_timeout_s
+        try:
+            while True:
+                if not source.in_flight.get(move.model):
+                    try:
+                        await self.unload(move.source, move.model, "defrag")
+                        return DefragResult(move, old_copy_unloaded=True)
+                    except Overloaded:
+                        pass
+                    except CortexError as error:
+                        log.warning("old copy of %s stays: %s", move.model, error.message)
+                        break
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            source.draining.discard(move.model)
+        log.warning(
+            "defragmentation: %s kept serving on %s; the old copy stays (two copies now)",
+            move.model,
+            move.source,
+        )
+        return DefragResult(move, old_copy_unloaded=False)
 
     @contextlib.asynccontextmanager
     async def using(self, node: str, model: str) -> AsyncIterator[TritonStream]:
@@ -297,9 +559,8 @@ class Fleet:
         if neuron.triton is None:
             raise UpstreamFailed(f"neuron {node} has no Triton endpoint yet")
         neuron.in_flight[model] = neuron.in_flight.get(model, 0) + 1
-        self.last_used[model] = time.time()
+        self.demand.record(model, time.time())
         try:
             yield neuron.triton
         finally:
             neuron.in_flight[model] -= 1
-            self.last_used[model] = time.time()

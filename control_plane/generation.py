@@ -1,7 +1,8 @@
 """One request's way through the fleet, as canonical events:
 
-model resolution → ready node (cold load if needed; `Waiting` pings meanwhile) → chat template
-and tokenization → Triton stream → incremental detokenization → stop strings → tool-call
+model resolution → ready node (the replica holding the conversation's prefix, or a cold load;
+`Waiting` pings meanwhile) → chat template and tokenization → Triton stream (tried again on
+another node if its node fails before the first token) → incremental detokenization → stop strings → tool-call
 parsing → `Finished` with usage. Metrics are recorded here, on the canonical events, so both
 dialects count the same. Leaving the iterator early (client gone) cancels the Triton request.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
@@ -28,6 +30,7 @@ from control_plane.canonical import (
 from control_plane.errors import (
     CortexError,
     InvalidRequest,
+    ModelNotFound,
     PromptTooLong,
     UpstreamFailed,
 )
@@ -38,12 +41,18 @@ from control_plane.output import Output
 from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.request_record import RequestRecord
+from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.config import EngineKind
 from cortex.neuron_api import CatalogueEntry
 
 T = TypeVar("T")
+
+log = logging.getLogger("cortex.requests")
+
+# How many nodes a request tries when they fail before its first token.
+ATTEMPTS = 3
 
 # Prompts up to this many characters (no tools) are rendered on the event loop: a thread hop
 # costs more than their template and tokenization (~0.1 ms). Longer ones go to a thread, where
@@ -133,33 +142,97 @@ async def generate(
     except CortexError as error:
         record.refused(metrics, error.kind)
         raise
-    model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
+    model, prompt = prepared.model, prepared.prompt
     record.model, record.prompt_tokens = model, len(prompt)
 
     # A warm model is ready at once, so errors here still come before the first event (plain
     # HTTP errors); a cold load announces the request first, then keeps the stream alive.
-    node = fleet.ready_replica(model) or ""
+    # A node that fails before the first token is marked down and the request tried again
+    # elsewhere (another replica, or a load on another node) while its deadline allows.
+    affinity = conversation_key(request)
+    node = fleet.ready_replica(model, affinity) or ""
     announced = False
-    if not node:
-        try:
-            async with contextlib.aclosing(
-                Paced(_once(fleet.ensure_ready(model)), settings.ping_interval_s)
-            ) as readiness:
-                async for result in readiness:
-                    if result is None:
-                        if not announced:
-                            announced = True
-                            yield Started(model, len(prompt))
-                        yield Waiting()
-                    else:
-                        node = result
-        except CortexError as error:
-            record.refused(metrics, error.kind)
-            raise
-    record.node = node
-    metrics.queue_wait.labels(model).observe(time.monotonic() - record.started)
+    deadline = time.monotonic() + settings.request_timeout_s
+    for attempt in range(1, ATTEMPTS + 1):
+        if not node:
+            try:
+                async with contextlib.aclosing(
+                    Paced(_once(fleet.ensure_ready(model, affinity)), settings.ping_interval_s)
+                ) as readiness:
+                    async for result in readiness:
+                        if result is None:
+                            if not announced:
+                                announced = True
+                                yield Started(model, len(prompt))
+                            yield Waiting()
+                        else:
+                            node = result
+            except CortexError as error:
+                record.refused(metrics, error.kind)
+                raise
+        if not record.node:
+            metrics.queue_wait.labels(model).observe(time.monotonic() - record.started)
+        record.node = node
+        failed = None
+        async with contextlib.aclosing(
+            _stream(
+                fleet,
+                metrics,
+                request,
+                prepared,
+                record,
+                node,
+                deadline,
+                may_retry=attempt < ATTEMPTS,
+            )
+        ) as events:
+            async for event in events:
+                if isinstance(event, _Retry):
+                    failed = event
+                    break
+                if isinstance(event, Started):
+                    if announced:
+                        continue
+                    announced = True
+                yield event
+        if failed is None:
+            return
+        log.warning(
+            "request %s: %s failed on %s before its first token (%s); trying again",
+            request.request_id,
+            model,
+            node,
+            failed.error.message,
+        )
+        if isinstance(failed.error, ModelNotFound):
+            await fleet.poll(node)  # the model left that node (unloaded): look again
+        else:
+            fleet.node_failed(node, failed.error.message)
+        node = ""
 
-    series = metrics.series(model, node, api)
+
+@dataclass(frozen=True)
+class _Retry:
+    """`_stream`'s word that the node failed before any token: try another."""
+
+    error: CortexError
+
+
+async def _stream(
+    fleet: Fleet,
+    metrics: GatewayMetrics,
+    request: ChatRequest,
+    prepared: Prepared,
+    record: RequestRecord,
+    node: str,
+    deadline: float,
+    may_retry: bool,
+) -> AsyncGenerator[Event | _Retry, None]:
+    """One attempt on one node: its events, or `_Retry` if the node failed before the first
+    token while the deadline leaves time to try elsewhere (unless this is the last try)."""
+    settings = fleet.config.gateway
+    model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
+    series = metrics.series(model, node, record.api)
     params = generation_params(tokenizer, request, max_tokens=prepared.max_tokens)
     output = Output(
         tokenizer.stream_decoder(),
@@ -174,7 +247,8 @@ async def generate(
     )
     if prepared.entry.profile.engine is EngineKind.TRTLLM:
         params = replace(params, return_perf_metrics=True)  # its prefix-cache reuse
-    deadline = time.monotonic() + settings.request_timeout_s
+    retry: _Retry | None = None
+    announced = False  # generate() passes on the first Started of all attempts only
     series.in_flight.inc()
     try:
         async with fleet.using(node, model) as triton:
@@ -211,15 +285,32 @@ async def generate(
         record.outcome = "cancelled"
         raise
     except CortexError as error:
-        record.outcome = error.kind
-        raise
+        if not (may_retry and _retryable(error, record, deadline)):
+            record.outcome = error.kind
+            raise
+        retry = _Retry(error)
     except Exception as error:  # a node failing mid-stream ends the stream with an error
-        record.outcome = "api_error"
-        raise UpstreamFailed(f"{model} on {node} failed: {error}") from error
+        failure = UpstreamFailed(f"{model} on {node} failed: {error}")
+        if not (may_retry and _retryable(failure, record, deadline)):
+            record.outcome = "api_error"
+            raise failure from error
+        retry = _Retry(failure)
     finally:
         series.in_flight.dec()
-        record.completion_tokens = output.completion_tokens
-        record.served(series)
+        if retry is None:
+            record.completion_tokens = output.completion_tokens
+            record.served(series)
+    if retry is not None:
+        yield retry
+
+
+def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bool:
+    """Before the first token, a failed node or a model that left it is worth another try."""
+    return (
+        record.first_token_at is None
+        and isinstance(error, UpstreamFailed | ModelNotFound)
+        and time.monotonic() < deadline
+    )
 
 
 async def collect(events: AsyncIterator[Event]) -> tuple[str, list[tuple[str, str, str]], Finished]:

@@ -7,19 +7,28 @@ Placement scores each allowed node by what loading there costs:
      most free memory wins (large holes stay usable for large models);
   2. otherwise the node whose eviction set is cheapest under the strategy — fewest victims,
      then (priority) the lowest priorities, then (both) the longest idle;
-  pinned models and models with requests in flight are never victims.
-Memory is counted per device: a model with tp N needs N devices each with estimate / N free.
+  pinned models, models with requests in flight and models already being unloaded are never
+  victims.
+Memory is counted per device: a model with tp N needs N devices each with estimate / N free;
+loads under way count as taken (`NodeView.device_free`), so plans made at once do not collide.
+
+Replicas: `plan_scaling` adds a replica to a model whose load per replica stayed over the
+threshold for a whole window (evicting only models idle for at least that window, so never a
+busier one) and removes an idle replica beyond the model's floor; `LoadWindow` keeps the samples.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from control_plane.routing import FleetSnapshot, NodeView
-from cortex.config import EvictionStrategy
-from cortex.neuron_api import LoadedModel
+from control_plane.routing import FleetSnapshot, NodeView, busy
+from cortex.config import EvictionStrategy, ScalingSection
+from cortex.neuron_api import CatalogueEntry, LoadedModel
 
 
 @dataclass(frozen=True)
@@ -65,29 +74,33 @@ class _Devices:
         return sum(1 for f in self.free.values() if f >= need) >= tp
 
 
-def residents(node: NodeView, gateway_in_flight: bool = True) -> list[Resident]:
+def residents(node: NodeView) -> list[Resident]:
+    """The models loaded on the node as placement sees them (computed once per view)."""
+    cached: list[Resident] | None = node.memo.get("residents")
+    if cached is None:
+        cached = node.memo["residents"] = _residents(node)
+    return cached
+
+
+def _residents(node: NodeView) -> list[Resident]:
     if node.status is None:
         return []
-    profiles = {entry.profile.name: entry.profile for entry in node.status.catalogue}
+    profiles = node.catalogue()
     found = []
     for model in node.status.loaded:
-        profile = profiles.get(model.name)
+        entry = profiles.get(model.name)
         found.append(
             _resident(
                 node,
                 model,
-                profile.priority if profile else 0,
-                profile.pinned if profile else False,
-                gateway_in_flight,
+                entry.profile.priority if entry else 0,
+                entry.profile.pinned if entry else False,
             )
         )
     return found
 
 
-def _resident(
-    node: NodeView, model: LoadedModel, priority: int, pinned: bool, count_gateway: bool
-) -> Resident:
-    in_flight = model.in_flight + (node.in_flight.get(model.name, 0) if count_gateway else 0)
+def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -> Resident:
     return Resident(
         name=model.name,
         node=node.name,
@@ -95,18 +108,40 @@ def _resident(
         bytes=max(model.memory_bytes, model.estimated_bytes),
         priority=priority,
         pinned=pinned,
-        in_flight=in_flight,
+        in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
     )
 
 
+def _oldest_evictable(node: NodeView) -> float | None:
+    """When the longest-idle model that may be evicted was last used (None: no such model)."""
+    if "oldest" not in node.memo:
+        node.memo["oldest"] = min(
+            (
+                r.last_used
+                for r in residents(node)
+                if not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+            ),
+            default=None,
+        )
+    oldest: float | None = node.memo["oldest"]
+    return oldest
+
+
 def _devices(node: NodeView) -> _Devices:
-    assert node.status is not None
-    return _Devices({g.index: g.memory_free_bytes for g in node.status.gpus})
+    return _Devices(dict(node.device_free))
 
 
-def victim_order(strategy: EvictionStrategy, candidates: list[Resident]) -> list[Resident]:
-    """Who leaves first: lru → least recently used; priority → lowest priority, then LRU."""
+def victim_order(
+    strategy: EvictionStrategy,
+    candidates: list[Resident],
+    value: Callable[[Resident], float] | None = None,
+) -> list[Resident]:
+    """Who leaves first: by `value` (least valuable first) when one is given — the `demand`
+    strategy's recent requests per byte, or a benchmark's oracle; lru → least recently used;
+    priority → lowest priority, then LRU."""
+    if value is not None:
+        return sorted(candidates, key=lambda r: (value(r), r.last_used, r.name))
     if strategy is EvictionStrategy.PRIORITY:
         return sorted(candidates, key=lambda r: (r.priority, r.last_used, r.name))
     return sorted(candidates, key=lambda r: (r.last_used, r.name))
@@ -115,12 +150,40 @@ def victim_order(strategy: EvictionStrategy, candidates: list[Resident]) -> list
 VictimOrder = Callable[[list[Resident]], list[Resident]]
 
 
+class Demand:
+    """Requests per model, decayed exponentially with a half-life: what the `demand` strategy
+    keeps. A model's worth is its recent demand per byte it holds (GreedyDual-Size-Frequency
+    with load cost proportional to size): a large model must be asked for more to stay."""
+
+    def __init__(self, half_life_s: float) -> None:
+        self._rate = math.log(2) / half_life_s
+        self._counts: dict[str, tuple[float, float]] = {}  # model → (count, as of)
+
+    def record(self, model: str, now: float) -> None:
+        self._counts[model] = (self.value(model, now) + 1.0, now)
+
+    def value(self, model: str, now: float) -> float:
+        count, at = self._counts.get(model, (0.0, now))
+        return count * math.exp(-self._rate * max(0.0, now - at))
+
+    def per_byte(self, now: float) -> Callable[[Resident], float]:
+        return lambda resident: self.value(resident.name, now) / max(1, resident.bytes)
+
+
 def _eviction_for(
-    node: NodeView, need: int, tp: int, order: VictimOrder
+    node: NodeView,
+    need: int,
+    tp: int,
+    order: VictimOrder,
+    eligible: Callable[[Resident], bool] | None = None,
 ) -> tuple[Resident, ...] | Refusal:
     devices = _devices(node)
     loaded = [r for r in residents(node) if r.name]
-    movable = [r for r in loaded if not r.pinned and r.in_flight == 0]
+    movable = [
+        r for r in loaded if not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+    ]
+    if eligible is not None:
+        movable = [r for r in movable if eligible(r)]
     victims: list[Resident] = []
     for victim in order(movable):
         if devices.fits(need, tp):
@@ -141,16 +204,16 @@ def _eviction_for(
     if not everything.fits(need, tp):
         return Refusal(f"{node.name} is too small for it even when empty")
     pinned = [r.name for r in loaded if r.pinned]
-    busy = [r.name for r in loaded if r.in_flight and not r.pinned]
-    if pinned and not busy:
+    in_use = [r.name for r in loaded if (r.in_flight or r.name in node.leaving) and not r.pinned]
+    if pinned and not in_use:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
         )
     reasons = []
     if pinned:
         reasons.append(f"pinned: {', '.join(pinned)}")
-    if busy:
-        reasons.append(f"requests in flight: {', '.join(busy)}")
+    if in_use:
+        reasons.append(f"requests in flight: {', '.join(in_use)}")
     return Refusal(
         f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})"
     )
@@ -160,35 +223,72 @@ def plan_placement(
     snapshot: FleetSnapshot,
     model: str,
     strategy: EvictionStrategy,
-    order: VictimOrder | None = None,
+    value: Callable[[Resident], float] | None = None,
+    exclude: frozenset[str] = frozenset(),
+    eligible: Callable[[Resident], bool] | None = None,
 ) -> list[Placement] | Refusal:
     """Every node that can take the model, best first, each with what must leave for it.
+    When some node takes it without evicting anything, only such nodes are listed: no plan
+    that evicts can be cheaper, and the eviction search is skipped.
 
-    `order` overrides the strategy's victim order (benchmarks compare against an oracle)."""
-    victims_first = order or (lambda candidates: victim_order(strategy, candidates))
+    `value` says what keeping a model is worth (never negative): victims are the least
+    valuable, and among nodes the one losing the least value wins (after the fewest victims);
+    `exclude` names nodes not to consider (those holding a replica already); `eligible` narrows
+    who may be evicted (a new replica may only push out models idle for a while)."""
+
+    def victims_first(candidates: list[Resident]) -> list[Resident]:
+        return victim_order(strategy, candidates, value)
+
     options: list[tuple[tuple[float, ...], Placement]] = []
-    refusals: list[Refusal] = []
+    crowded: list[tuple[NodeView, CatalogueEntry]] = []
     for node in snapshot.nodes:
         entry = node.catalogue().get(model)
-        if entry is None or node.status is None:
+        if entry is None or node.status is None or node.name in exclude:
             continue
+        if model in node.loaded or model in node.loading:
+            continue  # there (or on its way) already
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
-            continue
+        elif node.fits(entry.estimated_bytes // entry.profile.tp, entry.profile.tp):
+            left = node.free_bytes() - entry.estimated_bytes
+            options.append(((0, 0, 0, -left), Placement(node.name)))
+        else:
+            crowded.append((node, entry))
+    refusals: list[Refusal] = []
+    now = time.time()
+
+    # Branch and bound: a plan evicts at least one model, and none of its victims has been idle
+    # longer than the node's longest-idle evictable model. Nodes are tried best bound first and
+    # the search stops once the best plan found beats the next bound.
+    def bound(candidate: tuple[NodeView, CatalogueEntry]) -> tuple[float, ...]:
+        oldest = _oldest_evictable(candidate[0])
+        if oldest is None:
+            return (float("inf"),)
+        if value is not None:
+            return (1, 0.0, float("-inf"))
+        if strategy is EvictionStrategy.PRIORITY:
+            return (1, float("-inf"))
+        return (1, 0, -(now - oldest))
+
+    best: tuple[float, ...] | None = None
+    for node, entry in sorted(crowded, key=bound) if not options else ():
+        if best is not None and best < bound((node, entry)):
+            break
         tp = entry.profile.tp
-        need = entry.estimated_bytes // tp
-        plan = _eviction_for(node, need, tp, victims_first)
+        plan = _eviction_for(node, entry.estimated_bytes // tp, tp, victims_first, eligible)
         if isinstance(plan, Refusal):
             refusals.append(plan)
             continue
         left = node.free_bytes() + sum(v.bytes for v in plan) - entry.estimated_bytes
-        cost = (
-            len(plan),
-            sum(v.priority for v in plan) if strategy is EvictionStrategy.PRIORITY else 0,
-            -min((time.time() - v.last_used for v in plan), default=0.0),
-            -left,
-        )
+        if value is not None:
+            lost: float = sum(value(v) for v in plan)
+        elif strategy is EvictionStrategy.PRIORITY:
+            lost = sum(v.priority for v in plan)
+        else:
+            lost = 0
+        cost = (len(plan), lost, -min((now - v.last_used for v in plan), default=0.0), -left)
         options.append((cost, Placement(node.name, plan)))
+        best = cost if best is None else min(best, cost)
     if options:
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
     if not refusals:
@@ -203,10 +303,16 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
     for node in snapshot.nodes:
         if node.status is None:
             continue
-        ttls = {e.profile.name: e.profile.idle_ttl_s for e in node.status.catalogue}
+        catalogue = node.catalogue()
         for resident in residents(node):
-            ttl = ttls.get(resident.name)
-            if ttl is None or resident.pinned or resident.in_flight:
+            entry = catalogue.get(resident.name)
+            ttl = entry.profile.idle_ttl_s if entry else None
+            if (
+                ttl is None
+                or resident.pinned
+                or resident.in_flight
+                or resident.name in node.leaving
+            ):
                 continue
             if now - resident.last_used >= ttl:
                 expired.append(resident)
@@ -215,9 +321,7 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
 
 def largest_free_block(snapshot: FleetSnapshot) -> int:
     """The largest model (tp 1) that could be loaded now: the most free memory on one device."""
-    return max(
-        (g.memory_free_bytes for n in snapshot.nodes if n.status for g in n.status.gpus), default=0
-    )
+    return max((free for n in snapshot.nodes for free in n.device_free.values()), default=0)
 
 
 def plan_defrag(snapshot: FleetSnapshot) -> Move | None:
@@ -227,36 +331,152 @@ def plan_defrag(snapshot: FleetSnapshot) -> Move | None:
     is the one after which the largest free block is largest; it must beat today's. Only tp-1,
     unpinned models move, and only to nodes allowed to hold them. Models with requests in flight
     may move: the move is make-before-break, and the old copy drains before it is unloaded.
-    """
-    blocks = {
-        (n.name, g.index): g.memory_free_bytes
+
+    After a move the largest block is the source's grown block or the largest one the move did
+    not touch; any target but the largest block leaves that one whole, so for each model the
+    best-fitting other device is as good as any (and keeps large holes). With the devices
+    sorted by free memory that is a binary search per model: O(models · log devices)."""
+    blocks = [
+        (free, n.name, index)
         for n in snapshot.nodes
         if n.status
-        for g in n.status.gpus
-    }
+        for index, free in n.device_free.items()
+    ]
     if not blocks:
         return None
-    best_now = max(blocks.values())
+    blocks.sort()
+    frees = [free for free, _, _ in blocks]
+    best_now = frees[-1]
+    views = {n.name: n for n in snapshot.nodes}
     best: tuple[int, Move] | None = None
     for source in snapshot.nodes:
         for resident in residents(source):
-            if resident.pinned or len(resident.gpus) != 1:
+            if resident.pinned or len(resident.gpus) != 1 or resident.name in source.leaving:
                 continue
-            for target in snapshot.nodes:
-                if target.name == source.name or target.status is None:
-                    continue
+            grown = source.device_free.get(resident.gpus[0], 0) + resident.bytes
+            if grown <= best_now or (best is not None and grown <= best[0]):
+                continue  # not better than today, nor than a move already found
+            for position in range(bisect.bisect_left(frees, resident.bytes), len(blocks)):
+                _, target_name, _ = blocks[position]
+                target = views[target_name]
                 if (
-                    resident.name not in target.catalogue()
-                    or resident.name in target.ready_models()
+                    target_name == source.name
+                    or resident.name not in target.catalogue()
+                    or resident.name in target.loaded
+                    or resident.name in target.loading
                 ):
                     continue
-                for gpu in target.status.gpus:
-                    if gpu.memory_free_bytes < resident.bytes:
-                        continue
-                    after = dict(blocks)
-                    after[(source.name, resident.gpus[0])] += resident.bytes
-                    after[(target.name, gpu.index)] -= resident.bytes
-                    gain = max(after.values())
-                    if gain > best_now and (best is None or gain > best[0]):
-                        best = (gain, Move(resident.name, source.name, target.name))
+                best = (grown, Move(resident.name, source.name, target_name))
+                break
     return None if best is None else best[1]
+
+
+def pinned_missing(snapshot: FleetSnapshot) -> list[str]:
+    """Pinned models that no up node holds or is loading: to be placed now."""
+    return sorted(
+        name
+        for name, entry in snapshot.catalogue().items()
+        if entry.profile.pinned and not snapshot.placed_on(name)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Replicas
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """Load one more replica of `model` where `placement` says."""
+
+    model: str
+    placement: Placement
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScaleIn:
+    """Unload the replica of `model` on `node`."""
+
+    model: str
+    node: str
+
+
+class LoadWindow:
+    """Samples of requests in flight per replica, per model, over a sliding window.
+
+    A model's load is sustained when every sample of the last `window_s` seconds was at or over
+    the threshold, and the samples cover the whole window: one burst does not add a replica."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._samples: dict[str, deque[tuple[float, float]]] = {}
+
+    def record(self, snapshot: FleetSnapshot, now: float) -> None:
+        index = snapshot.replica_index()
+        for model, entry in snapshot.catalogue().items():
+            if entry.profile.max_replicas == 1:
+                continue
+            replicas = index.get(model, [])
+            per_replica = sum(busy(n, model) for n in replicas) / len(replicas) if replicas else 0.0
+            samples = self._samples.setdefault(model, deque())
+            samples.append((now, per_replica))
+            while samples and samples[0][0] < now - 2 * self.window_s:
+                samples.popleft()
+
+    def sustained(self, model: str, now: float) -> float:
+        """The lowest load per replica seen over the last window; 0 if the window is not full."""
+        samples = self._samples.get(model)
+        if not samples or samples[0][0] > now - self.window_s:
+            return 0.0
+        return min(load for at, load in samples if at >= now - self.window_s)
+
+
+def plan_scaling(
+    snapshot: FleetSnapshot,
+    window: LoadWindow,
+    rule: ScalingSection,
+    strategy: EvictionStrategy,
+    now: float,
+) -> list[ScaleOut | ScaleIn]:
+    """At most one change per model: a replica more where load stayed high for a whole window
+    (or the model has fewer than `min_replicas`), or one fewer where a replica beyond the floor
+    has been idle for `idle_s`. Loads under way count as replicas."""
+    actions: list[ScaleOut | ScaleIn] = []
+    for model, entry in snapshot.catalogue().items():
+        profile = entry.profile
+        if profile.max_replicas == 1:
+            continue  # one replica at most (min_replicas <= max_replicas): nothing to scale
+        placed = snapshot.placed_on(model)
+        if not placed:
+            continue  # not wanted now: a request (or pinning) brings the first copy
+        reason = ""
+        if len(placed) < profile.min_replicas:
+            reason = f"{len(placed)} of at least {profile.min_replicas} replicas"
+        elif len(placed) < profile.max_replicas:
+            load = window.sustained(model, now)
+            if load >= rule.in_flight_per_replica:
+                reason = f"{load:.1f} requests in flight per replica for {window.window_s:.0f} s"
+        if reason:
+            plan = plan_placement(
+                snapshot,
+                model,
+                strategy,
+                exclude=frozenset(placed),
+                eligible=lambda r: now - r.last_used >= window.window_s,
+            )
+            if not isinstance(plan, Refusal):
+                actions.append(ScaleOut(model, plan[0], reason))
+            continue
+        floor = max(1, profile.min_replicas)
+        ready = snapshot.replicas(model)
+        if len(placed) > floor and len(ready) == len(placed):
+            idle = [
+                n
+                for n in ready
+                if busy(n, model) == 0
+                and now - (n.loaded[model].last_used or n.loaded[model].loaded_at or now)
+                >= rule.idle_s
+            ]
+            if idle:
+                actions.append(ScaleIn(model, max(idle, key=lambda n: n.name).name))
+    return actions

@@ -138,6 +138,12 @@ class GatewayMetrics:
         self.neuron_up = Gauge(
             "cortex_neuron_up", "1 when the neuron answers", ("node",), registry=r
         )
+        self.pinned_unplaced = Gauge(
+            "cortex_pinned_unplaced",
+            "1 while a pinned model is not resident because it could not be placed",
+            ("model",),
+            registry=r,
+        )
         self.memory_used = Gauge(
             "cortex_node_memory_used_bytes", "Device memory used", ("node", "gpu"), registry=r
         )

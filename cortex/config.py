@@ -13,7 +13,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 DEFAULT_GATEWAY_LISTEN = "127.0.0.1:31313"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:31314"
@@ -48,6 +55,8 @@ def split_host_port(value: str) -> tuple[str, int]:
 class EvictionStrategy(enum.StrEnum):
     LRU = "lru"
     PRIORITY = "priority"
+    # Least recent requests per byte held (decayed counts): fewer loads than LRU on mixed sizes.
+    DEMAND = "demand"
 
 
 class GatewaySection(_Config):
@@ -67,6 +76,14 @@ class GatewaySection(_Config):
     # many seconds; streams still running then are cut, and say so.
     drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
     log_format: str = "text"
+    # A conversation stays on the replica that holds its prefix unless that replica has more
+    # than this many requests in flight beyond the least busy one.
+    affinity_slack: Annotated[int, Field(ge=0)] = 4
+    # A node that fails this many requests (or polls) within breaker_window_s is kept out of
+    # rotation for breaker_open_s, even if it answers polls meanwhile.
+    breaker_failures: Annotated[int, Field(ge=1)] = 3
+    breaker_window_s: Annotated[float, Field(gt=0)] = 60.0
+    breaker_open_s: Annotated[float, Field(gt=0)] = 30.0
 
     _listen = field_validator("listen", "metrics_listen")(_check_host_port)
 
@@ -83,6 +100,20 @@ class EvictionSection(_Config):
     interval_s: Annotated[float, Field(gt=0)] = 30.0
     # Every this many eviction cycles the fleet is re-packed; 0 turns defragmentation off.
     defrag_after_cycles: Annotated[int, Field(ge=0)] = 10
+    # Half-life of the request counts the `demand` strategy ranks models by.
+    demand_half_life_s: Annotated[float, Field(gt=0)] = 300.0
+    # How long a defragmentation move waits for the old copy's streams before leaving it be.
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class ScalingSection(_Config):
+    """When a model with `max_replicas` > 1 gets another replica, and when it loses one."""
+
+    # Requests in flight per replica that, held for a whole window, add a replica.
+    in_flight_per_replica: Annotated[float, Field(gt=0)] = 4.0
+    window_s: Annotated[float, Field(gt=0)] = 30.0
+    # A replica beyond the model's floor that served nothing for this long is unloaded.
+    idle_s: Annotated[float, Field(gt=0)] = 300.0
 
 
 class NeuronRef(_Config):
@@ -101,6 +132,7 @@ class NeuronRef(_Config):
 class CortexConfig(_Config):
     gateway: GatewaySection = GatewaySection()
     eviction: EvictionSection = EvictionSection()
+    scaling: ScalingSection = ScalingSection()
     neurons: tuple[NeuronRef, ...] = ()
 
     @field_validator("neurons")
@@ -155,6 +187,9 @@ class ModelProfile(_Config):
     tp: Annotated[int, Field(ge=1)] = 1
     priority: int = 0
     pinned: bool = False
+    # Replicas the fleet keeps once the model is wanted, and the most it adds under load.
+    min_replicas: Annotated[int, Field(ge=1)] = 1
+    max_replicas: Annotated[int, Field(ge=1)] = 1
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = None
     # Neurons allowed to hold this model; empty means any.
     neurons: tuple[str, ...] = ()
@@ -182,6 +217,13 @@ class ModelProfile(_Config):
     def _dtype(cls, value: str) -> str:
         if value not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError("expected one of auto, float32, bfloat16, float16")
+        return value
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _replicas(cls, value: int, info: ValidationInfo) -> int:
+        if value < info.data.get("min_replicas", 1):
+            raise ValueError("must be at least min_replicas")
         return value
 
 

@@ -58,8 +58,9 @@ def _model_rows(node: str, status: NeuronStatus, now: float) -> list[dict[str, A
 
 
 def collect_status(config: CortexConfig) -> dict[str, Any]:
-    """{"neurons": [...], "models": [...]}: one model row per loaded replica, then one row
-    (node None, state "unloaded") per catalogue model that no answering neuron holds."""
+    """{"neurons": [...], "models": [...], "warnings": [...]}: one model row per loaded replica,
+    then one row (node None, state "unloaded") per catalogue model that no answering neuron
+    holds; a warning for each pinned model among those."""
     neurons: list[dict[str, Any]] = []
     models: list[dict[str, Any]] = []
     catalogue: dict[str, bool] = {}
@@ -91,7 +92,13 @@ def collect_status(config: CortexConfig) -> dict[str, Any]:
                     "pinned": pinned,
                 }
             )
-    return {"neurons": neurons, "models": models}
+    # A pinned model should be resident somewhere; the gateway keeps trying to place it.
+    warnings = [
+        f"pinned model {name} is not loaded on any answering neuron (cannot be placed)"
+        for name, pinned in catalogue.items()
+        if pinned and name not in loaded
+    ]
+    return {"neurons": neurons, "models": models, "warnings": warnings}
 
 
 def _duration(seconds: float | None) -> str:
@@ -161,3 +168,5 @@ def print_status(report: dict[str, Any], as_json: bool) -> None:
     console = Console()
     console.print(neurons_table(report["neurons"]))
     console.print(models_table(report["models"]))
+    for warning in report.get("warnings", []):
+        console.print(f"[red]{escape(warning)}[/red]")

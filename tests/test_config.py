@@ -39,7 +39,7 @@ def test_example_files_are_valid(tmp_path: Path) -> None:
         ('[gateway]\nlisten = "nope"\n', ":2: gateway.listen: Value error, expected HOST:PORT"),
         (
             '[eviction]\nstrategy = "fifo"\n',
-            ":2: eviction.strategy: Input should be 'lru' or 'priority'",
+            ":2: eviction.strategy: Input should be 'lru', 'priority' or 'demand'",
         ),
         ("[eviction]\ndefrag_after_cycles = -1\n", ":2: eviction.defrag_after_cycles:"),
         (

@@ -1,7 +1,8 @@
 """A fleet of real neuron agents (each with its own tritonserver) on loopback, with memory
 budgets so that tiers differ: `small` holds one tiny-model copy, `medium` two, `large` three.
 Gateways are started per scenario over some of them. Started once per module; every test begins
-with nothing loaded."""
+with nothing loaded. The pinned model may live on `large` and `spare` only (a gateway places
+it at start), and `m3` may have two replicas."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def models_toml(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> str:
     entries = {
         "m1": "priority = 1" + (f"\nidle_ttl_s = {m1_idle_ttl_s}" if m1_idle_ttl_s else ""),
         "m2": "priority = 5",
-        "m3": "priority = 3",
-        "pin": "pinned = true",
+        "m3": "priority = 3\nmax_replicas = 2",
+        "pin": 'pinned = true\nneurons = ["large", "spare"]',
     }
     return "\n".join(
         f'[[models]]\nname = "{name}"\nsource = "{tiny_model}"\nkv_cache_tokens = 2048\n{extra}\n'
@@ -125,6 +126,8 @@ def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
         strategy: str = "lru",
         interval_s: float = 3600,
         defrag_after_cycles: int = 0,
+        scaling: str = "",
+        poll_interval_s: float = 0.5,
     ) -> Gateway:
         port, metrics = free_ports(2)
         folder = tmp_path / f"gateway{len(started)}"
@@ -137,7 +140,7 @@ def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
 [gateway]
 listen = "127.0.0.1:{port}"
 metrics_listen = "127.0.0.1:{metrics}"
-poll_interval_s = 0.5
+poll_interval_s = {poll_interval_s}
 missed_polls_down = 2
 load_timeout_s = 120
 
@@ -145,6 +148,9 @@ load_timeout_s = 120
 strategy = "{strategy}"
 interval_s = {interval_s}
 defrag_after_cycles = {defrag_after_cycles}
+
+[scaling]
+{scaling}
 
 {neurons}
 """

@@ -73,31 +73,13 @@ def test_second_model_evicts_the_first_under_lru(
 def test_strategy_chooses_the_victim(
     fleet: dict[str, NeuronProcess], gateway: GatewayFactory, strategy: str, victim: str
 ) -> None:
-    g = gateway([fleet["medium"]], strategy=strategy)
+    # large holds three copies; the gateway places the pinned model there at start.
+    g = gateway([fleet["large"]], strategy=strategy)
+    wait_until(lambda: fleet["large"].loaded() == {"pin"})
     ask(g.url, "m2")  # priority 5, used first (least recently)
     ask(g.url, "m1")  # priority 1, used last
-    ask(g.url, "m3")  # needs room: lru drops m2, priority drops m1
-    assert fleet["medium"].loaded() == {"m1", "m2", "m3"} - {victim}
-
-
-def test_pinned_models_stay_and_are_named_when_in_the_way(
-    fleet: dict[str, NeuronProcess], gateway: GatewayFactory
-) -> None:
-    g = gateway([fleet["medium"]])
-    ask(g.url, "pin")
-    ask(g.url, "m1")
-    ask(g.url, "m2")  # m1 goes, pin stays although least recently used
-    assert fleet["medium"].loaded() == {"pin", "m2"}
-    small = gateway([fleet["small"]])
-    ask(small.url, "pin")
-    client = openai.OpenAI(base_url=small.url, api_key="none", max_retries=0)
-    with pytest.raises(openai.APIStatusError) as caught:
-        client.chat.completions.create(
-            model="m1", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        )
-    assert caught.value.status_code == 503
-    assert "only pinned models stand in the way (pin)" in caught.value.message
-    assert caught.value.response.headers["retry-after"]
+    ask(g.url, "m3")  # needs room: lru drops m2, priority drops m1; pin stays though least used
+    assert fleet["large"].loaded() == {"pin", "m1", "m2", "m3"} - {victim}
 
 
 def test_ten_concurrent_requests_for_a_cold_model_cause_one_load(
@@ -131,8 +113,8 @@ def test_idle_ttl_unloads_on_the_schedule(
 def test_defragmentation_under_steady_traffic_loses_no_request(
     fleet: dict[str, NeuronProcess], gateway: GatewayFactory
 ) -> None:
-    # medium holds m1, large holds m2: the largest free block is large's. Moving m2 next to m1
-    # frees the whole of large.
+    # medium holds m1, large holds m2 and the pinned model: the largest free block is large's.
+    # Moving m2 next to m1 frees the rest of large.
     fleet["medium"].load("m1")
     fleet["large"].load("m2")
     members = [fleet["medium"], fleet["large"]]
@@ -163,33 +145,141 @@ def test_defragmentation_under_steady_traffic_loses_no_request(
     assert failures == []
     assert answered > 0
     assert fleet["medium"].loaded() == {"m1", "m2"}
-    assert fleet["large"].loaded() == set()
+    assert fleet["large"].loaded() == {"pin"}
 
 
-def test_killed_neuron_is_routed_around(
+def test_killed_neuron_fails_over_without_a_client_error_and_its_pinned_model_moves(
     fleet: dict[str, NeuronProcess], gateway: GatewayFactory, tiny_model: Path, tmp_path: Path
 ) -> None:
     spare = start_neuron(tmp_path / "spare", "spare", 2000, tiny_model)
-    g = gateway([spare, fleet["large"]])
+    spare.load("pin")
     spare.load("m1")
-    wait_until(
-        lambda: (
-            "spare"
-            in next(m for m in httpx.get(g.url + "/models").json()["data"] if m["id"] == "m1")[
-                "loaded_on"
-            ]
-        )
-    )
+    # Polls far apart: the gateway can learn of the death only from the request that meets it.
+    g = gateway([spare, fleet["large"]], poll_interval_s=60)
     assert ask(g.url, "m1")
+    assert fleet["large"].loaded() == set()  # pin was resident on spare: not placed twice
     os.kill(spare.process.pid, signal.SIGKILL)  # its tritonserver dies with it
+    started = time.monotonic()
+    assert ask(g.url, "m1")  # retried before its first token: loaded on the surviving node
+    assert time.monotonic() - started < 60
+    # The pinned model is brought back on the surviving node without anyone asking for it.
+    wait_until(lambda: fleet["large"].loaded() == {"m1", "pin"}, timeout=60)
+    log = g.log.read_text()
+    assert "neuron spare is down" in log and "before its first token" in log
+
+
+def test_cold_loads_on_two_nodes_overlap(
+    fleet: dict[str, NeuronProcess], gateway: GatewayFactory
+) -> None:
+    # medium has room for one more copy, small for one: two cold models go one to each, at once.
+    fleet["medium"].load("m3")
+    g = gateway([fleet["small"], fleet["medium"]])
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda model: ask(g.url, model), ["m1", "m2"]))
+    assert all(answers)
+    spans = []
+    for neuron in (fleet["small"], fleet["medium"]):
+        for model in neuron.status()["loaded"]:
+            if model["name"] in ("m1", "m2"):
+                spans.append((model["loaded_at"] - model["load_seconds"], model["loaded_at"]))
+    assert len(spans) == 2, spans  # one on each node
+    (start_a, end_a), (start_b, end_b) = spans
+    assert start_a < end_b and start_b < end_a, spans  # the loads ran at the same time
+
+
+def stream_text(gateway_url: str, model: str, first: threading.Event) -> str:
+    """A streamed answer, whole: the tiny model's longest greedy one (~170 tokens)."""
+    client = openai.OpenAI(base_url=gateway_url, api_key="none", max_retries=0, timeout=120)
+    text = ""
+    finish = None
+    for chunk in client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "The"}], max_tokens=400, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            first.set()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    assert finish == "stop", finish
+    return text
+
+
+def test_two_gateways_share_the_neurons(
+    fleet: dict[str, NeuronProcess], gateway: GatewayFactory
+) -> None:
+    one, two = gateway([fleet["small"]]), gateway([fleet["small"]])
+    before = fleet["small"].triton_loads("m1")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # both ask for the cold model at once
+        answers = list(pool.map(lambda i: ask((one, two)[i % 2].url, "m1"), range(8)))
+    assert all(answers)
+    assert fleet["small"].triton_loads("m1") == before + 1  # loaded once, not once per gateway
     wait_until(
-        lambda: (
-            next(m for m in httpx.get(g.url + "/models").json()["data"] if m["id"] == "m1")[
-                "loaded_on"
-            ]
-            == []
-        ),
-        timeout=10,
+        lambda: httpx.get(one.url + "/models").json() == httpx.get(two.url + "/models").json()
     )
-    assert ask(g.url, "m1")  # loaded on the surviving node
-    assert fleet["large"].loaded() == {"m1"}
+    # m2's tokenizer is ready on two (a count), so its request decides within milliseconds.
+    counted = httpx.post(
+        two.url + "/messages/count_tokens",
+        json={"model": "m2", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"anthropic-version": "2023-06-01"},
+        timeout=60,
+    )
+    assert counted.status_code == 200, counted.text
+    # One streams from m1; the other wants m2, which fits only in m1's place: m1 stays.
+    first = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streams = [pool.submit(stream_text, one.url, "m1", first) for _ in range(2)]
+        assert first.wait(60)
+        client = openai.OpenAI(base_url=two.url, api_key="none", max_retries=0, timeout=120)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model="m2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+        assert all(stream.result(120) for stream in streams)  # they finished whole
+    assert caught.value.status_code == 503, caught.value.message
+    assert "in flight: m1" in caught.value.message
+    assert caught.value.response.headers["retry-after"]
+    assert fleet["small"].loaded() == {"m1"}
+
+
+def test_a_busy_model_gets_a_second_replica_and_loses_it_when_idle(
+    fleet: dict[str, NeuronProcess], gateway: GatewayFactory
+) -> None:
+    g = gateway(
+        [fleet["medium"], fleet["large"]],
+        scaling="in_flight_per_replica = 1\nwindow_s = 1.5\nidle_s = 3",
+    )
+    assert ask(g.url, "m3")
+    assert len([n for n in fleet.values() if "m3" in n.loaded()]) == 1
+    stop_traffic = threading.Event()
+    failures: list[str] = []
+
+    def traffic() -> None:
+        while not stop_traffic.is_set():
+            try:
+                ask(g.url, "m3", tokens=24)
+            except Exception as error:  # every failure counts against scaling
+                failures.append(repr(error))
+
+    workers = [threading.Thread(target=traffic) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    try:
+        wait_until(
+            lambda: "m3" in fleet["medium"].loaded() and "m3" in fleet["large"].loaded(),
+            timeout=60,
+        )
+        time.sleep(2.0)  # traffic goes on over both replicas
+    finally:
+        stop_traffic.set()
+        for worker in workers:
+            worker.join(60)
+    assert failures == []
+    served = {}
+    for line in httpx.get(g.metrics_url).text.splitlines():
+        if line.startswith("cortex_requests_total{") and 'model="m3"' in line:
+            node = line.split('node="')[1].split('"')[0]
+            served[node] = served.get(node, 0) + float(line.rsplit(" ", 1)[1])
+    assert served.get("medium", 0) > 0 and served.get("large", 0) > 0, served
+    # Idle now: the replica beyond the floor goes, one stays.
+    wait_until(lambda: 'reason="scale_in"' in httpx.get(g.metrics_url).text, timeout=30)
+    assert len([n for n in fleet.values() if "m3" in n.loaded()]) == 1

@@ -1,17 +1,34 @@
-"""Pure placement, eviction choice and defragmentation planning over hand-built snapshots."""
+"""Pure placement, eviction choice, defragmentation, replica and routing decisions over
+hand-built snapshots."""
 
 from __future__ import annotations
 
+import pytest
+
+from control_plane.canonical import ChatRequest, Message
 from control_plane.lifecycle import (
+    Demand,
+    LoadWindow,
     Placement,
     Refusal,
+    ScaleIn,
+    ScaleOut,
     idle_expired,
     largest_free_block,
+    pinned_missing,
     plan_defrag,
     plan_placement,
+    plan_scaling,
 )
-from control_plane.routing import FleetSnapshot, NodeView, choose_replica, resolve_model
-from cortex.config import EvictionStrategy, ModelProfile
+from control_plane.routing import (
+    FleetSnapshot,
+    NodeView,
+    busy,
+    choose_replica,
+    conversation_key,
+    resolve_model,
+)
+from cortex.config import EvictionStrategy, ModelProfile, ScalingSection
 from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
 
 GB = 10**9
@@ -266,3 +283,189 @@ def test_aliases_resolve() -> None:
     assert resolve_model(snapshot, "claude-sonnet-4") == "a"
     assert resolve_model(snapshot, "gpt-x") == "a"
     assert resolve_model(snapshot, "other") is None
+
+
+def test_loads_under_way_and_victims_being_unloaded_are_not_counted_twice() -> None:
+    # x has room for one model. A load of "a" is under way there (not reported yet): a second
+    # plan must not pick the same memory.
+    x = node("x", [10 * GB], catalogue=CATALOGUE)
+    y = node("y", [10 * GB], [("c", 0, 10 * GB, NOW - 999)], CATALOGUE)
+    reserved = NodeView("x", True, x.status, loading={"a": 10 * GB})
+    plan = plan_placement(FleetSnapshot((reserved, y)), "b", LRU)
+    assert isinstance(plan, list) and plan[0] == Placement("y", plan[0].victims)
+    assert [v.name for v in plan[0].victims] == ["c"]
+    # ... and once c is being unloaded for that plan, nobody may count on evicting it again.
+    leaving = NodeView("y", True, y.status, leaving=frozenset({"c"}))
+    plan = plan_placement(FleetSnapshot((reserved, leaving)), "b", LRU)
+    assert isinstance(plan, Refusal)
+    # A load the neuron reports already (LOADING or READY) is not subtracted a second time.
+    reported = node("x", [20 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    both = NodeView("x", True, reported.status, loading={"a": 10 * GB})
+    assert both.free_bytes() == 10 * GB
+
+
+def test_busy_is_the_larger_of_the_gateways_count_and_the_engines() -> None:
+    # The engine's count includes this gateway's own requests: adding them counts them twice.
+    n = node("n", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE, in_flight={"a": 2})
+    assert n.status is not None
+    n.status.loaded[0].in_flight = 3  # one more from another gateway
+    assert busy(n, "a") == 3
+    n.status.loaded[0].in_flight = 1  # the poll is older than this gateway's last request
+    assert busy(n, "a") == 2
+    assert busy(n, "b") == 0
+
+
+def chat(*messages: tuple[str, str]) -> ChatRequest:
+    return ChatRequest("a", tuple(Message(role, text) for role, text in messages))
+
+
+SYSTEM = ("system", "You are Claude Code. " * 50)
+
+
+def test_a_conversations_turns_land_on_one_replica_and_conversations_spread() -> None:
+    one = node("one", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    two = node("two", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    snapshot = FleetSnapshot((one, two))
+    landed = []
+    for number in range(20):
+        turn1 = chat(SYSTEM, ("user", f"task {number}"))
+        turn2 = chat(SYSTEM, ("user", f"task {number}"), ("assistant", "ok"), ("user", "more"))
+        first = choose_replica(snapshot, "a", conversation_key(turn1))
+        assert choose_replica(snapshot, "a", conversation_key(turn2)) == first
+        landed.append(first)
+    # The system prompt every conversation shares does not decide: both replicas get a share.
+    assert 5 <= landed.count("one") <= 15
+
+
+def test_affinity_gives_way_when_its_replica_is_much_busier() -> None:
+    key = conversation_key(chat(SYSTEM, ("user", "hello")))
+    one = node("one", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    two = node("two", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    preferred = choose_replica(FleetSnapshot((one, two)), "a", key)
+    other = "two" if preferred == "one" else "one"
+
+    def loaded(in_flight: int) -> FleetSnapshot:
+        views = {
+            "one": node("one", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE),
+            "two": node("two", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE),
+        }
+        busy_one = views[str(preferred)]
+        views[str(preferred)] = NodeView(busy_one.name, True, busy_one.status, {"a": in_flight})
+        return FleetSnapshot((views["one"], views["two"]))
+
+    assert choose_replica(loaded(4), "a", key, slack=4) == preferred  # within the bound
+    assert choose_replica(loaded(5), "a", key, slack=4) == other
+
+
+def test_no_key_without_a_user_message_and_keys_differ_by_first_user_turn() -> None:
+    assert conversation_key(chat(SYSTEM)) is None
+    assert conversation_key(chat(SYSTEM, ("user", "x"))) != conversation_key(
+        chat(SYSTEM, ("user", "y"))
+    )
+
+
+def test_pinned_models_nobody_holds_are_missing() -> None:
+    n = node("n", [40 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    assert pinned_missing(FleetSnapshot((n,))) == ["pinned"]
+    held = node("n", [40 * GB], [("pinned", 0, 10 * GB, NOW)], CATALOGUE)
+    assert pinned_missing(FleetSnapshot((held,))) == []
+    loading = NodeView("n", True, n.status, loading={"pinned": 10 * GB})
+    assert pinned_missing(FleetSnapshot((loading,))) == []
+
+
+RULE = ScalingSection(in_flight_per_replica=2, window_s=10, idle_s=60)
+SCALED = {**CATALOGUE, "hot": (profile("hot", max_replicas=2), 10 * GB)}
+
+
+def hot_fleet(in_flight: int, idle_last_used: float = NOW - 5) -> FleetSnapshot:
+    return FleetSnapshot(
+        (
+            node(
+                "one", [20 * GB], [("hot", 0, 10 * GB, NOW)], SCALED, in_flight={"hot": in_flight}
+            ),
+            # two: an idle model (long unused) and a recently used one
+            node("two", [10 * GB], [("a", 0, 10 * GB, NOW - 999)], SCALED),
+            node(
+                "three",
+                [20 * GB],
+                [("b", 0, 10 * GB, idle_last_used), ("c", 0, 10 * GB, NOW)],
+                SCALED,
+            ),
+        )
+    )
+
+
+def test_a_replica_is_added_only_for_load_sustained_over_the_window() -> None:
+    window = LoadWindow(RULE.window_s)
+    for second in range(0, 11):
+        window.record(hot_fleet(in_flight=3 if second != 5 else 1), NOW - 10 + second)
+    assert plan_scaling(hot_fleet(3), window, RULE, LRU, NOW) == []  # one dip in the window
+    window = LoadWindow(RULE.window_s)
+    for second in range(0, 11):
+        window.record(hot_fleet(3), NOW - 10 + second)
+    actions = plan_scaling(hot_fleet(3), window, RULE, LRU, NOW)
+    assert len(actions) == 1 and isinstance(actions[0], ScaleOut)
+    # Where it fits, evicting only a model idle for longer than the window: a on two, not b or
+    # c on three (c was used just now: busier than an idle model, never pushed out for a copy).
+    assert actions[0].placement.node == "two" and [
+        v.name for v in actions[0].placement.victims
+    ] == ["a"]
+    without_two = FleetSnapshot(tuple(n for n in hot_fleet(3).nodes if n.name != "two"))
+    assert plan_scaling(without_two, window, RULE, LRU, NOW) == []
+    window = LoadWindow(RULE.window_s)
+    window.record(hot_fleet(3), NOW - 3)
+    assert plan_scaling(hot_fleet(3), window, RULE, LRU, NOW) == []  # the window is not full yet
+
+
+def test_no_replica_at_the_maximum_and_idle_replicas_beyond_the_floor_go() -> None:
+    def replicas(last_used: float, in_flight: int = 0) -> FleetSnapshot:
+        return FleetSnapshot(
+            (
+                node("one", [20 * GB], [("hot", 0, 10 * GB, NOW)], SCALED, in_flight={"hot": 5}),
+                node(
+                    "two",
+                    [20 * GB],
+                    [("hot", 0, 10 * GB, last_used)],
+                    SCALED,
+                    in_flight={"hot": in_flight},
+                ),
+            )
+        )
+
+    window = LoadWindow(RULE.window_s)
+    for second in range(0, 11):
+        window.record(replicas(NOW), NOW - 10 + second)
+    assert plan_scaling(replicas(NOW), window, RULE, LRU, NOW) == []  # busy, and at max already
+    assert plan_scaling(replicas(NOW - 61), window, RULE, LRU, NOW) == [ScaleIn("hot", "two")]
+    assert plan_scaling(replicas(NOW - 61, in_flight=1), window, RULE, LRU, NOW) == []
+    floor = {"hot": (profile("hot", min_replicas=2, max_replicas=2), 10 * GB)}
+    alone = FleetSnapshot(
+        (
+            node("one", [20 * GB], [("hot", 0, 10 * GB, NOW - 999)], floor),
+            node("two", [20 * GB], catalogue=floor),
+        )
+    )
+    actions = plan_scaling(alone, LoadWindow(10), RULE, LRU, NOW)
+    assert [(a.model, a.placement.node) for a in actions if isinstance(a, ScaleOut)] == [
+        ("hot", "two")
+    ]
+
+
+def test_demand_evicts_what_is_asked_for_least_per_byte() -> None:
+    # b was used last, but a is asked for far more: under demand, b leaves.
+    full = node(
+        "n", [20 * GB], [("a", 0, 10 * GB, NOW - 100), ("b", 0, 10 * GB, NOW - 1)], CATALOGUE
+    )
+    demand = Demand(half_life_s=60)
+    for second in range(10):
+        demand.record("a", NOW - 200 + second)
+    demand.record("b", NOW - 1)
+    plan = plan_placement(
+        FleetSnapshot((full,)), "c", EvictionStrategy.DEMAND, demand.per_byte(NOW)
+    )
+    assert isinstance(plan, list) and [v.name for v in plan[0].victims] == ["b"]
+    lru = plan_placement(FleetSnapshot((full,)), "c", LRU)
+    assert isinstance(lru, list) and [v.name for v in lru[0].victims] == ["a"]
+    # Counts fade: long after, one recent request outweighs ten old ones.
+    assert demand.value("a", NOW + 600) < demand.value("b", NOW + 600) * 10
+    assert demand.value("a", NOW - 190) == pytest.approx(10, rel=0.2)

@@ -1,0 +1,284 @@
+"""The fleet shell (control_plane/fleet.py) against in-process fake neurons: one load per model,
+fallback to the next node, loads that overlap, polling that survives a bad reply, failed nodes
+out at once and a breaker for flapping ones, pinned models kept resident, defragmentation that
+does not block loads. The fake stands in for a neuron's lifecycle API only (`FakeNeuron`: memory
+accounting, per-model load de-duplication and the refusal to unload a busy model, as the real
+neuron does); tests/fleet/test_fleet.py runs the same behaviours on real neurons."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from control_plane.errors import ModelNotFound, Overloaded, UpstreamFailed
+from control_plane.fleet import Fleet
+from cortex.config import CortexConfig, ModelProfile, NeuronRef
+from cortex.neuron_api import (
+    CatalogueEntry,
+    GpuInfo,
+    LoadedModel,
+    NeuronStatus,
+    TokenizerFiles,
+    TritonInfo,
+    UnloadResult,
+)
+
+GB = 10**9
+
+
+class FakeNeuron:
+    """A fake neuron: one device of `budget` bytes; every model costs `size` bytes."""
+
+    def __init__(self, neuron: NeuronRef, profiles: list[ModelProfile], budget: int) -> None:
+        self.neuron = neuron
+        self.profiles = {p.name: p for p in profiles if not p.neurons or neuron.name in p.neurons}
+        self.budget = budget
+        self.size = 10 * GB
+        self.loaded: dict[str, str] = {}  # model → state
+        self.in_flight: dict[str, int] = {}
+        self.load_seconds = 0.05
+        self.fail_loads = False
+        self.dead = False
+        self.bad_replies = 0
+        self.loads: list[tuple[str, float, float]] = []  # (model, started, ended)
+        self.refused = 0
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def status(self, timeout: float) -> NeuronStatus:
+        if self.dead:
+            raise UpstreamFailed(f"neuron {self.neuron.name} did not answer")
+        if self.bad_replies:
+            self.bad_replies -= 1
+            NeuronStatus.model_validate({"name": self.neuron.name})  # a reply it cannot read
+        used = self.size * len(self.loaded)
+        return NeuronStatus(
+            name=self.neuron.name,
+            triton=TritonInfo(state="live", http_url="", grpc_url="127.0.0.1:1", metrics_url=""),
+            gpus=[
+                GpuInfo(
+                    index=0,
+                    uuid=self.neuron.name,
+                    name="fake",
+                    memory_total_bytes=self.budget,
+                    memory_used_bytes=used,
+                    memory_free_bytes=self.budget - used,
+                )
+            ],
+            has_gpu=True,
+            loaded=[
+                LoadedModel(
+                    name=name,
+                    state=state,
+                    engine="torch",
+                    quantization="none",
+                    tp=1,
+                    gpus=[0],
+                    memory_bytes=self.size,
+                    estimated_bytes=self.size,
+                    loaded_at=1.0,
+                    last_used=1.0,
+                    in_flight=self.in_flight.get(name, 0),
+                )
+                for name, state in self.loaded.items()
+            ],
+            catalogue=[
+                CatalogueEntry(profile=p, estimated_bytes=self.size, context_length=4096)
+                for p in self.profiles.values()
+            ],
+        )
+
+    async def load(self, model: str) -> LoadedModel:
+        if self.dead:
+            raise UpstreamFailed(f"neuron {self.neuron.name} did not answer")
+        if model not in self.loaded:
+            if self.size * (len(self.loaded) + 1) > self.budget:
+                self.refused += 1
+                raise Overloaded(f"neuron {self.neuron.name}: {model} does not fit")
+            if self.fail_loads:
+                raise UpstreamFailed(f"neuron {self.neuron.name}: Triton could not load {model}")
+            self.loaded[model] = "LOADING"
+            self._tasks[model] = asyncio.create_task(self._load(model))
+        if model in self._tasks:
+            await asyncio.shield(self._tasks[model])
+        return (await self.status(1)).loaded[list(self.loaded).index(model)]
+
+    async def _load(self, model: str) -> None:
+        started = time.monotonic()
+        await asyncio.sleep(self.load_seconds)
+        self.loaded[model] = "READY"
+        self.loads.append((model, started, time.monotonic()))
+        del self._tasks[model]
+
+    async def unload(self, model: str, force: bool = False) -> UnloadResult:
+        if self.in_flight.get(model) and not force:
+            raise Overloaded(f"{model} has requests in flight; not unloading")
+        self.loaded.pop(model)
+        return UnloadResult(model=model, memory_released=True, triton_restarted=False)
+
+    async def tokenizer(self, model: str) -> TokenizerFiles:
+        raise ModelNotFound(model)
+
+    async def close(self) -> None:
+        pass
+
+
+def profile(name: str, **fields: Any) -> ModelProfile:
+    return ModelProfile(name=name, source="/m", **fields)
+
+
+PROFILES = [profile("a"), profile("b"), profile("c"), profile("d")]
+
+
+def run_fleet(
+    budgets: dict[str, int],
+    body: Callable[[Fleet, dict[str, FakeNeuron]], Awaitable[None]],
+    profiles: list[ModelProfile] = PROFILES,
+    start: bool = False,
+    **gateway: Any,
+) -> None:
+    config = CortexConfig.model_validate(
+        {
+            "gateway": {"poll_interval_s": 0.05, "load_timeout_s": 10, **gateway},
+            "eviction": {"interval_s": 3600, "defrag_after_cycles": 0, "drain_timeout_s": 0.5},
+            "neurons": [
+                {"name": n, "endpoint": f"http://127.0.0.1:{i + 1}"} for i, n in enumerate(budgets)
+            ],
+        }
+    )
+    fakes: dict[str, FakeNeuron] = {}
+
+    def clients(ref: NeuronRef, timeout: float) -> FakeNeuron:
+        fakes[ref.name] = FakeNeuron(ref, profiles, budgets[ref.name])
+        return fakes[ref.name]
+
+    async def main() -> None:
+        fleet = Fleet(config, clients=clients)
+        if start:
+            await fleet.start()
+        else:
+            await fleet.poll_all()
+        try:
+            await asyncio.wait_for(body(fleet, fakes), 20)
+        finally:
+            await fleet.stop()
+
+    asyncio.run(main())
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+def test_many_waiting_requests_cause_one_load() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        nodes = await asyncio.gather(*(fleet.ensure_ready("a") for _ in range(10)))
+        assert set(nodes) == {"x"}
+        assert [model for model, _, _ in fakes["x"].loads] == ["a"]
+
+    run_fleet({"x": 40 * GB}, body)
+
+
+def test_a_failed_load_falls_back_to_the_next_node() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        fakes["big"].fail_loads = True  # the first choice: it has the most room
+        assert await fleet.ensure_ready("a") == "small"
+        assert fakes["small"].loaded == {"a": "READY"} and fakes["big"].loaded == {}
+
+    run_fleet({"big": 40 * GB, "small": 20 * GB}, body)
+
+
+def test_cold_loads_of_different_models_overlap_and_never_share_memory() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        for fake in fakes.values():
+            fake.load_seconds = 0.5
+        started = time.monotonic()
+        nodes = await asyncio.gather(fleet.ensure_ready("a"), fleet.ensure_ready("b"))
+        # One copy fits on each node: both plans were made while the other was under way, and
+        # the first one's reserved memory sent the second elsewhere, without a refused load.
+        assert sorted(nodes) == ["x", "y"]
+        assert fakes["x"].refused == fakes["y"].refused == 0
+        (_, start_x, end_x), (_, start_y, end_y) = fakes["x"].loads[0], fakes["y"].loads[0]
+        assert start_x < end_y and start_y < end_x  # the two loads ran at the same time
+        assert time.monotonic() - started < 0.9
+
+    run_fleet({"x": 10 * GB, "y": 10 * GB}, body)
+
+
+def test_polling_goes_on_after_a_reply_it_cannot_read() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        fakes["x"].bad_replies = 1
+        with pytest.raises(ValidationError):
+            await fakes["x"].status(1)  # the fake's bad reply is a real validation error
+        fakes["x"].bad_replies = 3  # more than missed_polls_down: the node goes down meanwhile
+        await eventually(lambda: not fleet.neurons["x"].up)
+        fakes["x"].loaded["a"] = "READY"  # loaded behind the gateway's back
+        await eventually(lambda: fleet.ready_replica("a") == "x")
+
+    run_fleet({"x": 40 * GB}, body, start=True)
+
+
+def test_a_failed_node_is_down_at_once_and_a_flapping_one_stays_out() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        await fleet.ensure_ready("a")
+        fleet.node_failed("x", "connection refused")
+        assert fleet.ready_replica("a") is None  # no waiting for missed polls
+        await eventually(lambda: fleet.ready_replica("a") == "x")  # it answers: back
+        fleet.node_failed("x", "connection refused")
+        await eventually(lambda: fleet.neurons["x"].up)
+        fleet.node_failed("x", "connection refused")  # third time in the window: breaker opens
+        await asyncio.sleep(0.5)  # ten polls answered meanwhile
+        assert not fleet.neurons["x"].up and fleet.ready_replica("a") is None
+        await eventually(lambda: fleet.ready_replica("a") == "x", timeout=3)
+
+    run_fleet({"x": 40 * GB}, body, start=True, breaker_open_s=1.0)
+
+
+def test_pinned_models_are_placed_at_start_and_again_when_their_node_dies() -> None:
+    profiles = [profile("p", pinned=True), profile("a"), profile("q", pinned=True, neurons=("x",))]
+
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        await eventually(lambda: "p" in fakes["x"].loaded or "p" in fakes["y"].loaded)
+        await eventually(lambda: fakes["x"].loaded.get("q") == "READY")
+        assert fleet.pinned_unplaced == {}
+        fakes["x"].dead = True
+        fakes["y"].loaded.pop("a", None)
+        await eventually(lambda: fakes["y"].loaded.get("p") == "READY")  # re-placed (or stayed)
+        # q may live on x only: it cannot be placed, and the fleet says so.
+        await eventually(lambda: "q" in fleet.pinned_unplaced)
+        assert fleet.metrics.pinned_unplaced.labels("q")._value.get() == 1
+        fakes["x"].dead = False  # x is back: q goes home
+        await eventually(
+            lambda: fakes["x"].loaded.get("q") == "READY" and not fleet.pinned_unplaced
+        )
+
+    run_fleet({"x": 20 * GB, "y": 20 * GB}, body, profiles=profiles, start=True)
+
+
+def test_defragmentation_drains_without_blocking_loads_and_says_when_the_old_copy_stayed() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        # x holds a, y holds b: moving one next to the other frees a whole node.
+        fakes["x"].loaded["a"] = "READY"
+        fakes["y"].loaded["b"] = "READY"
+        await fleet.poll_all()
+        for name in ("x", "y"):  # the old copy keeps a stream the whole time
+            fleet.neurons[name].in_flight = {"a": 1, "b": 1}
+            fakes[name].in_flight = {"a": 1, "b": 1}
+        move = asyncio.create_task(fleet.defragment())
+        await eventually(lambda: bool(fleet.neurons["x"].draining or fleet.neurons["y"].draining))
+        started = time.monotonic()
+        assert await fleet.ensure_ready("c") in ("x", "y")  # a cold load during the drain
+        assert time.monotonic() - started < 0.4 and not move.done()
+        result = await move
+        assert result is not None and not result.old_copy_unloaded
+        assert result.move.model in fakes[result.move.source].loaded  # two copies, as reported
+
+    run_fleet({"x": 40 * GB, "y": 40 * GB}, body)
