@@ -27,10 +27,12 @@ from cortex.neuron_api import (
     TritonInfo,
     UnloadResult,
 )
+from cortex.tokenizer_files import cached_gguf_tokenizer
 from neuron_agent.gpus import DeviceInventory
 from neuron_agent.repository import materialise, render
 from neuron_agent.torch_engine.checkpoint import ModelSpec, estimate_weight_bytes, read_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.gguf import is_gguf
 from neuron_agent.triton import TritonError, TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
@@ -90,12 +92,16 @@ class Node:
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._specs: dict[str, ModelSpec | None] = {}
+        self._warming: asyncio.Task[list[CatalogueEntry]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.stats_dir.mkdir(parents=True, exist_ok=True)
         await self.supervisor.start()
+        # Read every spec in the background: a GGUF's takes seconds to parse, which the first
+        # /status would otherwise spend on the event loop.
+        self._warming = asyncio.create_task(asyncio.to_thread(self.catalogue))
 
     async def stop(self) -> None:
         for task in self._loads.values():
@@ -411,11 +417,34 @@ class Node:
             events=self.events,
         )
 
+    def tokenizer_folder(self, profile: ModelProfile) -> Path:
+        """The profile's tokenizer folder; a GGUF source's is made from its metadata once (it
+        imports transformers and takes seconds: call it off the event loop)."""
+        if profile.tokenizer:
+            return self.config.resolve(profile.tokenizer)
+        source = self.source_of(profile)
+        if not is_gguf(source):
+            return source
+        spec = self.spec_of(profile)
+        if spec is None:
+            read_spec(source)  # raises the reason, one line
+        assert spec is not None
+        try:
+            return cached_gguf_tokenizer(
+                source,
+                self.state_dir / "tokenizers",
+                self.context_length(profile),
+                str(spec.extra.get("tokenizer_pre", "")),
+            )
+        except (OSError, ValueError) as error:
+            raise NodeError(422, f"{profile.name}: no tokenizer from {source}: {error}") from None
+
     def tokenizer_files(self, name: str) -> TokenizerFiles:
         profile = self.profile(name)
-        folder = (
-            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
-        )
+        try:
+            folder = self.tokenizer_folder(profile)
+        except UnsupportedCheckpoint as error:
+            raise NodeError(422, f"{name}: {error}") from None
         files = {}
         for file_name in TOKENIZER_FILES:
             path = folder / file_name
