@@ -4,6 +4,7 @@ helpers that start real cortex processes and make sure none outlives the test se
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -45,10 +46,16 @@ def smollm2_reference(smollm2_model: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
     def convert(staging: Path) -> None:
+        from safetensors.torch import save_model
+
         model = AutoModelForCausalLM.from_pretrained(
             str(smollm2_model), gguf_file=gguf_path(smollm2_model).name, dtype=torch.float32
         )
-        model.save_pretrained(staging)
+        # save_pretrained refuses a model loaded from GGUF; its weights and config are plain.
+        save_model(model, str(staging / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config))
 
     folder = build_once(
         models_root() / f"{smollm2_model.name}-transformers-{transformers.__version__}",
