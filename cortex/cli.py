@@ -162,7 +162,7 @@ def _run_embedded(ports: object) -> None:
             f"gRPC :{ports.triton_port_base + 1}, metrics :{ports.triton_port_base + 2})\n"
             f"  models    {banner_models(models)}\n"
             f"Try:\n  curl http://{ports.listen}/v1/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model": "{models[0].name}", "messages": [{{"role": "user", "content": "Hello!"}}]}}\'\n'
+            f'-d \'{{"model": "{models[0].name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
             "Ctrl-C stops everything.",
             highlight=False,
         )

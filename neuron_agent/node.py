@@ -92,16 +92,16 @@ class Node:
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._specs: dict[str, ModelSpec | None] = {}
-        self._warming: asyncio.Task[list[CatalogueEntry]] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         self.stats_dir.mkdir(parents=True, exist_ok=True)
+        # Read every spec while Triton starts: a GGUF's takes seconds to parse, which the first
+        # /status would otherwise spend on the event loop (and a gateway poll would time out).
+        specs = asyncio.create_task(asyncio.to_thread(self.catalogue))
         await self.supervisor.start()
-        # Read every spec in the background: a GGUF's takes seconds to parse, which the first
-        # /status would otherwise spend on the event loop.
-        self._warming = asyncio.create_task(asyncio.to_thread(self.catalogue))
+        await specs
 
     async def stop(self) -> None:
         for task in self._loads.values():
