@@ -16,6 +16,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from cortex.config import load_models_file
+from cortex.embedded import banner_models, embedded_models, models_toml
 from tests.conftest import Embedded, descendants, start_embedded, stop
 
 MAX_TOKENS = 24
@@ -187,3 +189,24 @@ def test_offline_starts_with_cortex_tiny_alone_and_shuts_down_clean(
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left behind: {[c.cmdline()[:2] for c in left]}"
     assert fleet.process.returncode == 0
+
+
+@pytest.mark.parametrize("fetched", [True, False])
+def test_embedded_model_list_and_banner(fetched: bool, tmp_path: Path) -> None:
+    """Which model answers which names, in the models.toml the neuron validates and the banner."""
+    smollm2 = tmp_path / "smollm2" if fetched else None
+    models = embedded_models(tmp_path / "tiny", smollm2)
+    (tmp_path / "models.toml").write_text(models_toml(models))
+    profiles = {p.name: p for p in load_models_file(tmp_path / "models.toml").models}
+    banner = banner_models(models)
+    if fetched:
+        assert profiles["cortex-tiny"].aliases == ("claude-*",)
+        assert profiles["smollm2-135m"].aliases == ("gpt-*",)
+        assert profiles["smollm2-135m"].source.endswith(".gguf")
+        assert profiles["smollm2-135m"].context_length == 8192
+        assert "smollm2-135m  answers smollm2-135m, gpt-*" in banner
+    else:
+        assert list(profiles) == ["cortex-tiny"]
+        assert profiles["cortex-tiny"].aliases == ("claude-*", "gpt-*")
+    assert profiles["cortex-tiny"].context_length == 32768
+    assert "answers cortex-tiny, claude-*" in banner
