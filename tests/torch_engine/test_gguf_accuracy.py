@@ -31,7 +31,7 @@ WINDOW = 512
 # Allowed rise of perplexity over `none`. The issue asks int8 ≤ +1 %, int4 ≤ +6 %, fp8 ≤ +2 %.
 # int8 measured +0.15 % on these tokens: tightened to +0.5 %. fp8 measured +2.00 % here (+2.26 %
 # on the whole text): it misses the issue's bound, so this guards what it reaches (+2.5 %) and
-# BENCHMARKS.md records the gap. int4 misses its bound by far (+47 % here): an expected failure
+# BENCHMARKS.md records the gap. int4 misses its bound by far (+37 % on one window): an expected failure
 # on one window (it is the slowest mode on a CPU), strict so that a better quantizer shows.
 BOUNDS = {"int8": (0.005, TOKENS), "fp8": (0.025, TOKENS), "int4": (0.06, WINDOW)}
 
@@ -113,7 +113,8 @@ def test_plain_perplexity_is_a_language_model_s(plain_perplexity: float) -> None
             marks=pytest.mark.xfail(
                 strict=True,
                 reason="round-to-nearest int4 (group 128) on a 135M model already stored as "
-                "Q4_1 measured +47 % on 1,024 tokens (+57 % on the whole text); bound is +6 %",
+                "Q4_1 measured +37 % on one window (+47 % on 1,024 tokens, +57 % on the whole "
+                "text); bound is +6 %",
             ),
         ),
         "fp8",
