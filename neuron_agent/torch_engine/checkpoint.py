@@ -1,4 +1,5 @@
-"""Read a Hugging Face checkpoint folder: config.json → ModelSpec, safetensors → tensors.
+"""Read a checkpoint: config.json → ModelSpec, safetensors → tensors, from a Hugging Face folder;
+or both from one GGUF file (`gguf.py`: a source path ending in `.gguf`).
 
 Also recognises NVIDIA ModelOpt exports (`quantization_config.quant_method == "modelopt"`,
 FP8 or INT4-AWQ) so they are served as exported, without re-quantizing.
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 from cortex.hf_config import ConfigError, Dimensions, Rope, read_shape
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.gguf import is_gguf, read_gguf_spec, read_gguf_tensors
 
 # Architecture → the switches that distinguish it from plain Llama.
 ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -86,6 +88,9 @@ def _rope(rope: Rope) -> RopeSpec:
 
 
 def read_spec(folder: Path) -> ModelSpec:
+    """The spec of a Hugging Face checkpoint folder or of a GGUF file."""
+    if is_gguf(folder):
+        return read_gguf_spec(folder)
     config_path = folder / "config.json"
     if not folder.is_dir():
         raise UnsupportedCheckpoint(f"checkpoint folder {folder} does not exist")
@@ -154,13 +159,17 @@ def _stored_quantization(folder: Path, config: dict[str, Any]) -> tuple[str | No
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint, memory-mapped (safetensors only)."""
+    """All tensors of the checkpoint under Hugging Face names: memory-mapped safetensors, or a
+    GGUF file's tensors dequantized."""
     from safetensors import safe_open
+
+    if is_gguf(folder):
+        return read_gguf_tensors(folder)
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UnsupportedCheckpoint(
-            f"{folder} has no .safetensors files (other formats are not supported)"
+            f"{folder} has no .safetensors files (other formats: a .gguf file as the source)"
         )
     tensors: dict[str, torch.Tensor] = {}
     for path in files:

@@ -48,15 +48,17 @@ def quantize_int8(
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A width that is not a multiple of the group size (SmolLM2's 576 at 128) ends in one
+    shorter group: zero padding leaves its scale as the real values' own."""
     out_features, in_features = weight.shape
-    if in_features % group_size or in_features % 2:
-        raise UnsupportedCheckpoint(
-            f"int4 needs input width divisible by the group size {group_size}, got {in_features}"
-        )
-    grouped = weight.float().reshape(out_features, in_features // group_size, group_size)
+    if in_features % 2:
+        raise UnsupportedCheckpoint(f"int4 needs an even input width, got {in_features}")
+    groups = -(-in_features // group_size)
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * group_size - in_features))
+    grouped = padded.reshape(out_features, groups, group_size)
     scale = grouped.abs().amax(dim=2).clamp(min=1e-8) / 7.0
     values = torch.round(grouped / scale[:, :, None]).clamp(-8, 7).to(torch.int8)
-    return pack_int4(values.reshape(out_features, in_features)), scale
+    return pack_int4(values.reshape(out_features, -1)[:, :in_features]), scale
 
 
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,7 @@ class QuantLinear(nn.Module):
         if self.mode == "int4":
             values = unpack_int4(weight).to(self.compute_dtype)
             scale = self.scale.to(self.compute_dtype).repeat_interleave(self.group_size, dim=1)
-            return values * scale
+            return values * scale[:, : values.shape[1]]
         return weight.to(self.compute_dtype) * self.scale.to(self.compute_dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

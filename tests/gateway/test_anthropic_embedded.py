@@ -285,12 +285,13 @@ def test_warm_up_probes(root: str) -> None:
 
 def test_models_in_anthropic_shape(claude: anthropic.Anthropic, root: str) -> None:
     page = claude.models.list(limit=1000)
-    assert [m.id for m in page.data] == ["cortex-tiny"]
-    model = page.data[0]
+    assert sorted(m.id for m in page.data) == ["cortex-tiny", "smollm2-135m"]
+    model = next(m for m in page.data if m.id == "cortex-tiny")
     assert model.type == "model" and model.display_name == "cortex-tiny"
     assert model.max_input_tokens == 32768
     assert claude.models.retrieve("cortex-tiny").id == "cortex-tiny"
     raw = httpx.get(f"{root}/v1/models", headers={"anthropic-version": "2023-06-01"}).json()
-    assert raw["has_more"] is False and raw["first_id"] == raw["last_id"] == "cortex-tiny"
+    assert raw["has_more"] is False
+    assert {raw["first_id"], raw["last_id"]} == {"cortex-tiny", "smollm2-135m"}
     openai_shape = httpx.get(f"{root}/v1/models").json()
     assert openai_shape["object"] == "list" and openai_shape["data"][0]["object"] == "model"

@@ -1,0 +1,80 @@
+"""Tokenizer files as the gateway loads them (`tokenizer.json` + `tokenizer_config.json` with the
+chat template inline), written portably, and made from a GGUF file's metadata.
+
+A GGUF carries its tokenizer (vocabulary, merges, special tokens) and chat template as metadata.
+transformers turns that into a fast tokenizer (`from_pretrained(folder, gguf_file=…)`, offline);
+this module saves the result as the files the neuron serves at `GET /models/{name}/tokenizer`.
+It imports transformers, so it runs in the neuron agent or when a model is cached, never inside
+Triton's stub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from cortex.demo.cache import build_once
+
+# llama.cpp pre-tokenizers that split every digit on its own before the GPT-2 pattern (its
+# `\p{N}` rule); transformers' GGUF conversion keeps only the GPT-2 pattern, so numbers would be
+# tokenized unlike the model's training.
+DIGIT_SPLITTING_PRE = frozenset(
+    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+)
+
+
+def make_portable(folder: Path) -> None:
+    """transformers 5 names `TokenizersBackend`, which 4.x cannot load (the fast class loads in
+    both), and keeps the chat template in its own file (older readers look in the config)."""
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only", "gguf_file"):
+        config.pop(key, None)
+    if "chat_template" not in config and (folder / "chat_template.jinja").exists():
+        config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def write_gguf_tokenizer(
+    gguf_path: Path, target: Path, context_length: int | None = None, pre: str = ""
+) -> Path:
+    """Write the GGUF's tokenizer and chat template into `target` (created). `pre` is the file's
+    `tokenizer.ggml.pre` (the caller has parsed the file already: parsing takes seconds)."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
+    )
+    if pre in DIGIT_SPLITTING_PRE:
+        backend = tokenizer.backend_tokenizer
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
+        )
+    if context_length:
+        tokenizer.model_max_length = context_length
+    target.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(target)
+    make_portable(target)
+    for path in target.iterdir():
+        path.chmod(0o644)
+    return target
+
+
+def cached_gguf_tokenizer(
+    gguf_path: Path, cache_root: Path, context_length: int | None = None, pre: str = ""
+) -> Path:
+    """The tokenizer folder of a GGUF file, converted once into `cache_root` (keyed by the file's
+    path, size and modification time) and never left half-written."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(
+        f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{context_length}".encode()
+    ).hexdigest()[:16]
+    final = cache_root / f"{gguf_path.stem}-{key}"
+    return build_once(
+        final,
+        "tokenizer.json",
+        lambda staging: write_gguf_tokenizer(gguf_path, staging, context_length, pre),
+    )
