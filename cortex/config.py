@@ -198,8 +198,9 @@ class ModelProfile(_Config):
     max_batch_size: Annotated[int, Field(ge=1)] = 8
     kv_cache_tokens: Annotated[int, Field(ge=16)] = 65536
     max_queue_size: Annotated[int, Field(ge=0)] = 256
-    # torch engine: prompt tokens prefilled per step, over all sequences (0: 512 on CPU, 8192 on
-    # a GPU). Larger gives long prompts a shorter first token and stalls decoding longer.
+    # torch engine: prompt tokens prefilled per step, over all sequences (0: 512 on CPU, 16384
+    # on a GPU, where a 16k prompt then takes one pass: 0.54 s on an H200 for an 8B model,
+    # 0.64 s in two). Larger gives long prompts a shorter first token and stalls decoding longer.
     prefill_tokens: Annotated[int, Field(ge=0)] = 0
     # torch engine on a GPU: decode through CUDA graphs captured at load (false: eager).
     cuda_graphs: bool = True

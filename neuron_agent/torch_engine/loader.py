@@ -31,7 +31,7 @@ class EngineOptions:
     kv_cache_tokens: int = 65536
     max_batch_size: int = 8
     max_queue_size: int = 256
-    prefill_tokens: int = 0  # 0: 512 on CPU, 8192 on a GPU
+    prefill_tokens: int = 0  # 0: 512 on CPU, 16384 on a GPU
     group_size: int = 128
     cuda_graphs: bool = True
     # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
@@ -132,7 +132,7 @@ def load_shard(
 def new_engine(
     options: EngineOptions, model: LlamaModel, pool: BlockPool, cuda_graphs: bool
 ) -> Engine:
-    prefill_tokens = options.prefill_tokens or (8192 if model.device.type == "cuda" else 512)
+    prefill_tokens = options.prefill_tokens or (16384 if model.device.type == "cuda" else 512)
     return Engine(
         model,
         pool,
