@@ -8,7 +8,8 @@ sampled after every round:
     grpc         cortex's own Triton stream (control_plane.node_client.TritonStream), direct
     tritonclient tritonclient's own streaming call (start_stream / async_stream_infer), direct
 
-and one of two models: `torch` (the torch engine on cortex-tiny) or `fake` (the fixed-rate fake,
+and one of two models: `torch` (the torch engine on cortex-tiny, as benchmarks/cold_load.py
+serves it) or `fake` (the fixed-rate fake,
 a decoupled Python-backend model with no engine behind it). Comparing the rows says whose the
 growth is: the gateway's way of calling, the engine's backend model, or Triton itself.
 
@@ -31,24 +32,14 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks import cold_load
 from benchmarks.gateway_overhead import MODEL as FAKE_MODEL
 from benchmarks.gateway_overhead import models_toml as fake_models_toml
 from benchmarks.harness import API_KEY, Neuron, machine, start_gateway, start_neuron
 from control_plane.node_client import GenerationParams, TritonStream
-from cortex.demo.tiny_model import MODEL_NAME, ensure_tiny_model
 
 PROMPT = [11, 12, 13, 14, 15, 16]  # a short prompt; the ids only have to be in every vocabulary
 MAX_TOKENS = 16
-
-
-def torch_models_toml() -> str:
-    return f"""[[models]]
-name = "{MODEL_NAME}"
-source = "{ensure_tiny_model()}"
-engine = "torch"
-kv_cache_tokens = 4096
-max_batch_size = 16
-"""
 
 
 def triton_rss(neuron: Neuron) -> int:
@@ -145,11 +136,11 @@ async def _spread(one: Any, count: int, concurrency: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    model = FAKE_MODEL if args.model == "fake" else MODEL_NAME
+    model = FAKE_MODEL if args.model == "fake" else cold_load.MODEL
     samples: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory(prefix="cortex-rss-") as scratch:
         folder = Path(scratch)
-        models = fake_models_toml(folder) if args.model == "fake" else torch_models_toml()
+        models = fake_models_toml(folder) if args.model == "fake" else cold_load.models_toml()
         with start_neuron(folder / "node", models) as neuron:
             load = httpx.post(f"{neuron.url}/models/load", json={"model": model}, timeout=600)
             load.raise_for_status()

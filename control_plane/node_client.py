@@ -294,7 +294,7 @@ class Generation:
     async def aclose(self) -> None:
         # Only a generation still running is cancelled. After the engine's final response the
         # call ends by itself (Triton closes the half-closed stream); cancelling it anyway costs
-        # tritonserver memory that it never gives back (about 7 KB a request, measured with
+        # tritonserver memory that it never gives back (3.5–7 KB a request, measured with
         # benchmarks/triton_rss.py), so a finished one is left to end.
         if not self._finished:
             self._call.cancel()

@@ -50,3 +50,14 @@ def test_cold_load_quick_mode(tiny_model: Path, tmp_path: Path) -> None:
     assert repetition["triton_load_s"] > 0
     assert repetition["one_request_first_token_s"] > 0
     assert len(repetition["ten_requests_first_token_s"]) == 10
+
+
+def test_triton_rss_quick_run(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rss.json"
+    args = ("--client", "gateway", "--model", "fake", "--requests", "200", "--every", "100")
+    lines = run_benchmark("benchmarks.triton_rss", *args, "--concurrency", "16", "--out", str(out))
+    result = json.loads(out.read_text())
+    # The leak it found shows only over a thousand requests or more (BENCHMARKS.md): this run
+    # holds that the command works, not the numbers.
+    assert [s["requests"] for s in result["samples"]] == [0, 100, 200], lines
+    assert all(s["rss_bytes"] > 0 for s in result["samples"])
