@@ -3,6 +3,7 @@ and clear 404s for the routes that read stored responses (cortex stores none).""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -36,45 +37,51 @@ async def create_response(request: Request) -> HTTPResponse | None:
     settings = translate.echo(body)
     names = translate.call_names(body)
     created_at = int(time.time())
-    events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
-    if not body.stream:
-        text, calls, finished = await collect(events)
-        return json(
-            translate.response_body(
-                response_id,
-                body.model,
-                created_at,
-                settings,
-                message_id,
-                text,
-                calls,
-                finished,
-                names,
+    with request.app.ctx.drain.hold():
+        events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
+        if not body.stream:
+            text, calls, finished = await collect(events)
+            return json(
+                translate.response_body(
+                    response_id,
+                    body.model,
+                    created_at,
+                    settings,
+                    message_id,
+                    text,
+                    calls,
+                    finished,
+                    names,
+                )
             )
+        first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
+        encoder = ResponseStreamEncoder(
+            response_id, body.model, settings, message_id, created_at, names
         )
-    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
-    encoder = ResponseStreamEncoder(
-        response_id, body.model, settings, message_id, created_at, names
-    )
-    response = await request.respond(
-        content_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
-    try:
-        await response.send(encoder.event(first))
-        async for event in events:
-            data = encoder.event(event)
-            if data:
-                await response.send(data)
-    except Exception as error:
-        # After the first byte the status is sent: the failure becomes the stream's last events.
-        if not isinstance(error, CortexError):
-            log.exception("stream %s failed", request.ctx.request_id)
-            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
-        await response.send(encoder.error(error))
-    finally:
-        await events.aclose()
-    await response.eof()
+        response = await request.respond(
+            content_type="text/event-stream",
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
+        try:
+            await response.send(encoder.event(first))
+            async for event in events:
+                data = encoder.event(event)
+                if data:
+                    await response.send(data)
+        except asyncio.CancelledError:
+            cut = request.app.ctx.drain.cut_error()
+            if cut is None:  # the client went away
+                raise
+            await response.send(encoder.error(cut))
+        except Exception as error:
+            # After the first byte the status is sent: the failure becomes the stream's last events.
+            if not isinstance(error, CortexError):
+                log.exception("stream %s failed", request.ctx.request_id)
+                error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
+            await response.send(encoder.error(error))
+        finally:
+            await events.aclose()
+        await response.eof()
     return None
 
 

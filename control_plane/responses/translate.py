@@ -322,18 +322,12 @@ def echo(body: ResponsesRequest) -> dict[str, Any]:
     }
 
 
-def cached_prompt_tokens(usage: Usage) -> int:
-    """Prompt tokens the engine served from its prefix cache. The canonical usage does not carry
-    that count yet; this is the one place to read it from once it does."""
-    return 0
-
-
 def usage_body(usage: Usage) -> dict[str, Any]:
     # Unlike Anthropic's, `input_tokens` here includes the cached tokens.
     return {
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {
-            "cached_tokens": cached_prompt_tokens(usage),
+            "cached_tokens": usage.cached_prompt_tokens,  # read from the prefix cache
             "cache_write_tokens": 0,
         },
         "output_tokens": usage.completion_tokens,

@@ -5,7 +5,8 @@ The expected counts come from the prompts' token ids, rendered here with the gat
 renderer: what a later request shares with an earlier one, in whole KV blocks of 16 tokens
 (the torch engine's), never its last token (the engine computes that one for its logits).
 Anthropic: `cache_read_input_tokens` in message_start, the final message_delta and
-non-streamed bodies, `input_tokens` the rest; OpenAI: `prompt_tokens_details.cached_tokens`.
+non-streamed bodies, `input_tokens` the rest; OpenAI: `prompt_tokens_details.cached_tokens`
+(Responses: `input_tokens_details.cached_tokens`).
 """
 
 from __future__ import annotations
@@ -171,8 +172,17 @@ def test_both_dialects_report_the_reused_prefix(
     assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
     assert reply.usage.prompt_tokens_details.cached_tokens == reusable(chat_ids, chat_ids)
 
+    # The Responses API, the same conversation (the same prompt as Chat's): input_tokens
+    # includes the cached ones, as OpenAI counts them.
+    response = oai.responses.create(
+        model="cortex-tiny", input=chat["messages"], max_output_tokens=16
+    )
+    assert response.usage is not None
+    assert response.usage.input_tokens == len(chat_ids)
+    assert response.usage.input_tokens_details.cached_tokens == reusable(chat_ids, chat_ids)
+
     reported = expected + reusable(second_ids, second_ids) + expected_chat
-    reported += reusable(chat_ids, chat_ids)
+    reported += 2 * reusable(chat_ids, chat_ids)
     assert metric(embedded, "cortex_cached_input_tokens_total") - cached_before == reported
     assert 0 < metric(embedded, "cortex_prefix_cache_hit_ratio") < 1
 
