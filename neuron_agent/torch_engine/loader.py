@@ -53,6 +53,16 @@ class EngineOptions:
         return torch.device(self.devices[rank])
 
 
+def rank_devices(device: str, gpu_device_ids: str) -> tuple[str, ...]:
+    """Each rank's device from the model's Triton parameters: `gpu_device_ids` ("0,1", the NVML
+    indices the neuron placed the model on, as TensorRT-LLM's template takes them) on a GPU
+    node; empty (every rank on `device`) on a CPU one."""
+    ids = [i.strip() for i in gpu_device_ids.split(",") if i.strip()]
+    if not ids or not device.startswith("cuda"):
+        return ()
+    return tuple(f"cuda:{i}" for i in ids)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

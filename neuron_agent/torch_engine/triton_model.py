@@ -23,7 +23,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from neuron_agent.torch_engine.errors import EngineError
-from neuron_agent.torch_engine.loader import EngineOptions, build_engine, close_engine
+from neuron_agent.torch_engine.loader import (
+    EngineOptions,
+    build_engine,
+    close_engine,
+    rank_devices,
+)
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
@@ -165,16 +170,6 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
         log.debug("response not delivered", exc_info=True)
 
 
-def _devices(parameters: dict[str, str]) -> tuple[str, ...]:
-    """Each rank's device: `gpu_device_ids` ("0,1", the NVML indices the neuron placed the
-    model on, as TensorRT-LLM's template takes them) on a GPU node; every rank on the CPU
-    otherwise."""
-    ids = [i.strip() for i in parameters.get("gpu_device_ids", "").split(",") if i.strip()]
-    if not ids or not parameters.get("device", "cpu").startswith("cuda"):
-        return ()
-    return tuple(f"cuda:{i}" for i in ids)
-
-
 class TritonPythonModel:
     engine: Engine
     writer: ResponseWriter
@@ -199,7 +194,9 @@ class TritonPythonModel:
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
             tp=int(parameters.get("tp", "1") or "1"),
-            devices=_devices(parameters),
+            devices=rank_devices(
+                parameters.get("device", "cpu"), parameters.get("gpu_device_ids", "")
+            ),
             # The stub's command line names this file; the neuron finds the ranks by it too.
             label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
         )

@@ -5,17 +5,27 @@ int8 and int4, and ModelOpt FP8 / INT4-AWQ exports with fewer kv heads than rank
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from cortex.config import EngineKind, ModelProfile
+from neuron_agent.repository import render
+from neuron_agent.torch_engine.checkpoint import estimate_weight_bytes, read_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.torch_engine.loader import EngineOptions, build_engine, close_engine
+from neuron_agent.torch_engine.loader import (
+    EngineOptions,
+    build_engine,
+    close_engine,
+    rank_devices,
+)
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 from tests.torch_engine.random_models import (
     write_fp8_export,
@@ -110,8 +120,7 @@ def test_tp2_equals_tp1(models: dict[str, Path], model: str, quantization: str, 
     one_logits, one_tokens = outputs(options)
     two_logits, two_tokens = outputs(
         replace(options, tp=2),
-        # int4 packs two columns a byte: the shapes below are those of unpacked weights.
-        holds_its_shard_only if model == "qwen2" and quantization != "int4" else None,
+        partial(holds_its_shard_only, models[model]) if model == "qwen2" else None,
     )
     for a, b in zip(one_logits, two_logits, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
@@ -119,14 +128,20 @@ def test_tp2_equals_tp1(models: dict[str, Path], model: str, quantization: str, 
     assert all(len(t) == NEW_TOKENS for t in one_tokens)
 
 
-def holds_its_shard_only(engine: Engine) -> None:
-    """Rank 0's model is its shard: half the heads, its kv head, half the MLP width."""
+def holds_its_shard_only(folder: Path, engine: Engine) -> None:
+    """Rank 0's model is its shard: half the heads, its kv head, half the MLP width; and its
+    unquantized weights take what the neuron's per-device estimate says (it counts no norms
+    or biases: within 2 % at this size)."""
     spec = engine.model.spec
     assert (spec.num_heads, spec.num_kv_heads, spec.intermediate_size) == (2, 1, 128)
     layer = engine.model.layers[0]
-    assert layer.qkv.weight.shape == ((2 + 1 + 1) * 32, 128)  # type: ignore[union-attr]
-    assert layer.down.linear.weight.shape == (128, 128)  # type: ignore[union-attr]
+    assert layer.qkv.dequantized().shape == ((2 + 1 + 1) * 32, 128)  # type: ignore[union-attr,operator]
+    assert layer.down.linear.dequantized().shape == (128, 128)  # type: ignore[union-attr,operator]
     assert engine.pool.layers[0][0].shape[1] == 1
+    if layer.qkv.mode == "none":
+        held = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        estimate = estimate_weight_bytes(read_spec(folder), "none", 4, tp=2)
+        assert abs(held - estimate) / estimate < 0.02, (held, estimate)
 
 
 @pytest.mark.parametrize(
@@ -146,3 +161,27 @@ def test_shapes_tp_cannot_split_are_refused_before_any_rank_starts(
     with pytest.raises(UnsupportedCheckpoint, match=message):
         build_engine(EngineOptions(models["qwen2"], **arguments))  # type: ignore[arg-type]
     assert not rank_processes()
+
+
+def test_torch_and_tensorrt_llm_name_a_tp_models_gpus_alike(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Both templates get the GPUs the neuron chose as NVML indices in rank order; the torch
+    engine puts rank r on the r-th of them."""
+
+    def parameters(files: dict[str, bytes]) -> dict[str, str]:
+        text = files["config.pbtxt"].decode()
+        return dict(re.findall(r'key: "(\w+)"\s+value: \{ string_value: "([^"]*)" \}', text))
+
+    torch_profile = ModelProfile(name="m", source=str(tiny_model), tp=2)
+    engine_profile = ModelProfile(name="m", source=str(tmp_path), engine=EngineKind.TRTLLM, tp=2)
+    stats = tmp_path / "m.json"
+    torch_side = parameters(render(torch_profile, tiny_model, [2, 3], True, stats))
+    engine_side = parameters(render(engine_profile, tmp_path, [2, 3], True, stats))
+    assert torch_side["gpu_device_ids"] == engine_side["gpu_device_ids"] == "2,3"
+    assert torch_side["tp"] == "2"
+    devices = rank_devices(torch_side["device"], torch_side["gpu_device_ids"])
+    assert devices == ("cuda:2", "cuda:3")
+    cpu_side = parameters(render(torch_profile, tiny_model, [0, 1], False, stats))
+    assert rank_devices(cpu_side["device"], cpu_side["gpu_device_ids"]) == ()
+    assert cpu_side["device"] == "cpu"

@@ -10,6 +10,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -65,11 +66,11 @@ def call(neuron: NeuronHandle, method: str, path: str, **kwargs: object) -> http
     return httpx.request(method, neuron.url + path, timeout=180, **kwargs)  # type: ignore[arg-type]
 
 
-def status(neuron: NeuronHandle) -> dict:  # type: ignore[type-arg]
+def status(neuron: NeuronHandle) -> dict[str, Any]:
     return call(neuron, "GET", "/status").json()
 
 
-def load(neuron: NeuronHandle, model: str) -> dict:  # type: ignore[type-arg]
+def load(neuron: NeuronHandle, model: str) -> dict[str, Any]:
     response = call(neuron, "POST", "/models/load", json={"model": model})
     assert response.status_code == 200, response.text
     return response.json()
@@ -126,7 +127,7 @@ def tiny_prompts(tiny_model: Path) -> list[list[int]]:
     questions = ["What is a list?", "Explain the with statement", "hello"]
     return [
         list(
-            tokenizer.apply_chat_template(
+            tokenizer.apply_chat_template(  # type: ignore[arg-type]
                 [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
             )
         )
