@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from cortex.demo.cache import build_once
@@ -45,9 +46,13 @@ def write_gguf_tokenizer(
     from tokenizers import pre_tokenizers
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-    )
+    # A folder holding the GGUF alone: transformers would otherwise mix in tokenizer files that
+    # lie beside it (ours, from an earlier conversion, or anyone's).
+    with tempfile.TemporaryDirectory(prefix="cortex-gguf-") as alone:
+        (Path(alone) / gguf_path.name).symlink_to(gguf_path.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(
+            alone, gguf_file=gguf_path.name, local_files_only=True
+        )
     if pre in DIGIT_SPLITTING_PRE:
         backend = tokenizer.backend_tokenizer
         backend.pre_tokenizer = pre_tokenizers.Sequence(
