@@ -36,7 +36,7 @@ def test_tokenizer_files_come_from_the_gguf_metadata(smollm2_model: Path, tmp_pa
     assert text.startswith("<|im_start|>system\n") and text.endswith(
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
-    # SmolLM2 was trained with every digit a token of its own (llama.cpp's "smollm" rule).
+    # SmolLM2's vocabulary has every digit a token of its own, as its training split them.
     pieces = tokenizer.backend.encode("In 2024", add_special_tokens=False).tokens
     assert pieces[-4:] == ["2", "0", "2", "4"]
     assert tokenizer.decode(tokenizer.backend.encode("Paris, 1889.").ids) == "Paris, 1889."
