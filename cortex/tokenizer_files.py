@@ -12,16 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from pathlib import Path
 
 from cortex.demo.cache import build_once
-
-# llama.cpp pre-tokenizers that split every digit on its own before the GPT-2 pattern (its
-# `\p{N}` rule); transformers' GGUF conversion keeps only the GPT-2 pattern, so numbers would be
-# tokenized unlike the model's training.
-DIGIT_SPLITTING_PRE = frozenset(
-    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-)
 
 
 def make_portable(folder: Path) -> None:
@@ -37,21 +31,16 @@ def make_portable(folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def write_gguf_tokenizer(
-    gguf_path: Path, target: Path, context_length: int | None = None, pre: str = ""
-) -> Path:
-    """Write the GGUF's tokenizer and chat template into `target` (created). `pre` is the file's
-    `tokenizer.ggml.pre` (the caller has parsed the file already: parsing takes seconds)."""
-    from tokenizers import pre_tokenizers
+def write_gguf_tokenizer(gguf_path: Path, target: Path, context_length: int | None = None) -> Path:
+    """Write the GGUF's tokenizer and chat template into `target` (created)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, local_files_only=True
-    )
-    if pre in DIGIT_SPLITTING_PRE:
-        backend = tokenizer.backend_tokenizer
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), backend.pre_tokenizer]
+    # A folder holding the GGUF alone: transformers would otherwise mix in tokenizer files that
+    # lie beside it (ours, from an earlier conversion, or anyone's).
+    with tempfile.TemporaryDirectory(prefix="cortex-gguf-") as alone:
+        (Path(alone) / gguf_path.name).symlink_to(gguf_path.resolve())
+        tokenizer = AutoTokenizer.from_pretrained(
+            alone, gguf_file=gguf_path.name, local_files_only=True
         )
     if context_length:
         tokenizer.model_max_length = context_length
@@ -64,7 +53,7 @@ def write_gguf_tokenizer(
 
 
 def cached_gguf_tokenizer(
-    gguf_path: Path, cache_root: Path, context_length: int | None = None, pre: str = ""
+    gguf_path: Path, cache_root: Path, context_length: int | None = None
 ) -> Path:
     """The tokenizer folder of a GGUF file, converted once into `cache_root` (keyed by the file's
     path, size and modification time) and never left half-written."""
@@ -76,5 +65,5 @@ def cached_gguf_tokenizer(
     return build_once(
         final,
         "tokenizer.json",
-        lambda staging: write_gguf_tokenizer(gguf_path, staging, context_length, pre),
+        lambda staging: write_gguf_tokenizer(gguf_path, staging, context_length),
     )

