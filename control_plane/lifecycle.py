@@ -43,6 +43,8 @@ class Resident:
     pinned: bool
     in_flight: int
     last_used: float
+    # READY; a model still loading (or unloading) is never a victim nor idle.
+    ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -
         pinned=pinned,
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
+        ready=model.state == "READY",
     )
 
 
@@ -120,7 +123,7 @@ def _oldest_evictable(node: NodeView) -> float | None:
             (
                 r.last_used
                 for r in residents(node)
-                if not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+                if r.ready and not r.pinned and r.in_flight == 0 and r.name not in node.leaving
             ),
             default=None,
         )
@@ -180,7 +183,9 @@ def _eviction_for(
     devices = _devices(node)
     loaded = [r for r in residents(node) if r.name]
     movable = [
-        r for r in loaded if not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+        r
+        for r in loaded
+        if r.ready and not r.pinned and r.in_flight == 0 and r.name not in node.leaving
     ]
     if eligible is not None:
         movable = [r for r in movable if eligible(r)]
@@ -204,8 +209,13 @@ def _eviction_for(
     if not everything.fits(need, tp):
         return Refusal(f"{node.name} is too small for it even when empty")
     pinned = [r.name for r in loaded if r.pinned]
-    in_use = [r.name for r in loaded if (r.in_flight or r.name in node.leaving) and not r.pinned]
-    if pinned and not in_use:
+    in_use = [
+        r.name
+        for r in loaded
+        if r.ready and (r.in_flight or r.name in node.leaving) and not r.pinned
+    ]
+    changing = [r.name for r in loaded if not r.ready and not r.pinned]
+    if pinned and not in_use and not changing:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
         )
@@ -214,6 +224,8 @@ def _eviction_for(
         reasons.append(f"pinned: {', '.join(pinned)}")
     if in_use:
         reasons.append(f"requests in flight: {', '.join(in_use)}")
+    if changing:
+        reasons.append(f"loading or unloading: {', '.join(changing)}")
     return Refusal(
         f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})"
     )
@@ -298,7 +310,8 @@ def plan_placement(
 
 
 def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
-    """Models past their idle TTL, never pinned ones nor ones with requests in flight."""
+    """READY models past their idle TTL, never pinned ones nor ones with requests in flight
+    (a model still loading has not been idle: its TTL counts from when it is READY)."""
     expired = []
     for node in snapshot.nodes:
         if node.status is None:
@@ -309,9 +322,11 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
             ttl = entry.profile.idle_ttl_s if entry else None
             if (
                 ttl is None
+                or not resident.ready
                 or resident.pinned
                 or resident.in_flight
                 or resident.name in node.leaving
+                or resident.name in node.loading
             ):
                 continue
             if now - resident.last_used >= ttl:

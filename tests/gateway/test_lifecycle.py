@@ -469,3 +469,16 @@ def test_demand_evicts_what_is_asked_for_least_per_byte() -> None:
     # Counts fade: long after, one recent request outweighs ten old ones.
     assert demand.value("a", NOW + 600) < demand.value("b", NOW + 600) * 10
     assert demand.value("a", NOW - 190) == pytest.approx(10, rel=0.2)
+
+
+def test_a_model_still_loading_is_neither_idle_nor_a_victim() -> None:
+    # Without the lock that once serialised loads and eviction cycles, a cycle can see a model
+    # LOADING (no last use yet): it must not unload it, nor may a placement evict it.
+    catalogue = {**CATALOGUE, "a": (profile("a", idle_ttl_s=1), 10 * GB)}
+    loading = node("n", [10 * GB], [("a", 0, 10 * GB, 0.0)], catalogue)
+    assert loading.status is not None
+    loading.status.loaded[0].state = "LOADING"
+    loading.status.loaded[0].loaded_at = loading.status.loaded[0].last_used = None
+    assert idle_expired(FleetSnapshot((loading,)), NOW) == []
+    plan = plan_placement(FleetSnapshot((loading,)), "b", LRU)
+    assert isinstance(plan, Refusal) and "loading or unloading: a" in plan.reason
