@@ -7,8 +7,8 @@ import json
 import torch
 
 
-def main() -> None:
-    size = 4 * 2**30
+def measure(size: int = 4 * 2**30, copies: int = 10) -> float:
+    """Bytes read + written per second copying `size` bytes on the GPU, `copies` times."""
     source = torch.empty(size, dtype=torch.uint8, device="cuda")
     target = torch.empty_like(source)
     for _ in range(3):
@@ -16,19 +16,16 @@ def main() -> None:
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(10):
+    for _ in range(copies):
         target.copy_(source)
     end.record()
     torch.cuda.synchronize()
-    seconds = start.elapsed_time(end) / 1000 / 10
-    print(
-        json.dumps(
-            {
-                "device": torch.cuda.get_device_name(),
-                "copy_read_write_bytes_per_s": 2 * size / seconds,
-            }
-        )
-    )
+    return 2 * size / (start.elapsed_time(end) / 1000 / copies)
+
+
+def main() -> None:
+    rate = measure()
+    print(json.dumps({"device": torch.cuda.get_device_name(), "copy_read_write_bytes_per_s": rate}))
 
 
 if __name__ == "__main__":

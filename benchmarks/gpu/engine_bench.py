@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.gpu import copy_bandwidth
 from benchmarks.random_checkpoint import write as write_checkpoint
 from neuron_agent.torch_engine import kernels
 from neuron_agent.torch_engine.kernels import reference
@@ -75,24 +76,9 @@ def free(*objects: object) -> None:
 
 
 def roofline() -> None:
-    size = 4 * 2**30
-    source = torch.empty(size, dtype=torch.uint8, device="cuda")
-    target = torch.empty_like(source)
-    rates = []
-    for _ in range(3):
-        for _ in range(2):
-            target.copy_(source)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            target.copy_(source)
-        end.record()
-        torch.cuda.synchronize()
-        rates.append(2 * size / (start.elapsed_time(end) / 1000 / 10))
+    rates = [copy_bandwidth.measure() for _ in range(3)]
     RESULTS["copy_bytes_per_s"] = rates
     say("copy bandwidth TB/s", [round(r / 1e12, 3) for r in rates])
-    del source, target
     torch.cuda.empty_cache()
 
 
