@@ -152,7 +152,7 @@ async def generate(
     affinity = conversation_key(request)
     node = fleet.ready_replica(model, affinity) or ""
     announced = False
-    deadline = time.monotonic() + settings.request_timeout_s
+    deadline: float | None = None
     for attempt in range(1, ATTEMPTS + 1):
         if not node:
             try:
@@ -170,8 +170,9 @@ async def generate(
             except CortexError as error:
                 record.refused(metrics, error.kind)
                 raise
-        if not record.node:
+        if deadline is None:  # the generation's time counts from when its model is ready
             metrics.queue_wait.labels(model).observe(time.monotonic() - record.started)
+            deadline = time.monotonic() + settings.request_timeout_s
         record.node = node
         failed = None
         async with contextlib.aclosing(
