@@ -283,7 +283,6 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
             "top_k": body.top_k,
             "seed": body.seed,
             "stop": _stops(body.stop),
-            "stream": bool(body.stream),
         }
     return ChatRequest(
         model=body.model,

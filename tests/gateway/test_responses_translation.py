@@ -119,7 +119,6 @@ def test_codex_turns_become_chat_turns() -> None:
         Message(role="tool", content="README.md", tool_call_id="call_1", name="shell"),
     )
     assert [t.name for t in request.tools] == ["shell"]
-    assert request.stream is True
 
 
 def test_namespaced_functions_have_one_name_in_the_prompt_and_two_on_the_wire() -> None:
