@@ -48,11 +48,18 @@ for i in $(seq 1 120); do curl -sf 127.0.0.1:13141/health >/dev/null && break; s
 for model in llama8b llama8b-nocache; do
   curl -s -XPOST 127.0.0.1:13141/models/load -d "{\"model\": \"$model\"}"; echo
 done
-python3 -m cortex.cli serve --config $W/cortex.toml > $W/gateway.log 2>&1 &
+# The gateway and the client under the image's own python3 and NumPy 2 (the stub's NumPy-1.26 venv cannot
+# import transformers' AutoTokenizer on that image: seen 2026-12-01), with the carried wheels
+# but NumPy on its path.
+IMAGE_PY=$(PATH=${PATH#*:} command -v python3)
+SITE=/tmp/cortex-gpu/client-site
+[ -d $SITE ] || "$IMAGE_PY" -m pip install -q --no-index --no-deps --no-compile --target $SITE \
+  $(ls .gpu/whl/*.whl | grep -v numpy)
+PYTHONPATH=$SITE:$PWD "$IMAGE_PY" -m cortex.cli serve --config $W/cortex.toml > $W/gateway.log 2>&1 &
 GATEWAY=$!
 for i in $(seq 1 60); do curl -sf 127.0.0.1:31323/health >/dev/null && break; sleep 1; done
 sleep 3
-timeout 300 python3 -m benchmarks.prefix_cache --url http://127.0.0.1:31323 --model llama8b \
+PYTHONPATH=$SITE:$PWD timeout 300 "$IMAGE_PY" -m benchmarks.prefix_cache --url http://127.0.0.1:31323 --model llama8b \
   --model-off llama8b-nocache --tokenizer $CKPT --out $OUT/prefix_cache_gpu.json 2>&1 | tail -40
 kill $GATEWAY; kill $NEURON; sleep 3
 (tail -n 30 $W/gateway.log; tail -n 30 $W/neuron.log) > $OUT/prefix_servers.log 2>&1
