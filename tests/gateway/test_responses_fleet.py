@@ -1,5 +1,5 @@
 """POST /v1/responses through real fleets, with the official openai SDK's `client.responses`:
-the embedded fleet (real tritonserver, torch engine, cortex-tiny) for plain answers, and the
+the embedded fleet (real tritonserver, torch engine, its small models) for plain answers, and the
 replay fleet (tests/gateway/conftest.py) for a full function-call round trip, keep-alives,
 failures after the stream started, refusals, metrics and the request log."""
 
@@ -38,7 +38,7 @@ def tiny(embedded: Embedded) -> openai.OpenAI:
 
 def test_non_streamed_response_on_the_embedded_fleet(tiny: openai.OpenAI) -> None:
     response = tiny.responses.create(
-        model="gpt-5-codex",  # an alias of cortex-tiny (gpt-*)
+        model="gpt-5-codex",  # an alias (gpt-*) of the embedded default's small model
         instructions="Be brief.",
         input="What is a tuple?",
         max_output_tokens=12,
@@ -53,9 +53,9 @@ def test_non_streamed_response_on_the_embedded_fleet(tiny: openai.OpenAI) -> Non
     if response.status == "incomplete":
         assert response.incomplete_details is not None
         assert response.incomplete_details.reason == "max_output_tokens"
-    # The same conversation through Chat is the same prompt.
+    # The same conversation through Chat, to the same model, is the same prompt.
     chat = tiny.chat.completions.create(
-        model="cortex-tiny",
+        model="gpt-5-codex",
         messages=[
             {"role": "system", "content": "Be brief."},
             {"role": "user", "content": "What is a tuple?"},

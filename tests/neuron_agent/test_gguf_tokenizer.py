@@ -13,7 +13,7 @@ from control_plane.canonical import ChatRequest, Message
 from control_plane.prompting import ModelTokenizer
 from cortex.config import ModelProfile, ModelsFile, NeuronConfig, NeuronSection
 from cortex.demo.smollm2 import gguf_path
-from neuron_agent.node import Node
+from neuron_agent.catalogue import Catalogue
 
 
 def test_tokenizer_files_come_from_the_gguf_metadata(smollm2_model: Path, tmp_path: Path) -> None:
@@ -22,7 +22,7 @@ def test_tokenizer_files_come_from_the_gguf_metadata(smollm2_model: Path, tmp_pa
         neuron=NeuronSection(state_dir=str(tmp_path / "state")),
         models=ModelsFile(models=(ModelProfile(name="smol", source=str(source)),)),
     )
-    files = Node(config).tokenizer_files("smol")
+    files = Catalogue(config, has_gpu=False).tokenizer_files("smol")
     assert files.context_length == 8192 and files.eos_token_ids == [2]
     assert list((tmp_path / "state" / "tokenizers").glob("*/tokenizer.json"))  # cached there
     reader = gguf.GGUFReader(source)
