@@ -90,6 +90,15 @@ def _link(source: Path, target: Path) -> None:
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # Nothing of the agent's but stdin/out/err crosses the exec: its listening socket was seen
+    # inherited (under uvloop's spawn), so Triton's Python stubs, which outlive an agent killed
+    # with -9, kept the port and the restarted agent could not bind it. (Marked close-on-exec,
+    # not closed: the spawner's own pipe must stay open until the exec.)
+    for name in os.listdir("/proc/self/fd"):
+        descriptor = int(name)
+        if descriptor > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(descriptor, False)
 
 
 class TritonSupervisor:
