@@ -17,6 +17,8 @@ import anthropic
 import openai
 import pytest
 
+from control_plane.prompting import ModelTokenizer
+from cortex.neuron_api import TokenizerFiles
 from tests.conftest import free_ports, start_neuron, stop, wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
@@ -175,4 +177,20 @@ def claude(replay_fleet: ReplayFleet) -> anthropic.Anthropic:
     """The official Anthropic SDK on the replay fleet."""
     return anthropic.Anthropic(
         base_url=replay_fleet.root_url, api_key=replay_fleet.api_key, max_retries=0
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path) -> ModelTokenizer:
+    """cortex-tiny's tokenizer as the gateway renders with it (no server)."""
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    files = {n: (tiny_model / n).read_text() for n in names if (tiny_model / n).exists()}
+    return ModelTokenizer(
+        TokenizerFiles(
+            model="cortex-tiny",
+            files=files,
+            context_length=32768,
+            eos_token_ids=[2],
+            pad_token_id=0,
+        )
     )

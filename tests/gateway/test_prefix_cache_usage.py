@@ -31,26 +31,10 @@ from control_plane.openai.protocol import ChatCompletionRequest
 from control_plane.openai.translate import chat_request as openai_chat_request
 from control_plane.prompting import ModelTokenizer
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, EngineKind, ModelProfile
-from cortex.neuron_api import TokenizerFiles
 from neuron_agent.repository import render
 from tests.conftest import Embedded
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path) -> ModelTokenizer:
-    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    files = {n: (tiny_model / n).read_text() for n in names if (tiny_model / n).exists()}
-    return ModelTokenizer(
-        TokenizerFiles(
-            model="cortex-tiny",
-            files=files,
-            context_length=32768,
-            eos_token_ids=[2],
-            pad_token_id=0,
-        )
-    )
 
 
 @pytest.fixture(scope="module")

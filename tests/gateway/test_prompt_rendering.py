@@ -5,26 +5,11 @@ as text included."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_plane.canonical import ChatRequest, Message, Tool
 from control_plane.prompting import ModelTokenizer
-from cortex.neuron_api import TokenizerFiles
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path) -> ModelTokenizer:
-    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    files = {n: (tiny_model / n).read_text() for n in names if (tiny_model / n).exists()}
-    return ModelTokenizer(
-        TokenizerFiles(
-            model="cortex-tiny", files=files, context_length=4096, eos_token_ids=[2], pad_token_id=0
-        )
-    )
 
 
 def reference(

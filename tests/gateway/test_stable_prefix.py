@@ -6,30 +6,10 @@ mid-conversation system message switching between a block list and a string."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from benchmarks.claude_code_trace import Conversation
 from control_plane.anthropic.protocol import MessagesRequest
 from control_plane.anthropic.translate import chat_request
 from control_plane.prompting import ModelTokenizer
-from cortex.neuron_api import TokenizerFiles
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path) -> ModelTokenizer:
-    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-    files = {n: (tiny_model / n).read_text() for n in names if (tiny_model / n).exists()}
-    return ModelTokenizer(
-        TokenizerFiles(
-            model="cortex-tiny",
-            files=files,
-            context_length=32768,
-            eos_token_ids=[2],
-            pad_token_id=0,
-        )
-    )
 
 
 def prompt(tokenizer: ModelTokenizer, body: dict[str, object]) -> list[int]:
