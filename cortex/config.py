@@ -167,6 +167,11 @@ class Quantization(enum.StrEnum):
     INT4_AWQ = "int4_awq"
 
 
+class KVCacheDtype(enum.StrEnum):
+    AUTO = "auto"  # the model's compute dtype
+    FP8 = "fp8"  # float8 e4m3, one scale per token and kv head (torch engine)
+
+
 class ToolCallFormat(enum.StrEnum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
@@ -207,6 +212,13 @@ class ModelProfile(_Config):
     # Reuse the KV cache of earlier requests' equal prompt prefixes (torch engine; trtllm
     # engines always reuse, as their template enables it).
     prefix_caching: bool = True
+    # torch engine: what the KV cache stores. fp8 halves the bytes of kv_cache_tokens (the budget
+    # stays in tokens: raise it to fill the memory) and what a decode step reads of the cache,
+    # for a small loss of accuracy (BENCHMARKS.md).
+    kv_cache_dtype: KVCacheDtype = KVCacheDtype.AUTO
+    # torch engine: every matmul through one fixed-tile kernel, so a sequence's greedy output
+    # does not depend on what else is in its batch (slower; BENCHMARKS.md says how much).
+    batch_invariant: bool = False
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None
     # A Triton model-directory template folder to use instead of the engine's own one under

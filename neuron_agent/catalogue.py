@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cortex.config import EngineKind, ModelProfile, NeuronConfig
+from cortex.config import EngineKind, KVCacheDtype, ModelProfile, NeuronConfig
 from cortex.neuron_api import CatalogueEntry, TokenizerFiles
 from cortex.tokenizer_files import cached_gguf_tokenizer
 from neuron_agent.errors import NodeError
@@ -57,7 +57,10 @@ def estimate_bytes(
     # Each rank: its shard of the linear layers, the embedding (and on rank 0 the head), its kv
     # heads' share of the KV budget, its own process and CUDA context.
     weights = estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes, profile.tp)
-    kv = profile.kv_cache_tokens * local.kv_bytes_per_token(dtype_bytes)
+    if profile.kv_cache_dtype is KVCacheDtype.FP8:
+        kv = profile.kv_cache_tokens * local.kv_bytes_per_token(1, scale_bytes=4)
+    else:
+        kv = profile.kv_cache_tokens * local.kv_bytes_per_token(dtype_bytes)
     return (weights + kv + RUNTIME_OVERHEAD_BYTES) * profile.tp
 
 

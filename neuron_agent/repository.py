@@ -47,6 +47,8 @@ def torch_parameters(
         "prefill_tokens": str(profile.prefill_tokens),
         "cuda_graphs": str(profile.cuda_graphs).lower(),
         "prefix_caching": "true" if profile.prefix_caching else "false",
+        "kv_cache_dtype": profile.kv_cache_dtype.value,
+        "batch_invariant": "true" if profile.batch_invariant else "false",
         "stats_path": str(stats_path),
         "tp": str(profile.tp),
         "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",

@@ -65,8 +65,10 @@ class ModelSpec(Dimensions):
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attention + mlp) + embeddings
 
-    def kv_bytes_per_token(self, element_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
+    def kv_bytes_per_token(self, element_bytes: int, scale_bytes: int = 0) -> int:
+        """Keys and values of one token in every layer; `scale_bytes` per vector (FP8)."""
+        per_vector = self.head_dim * element_bytes + scale_bytes
+        return 2 * self.num_layers * self.num_kv_heads * per_vector
 
 
 def _rope(rope: Rope) -> RopeSpec:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from neuron_agent.torch_engine import kernels
+from neuron_agent.torch_engine.kv_cache import LayerCache
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel
 
 log = logging.getLogger("cortex.engine")
@@ -92,7 +93,7 @@ class DecodeRunner:
     def __init__(
         self,
         model: LlamaModel,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerCache],
         block_size: int,
         scratch_slot: int,
         max_batch_size: int,

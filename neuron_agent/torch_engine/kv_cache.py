@@ -15,6 +15,11 @@ beyond its reused prefix, which lie in blocks of its own.
 
 Every block is in exactly one of three states: free (no content), cached (content, no user) or
 in use (reference count ≥ 1). Reclaimable = free + cached.
+
+An FP8 cache (`kv_cache_dtype = "fp8"`) stores keys and values as float8 e4m3 with one float32
+scale per slot and kv head (its vector's largest magnitude / 448, as the weights' per-channel
+scales are taken): half the bytes of bf16 to read each decode step and twice the tokens in the
+same memory, for rounding each element to 3 mantissa bits (its accuracy: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,12 +27,28 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 
 from neuron_agent.torch_engine.checkpoint import ModelSpec
 
 BlockKey = bytes
+
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+class LayerCache(NamedTuple):
+    """One layer's keys and values, [slots, kv_heads, head_dim]; with an FP8 cache also their
+    scales, [slots, kv_heads] float32 (None when the cache holds the model's own dtype)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self if t is not None)
 
 
 def chain_key(parent: BlockKey | None, tokens: list[int]) -> BlockKey:
@@ -48,6 +69,7 @@ class BlockPool:
         device: torch.device,
         block_size: int = 16,
         prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
@@ -57,10 +79,20 @@ class BlockPool:
         slots = (self.num_blocks + 1) * block_size
         self.scratch_slot = self.num_blocks * block_size
         shape = (slots, spec.num_kv_heads, spec.head_dim)
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of auto, fp8")
+        fp8 = kv_cache_dtype == "fp8"
+        stored = torch.float8_e4m3fn if fp8 else dtype
+
+        def scales() -> torch.Tensor | None:
+            return torch.ones(shape[:2], dtype=torch.float32, device=device) if fp8 else None
+
         self.layers = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
+            LayerCache(
+                torch.zeros(shape, dtype=stored, device=device),
+                torch.zeros(shape, dtype=stored, device=device),
+                scales(),
+                scales(),
             )
             for _ in range(spec.num_layers)
         ]
@@ -206,4 +238,4 @@ class BlockPool:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def nbytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self.layers)
+        return sum(layer.nbytes() for layer in self.layers)

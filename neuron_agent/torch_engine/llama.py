@@ -24,6 +24,8 @@ from torch.nn.attention.bias import causal_lower_right
 from neuron_agent.torch_engine import kernels
 from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.kernels.reference import dequantize_cache
+from neuron_agent.torch_engine.kv_cache import LayerCache
 from neuron_agent.torch_engine.parallel import (
     RowParallelLinear,
     Shard,
@@ -143,11 +145,7 @@ class RMSNorm(nn.Module):
 
 
 def _prefill_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    batch: ForwardBatch,
-    groups: int,
+    q: torch.Tensor, cache: LayerCache, batch: ForwardBatch, groups: int
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries over its own keys and the cached ones before it.
     q [T, H, D] → [T, H, D]. Compute-bound, so keys are gathered per chunk (flash kernels need
@@ -155,8 +153,8 @@ def _prefill_attention(
     chunks = batch.chunks
     if all(c.key_slots is None for c in chunks) and len({c.length for c in chunks}) == 1:
         count, length = len(chunks), chunks[0].length
-        keys = k_cache[batch.write_slots].to(q.dtype)
-        values = v_cache[batch.write_slots].to(q.dtype)
+        keys = dequantize_cache(cache.keys, cache.key_scales, batch.write_slots, q.dtype)
+        values = dequantize_cache(cache.values, cache.value_scales, batch.write_slots, q.dtype)
         shape = (count, length, *q.shape[1:])
         kv_shape = (count, length, *keys.shape[1:])
         attended = F.scaled_dot_product_attention(
@@ -171,8 +169,9 @@ def _prefill_attention(
     for chunk in chunks:
         rows = slice(chunk.start, chunk.start + chunk.length)
         slots = batch.write_slots[rows] if chunk.key_slots is None else chunk.key_slots
-        keys = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, KVH, K, D]
-        values = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+        keys = dequantize_cache(cache.keys, cache.key_scales, slots, q.dtype)
+        values = dequantize_cache(cache.values, cache.value_scales, slots, q.dtype)
+        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, K, D]
         query = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
         if chunk.key_slots is None:
             attended = F.scaled_dot_product_attention(
@@ -209,8 +208,7 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         cos_sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: LayerCache,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it is added): the next layer's
@@ -226,23 +224,25 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         q = kernels.rotary_and_cache(
-            q, k, v, cos_sin, batch.positions, k_cache, v_cache, batch.write_slots
+            q, k, v, cos_sin, batch.positions, *cache[:2], batch.write_slots, *cache[2:]
         )
         groups = spec.num_heads // spec.num_kv_heads
         if batch.decoding:
             assert batch.block_tables is not None and batch.seq_lens is not None
             attended = kernels.paged_decode_attention(
                 q,
-                k_cache,
-                v_cache,
+                cache.keys,
+                cache.values,
                 batch.block_tables,
                 batch.seq_lens,
                 batch.block_size,
                 self.scale,
                 batch.decode_splits,
+                cache.key_scales,
+                cache.value_scales,
             )
         else:
-            attended = _prefill_attention(q, k_cache, v_cache, batch, groups)
+            attended = _prefill_attention(q, cache, batch, groups)
         attention_out = self.o_proj(attended.reshape(tokens, self.q_size))
         normed, residual = self.post_norm(attention_out, residual)
         return self.down(kernels.silu_and_mul(self.gate_up(normed))), residual
@@ -279,11 +279,20 @@ class LlamaModel(nn.Module):
             persistent=False,
         )
 
+    def make_batch_invariant(self) -> None:
+        """Every projection (and the head) through the fixed-tile kernel on the GPU: a row's
+        logits then do not depend on the other rows of its batch. Decode attention already
+        splits every sequence the same way at every batch size, and the norms and the rotation
+        work row by row."""
+        for module in self.modules():
+            if isinstance(module, QuantLinear):
+                module.batch_invariant = True
+
     def forward(
         self,
         tokens: torch.Tensor,
         batch: ForwardBatch,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerCache],
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the batch; return float32 logits of the rows `logits_index` picks from [T] (every
@@ -291,8 +300,8 @@ class LlamaModel(nn.Module):
         hidden = F.embedding(tokens, self.embed)
         residual: torch.Tensor | None = None
         cos_sin: torch.Tensor = self.cos_sin  # type: ignore[assignment]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos_sin, k_cache, v_cache, batch)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos_sin, cache, batch)
         assert residual is not None
         if logits_index is not None:
             hidden, residual = hidden[logits_index], residual[logits_index]

@@ -36,6 +36,9 @@ class EngineOptions:
     cuda_graphs: bool = True
     # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
     prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto | fp8 (kv_cache's docstring)
+    # Every matmul through one fixed-tile kernel: output independent of the batch it ran in.
+    batch_invariant: bool = False
     # Tensor-parallel ranks, and each rank's device ("cuda:0", "cuda:1"; empty: all on `device`).
     tp: int = 1
     devices: tuple[str, ...] = ()
@@ -132,9 +135,16 @@ def load_shard(
     )
     del tensors
     model.eval()
+    if options.batch_invariant:
+        model.make_batch_invariant()
     # model.spec is the rank's: its kv heads are what its cache holds.
     pool = BlockPool(
-        model.spec, options.kv_cache_tokens, dtype, device, prefix_caching=options.prefix_caching
+        model.spec,
+        options.kv_cache_tokens,
+        dtype,
+        device,
+        prefix_caching=options.prefix_caching,
+        kv_cache_dtype=options.kv_cache_dtype,
     )
     return model, pool
 

@@ -124,6 +124,8 @@ class QuantLinear(nn.Module):
         )
         self.out_features = weight.shape[0]
         self._use_scaled_mm = mode == "fp8" and fp8_matmul_available(weight.device)
+        # Every row count through one fixed-tile kernel (`make_batch_invariant`).
+        self.batch_invariant = False
         # Plain weights at decode batch sizes through the Triton weight kernel instead of cuBLAS
         # (CORTEX_PLAIN_DECODE_MATMUL=triton; a benchmark variant, off by default).
         self._plain_kernel = (
@@ -172,7 +174,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale
-        if self._use_scaled_mm:
+        if self.batch_invariant and x.is_cuda:
+            output = self._invariant_forward(x)
+        elif self._use_scaled_mm:
             output = self._fp8_forward(x)
         elif self._plain_kernel and x.numel() // x.shape[-1] <= kernels.WEIGHT_MATMUL_MAX_ROWS:
             flat = kernels.weight_matmul(x.reshape(-1, x.shape[-1]), self.weight)
@@ -185,6 +189,17 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             output = output + self.bias
         return output
+
+    def _invariant_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored int8/fp8 weights are widened in the kernel; int4 is unpacked first."""
+        weight: torch.Tensor = self.weight
+        scale: torch.Tensor | None = self.scale
+        if self.mode == "int4":
+            weight, scale = self.dequantized(), None
+        flat = kernels.weight_matmul(
+            x.reshape(-1, x.shape[-1]), weight, scale, batch_invariant=True
+        )
+        return flat.reshape(*x.shape[:-1], self.out_features)
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.scale is not None

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from neuron_agent.torch_engine.errors import EngineError
+from neuron_agent.torch_engine.kv_cache import LayerCache
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel
 from neuron_agent.torch_engine.loader import EngineOptions, LoadPlan, load_shard, new_engine, plan
 from neuron_agent.torch_engine.parallel import (
@@ -244,7 +245,7 @@ class LeaderModel(LlamaModel):
         self,
         tokens: torch.Tensor,
         batch: ForwardBatch,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: list[LayerCache],
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         ranks = self.ranks

@@ -193,6 +193,8 @@ class TritonPythonModel:
             prefill_tokens=int(parameters.get("prefill_tokens", "0")),
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
+            kv_cache_dtype=parameters.get("kv_cache_dtype", "auto"),
+            batch_invariant=parameters.get("batch_invariant", "false") == "true",
             tp=int(parameters.get("tp", "1") or "1"),
             devices=rank_devices(
                 parameters.get("device", "cpu"), parameters.get("gpu_device_ids", "")

@@ -215,3 +215,29 @@ def test_weight_only_quantization_stays_close(
         a, b = logits(plain, ids), logits(quantized, ids)
         error = float((a - b).norm() / a.norm())
         assert error < bound, f"{mode}: relative logit error {error:.4f} ≥ {bound}"
+
+
+def test_an_fp8_kv_cache_decodes_like_transformers_up_to_a_near_tie(
+    tiny_model: Path, reference, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
+    """Keys and values rounded to float8 (3 mantissa bits, one scale per vector) move logits
+    by about 1 %: greedy tokens equal the float32 reference's until the first step whose top-2
+    logits were within 0.05 of each other."""
+    fp8 = build_engine(
+        EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4, kv_cache_dtype="fp8")
+    )
+    # What the neuron's memory estimate counts (a byte an element, a float32 scale a vector)
+    # is what the pool holds, with its one scratch block.
+    slots = fp8.pool.capacity_tokens + fp8.pool.block_size
+    assert fp8.pool.nbytes() == slots * fp8.model.spec.kv_bytes_per_token(1, scale_bytes=4)
+    fp8.start()
+    try:
+        for question in QUESTIONS[:4]:
+            ids = prompt_ids(tokenizer, question)
+            expected, gaps = reference_greedy(reference, tokenizer, ids, 40)
+            collector = run(fp8, ids, 40)
+            assert collector.done.wait(60) and collector.error is None
+            near_tie = next((i for i, gap in enumerate(gaps) if gap < 0.05), len(gaps))
+            assert collector.tokens[:near_tie] == expected[:near_tie], question
+    finally:
+        fp8.stop()

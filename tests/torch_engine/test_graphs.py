@@ -23,22 +23,22 @@ def test_padding_to_a_bucket_changes_no_real_row_and_no_real_slot(tiny_model: Pa
     engine = build_engine(EngineOptions(tiny_model, kv_cache_tokens=512, max_batch_size=4))
     pool, runner = engine.pool, engine.decoder
     generator = torch.Generator().manual_seed(0)
-    for k_cache, v_cache in pool.layers:
+    for k_cache, v_cache, *_ in pool.layers:
         k_cache.copy_(torch.randn(k_cache.shape, generator=generator))
         v_cache.copy_(torch.randn(v_cache.shape, generator=generator))
-    start = [(k.clone(), v.clone()) for k, v in pool.layers]
+    start = [(k.clone(), v.clone()) for k, v, *_ in pool.layers]
     tables, positions, tokens = [[3, 7], [5]], [20, 9], [11, 12]
     slots = [pool.slot(t, p) for t, p in zip(tables, positions, strict=True)]
 
     def step(pad_to: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        for (k_cache, v_cache), (k, v) in zip(pool.layers, start, strict=True):
+        for (k_cache, v_cache, *_), (k, v) in zip(pool.layers, start, strict=True):
             k_cache.copy_(k)
             v_cache.copy_(v)
         runner.inputs.write(tokens, positions, slots, tables, pad_to, pool.scratch_slot)
         with torch.inference_mode():
             logits, _ = runner._forward(pad_to)
         real = slice(0, pool.scratch_slot)  # every slot but the scratch block's
-        return logits[: len(tokens)], [k[real].clone() for k, _ in pool.layers]
+        return logits[: len(tokens)], [k[real].clone() for k, *_ in pool.layers]
 
     unpadded_logits, unpadded_cache = step(len(tokens))
     padded_logits, padded_cache = step(4)

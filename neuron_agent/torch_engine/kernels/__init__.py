@@ -47,11 +47,16 @@ def rotary_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     write_slots: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotary embedding of q and k at `positions`; k and v written to `write_slots` of the
-    cache. Returns the rotated q (k is only needed from the cache from here on)."""
+    cache (an FP8 one when the scales [slots, KVH] are given). Returns the rotated q (k is only
+    needed from the cache from here on)."""
     module = _kernels() if _on_triton(q) else reference
-    return module.rotary_and_cache(q, k, v, cos_sin, positions, k_cache, v_cache, write_slots)
+    return module.rotary_and_cache(
+        q, k, v, cos_sin, positions, k_cache, v_cache, write_slots, k_scales, v_scales
+    )
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -72,13 +77,20 @@ WEIGHT_MATMUL_MAX_ROWS = 16
 
 
 def weight_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
-    """x [M, K] @ (weight [N, K] · per-row scale [N])ᵀ, the weight (FP8 or the compute dtype)
-    widened in registers: the decode path for up to WEIGHT_MATMUL_MAX_ROWS rows, where reading
-    the weight is all the time (beyond, `_scaled_mm` pays)."""
+    """x [M, K] @ (weight [N, K] · per-row scale [N])ᵀ, the weight (FP8, int8 or the compute
+    dtype) widened in registers: the decode path for up to WEIGHT_MATMUL_MAX_ROWS rows, where
+    reading the weight is all the time (beyond, `_scaled_mm` pays).
+
+    `batch_invariant`: any number of rows, each computed by the same tiles in the same order
+    whatever the others are, so a row's result does not depend on its batch (the one-row
+    kernel and cuBLAS, which picks kernels by row count, are not used)."""
     if _on_triton(x):
-        return _kernels().weight_matmul(x, weight, scale)
+        return _kernels().weight_matmul(x, weight, scale, batch_invariant)
     return reference.weight_matmul(x, weight, scale)
 
 
@@ -100,13 +112,17 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     splits: int = 1,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per sequence (q [B, H, D]) over its first seq_lens[b] cached
-    positions, read straight through its block table [B, W]: no gathered copy of the keys."""
+    positions, read straight through its block table [B, W]: no gathered copy of the keys. An
+    FP8 cache comes with its scales [slots, KVH]."""
     if _on_triton(q):
         return _kernels().paged_decode_attention(
-            q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, splits
-        )
+            q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, splits,
+            k_scales, v_scales,
+        )  # fmt: skip
     return reference.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale
+        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scales, v_scales
     )

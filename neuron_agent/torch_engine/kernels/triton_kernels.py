@@ -90,6 +90,8 @@ def _rotary_and_cache_kernel(
     K_CACHE,
     V_CACHE,
     SLOTS,
+    K_SCALES,
+    V_SCALES,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -99,10 +101,12 @@ def _rotary_and_cache_kernel(
     stride_cs,
     stride_ct,
     stride_ch,
+    stride_st,
     HEADS: tl.constexpr,
     KV_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     HEADS_PAD: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(POSITIONS + token)
@@ -125,15 +129,32 @@ def _rotary_and_cache_kernel(
     k1 = tl.load(k_ptr, mask=kmask, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + HALF, mask=kmask, other=0.0).to(tl.float32)
     c_ptr = K_CACHE + slot * stride_ct + h[:, None] * stride_ch + d[None, :]
-    tl.store(c_ptr, (k1 * cos - k2 * sin).to(K_CACHE.dtype.element_ty), mask=kmask)
-    tl.store(c_ptr + HALF, (k2 * cos + k1 * sin).to(K_CACHE.dtype.element_ty), mask=kmask)
-
+    k1r = k1 * cos - k2 * sin
+    k2r = k2 * cos + k1 * sin
     v_ptr = V + token * stride_vt + h[:, None] * stride_vh + d[None, :]
     vc_ptr = V_CACHE + slot * stride_ct + h[:, None] * stride_ch + d[None, :]
     v1 = tl.load(v_ptr, mask=kmask, other=0.0)
     v2 = tl.load(v_ptr + HALF, mask=kmask, other=0.0)
+    if FP8:
+        scale_ptr = slot * stride_st + h
+        k1r, k2r = _scale_to_fp8(k1r, k2r, K_SCALES + scale_ptr, h < KV_HEADS)
+        v1, v2 = _scale_to_fp8(v1, v2, V_SCALES + scale_ptr, h < KV_HEADS)
+    tl.store(c_ptr, k1r.to(K_CACHE.dtype.element_ty), mask=kmask)
+    tl.store(c_ptr + HALF, k2r.to(K_CACHE.dtype.element_ty), mask=kmask)
     tl.store(vc_ptr, v1.to(V_CACHE.dtype.element_ty), mask=kmask)
     tl.store(vc_ptr + HALF, v2.to(V_CACHE.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _scale_to_fp8(first, second, SCALE_PTR, mask):
+    """Both halves of each head's vector divided by its own scale (amax / 448, stored)."""
+    first, second = first.to(tl.float32), second.to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(first), axis=1), tl.max(tl.abs(second), axis=1))
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    tl.store(SCALE_PTR, scale, mask=mask)
+    first = tl.clamp(first / scale[:, None], -448.0, 448.0)
+    second = tl.clamp(second / scale[:, None], -448.0, 448.0)
+    return first, second
 
 
 def rotary_and_cache(
@@ -145,10 +166,13 @@ def rotary_and_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     write_slots: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotates q in place; k is rotated on its way into the cache (v copied beside it)."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    fp8 = k_scales is not None and v_scales is not None
     _rotary_and_cache_kernel[(tokens,)](
         q,
         k,
@@ -158,6 +182,8 @@ def rotary_and_cache(
         k_cache,
         v_cache,
         write_slots,
+        k_scales if fp8 else write_slots,
+        v_scales if fp8 else write_slots,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -167,10 +193,12 @@ def rotary_and_cache(
         cos_sin.stride(0),
         k_cache.stride(0),
         k_cache.stride(1),
+        k_scales.stride(0) if k_scales is not None else 0,
         HEADS=heads,
         KV_HEADS=kv_heads,
         HALF=head_dim // 2,
         HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)),
+        FP8=fp8,
     )
     return q
 
@@ -254,20 +282,24 @@ def _weight_matmul_kernel(
 ):
     """out[M, N] = x[M, K] @ (W[N, K] · scale[N])ᵀ for a few rows: decoding is bound by
     reading W, and one byte a weight is the whole gain of FP8, so the weights are widened to
-    x's dtype in registers and the activations stay as they are."""
+    x's dtype in registers and the activations stay as they are. The second grid axis tiles
+    the rows (batch-invariant use: every row through BLOCK_M-row tiles in the same order)."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = tl.arange(0, BLOCK_M)
+    m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     k = tl.arange(0, BLOCK_K)
     n_mask = n < out_features
     m_mask = m < rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for start in range(0, in_features, BLOCK_K):
+        k_mask = (start + k) < in_features  # a width that is no multiple of BLOCK_K ends short
         x = tl.load(
-            X + m[:, None] * stride_x + (start + k)[None, :], mask=m_mask[:, None], other=0.0
+            X + m[:, None] * stride_x + (start + k)[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
         )
         w = tl.load(
             W + n[:, None].to(tl.int64) * stride_w + (start + k)[None, :],
-            mask=n_mask[:, None],
+            mask=n_mask[:, None] & k_mask[None, :],
             other=0.0,
         )
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
@@ -348,14 +380,37 @@ def weight_vector(
     return out
 
 
+# The batch-invariant tile: fixed whatever the row count, so each row meets the same matrix
+# instructions over the same slices of K in the same order.
+INVARIANT_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+
+
 def weight_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, batch_invariant: bool = False
 ) -> torch.Tensor:
     rows, in_features = x.shape
-    if rows == 1 and in_features % gemv_config(in_features)["BLOCK_K"] == 0 and x.is_contiguous():
-        return weight_vector(x, weight, scale)
     out_features = weight.shape[0]
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    if batch_invariant:
+        tile = INVARIANT_TILE
+        grid = (triton.cdiv(out_features, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))
+        _weight_matmul_kernel[grid](
+            x,
+            weight,
+            weight if scale is None else scale,
+            out,
+            rows,
+            out_features,
+            in_features,
+            x.stride(0),
+            weight.stride(0),
+            out.stride(0),
+            HAS_SCALE=scale is not None,
+            **tile,
+        )
+        return out
+    if rows == 1 and in_features % gemv_config(in_features)["BLOCK_K"] == 0 and x.is_contiguous():
+        return weight_vector(x, weight, scale)
     block_n = 32
     _weight_matmul_kernel[(triton.cdiv(out_features, block_n),)](
         x,
@@ -388,6 +443,8 @@ def _decode_split_kernel(
     V_CACHE,
     TABLES,
     LENS,
+    K_SCALES,
+    V_SCALES,
     PART_ACC,
     PART_MAX,
     PART_SUM,
@@ -396,6 +453,7 @@ def _decode_split_kernel(
     stride_cs,
     stride_ch,
     stride_tb,
+    stride_ss,
     scale,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
@@ -404,10 +462,14 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One (sequence, kv head, split): the query heads of that kv head against one slice of
     the sequence's keys, read through its block table. Writes the slice's unnormalised output,
-    running max and sum (flash-decoding), which `_decode_reduce_kernel` merges."""
+    running max and sum (flash-decoding), which `_decode_reduce_kernel` merges.
+
+    An FP8 cache's per-vector scales apply outside the dots: a key's scale to its scores, a
+    value's to its softmax weights."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -436,12 +498,17 @@ def _decode_split_kernel(
         offsets = slots[:, None] * stride_cs + kv_head * stride_ch + d[None, :]
         keys = tl.load(K_CACHE + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
         scores = tl.dot(q, tl.trans(keys)) * scale
+        if FP8:
+            vector = slots * stride_ss + kv_head
+            scores = scores * tl.load(K_SCALES + vector, mask=valid, other=0.0)[None, :]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
         correction = tl.exp(running_max - new_max)
         weights = tl.exp(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(weights, axis=1)
         values = tl.load(V_CACHE + offsets, mask=valid[:, None], other=0.0).to(q.dtype)
+        if FP8:
+            weights = weights * tl.load(V_SCALES + vector, mask=valid, other=0.0)[None, :]
         acc = acc * correction[:, None] + tl.dot(weights.to(q.dtype), values)
         running_max = new_max
     part = (seq * HEADS + heads) * SPLITS + split
@@ -492,8 +559,11 @@ def paged_decode_attention(
     block_size: int,
     scale: float,
     splits: int,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
+    fp8 = k_scales is not None and v_scales is not None
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     part_acc = torch.empty((batch, heads, splits, head_dim), dtype=torch.float32, device=q.device)
@@ -505,6 +575,8 @@ def paged_decode_attention(
         v_cache,
         block_tables,
         seq_lens,
+        k_scales if fp8 else seq_lens,
+        v_scales if fp8 else seq_lens,
         part_acc,
         part_max,
         part_sum,
@@ -513,6 +585,7 @@ def paged_decode_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         block_tables.stride(0),
+        k_scales.stride(0) if k_scales is not None else 0,
         scale,
         HEADS=heads,
         GROUP=group,
@@ -521,6 +594,7 @@ def paged_decode_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=64,
         SPLITS=splits,
+        FP8=fp8,
         num_warps=4,
         num_stages=2,
     )
