@@ -154,6 +154,64 @@ def kernel_checks() -> None:
         got = tk.paged_decode_attention(q, k_cache, v_cache, tables, lens, 16, 128**-0.5, splits)
         want = reference.paged_decode_attention(q, k_cache, v_cache, tables, lens, 16, 128**-0.5)
         found[f"paged_decode_attention{lengths}"] = relative(got, want)
+        if lengths == [16384]:
+            continue
+        kq, ks = reference.quantize_fp8_vectors(k_cache)
+        vq, vs = reference.quantize_fp8_vectors(v_cache)
+        args = (tables, lens, 16, 128**-0.5)
+        got = tk.paged_decode_attention(q, kq, vq, *args, splits, ks, vs)
+        want = reference.paged_decode_attention(q, kq, vq, *args, ks, vs)
+        exact = reference.paged_decode_attention(q, k_cache, v_cache, *args)
+        found[f"paged_decode_attention_fp8_cache{lengths}"] = relative(got, want)
+        found[f"fp8_cache_vs_bf16_cache{lengths}"] = relative(got, exact)
+
+    # The FP8 cache write: on the GPU the cast is exact, so every stored value must agree.
+    outs = []
+    for module in (tk, reference):
+        q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        caches = [
+            torch.zeros(512, kv_heads, dim, device=dev, dtype=torch.float8_e4m3fn) for _ in range(2)
+        ]
+        scales = [torch.ones(512, kv_heads, device=dev) for _ in range(2)]
+        module.rotary_and_cache(
+            q.view(tokens, heads, dim),
+            k.view(tokens, kv_heads, dim),
+            v.view(tokens, kv_heads, dim),
+            table,
+            positions,
+            *caches,
+            slots,
+            *scales,
+        )
+        outs.append((*caches, *scales))
+    found["rotary_and_cache_fp8_mismatch_fraction"] = [
+        float((a.float() != b.float()).float().mean()) for a, b in zip(*outs, strict=True)
+    ]
+
+    # Batch-invariant matmul: a row's bits may not depend on how many rows ran with it.
+    invariant = {}
+    for label, weight, scale in (
+        ("bf16", torch.randn(4096, 4096, device=dev, generator=g).to(bf), None),
+        (
+            "fp8",
+            torch.randn(4096, 4096, device=dev, generator=g).to(torch.float8_e4m3fn),
+            torch.rand(4096, device=dev, generator=g),
+        ),
+    ):
+        x = torch.randn(300, 4096, device=dev, generator=g).to(bf)
+        whole = tk.weight_matmul(x, weight, scale, batch_invariant=True)
+        invariant[label] = all(
+            torch.equal(tk.weight_matmul(x[:m], weight, scale, batch_invariant=True), whole[:m])
+            for m in (1, 7, 33, 64, 129)
+        )
+        invariant[f"{label}_vs_reference"] = relative(
+            whole, reference.weight_matmul(x, weight, scale)
+        )
+        invariant[f"{label}_cublas_rows_equal"] = all(
+            torch.equal((x[:m] @ (weight.to(bf)).T), (x @ (weight.to(bf)).T)[:m])
+            for m in (1, 7, 33, 64, 129)
+        )
+    found["batch_invariant_matmul"] = invariant
     RESULTS["kernels"] = found
     say("kernels (relative error vs reference)", found)
 
@@ -212,6 +270,15 @@ def micro() -> None:
         {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 2},
         {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 8},
         {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 2},
+        {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 1},
+        {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 1},
+        {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4},
+        {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 8},
+        {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 2, "num_stages": 4},
+        {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 2},
+        {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 2},
     ]
     found: dict[str, Any] = {}
     g = torch.Generator(device="cuda").manual_seed(5)
@@ -219,7 +286,7 @@ def micro() -> None:
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
         w8 = (w.float() / 0.02 * 10).to(torch.float8_e4m3fn)
         scale = torch.full((n,), 0.002, device="cuda")
-        for rows in (1, 8, 32):
+        for rows in (1, 8, 32, 2048):
             x = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
             x_fp8, x_scale = tk.quantize_fp8_rows(x)
             variants: dict[str, tuple[Any, int]] = {
@@ -232,7 +299,19 @@ def micro() -> None:
                     1,
                 ),
             }
-            if rows > 1:
+            variants["invariant_bf16"] = (
+                lambda x=x, w=w: tk.weight_matmul(x, w, None, batch_invariant=True),
+                2,
+            )
+            variants["invariant_fp8"] = (
+                lambda x=x, w8=w8, s=scale: tk.weight_matmul(x, w8, s, batch_invariant=True),
+                1,
+            )
+            if rows == 2048:  # a prefill pass: only the invariant kernel against cuBLAS
+                variants = {
+                    k: v for k, v in variants.items() if k in ("cublas_bf16", "invariant_bf16")
+                }
+            elif rows > 1:
                 variants["triton_dot_bf16"] = (lambda x=x, w=w: tk.weight_matmul(x, w, None), 2)
                 variants["triton_dot_fp8"] = (
                     lambda x=x, w8=w8, s=scale: tk.weight_matmul(x, w8, s),
@@ -257,6 +336,7 @@ def micro() -> None:
                 found[f"{name} m{rows} {label}"] = {
                     "us": us,
                     "weight_TBps": n * k * width / us / 1e6,
+                    "TFLOPS": 2 * rows * n * k / us / 1e6,
                 }
     # The one-row kernel's tile shapes: those that read the FP8 decoder's weights fastest, for
     # the narrow inputs (4096) and the wide one (down_proj, 14336); the speed runs use them.
@@ -271,7 +351,10 @@ def micro() -> None:
     RESULTS["micro"] = found
     for key, value in found.items():
         if "us" in value:
-            say(f"{key:34} {value['us']:8.1f} us  {value['weight_TBps']:.2f} TB/s")
+            say(
+                f"{key:34} {value['us']:8.1f} us  {value['weight_TBps']:.2f} TB/s"
+                f"  {value['TFLOPS']:.0f} TFLOPS"
+            )
     RESULTS["micro_configs"] = configs
 
 
@@ -354,6 +437,29 @@ def correctness() -> None:
     eager.start()
     eager_together = [r["tokens"] for r in run_requests(eager, prompts, new)]
     free(eager)
+    invariant = build_engine(
+        EngineOptions(
+            path,
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_tokens=16384,
+            max_batch_size=8,
+            batch_invariant=True,
+        )
+    )
+    invariant.start()
+    invariant_together = [r["tokens"] for r in run_requests(invariant, prompts, new)]
+    invariant_alone = [run_requests(invariant, [p], new)[0]["tokens"] for p in prompts]
+    free(invariant)
+    found["batch_invariant_alone_equals_batched"] = invariant_together == invariant_alone
+    found["batch_invariant_first_diffs"] = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
+        for x, y in zip(invariant_together, invariant_alone, strict=True)
+    ]
+    found["batch_invariant_vs_default_first_diffs"] = [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
+        for x, y in zip(invariant_together, together, strict=True)
+    ]
     reference_engine = build_engine(
         EngineOptions(path, device="cuda", dtype="float32", kv_cache_tokens=4096, cuda_graphs=False)
     )
@@ -442,10 +548,21 @@ def long_context(engine: Engine, label: str) -> None:
 def speed(quick: bool) -> None:
     path = checkpoint("llama-3.1-8b")
     batches = [1, 8, 32] if quick else [1, 8, 32, 64]
-    variants = [("bf16", "none"), ("fp8", "fp8")]
+    # (label, quantization, other options, batch sizes): the two weight formats at every
+    # batch size, the options that trade speed for something at the sizes that show it.
+    variants: list[tuple[str, str, dict[str, Any], list[int]]] = [
+        ("bf16", "none", {}, batches),
+        ("fp8", "fp8", {}, batches),
+        ("bf16-kvfp8", "none", {"kv_cache_dtype": "fp8"}, [1, 32]),
+        ("fp8-kvfp8", "fp8", {"kv_cache_dtype": "fp8"}, [1, 32, 64]),
+        ("bf16-invariant", "none", {"batch_invariant": True}, [1, 32]),
+    ]
     if os.environ.get("CORTEX_PLAIN_DECODE_MATMUL") == "triton":
-        variants = [("bf16-triton-gemv", "none")]
-    for label, quantization in variants:
+        variants = [("bf16-triton-gemv", "none", {}, batches)]
+    chosen = os.environ.get("ENGINE_BENCH_VARIANTS")
+    if chosen:
+        variants = [v for v in variants if v[0] in chosen.split(",")]
+    for label, quantization, extra, sizes in variants:
         started = time.time()
         engine = build_engine(
             EngineOptions(
@@ -455,6 +572,7 @@ def speed(quick: bool) -> None:
                 dtype="bfloat16",
                 kv_cache_tokens=65536,
                 max_batch_size=64,
+                **extra,
             )
         )
         torch.cuda.synchronize()
@@ -470,8 +588,8 @@ def speed(quick: bool) -> None:
                 RESULTS["load"][label][f"graph_replay_ms_b{size}"] = gpu_ms(graph.replay, 20)
         say(label, "loaded", RESULTS["load"][label])
         engine.start()
-        speed_rows(engine, label, batches)
-        if label == "bf16" or not quick:
+        speed_rows(engine, label, sizes)
+        if label != "fp8" or not quick:
             long_context(engine, label)
         free(engine)
 

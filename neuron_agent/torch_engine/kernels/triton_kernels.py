@@ -376,6 +376,7 @@ def weight_vector(
         BLOCK_N=chosen["BLOCK_N"],
         BLOCK_K=chosen["BLOCK_K"],
         num_warps=chosen["num_warps"],
+        num_stages=chosen.get("num_stages", 3),
     )
     return out
 
