@@ -338,16 +338,43 @@ def micro() -> None:
                     "weight_TBps": n * k * width / us / 1e6,
                     "TFLOPS": 2 * rows * n * k / us / 1e6,
                 }
-    # The one-row kernel's tile shapes: those that read the FP8 decoder's weights fastest, for
-    # the narrow inputs (4096) and the wide one (down_proj, 14336); the speed runs use them.
-    for width, names in (("narrow", ("qkv", "o", "gate_up")), ("wide", ("down",))):
+    # The one-row kernel's tile shapes: per weight format, the one that reads the decoder's four
+    # matrices fastest in all; the speed runs use them (kernels.GEMV_CONFIGS holds the last
+    # choice). The default's time is the yardstick.
+    for element, suffix in ((1, "fp8"), (2, "bf16")):
         totals = {
-            index: sum(found[f"{name} m1 gemv{index}_fp8"].get("us", 1e9) for name in names)
+            index: sum(found[f"{name} m1 gemv{index}_{suffix}"].get("us", 1e9) for name in shapes)
             for index in range(len(configs))
         }
         best = min(totals, key=totals.__getitem__)
-        tk.GEMV_CONFIGS[width] = configs[best]
+        RESULTS.setdefault("gemv_totals_us", {})[suffix] = {
+            "default": totals[configs.index(tk.GEMV_CONFIGS[element])]
+            if tk.GEMV_CONFIGS[element] in configs
+            else None,
+            "best": totals[best],
+        }
+        tk.GEMV_CONFIGS[element] = configs[best]
     RESULTS["gemv_configs_chosen"] = dict(tk.GEMV_CONFIGS)
+    # The batch-invariant tile: one shape for every row count, so its cost at one row, at a
+    # decode batch and at a prefill pass all count.
+    tiles = [
+        {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+        {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4},
+        {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    ]
+    tile_found: dict[str, Any] = {}
+    for name, (n, k) in shapes.items():
+        w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        for rows in (1, 32, 2048):
+            x = torch.randn(rows, k, device="cuda", generator=g).to(torch.bfloat16)
+            for index, tile in enumerate(tiles):
+                tile_found[f"{name} m{rows} tile{index}"] = graph_us(
+                    lambda x=x, w=w, t=tile: tk.weight_matmul(x, w, None, True, t), 5
+                )
+    RESULTS["invariant_tiles"] = {"tiles": tiles, "us": tile_found}
+    say("invariant tiles", tile_found)
     RESULTS["micro"] = found
     for key, value in found.items():
         if "us" in value:
@@ -449,8 +476,28 @@ def correctness() -> None:
     )
     invariant.start()
     invariant_together = [r["tokens"] for r in run_requests(invariant, prompts, new)]
+    # Alone after together: every prompt's full blocks now come from the prefix cache.
     invariant_alone = [run_requests(invariant, [p], new)[0]["tokens"] for p in prompts]
     free(invariant)
+    uncached = build_engine(
+        EngineOptions(
+            path,
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_tokens=16384,
+            max_batch_size=8,
+            batch_invariant=True,
+            prefix_caching=False,
+        )
+    )
+    uncached.start()
+    uncached_together = [r["tokens"] for r in run_requests(uncached, prompts, new)]
+    uncached_alone = [run_requests(uncached, [p], new)[0]["tokens"] for p in prompts]
+    free(uncached)
+    found["batch_invariant_no_prefix_cache_alone_equals_batched"] = (
+        uncached_together == uncached_alone
+    )
+    found["batch_invariant_cached_equals_uncached"] = invariant_together == uncached_together
     found["batch_invariant_alone_equals_batched"] = invariant_together == invariant_alone
     found["batch_invariant_first_diffs"] = [
         next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
@@ -557,8 +604,6 @@ def speed(quick: bool) -> None:
         ("fp8-kvfp8", "fp8", {"kv_cache_dtype": "fp8"}, [1, 32, 64]),
         ("bf16-invariant", "none", {"batch_invariant": True}, [1, 32]),
     ]
-    if os.environ.get("CORTEX_PLAIN_DECODE_MATMUL") == "triton":
-        variants = [("bf16-triton-gemv", "none", {}, batches)]
     chosen = os.environ.get("ENGINE_BENCH_VARIANTS")
     if chosen:
         variants = [v for v in variants if v[0] in chosen.split(",")]

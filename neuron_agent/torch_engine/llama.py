@@ -145,13 +145,18 @@ class RMSNorm(nn.Module):
 
 
 def _prefill_attention(
-    q: torch.Tensor, cache: LayerCache, batch: ForwardBatch, groups: int
+    q: torch.Tensor, cache: LayerCache, batch: ForwardBatch, groups: int, uniform: bool = False
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries over its own keys and the cached ones before it.
     q [T, H, D] → [T, H, D]. Compute-bound, so keys are gathered per chunk (flash kernels need
-    them contiguous); chunks that all start their sequences and have one length go in one call."""
+    them contiguous); chunks that all start their sequences and have one length go in one call.
+
+    `uniform`: every chunk through the one kernel that serves a continued chunk (lower-right
+    causal), so a prompt's attention is computed alike whether its prefix came from the cache,
+    from an earlier chunk or from this pass (batch-invariant mode)."""
     chunks = batch.chunks
-    if all(c.key_slots is None for c in chunks) and len({c.length for c in chunks}) == 1:
+    fresh = all(c.key_slots is None for c in chunks)
+    if not uniform and fresh and len({c.length for c in chunks}) == 1:
         count, length = len(chunks), chunks[0].length
         keys = dequantize_cache(cache.keys, cache.key_scales, batch.write_slots, q.dtype)
         values = dequantize_cache(cache.values, cache.value_scales, batch.write_slots, q.dtype)
@@ -173,7 +178,7 @@ def _prefill_attention(
         values = dequantize_cache(cache.values, cache.value_scales, slots, q.dtype)
         keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, K, D]
         query = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
-        if chunk.key_slots is None:
+        if chunk.key_slots is None and not uniform:
             attended = F.scaled_dot_product_attention(
                 query, keys, values, is_causal=True, enable_gqa=groups > 1
             )
@@ -202,6 +207,7 @@ class DecoderLayer(nn.Module):
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = spec.head_dim**-0.5
+        self.uniform_prefill = False  # LlamaModel.make_batch_invariant
 
     def forward(
         self,
@@ -242,7 +248,7 @@ class DecoderLayer(nn.Module):
                 cache.value_scales,
             )
         else:
-            attended = _prefill_attention(q, cache, batch, groups)
+            attended = _prefill_attention(q, cache, batch, groups, self.uniform_prefill)
         attention_out = self.o_proj(attended.reshape(tokens, self.q_size))
         normed, residual = self.post_norm(attention_out, residual)
         return self.down(kernels.silu_and_mul(self.gate_up(normed))), residual
@@ -280,13 +286,16 @@ class LlamaModel(nn.Module):
         )
 
     def make_batch_invariant(self) -> None:
-        """Every projection (and the head) through the fixed-tile kernel on the GPU: a row's
-        logits then do not depend on the other rows of its batch. Decode attention already
-        splits every sequence the same way at every batch size, and the norms and the rotation
-        work row by row."""
+        """Every projection (and the head) through the fixed-tile kernel on the GPU, and every
+        prompt chunk through one attention kernel: a row's logits then depend neither on the
+        other rows of its batch nor on how much of its prompt was cached. Decode attention
+        already splits every sequence the same way at every batch size, and the norms and the
+        rotation work row by row."""
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.batch_invariant = True
+            elif isinstance(module, DecoderLayer):
+                module.uniform_prefill = True
 
     def forward(
         self,

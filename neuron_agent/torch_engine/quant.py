@@ -13,8 +13,6 @@ it like `nn.Linear`; nothing above this module knows which path is active.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -126,13 +124,10 @@ class QuantLinear(nn.Module):
         self._use_scaled_mm = mode == "fp8" and fp8_matmul_available(weight.device)
         # Every row count through one fixed-tile kernel (`make_batch_invariant`).
         self.batch_invariant = False
-        # Plain weights at decode batch sizes through the Triton weight kernel instead of cuBLAS
-        # (CORTEX_PLAIN_DECODE_MATMUL=triton; a benchmark variant, off by default).
-        self._plain_kernel = (
-            mode == "none"
-            and weight.is_cuda
-            and os.environ.get("CORTEX_PLAIN_DECODE_MATMUL") == "triton"
-        )
+        # Plain weights at one row through the Triton one-row kernel: it streams the small
+        # matrices faster than cuBLAS (o_proj 6.2 against 10.8 µs on an H200); from two rows
+        # cuBLAS is as fast or faster (BENCHMARKS.md).
+        self._plain_kernel = mode == "none" and weight.is_cuda
 
     @classmethod
     def from_weight(
@@ -178,7 +173,7 @@ class QuantLinear(nn.Module):
             output = self._invariant_forward(x)
         elif self._use_scaled_mm:
             output = self._fp8_forward(x)
-        elif self._plain_kernel and x.numel() // x.shape[-1] <= kernels.WEIGHT_MATMUL_MAX_ROWS:
+        elif self._plain_kernel and x.numel() == x.shape[-1]:
             flat = kernels.weight_matmul(x.reshape(-1, x.shape[-1]), self.weight)
             output = flat.reshape(*x.shape[:-1], self.out_features)
         elif self.mode == "int8":

@@ -89,11 +89,15 @@ def test_fp8_row_scales_match_the_reference() -> None:
     torch.testing.assert_close(got_scale, expected_scale)
 
 
-@pytest.mark.parametrize(("rows", "fp8"), [(1, True), (5, False), (20, True)])
-def test_weight_matmul_matches_the_reference(rows: int, fp8: bool) -> None:
+# One row at widths the one-row kernel takes (FP8 1024-wide slices, bf16 2048), then the
+# matrix-instruction path.
+@pytest.mark.parametrize(
+    ("rows", "fp8", "width"), [(1, True, 1024), (1, False, 2048), (5, False, 512), (20, True, 512)]
+)
+def test_weight_matmul_matches_the_reference(rows: int, fp8: bool, width: int) -> None:
     g = _generator()
-    x = torch.randn(rows, 512, generator=g)
-    weight = torch.randn(96, 512, generator=g) * 20
+    x = torch.randn(rows, width, generator=g)
+    weight = torch.randn(96, width, generator=g) * 20
     scale = None
     if fp8:
         weight, scale = weight.to(torch.float8_e4m3fn), torch.rand(96, generator=g) + 0.5

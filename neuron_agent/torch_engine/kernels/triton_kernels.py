@@ -341,16 +341,17 @@ def _weight_vector_kernel(
     tl.store(OUT + n, acc.to(OUT.dtype.element_ty), mask=n_mask)
 
 
-# Tile shapes of the one-row kernel by input width, as engine_bench.py's micro section chose
-# them on an H200 (graph-timed; BENCHMARKS.md).
+# Tile shapes of the one-row kernel by the weight's bytes an element, as engine_bench.py's micro
+# section chose them on an H200 (graph-timed over the 8B decoder's four shapes; BENCHMARKS.md):
+# two output rows a program, so that enough programs stream the matrix at once.
 GEMV_CONFIGS = {
-    "narrow": {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4},  # in_features ≤ 8192
-    "wide": {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4},
+    1: {"BLOCK_N": 2, "BLOCK_K": 1024, "num_warps": 1},  # FP8
+    2: {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 2},  # bf16 / fp16
 }
 
 
-def gemv_config(in_features: int) -> dict[str, int]:
-    return GEMV_CONFIGS["narrow" if in_features <= 8192 else "wide"]
+def gemv_config(weight: torch.Tensor) -> dict[str, int]:
+    return GEMV_CONFIGS.get(weight.element_size(), GEMV_CONFIGS[2])
 
 
 def weight_vector(
@@ -360,7 +361,7 @@ def weight_vector(
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     out_features, in_features = weight.shape
-    chosen = config or gemv_config(in_features)
+    chosen = config or gemv_config(weight)
     if in_features % chosen["BLOCK_K"]:
         raise ValueError(f"input width {in_features} is not a multiple of {chosen['BLOCK_K']}")
     out = torch.empty((1, out_features), dtype=x.dtype, device=x.device)
@@ -387,13 +388,17 @@ INVARIANT_TILE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, 
 
 
 def weight_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, batch_invariant: bool = False
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    batch_invariant: bool = False,
+    invariant_tile: dict[str, int] | None = None,
 ) -> torch.Tensor:
     rows, in_features = x.shape
     out_features = weight.shape[0]
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if batch_invariant:
-        tile = INVARIANT_TILE
+        tile = invariant_tile or INVARIANT_TILE
         grid = (triton.cdiv(out_features, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))
         _weight_matmul_kernel[grid](
             x,
@@ -410,7 +415,7 @@ def weight_matmul(
             **tile,
         )
         return out
-    if rows == 1 and in_features % gemv_config(in_features)["BLOCK_K"] == 0 and x.is_contiguous():
+    if rows == 1 and in_features % gemv_config(weight)["BLOCK_K"] == 0 and x.is_contiguous():
         return weight_vector(x, weight, scale)
     block_n = 32
     _weight_matmul_kernel[(triton.cdiv(out_features, block_n),)](
