@@ -375,6 +375,8 @@ def micro() -> None:
                 )
     RESULTS["invariant_tiles"] = {"tiles": tiles, "us": tile_found}
     say("invariant tiles", tile_found)
+    RESULTS["attention_us"] = attention_micro()
+    say("decode attention", RESULTS["attention_us"])
     RESULTS["micro"] = found
     for key, value in found.items():
         if "us" in value:
@@ -383,6 +385,41 @@ def micro() -> None:
                 f"  {value['TFLOPS']:.0f} TFLOPS"
             )
     RESULTS["micro_configs"] = configs
+
+
+def attention_micro() -> dict[str, float]:
+    """One layer's decode attention (8B shape: 32 heads over 8 kv heads of 128) over a bf16 and
+    an FP8 cache: what the FP8 cache saves per step."""
+    from neuron_agent.torch_engine.kernels import triton_kernels as tk
+
+    found: dict[str, float] = {}
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for batch, length in ((1, 128), (1, 16384), (32, 1024), (64, 2048)):
+        blocks_each = -(-length // 16)
+        keys = torch.randn(batch * blocks_each * 16 + 16, 8, 128, device="cuda", generator=g)
+        values = torch.randn_like(keys) * 0.05
+        tables = torch.randperm(batch * blocks_each, device="cuda", generator=g).to(torch.int32)
+        tables = tables.view(batch, blocks_each)
+        lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+        q = torch.randn(batch, 32, 128, device="cuda", generator=g).to(torch.bfloat16)
+        splits = kernels.decode_splits(1, 8, torch.device("cuda"))
+        caches = {
+            "bf16": (keys.to(torch.bfloat16), values.to(torch.bfloat16), None, None),
+            "fp8": (
+                *reference.quantize_fp8_vectors(keys)[:1],
+                *reference.quantize_fp8_vectors(values)[:1],
+                reference.quantize_fp8_vectors(keys)[1],
+                reference.quantize_fp8_vectors(values)[1],
+            ),
+        }
+        for label, (k, v, ks, vs) in caches.items():
+            found[f"b{batch} ctx{length} {label}"] = graph_us(
+                lambda k=k, v=v, ks=ks, vs=vs, q=q, t=tables, n=lens, s=splits: (
+                    tk.paged_decode_attention(q, k, v, t, n, 16, 128**-0.5, s, ks, vs)
+                )
+            )
+        del caches, keys, values
+    return found
 
 
 # ----------------------------------------------------------------------------- correctness

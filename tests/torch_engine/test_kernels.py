@@ -167,7 +167,9 @@ def test_paged_decode_attention_over_an_fp8_cache(splits: int) -> None:
         q, k_cache, v_cache, *args, splits, k_scales, v_scales
     )
     expected = reference.paged_decode_attention(q, k_cache, v_cache, *args, k_scales, v_scales)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    # The kernel's dots run in float16: exact for a bfloat16 query (the GPU's), not for this
+    # float32 one.
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-5)
     # And close to attention over the unrounded cache: 3 mantissa bits, scaled per vector.
     exact = reference.paged_decode_attention(q, keys, values, *args)
     assert float((got - exact).abs().max()) < 0.1 * float(exact.abs().max())
