@@ -451,4 +451,3 @@ class Engine:
             out, sequence.unsent = sequence.unsent, []
             if out or finished:
                 request.emit(out, finished)
-
