@@ -403,7 +403,8 @@ class Node:
     ) -> LoadedModel:
         """One model as Triton sees it now, read without changing the node's own record:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
-        either) and, from its model statistics, about the last inference, for every engine."""
+        either) and, from its model statistics, about the last inference, for every engine;
+        the requests in flight are the engine's count (`_in_flight`)."""
         if entry.state is ModelState.READY and self._engine_failure(name):
             # The one change a report makes: a dead rank's model is retired (and unloaded) at
             # once, so the gateway sees it failed instead of routing to it.
