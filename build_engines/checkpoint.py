@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from build_engines.errors import InvalidRequest
-from build_engines.request import BuildRequest, Engine, Quantization
+from build_engines.request import BuildRequest, Quantization
+from cortex.config import EngineKind
 from cortex.hf_config import ConfigError, Dimensions, read_json_object, read_shape
 
 # Architecture → ModelOpt's `decoder_type` for the TensorRT-LLM export (None: torch engine only).
@@ -227,12 +228,12 @@ def validate(request: BuildRequest, info: CheckpointInfo) -> None:
         raise InvalidRequest(
             f"{info.path} has no tokenizer.json or tokenizer.model: the gateway tokenizes with them"
         )
-    if request.engine is Engine.TRTLLM and info.decoder_type is None:
+    if request.engine is EngineKind.TRTLLM and info.decoder_type is None:
         raise InvalidRequest(
             f"architecture {info.architecture} can be served by the torch engine only "
             "(use --engine torch)"
         )
-    if request.engine is Engine.TORCH and request.world_size > 1:
+    if request.engine is EngineKind.TORCH and request.world_size > 1:
         raise InvalidRequest(
             f"the torch engine serves a model on one device: use --tp 1 --pp 1 with --engine torch "
             f"(got tp {request.tp}, pp {request.pp})"
@@ -267,12 +268,12 @@ def _validate_awq(request: BuildRequest, info: CheckpointInfo) -> None:
     group = request.awq_group_size
     if group < 2 or group % 2:
         raise InvalidRequest(f"--awq-group-size must be an even number ≥ 2 (got {group})")
-    if request.engine is Engine.TRTLLM and group not in TRTLLM_AWQ_GROUP_SIZES:
+    if request.engine is EngineKind.TRTLLM and group not in TRTLLM_AWQ_GROUP_SIZES:
         raise InvalidRequest(
             f"INT4-AWQ group size {group} cannot be built: TensorRT-LLM's W4A16 kernels take "
             f"only {' or '.join(map(str, TRTLLM_AWQ_GROUP_SIZES))}"
         )
-    tp = request.tp if request.engine is Engine.TRTLLM else 1
+    tp = request.tp if request.engine is EngineKind.TRTLLM else 1
     for what, width in awq_input_widths(info, tp).items():
         if width % group:
             hint = " or another --tp" if tp > 1 else ""

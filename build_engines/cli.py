@@ -23,12 +23,12 @@ from build_engines.request import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_NUM_TOKENS,
     BuildRequest,
-    Engine,
     ExportDtype,
     KvCacheQuantization,
     Quantization,
 )
 from build_engines.stages import Stage
+from cortex.config import EngineKind
 
 
 def build_engine(
@@ -56,12 +56,12 @@ def build_engine(
     tp: Annotated[int, typer.Option(help="Tensor-parallel size (GPUs per pipeline stage).")] = 1,
     pp: Annotated[int, typer.Option(help="Pipeline-parallel size.")] = 1,
     engine: Annotated[
-        Engine,
+        EngineKind,
         typer.Option(
             help="trtllm: a TensorRT-LLM engine for the tensorrtllm backend; torch: a quantized "
             "Hugging Face checkpoint for cortex's torch engine (one device)."
         ),
-    ] = Engine.TRTLLM,
+    ] = EngineKind.TRTLLM,
     name: Annotated[
         str | None,
         typer.Option(help="Model name [default: CHECKPOINT-QUANT-tpN].", show_default=False),

@@ -16,9 +16,10 @@ from build_engines import calibration, publish, quantize, trtllm
 from build_engines.checkpoint import CheckpointInfo, hash_checkpoint, inspect_checkpoint, validate
 from build_engines.errors import InvalidRequest, NeedsTensorRTLLM, StageFailed
 from build_engines.progress import Progress
-from build_engines.request import BuildRequest, Engine, Quantization, resolve
+from build_engines.request import BuildRequest, Quantization, resolve
 from build_engines.stages import Stage, StageContext, StagePreview, StageResult, execute, preview
 from build_engines.versions import TargetVersions, installed_versions, target_versions
+from cortex.config import EngineKind
 
 HF_QUANT_ALGOS = {Quantization.FP8: "FP8", Quantization.INT4_AWQ: "W4A16_AWQ"}
 
@@ -43,7 +44,7 @@ def make_plan(raw: BuildRequest) -> BuildPlan:
     validate(request, info)
     target = target_versions()
     executable: Path | None = None
-    if request.engine is Engine.TRTLLM:
+    if request.engine is EngineKind.TRTLLM:
         executable, _ = trtllm.check_trtllm(target)
     assert request.name is not None
     work_dir = request.output / ".work" / request.name
@@ -54,7 +55,7 @@ def make_plan(raw: BuildRequest) -> BuildPlan:
     if request.quantized:
         stages.append(_quantize_stage(plan))
     stages.append(_export_stage(plan))
-    if request.engine is Engine.TRTLLM:
+    if request.engine is EngineKind.TRTLLM:
         stages.append(_build_stage(plan))
     stages += [_verify_stage(plan), _publish_stage(plan)]
     plan.stages.extend(stages)
@@ -153,7 +154,7 @@ def _quant_dir(plan: BuildPlan) -> Path | None:
 def _export_stage(plan: BuildPlan) -> Stage:
     request, info = plan.request, plan.info
     out = plan.work_dir / "export"
-    if request.engine is Engine.TRTLLM:
+    if request.engine is EngineKind.TRTLLM:
 
         def run_trtllm(context: StageContext) -> dict[str, Any]:
             with context.progress.task("loading the model and exporting", None):
@@ -234,7 +235,7 @@ def _build_stage(plan: BuildPlan) -> Stage:
 
 def _verify_stage(plan: BuildPlan) -> Stage:
     request, info = plan.request, plan.info
-    trt = request.engine is Engine.TRTLLM
+    trt = request.engine is EngineKind.TRTLLM
     folder = plan.work_dir / ("build" if trt else "export")
 
     def run(context: StageContext) -> dict[str, Any]:
@@ -289,7 +290,7 @@ def check_hf_export(folder: Path, config: dict[str, Any], request: BuildRequest)
 
 def _publish_stage(plan: BuildPlan) -> Stage:
     request, info = plan.request, plan.info
-    trt = request.engine is Engine.TRTLLM
+    trt = request.engine is EngineKind.TRTLLM
     payload = plan.work_dir / ("build" if trt else "export")
 
     def run(context: StageContext) -> dict[str, Any]:

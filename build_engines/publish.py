@@ -26,8 +26,9 @@ from typing import Any
 
 from build_engines.checkpoint import TOKENIZER_FILES
 from build_engines.errors import BuildError
-from build_engines.request import BuildRequest, Engine
+from build_engines.request import BuildRequest
 from build_engines.triton_model import render_tensorrt_llm_config, tensorrt_llm_values
+from cortex.config import EngineKind
 
 MANIFEST_FORMAT = 1
 
@@ -73,7 +74,7 @@ def link_tree(source: Path, destination: Path) -> None:
 
 def models_toml_entry(publication: Publication, folder: Path) -> str:
     request = publication.request
-    trtllm = request.engine is Engine.TRTLLM
+    trtllm = request.engine is EngineKind.TRTLLM
     lines = [
         "[[models]]",
         f'name = "{request.name}"',
@@ -107,7 +108,7 @@ def _check_entry(text: str) -> None:
 def assemble(publication: Publication, staging: Path, final: Path) -> None:
     """Write the published layout into `staging`, with paths that are right once renamed."""
     request = publication.request
-    if request.engine is Engine.TRTLLM:
+    if request.engine is EngineKind.TRTLLM:
         link_tree(publication.payload, staging / "engine")
         tokenizer = staging / "tokenizer"
         tokenizer.mkdir()

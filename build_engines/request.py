@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cortex.config import EngineKind
+
 if TYPE_CHECKING:
     from build_engines.checkpoint import CheckpointInfo
 
@@ -20,11 +22,6 @@ class Quantization(enum.StrEnum):
     FP8 = "fp8"
     INT4_AWQ = "int4_awq"
     NONE = "none"
-
-
-class Engine(enum.StrEnum):
-    TRTLLM = "trtllm"
-    TORCH = "torch"
 
 
 class KvCacheQuantization(enum.StrEnum):
@@ -56,7 +53,7 @@ class BuildRequest:
     output: Path
     tp: int = 1
     pp: int = 1
-    engine: Engine = Engine.TRTLLM
+    engine: EngineKind = EngineKind.TRTLLM
     name: str | None = None
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     max_input_len: int | None = None
@@ -101,7 +98,7 @@ def default_name(request: BuildRequest) -> str:
     parts.append(f"tp{request.tp}")
     if request.pp > 1:
         parts.append(f"pp{request.pp}")
-    if request.engine is Engine.TORCH:
+    if request.engine is EngineKind.TORCH:
         parts.append("torch")
     return "-".join(parts)
 
@@ -115,7 +112,7 @@ def resolve(request: BuildRequest, info: CheckpointInfo) -> BuildRequest:
     if kv_cache is KvCacheQuantization.AUTO:
         # "FP8" means weights and KV cache for TensorRT-LLM; the torch engine keeps its own
         # KV cache in the compute dtype, so it gets no KV scales it would ignore.
-        fp8_kv = request.quant is Quantization.FP8 and request.engine is Engine.TRTLLM
+        fp8_kv = request.quant is Quantization.FP8 and request.engine is EngineKind.TRTLLM
         kv_cache = KvCacheQuantization.FP8 if fp8_kv else KvCacheQuantization.NONE
     dtype = request.dtype
     if dtype is ExportDtype.AUTO:

@@ -94,7 +94,7 @@ NodeClientFactory = Callable[[NeuronRef, float], NodeClient]
 
 
 @dataclass
-class _Neuron:
+class _Node:
     client: NodeClient
     status: NeuronStatus | None = None
     up: bool = False
@@ -131,9 +131,7 @@ class Fleet:
         self.cycles = 0
         self._scheduler: AsyncIOScheduler | None = None
         settings = config.gateway
-        self.neurons = {
-            n.name: _Neuron(clients(n, settings.load_timeout_s)) for n in config.neurons
-        }
+        self.nodes = {n.name: _Node(clients(n, settings.load_timeout_s)) for n in config.neurons}
         self._loads: dict[str, asyncio.Task[str]] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
@@ -171,10 +169,10 @@ class Fleet:
                 await self._poller
         for task in [*self._loads.values(), *self._background.values()]:
             task.cancel()
-        for neuron in self.neurons.values():
-            await neuron.client.close()
-            if neuron.triton is not None:
-                await neuron.triton.close()
+        for node in self.nodes.values():
+            await node.client.close()
+            if node.triton is not None:
+                await node.triton.close()
 
     async def _poll_forever(self) -> None:
         while True:
@@ -187,22 +185,22 @@ class Fleet:
                 log.exception("fleet poll failed; polling goes on")
 
     async def poll_all(self) -> None:
-        before = {name: n.up for name, n in self.neurons.items()}
-        await asyncio.gather(*(self.poll(name) for name in self.neurons))
-        if any(self.neurons[name].up != up for name, up in before.items()):
+        before = {name: n.up for name, n in self.nodes.items()}
+        await asyncio.gather(*(self.poll(name) for name in self.nodes))
+        if any(self.nodes[name].up != up for name, up in before.items()):
             self.keep_pinned()  # a node came (pinned models may go there) or went (re-place)
 
     async def poll(self, name: str) -> None:
-        neuron = self.neurons[name]
+        node = self.nodes[name]
         try:
             # A neuron busy loading a model can answer slowly: be lenient before calling it down.
-            status = await neuron.client.status(
+            status = await node.client.status(
                 timeout=max(5.0, 2 * self.config.gateway.poll_interval_s)
             )
         except Exception as error:  # any failure is a missed poll, never the end of polling
             message = error.message if isinstance(error, CortexError) else repr(error)
-            neuron.missed += 1
-            if neuron.missed >= self.config.gateway.missed_polls_down:
+            node.missed += 1
+            if node.missed >= self.config.gateway.missed_polls_down:
                 self._set_down(name, message)
             else:
                 log.info("neuron %s missed a poll: %s", name, message)
@@ -210,34 +208,34 @@ class Fleet:
         for gpu in status.gpus:
             self.metrics.memory_used.labels(name, str(gpu.index)).set(gpu.memory_used_bytes)
             self.metrics.memory_free.labels(name, str(gpu.index)).set(gpu.memory_free_bytes)
-        neuron.missed = 0
-        if neuron.status is None or neuron.status.catalogue != status.catalogue:
+        node.missed = 0
+        if node.status is None or node.status.catalogue != status.catalogue:
             self._merged = None
-        if time.monotonic() < neuron.out_until:
+        if time.monotonic() < node.out_until:
             return  # the breaker is open: it answers, but stays out of rotation for now
-        if not neuron.up:
+        if not node.up:
             log.info("neuron %s is up", name)
         self.metrics.neuron_up.labels(name).set(1)
-        neuron.status, neuron.up = status, True
-        neuron.catalogue = catalogue_index(status)  # once per poll, not per request
+        node.status, node.up = status, True
+        node.catalogue = catalogue_index(status)  # once per poll, not per request
         grpc_url = self._grpc_url(name, status)
-        if neuron.triton is None or neuron.triton.url != grpc_url:
-            if neuron.triton is not None:
-                await neuron.triton.close()
-            neuron.triton = TritonStream(grpc_url, name)
+        if node.triton is None or node.triton.url != grpc_url:
+            if node.triton is not None:
+                await node.triton.close()
+            node.triton = TritonStream(grpc_url, name)
 
     def _set_down(self, name: str, reason: str) -> None:
-        neuron = self.neurons[name]
-        if neuron.up:
+        node = self.nodes[name]
+        if node.up:
             log.warning("neuron %s is down: %s", name, reason)
             now = time.monotonic()
             settings = self.config.gateway
-            neuron.failures.append(now)
-            while neuron.failures and neuron.failures[0] < now - settings.breaker_window_s:
-                neuron.failures.popleft()
-            if len(neuron.failures) >= settings.breaker_failures:
-                neuron.out_until = now + settings.breaker_open_s
-                neuron.failures.clear()
+            node.failures.append(now)
+            while node.failures and node.failures[0] < now - settings.breaker_window_s:
+                node.failures.popleft()
+            if len(node.failures) >= settings.breaker_failures:
+                node.out_until = now + settings.breaker_open_s
+                node.failures.clear()
                 log.warning(
                     "neuron %s went down %d times in %.0f s: out of rotation for %.0f s",
                     name,
@@ -245,8 +243,8 @@ class Fleet:
                     settings.breaker_window_s,
                     settings.breaker_open_s,
                 )
-        neuron.up = False
-        neuron.status = None
+        node.up = False
+        node.status = None
         self._merged = None
         self.metrics.neuron_up.labels(name).set(0)
 
@@ -258,7 +256,7 @@ class Fleet:
 
     def _grpc_url(self, name: str, status: NeuronStatus) -> str:
         # The neuron reports Triton on its own loopback; reach it on the neuron's host.
-        host = urlparse(self.neurons[name].client.neuron.endpoint).hostname or "127.0.0.1"
+        host = urlparse(self.nodes[name].client.neuron.endpoint).hostname or "127.0.0.1"
         port = status.triton.grpc_url.rpartition(":")[2]
         return f"{host}:{port}"
 
@@ -273,7 +271,7 @@ class Fleet:
                 dict(n.loading),
                 frozenset(n.leaving),
             )
-            for name, n in self.neurons.items()
+            for name, n in self.nodes.items()
         )
         if self._merged is None:  # merged again only when a node's catalogue or state changed
             self._merged = merge_catalogues(nodes)
@@ -302,7 +300,7 @@ class Fleet:
                 holders = [n.name for n in snapshot.nodes if model in n.catalogue()]
                 if not holders:
                     raise ModelNotFound(model)
-                files = await self.neurons[holders[0]].client.tokenizer(model)
+                files = await self.nodes[holders[0]].client.tokenizer(model)
                 self._tokenizers[model] = await asyncio.to_thread(ModelTokenizer, files)
                 # A tokenizer brings transformers (and torch) with it: a quarter of a million
                 # objects that live as long as the process. Out of the collector's way, a full
@@ -383,24 +381,24 @@ class Fleet:
     async def place(self, model: str, placement: Placement, reason: str) -> None:
         """Carry out a placement: evict its victims, then load. The caller made the plan from a
         snapshot just now; the memory is reserved before anything is awaited."""
-        neuron = self.neurons[placement.node]
-        entry = neuron.status and next(
-            (e for e in neuron.status.catalogue if e.profile.name == model), None
+        member = self.nodes[placement.node]
+        entry = member.status and next(
+            (e for e in member.status.catalogue if e.profile.name == model), None
         )
-        neuron.loading[model] = entry.estimated_bytes if entry else 0
-        neuron.leaving.update(v.name for v in placement.victims)
+        member.loading[model] = entry.estimated_bytes if entry else 0
+        member.leaving.update(v.name for v in placement.victims)
         try:
             for victim in placement.victims:
                 await self.unload(victim.node, victim.name, reason)
             await self.load(placement.node, model)
         finally:
-            neuron.loading.pop(model, None)
-            neuron.leaving.difference_update(v.name for v in placement.victims)
+            member.loading.pop(model, None)
+            member.leaving.difference_update(v.name for v in placement.victims)
 
     async def load(self, node: str, model: str) -> None:
         started = time.monotonic()
         try:
-            await self.neurons[node].client.load(model)
+            await self.nodes[node].client.load(model)
         except CortexError:
             self.metrics.loads.labels(model, node, "error").inc()
             raise
@@ -411,12 +409,12 @@ class Fleet:
         await self.poll(node)
 
     async def unload(self, node: str, model: str, reason: str) -> None:
-        neuron = self.neurons[node]
-        neuron.leaving.add(model)
+        member = self.nodes[node]
+        member.leaving.add(model)
         try:
-            await neuron.client.unload(model)
+            await member.client.unload(model)
         finally:
-            neuron.leaving.discard(model)
+            member.leaving.discard(model)
         self.metrics.evictions.labels(model, node, reason).inc()
         log.info("unloaded %s from %s (%s)", model, node, reason)
         await self.poll(node)
@@ -519,7 +517,7 @@ class Fleet:
         if move is None:
             return None
         log.info("defragmenting: moving %s from %s to %s", move.model, move.source, move.target)
-        source = self.neurons[move.source]
+        source = self.nodes[move.source]
         try:
             await self.place(move.model, Placement(move.target), "defrag")
         except CortexError as error:
@@ -555,12 +553,12 @@ class Fleet:
     @contextlib.asynccontextmanager
     async def using(self, node: str, model: str) -> AsyncIterator[TritonStream]:
         """Count a request in flight on (node, model) while the block runs."""
-        neuron = self.neurons[node]
-        if neuron.triton is None:
-            raise UpstreamFailed(f"neuron {node} has no Triton endpoint yet")
-        neuron.in_flight[model] = neuron.in_flight.get(model, 0) + 1
+        member = self.nodes[node]
+        if member.triton is None:
+            raise UpstreamFailed(f"node {node} has no Triton endpoint yet")
+        member.in_flight[model] = member.in_flight.get(model, 0) + 1
         self.demand.record(model, time.time())
         try:
-            yield neuron.triton
+            yield member.triton
         finally:
-            neuron.in_flight[model] -= 1
+            member.in_flight[model] -= 1

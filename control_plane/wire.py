@@ -1,14 +1,20 @@
-"""Reading a client's JSON body into a dialect's wire model, once for both dialects."""
+"""The HTTP side every dialect shares: reading a client's JSON body into the dialect's wire model,
+and sending a generation as a server-sent event stream in the dialect's encoding."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sanic import Request
 
-from control_plane.errors import InvalidRequest
+from control_plane.canonical import Event
+from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed
+
+log = logging.getLogger("cortex.gateway")
 
 Location = tuple[int | str, ...]
 FieldPath = Callable[[Location], str]
@@ -58,3 +64,51 @@ def unencodable(value: Any, path: Location = ()) -> Location | None:
             if found is not None:
                 return found
     return None
+
+
+async def send_stream(
+    request: Request,
+    events: AsyncGenerator[Event, None],
+    encode: Callable[[Event], bytes],
+    error_event: Callable[[CortexError], bytes],
+    opening: bytes = b"",
+    closing: bytes = b"",
+) -> None:
+    """Send `events` as an SSE stream, each encoded by the dialect's `encode` (b"": nothing sent).
+
+    The first event is awaited before the response starts, so what fails before it (a refusal,
+    no node for the model) is a plain HTTP error. After that the status is sent: a failure
+    becomes the stream's last event (`error_event`, in the dialect's error envelope), and so
+    does a cut by the shutdown drain (with the drain's error), never a normal end; a client
+    that went away ends it there. `opening` precedes the first event and `closing` (OpenAI's
+    `[DONE]`) follows the last one, an error event included."""
+    first = await events.__anext__()
+    response = await request.respond(
+        content_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+    try:
+        if opening:
+            await response.send(opening)
+        data = encode(first)
+        if data:
+            await response.send(data)
+        async for event in events:
+            data = encode(event)
+            if data:
+                await response.send(data)
+    except asyncio.CancelledError:
+        cut = request.app.ctx.drain.cut_error()
+        if cut is None:  # the client went away
+            raise
+        await response.send(error_event(cut))
+    except Exception as error:
+        if not isinstance(error, CortexError):
+            log.exception("stream %s failed", request.ctx.request_id)
+            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
+        await response.send(error_event(error))
+    finally:
+        await events.aclose()
+    if closing:
+        await response.send(closing)
+    await response.eof()

@@ -186,7 +186,7 @@ class Node:
             and not self._engine_failure(name)
         ):
             if await self.supervisor.is_ready(name):
-                return self._describe(name, existing)
+                return self._describe(name, existing, in_flight=await self.in_flight(name))
             # Triton lost it (a crash): load it again.
             existing.state, existing.reason = (
                 ModelState.UNAVAILABLE,
@@ -261,7 +261,7 @@ class Node:
         entry = self.loaded.get(name)
         if entry is None:
             raise NodeError(404, f"model {name!r} is not loaded on this node")
-        in_flight = self.in_flight(name)
+        in_flight = await self.in_flight(name)
         if in_flight and not force:
             raise NodeError(
                 409,
@@ -344,7 +344,25 @@ class Node:
         failed = self._engine_file(name).get("failed")
         return str(failed) if failed else None
 
-    def in_flight(self, name: str) -> int:
+    async def in_flight(self, name: str) -> int:
+        """Requests in flight for the model now (0 when it is not loaded)."""
+        entry = self.loaded.get(name)
+        if entry is None:
+            return 0
+        trtllm = entry.profile.engine is EngineKind.TRTLLM
+        return self._in_flight(
+            name, entry, await self.supervisor.trtllm_requests() if trtllm else {}
+        )
+
+    def _in_flight(self, name: str, entry: _Loaded, trtllm: dict[str, dict[str, float]]) -> int:
+        """Requests in flight, the one count for every engine: those the engine is working on
+        and those queued for admission. TensorRT-LLM reports them on Triton's metrics port
+        (`trtllm`, one scrape: `TritonSupervisor.trtllm_requests`), the torch engine in its
+        stats file. The unload refusal and /status use it, and through /status the gateway's
+        routing and lifecycle (`control_plane.routing.busy`)."""
+        if entry.profile.engine is EngineKind.TRTLLM:
+            gauges = trtllm.get(name, {})
+            return int(gauges.get("active", 0) + gauges.get("waiting", 0))
         stats = self._engine_stats(name)
         return int(stats.get("running", 0) + stats.get("waiting", 0))
 
@@ -356,9 +374,9 @@ class Node:
         reason: str | None = None,
         memory_bytes: int | None = None,
         last_inference: float | None = None,
+        in_flight: int = 0,
     ) -> LoadedModel:
         """The model as the API reports it; `status` passes what it observed now."""
-        stats = self._engine_stats(name)
         return LoadedModel(
             name=name,
             state=state or entry.state,
@@ -371,15 +389,22 @@ class Node:
             estimated_bytes_per_gpu=entry.estimated_bytes // max(1, entry.profile.tp),
             loaded_at=entry.loaded_at,
             load_seconds=entry.load_seconds,
-            in_flight=int(stats.get("running", 0) + stats.get("waiting", 0)),
+            in_flight=in_flight,
             last_used=last_inference or entry.loaded_at,
             reason=reason if state else entry.reason,
         )
 
-    async def _observe(self, name: str, entry: _Loaded, physical: list[PhysicalGpu]) -> LoadedModel:
+    async def _observe(
+        self,
+        name: str,
+        entry: _Loaded,
+        physical: list[PhysicalGpu],
+        trtllm: dict[str, dict[str, float]],
+    ) -> LoadedModel:
         """One model as Triton sees it now, read without changing the node's own record:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
-        either) and, from its model statistics, about the last inference, for every engine."""
+        either) and, from its model statistics, about the last inference, for every engine;
+        the requests in flight are the engine's count (`_in_flight`)."""
         if entry.state is ModelState.READY and self._engine_failure(name):
             # The one change a report makes: a dead rank's model is retired (and unloaded) at
             # once, so the gateway sees it failed instead of routing to it.
@@ -403,13 +428,19 @@ class Node:
         memory = entry.memory_bytes
         if state is ModelState.READY:
             memory = self._measure(entry, physical) or entry.memory_bytes
-        return self._describe(name, entry, state, reason, memory, last_inference)
+        in_flight = self._in_flight(name, entry, trtllm)
+        return self._describe(name, entry, state, reason, memory, last_inference, in_flight)
 
     async def status(self) -> NeuronStatus:
         """What the node holds now. A read only: nothing here changes the node's record, and
-        NVML is read once for the whole report."""
+        NVML (and Triton's metrics, when a TensorRT-LLM model is loaded) is read once for the
+        whole report."""
         physical = self.inventory.physical()
-        loaded = [await self._observe(n, e, physical) for n, e in list(self.loaded.items())]
+        entries = list(self.loaded.items())
+        trtllm: dict[str, dict[str, float]] = {}
+        if any(e.profile.engine is EngineKind.TRTLLM for _, e in entries):
+            trtllm = await self.supervisor.trtllm_requests()
+        loaded = [await self._observe(n, e, physical, trtllm) for n, e in entries]
         return NeuronStatus(
             name=self.name,
             triton=TritonInfo(

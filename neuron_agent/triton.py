@@ -23,11 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
 
 log = logging.getLogger("cortex.neuron.triton")
 PR_SET_PDEATHSIG = 1
+# The TensorRT-LLM backend's request gauges on Triton's metrics port, by model and
+# request_type: `active` (in its batch), `waiting` (queued for admission), `scheduled`, `max`, ….
+TRTLLM_REQUEST_METRICS = "nv_trt_llm_request_metrics"
 
 
 class TritonError(Exception):
@@ -319,6 +323,27 @@ class TritonSupervisor:
             if response.status_code == 200:
                 return dict(response.json()["model_stats"][0])
         return {}
+
+    async def trtllm_requests(self) -> dict[str, dict[str, float]]:
+        """TensorRT-LLM's request gauges, model → request_type → value, read from Triton's
+        metrics port in one scrape; {} where Triton does not answer or no such model runs."""
+        try:
+            response = await self._client.get(self.metrics_url, timeout=5)
+            if response.status_code != 200:
+                return {}
+            families = list(text_string_to_metric_families(response.text))
+        except (httpx.HTTPError, ValueError):
+            return {}
+        gauges: dict[str, dict[str, float]] = {}
+        for family in families:
+            if family.name != TRTLLM_REQUEST_METRICS:
+                continue
+            for sample in family.samples:
+                model, kind = sample.labels.get("model"), sample.labels.get("request_type")
+                if model and kind:
+                    counts = gauges.setdefault(model, {})
+                    counts[kind] = counts.get(kind, 0.0) + sample.value  # summed over versions
+        return gauges
 
 
 def _error_text(response: httpx.Response) -> str:

@@ -7,7 +7,6 @@ SDKs append reaches the same handlers. Any `anthropic-version` and `anthropic-be
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -20,7 +19,7 @@ from control_plane import wire
 from control_plane.anthropic import translate
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest, field_path
 from control_plane.canonical import Event
-from control_plane.errors import CortexError, InvalidRequest, UpstreamFailed, anthropic_body
+from control_plane.errors import CortexError, InvalidRequest, anthropic_body
 from control_plane.generation import collect, count_prompt_tokens, generate
 
 blueprint = Blueprint("anthropic")
@@ -55,32 +54,13 @@ async def messages(request: Request) -> HTTPResponse | None:
 async def _stream(
     request: Request, body: MessagesRequest, message_id: str, events: AsyncGenerator[Event, None]
 ) -> None:
-    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
     encoder = translate.MessageStreamEncoder(message_id, body.model)
-    response = await request.respond(
-        content_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
-    try:
-        await response.send(encoder.event(first))
-        async for event in events:
-            data = encoder.event(event)
-            if data:
-                await response.send(data)
-    except asyncio.CancelledError:
-        cut = request.app.ctx.drain.cut_error()
-        if cut is None:  # the client went away
-            raise
-        await response.send(encoder.error(anthropic_body(cut, anthropic_request_id(request))))
-    except Exception as error:
-        # After the first byte the status is sent: the failure becomes the stream's last event.
-        if not isinstance(error, CortexError):
-            log.exception("stream %s failed", request.ctx.request_id)
-            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
-        await response.send(encoder.error(anthropic_body(error, anthropic_request_id(request))))
-    finally:
-        await events.aclose()
-    await response.eof()
+
+    def error(cause: CortexError) -> bytes:
+        # After the first byte the status is sent: the failure is the stream's last event.
+        return encoder.error(anthropic_body(cause, anthropic_request_id(request)))
+
+    await wire.send_stream(request, events, encoder.event, error)
 
 
 @blueprint.post("/v1/messages/count_tokens")

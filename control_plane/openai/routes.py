@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
@@ -14,7 +13,7 @@ from sanic.response import HTTPResponse, json
 from control_plane import wire
 from control_plane.anthropic import routes as anthropic_routes
 from control_plane.canonical import Event, Finished, TextDelta, Waiting
-from control_plane.errors import CortexError, UpstreamFailed, openai_body
+from control_plane.errors import CortexError, openai_body
 from control_plane.generation import collect, generate
 from control_plane.openai import translate
 from control_plane.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -115,35 +114,13 @@ async def _stream(
     opening: bytes,
     encode: Callable[[Event], bytes],
 ) -> None:
-    """Send an SSE stream: `data:` chunks, `: keep-alive` comments while waiting, `[DONE]`.
-    A failure after the first byte is sent as `data: {"error": …}`, then `[DONE]`."""
-    first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
-    response = await request.respond(
-        content_type="text/event-stream",
-        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-    )
-    try:
-        await response.send(opening)
-        pending: list[Event] = [first]
-        while True:
-            event = pending.pop() if pending else await events.__anext__()
-            data = ChunkEncoder.keep_alive() if isinstance(event, Waiting) else encode(event)
-            if data:
-                await response.send(data)
-    except StopAsyncIteration:
-        await response.send(ChunkEncoder.done())
-    except asyncio.CancelledError:
-        cut = request.app.ctx.drain.cut_error()
-        if cut is None:  # the client went away
-            raise
-        await response.send(ChunkEncoder.error(openai_body(cut)))
-        await response.send(ChunkEncoder.done())
-    except Exception as error:
-        if not isinstance(error, CortexError):
-            log.exception("stream %s failed", request.ctx.request_id)
-            error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
-        await response.send(ChunkEncoder.error(openai_body(error)))
-        await response.send(ChunkEncoder.done())
-    finally:
-        await events.aclose()
-    await response.eof()
+    """An OpenAI SSE stream: `data:` chunks, `: keep-alive` comments while waiting, `[DONE]`
+    last; a failure after the first byte is `data: {"error": …}` before it."""
+
+    def chunk(event: Event) -> bytes:
+        return ChunkEncoder.keep_alive() if isinstance(event, Waiting) else encode(event)
+
+    def error(cause: CortexError) -> bytes:
+        return ChunkEncoder.error(openai_body(cause))
+
+    await wire.send_stream(request, events, chunk, error, opening, ChunkEncoder.done())

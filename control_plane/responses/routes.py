@@ -3,7 +3,6 @@ and clear 404s for the routes that read stored responses (cortex stores none).""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -13,7 +12,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from control_plane import wire
-from control_plane.errors import CortexError, NotFound, UpstreamFailed
+from control_plane.errors import NotFound
 from control_plane.generation import collect, count_prompt_tokens, generate
 from control_plane.responses import translate
 from control_plane.responses.protocol import InputTokensRequest, ResponsesRequest, field_path
@@ -54,34 +53,10 @@ async def create_response(request: Request) -> HTTPResponse | None:
                     names,
                 )
             )
-        first = await events.__anext__()  # errors before the stream starts are plain HTTP errors
         encoder = ResponseStreamEncoder(
             response_id, body.model, settings, message_id, created_at, names
         )
-        response = await request.respond(
-            content_type="text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
-        try:
-            await response.send(encoder.event(first))
-            async for event in events:
-                data = encoder.event(event)
-                if data:
-                    await response.send(data)
-        except asyncio.CancelledError:
-            cut = request.app.ctx.drain.cut_error()
-            if cut is None:  # the client went away
-                raise
-            await response.send(encoder.error(cut))
-        except Exception as error:
-            # After the first byte the status is sent: the failure becomes the stream's last events.
-            if not isinstance(error, CortexError):
-                log.exception("stream %s failed", request.ctx.request_id)
-                error = UpstreamFailed(f"internal error: {error.__class__.__name__}: {error}")
-            await response.send(encoder.error(error))
-        finally:
-            await events.aclose()
-        await response.eof()
+        await wire.send_stream(request, events, encoder.event, encoder.error)
     return None
 
 

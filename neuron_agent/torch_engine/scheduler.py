@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -452,13 +451,3 @@ class Engine:
             out, sequence.unsent = sequence.unsent, []
             if out or finished:
                 request.emit(out, finished)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll `predicate` until true or `timeout` seconds pass (tests and shutdown use it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()

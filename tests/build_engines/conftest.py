@@ -16,7 +16,8 @@ import pytest
 import typer
 
 from build_engines.cli import build_engine
-from build_engines.request import Engine, Quantization
+from build_engines.request import Quantization
+from cortex.config import EngineKind
 from tests.build_engines.helpers import (
     FAKE_TRTLLM_BUILD,
     ROPE_THETA,
@@ -43,7 +44,7 @@ def tiny_model_rope(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def fp8_trtllm(tiny_model_rope: Path, tmp_path_factory: pytest.TempPathFactory) -> Quantized:
     folder = tmp_path_factory.mktemp("fp8-trtllm")
-    return quantize_once(tiny_model_rope, folder, Quantization.FP8, Engine.TRTLLM)
+    return quantize_once(tiny_model_rope, folder, Quantization.FP8, EngineKind.TRTLLM)
 
 
 @pytest.fixture(scope="session")
@@ -53,14 +54,14 @@ def int4_trtllm(tiny_model_rope: Path, tmp_path_factory: pytest.TempPathFactory)
     # for TensorRT-LLM, whose kernels take 64 or 128: see test_build_engine_bad_input).
     folder = tmp_path_factory.mktemp("int4-trtllm")
     return quantize_once(
-        tiny_model_rope, folder, Quantization.INT4_AWQ, Engine.TRTLLM, awq_group_size=8
+        tiny_model_rope, folder, Quantization.INT4_AWQ, EngineKind.TRTLLM, awq_group_size=8
     )
 
 
 @pytest.fixture(scope="session")
 def fp8_torch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Quantized:
     return quantize_once(
-        tiny_model, tmp_path_factory.mktemp("fp8-torch"), Quantization.FP8, Engine.TORCH
+        tiny_model, tmp_path_factory.mktemp("fp8-torch"), Quantization.FP8, EngineKind.TORCH
     )
 
 
@@ -70,7 +71,7 @@ def int4_torch(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Qu
         tiny_model,
         tmp_path_factory.mktemp("int4-torch"),
         Quantization.INT4_AWQ,
-        Engine.TORCH,
+        EngineKind.TORCH,
         awq_group_size=8,
     )
 

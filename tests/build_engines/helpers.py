@@ -9,7 +9,8 @@ from pathlib import Path
 
 from build_engines.checkpoint import CheckpointInfo, inspect_checkpoint
 from build_engines.progress import Progress
-from build_engines.request import BuildRequest, Engine, Quantization, resolve
+from build_engines.request import BuildRequest, Quantization, resolve
+from cortex.config import EngineKind
 
 # Not the default 10000: a lost rotary_base (modelopt_notes pitfall 2) must fail the checks.
 ROPE_THETA = 500000.0
@@ -32,7 +33,7 @@ class Quantized:
 
 
 def quantize_once(
-    checkpoint: Path, folder: Path, quant: Quantization, engine: Engine, **options: object
+    checkpoint: Path, folder: Path, quant: Quantization, engine: EngineKind, **options: object
 ) -> Quantized:
     """The quantize stage, for real (ModelOpt on CPU), into `folder/quantize`."""
     from build_engines.quantize import calibrate_and_quantize

@@ -219,7 +219,7 @@ def test_polling_goes_on_after_a_reply_it_cannot_read() -> None:
         with pytest.raises(ValidationError):
             await fakes["x"].status(1)  # the fake's bad reply is a real validation error
         fakes["x"].bad_replies = 3  # more than missed_polls_down: the node goes down meanwhile
-        await eventually(lambda: not fleet.neurons["x"].up)
+        await eventually(lambda: not fleet.nodes["x"].up)
         fakes["x"].loaded["a"] = "READY"  # loaded behind the gateway's back
         await eventually(lambda: fleet.ready_replica("a") == "x")
 
@@ -233,10 +233,10 @@ def test_a_failed_node_is_down_at_once_and_a_flapping_one_stays_out() -> None:
         assert fleet.ready_replica("a") is None  # no waiting for missed polls
         await eventually(lambda: fleet.ready_replica("a") == "x")  # it answers: back
         fleet.node_failed("x", "connection refused")
-        await eventually(lambda: fleet.neurons["x"].up)
+        await eventually(lambda: fleet.nodes["x"].up)
         fleet.node_failed("x", "connection refused")  # third time in the window: breaker opens
         await asyncio.sleep(0.5)  # ten polls answered meanwhile
-        assert not fleet.neurons["x"].up and fleet.ready_replica("a") is None
+        assert not fleet.nodes["x"].up and fleet.ready_replica("a") is None
         await eventually(lambda: fleet.ready_replica("a") == "x", timeout=3)
 
     run_fleet({"x": 40 * GB}, body, start=True, breaker_open_s=1.0)
@@ -270,10 +270,10 @@ def test_defragmentation_drains_without_blocking_loads_and_says_when_the_old_cop
         fakes["y"].loaded["b"] = "READY"
         await fleet.poll_all()
         for name in ("x", "y"):  # the old copy keeps a stream the whole time
-            fleet.neurons[name].in_flight = {"a": 1, "b": 1}
+            fleet.nodes[name].in_flight = {"a": 1, "b": 1}
             fakes[name].in_flight = {"a": 1, "b": 1}
         move = asyncio.create_task(fleet.defragment())
-        await eventually(lambda: bool(fleet.neurons["x"].draining or fleet.neurons["y"].draining))
+        await eventually(lambda: bool(fleet.nodes["x"].draining or fleet.nodes["y"].draining))
         started = time.monotonic()
         assert await fleet.ensure_ready("c") in ("x", "y")  # a cold load during the drain
         assert time.monotonic() - started < 0.4 and not move.done()

@@ -12,6 +12,11 @@ The settings are `fixed_rate.json` in the profile's source folder (next to token
 
     {"first_token_s": 0.01, "token_interval_s": 0.02, "token_ids": [271, 300, 412]}
 
+With `"trtllm_metrics": true` it also stands in for TensorRT-LLM's backend on Triton's metrics
+port: it reports its requests in flight as that backend does, in the gauge
+`nv_trt_llm_request_metrics{model, version, request_type}` (`active`: streams being served,
+`waiting`: none here, every request is admitted at once), updated as requests arrive and end.
+
 One scheduler thread serves every request from a heap of due times, like an engine's step loop
 but per request, so the fake itself costs little CPU at hundreds of concurrent streams. It asks
 Triton whether a request was cancelled before its first token and then every
@@ -62,6 +67,19 @@ class TritonPythonModel:
         self.first_token_s = float(settings.get("first_token_s", 0.0))
         self.interval_s = float(settings.get("token_interval_s", 0.01))
         self.token_ids = [int(t) for t in settings["token_ids"]]
+        self.active = 0
+        self.gauges: dict[str, Any] = {}
+        if settings.get("trtllm_metrics"):
+            self.family = pb_utils.MetricFamily(
+                name="nv_trt_llm_request_metrics",
+                description="TRT LLM request metrics",
+                kind=pb_utils.MetricFamily.GAUGE,
+            )
+            labels = {"model": args["model_name"], "version": args["model_version"]}
+            self.gauges = {
+                kind: self.family.Metric(labels={**labels, "request_type": kind})
+                for kind in ("active", "waiting")
+            }
         self.heap: list[_Stream] = []
         self.order = itertools.count()
         self.wake = threading.Condition()
@@ -81,8 +99,15 @@ class TritonPythonModel:
                     max(count, 0),
                 )
                 heapq.heappush(self.heap, stream)
+            self._count(len(requests))
             self.wake.notify()
         return None
+
+    def _count(self, change: int) -> None:
+        """Streams in flight, on the TensorRT-LLM gauge where it stands in for that backend."""
+        self.active += change
+        if self.gauges:
+            self.gauges["active"].set(self.active)
 
     def _run(self) -> None:
         while True:
@@ -101,6 +126,9 @@ class TritonPythonModel:
                     stream.due += self.interval_s
                     with self.wake:
                         heapq.heappush(self.heap, stream)
+                else:
+                    with self.wake:
+                        self._count(-1)
 
     def _step(self, stream: _Stream) -> bool:
         """Send the stream's next token; False once it is finished (or cancelled)."""
@@ -131,3 +159,4 @@ class TritonPythonModel:
             self.stopping = True
             self.wake.notify()
         self.thread.join(timeout=5)
+        self.gauges.clear()  # a family outlives its metrics
