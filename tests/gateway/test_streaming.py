@@ -16,7 +16,11 @@ from tests.gateway.conftest import ReplayFleet
 
 def raw_stream(fleet: ReplayFleet, path: str, body: dict[str, object]) -> list[str]:
     headers = {"x-api-key": fleet.api_key, "anthropic-version": "2023-06-01"}
-    with httpx.stream("POST", fleet.root_url + path, json=body, headers=headers) as response:
+    # A generous timeout: the first request to a fresh gateway builds the model's tokenizer
+    # before its response starts (~10 s on a loaded 2-core machine; httpx's default is 5 s).
+    with httpx.stream(
+        "POST", fleet.root_url + path, json=body, headers=headers, timeout=60
+    ) as response:
         assert response.status_code == 200
         return list(response.iter_lines())
 
