@@ -51,6 +51,7 @@ def test_both_key_headers_are_accepted(replay_fleet: ReplayFleet, headers: dict[
             f"{replay_fleet.root_url}/v1/messages/count_tokens?beta=true",
             json={"model": "replay-hermes", "messages": USER},
             headers={**headers, "anthropic-version": version},
+            timeout=60,  # the first count builds the tokenizer (httpx's default is 5 s)
         )
         assert response.status_code == 200, response.text
         assert response.json()["input_tokens"] > 0
