@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -141,6 +142,8 @@ def source_tree(ref: str, folder: Path) -> Path:
 
 
 def revision(ref: str = "HEAD") -> str:
+    if shutil.which("git") is None:
+        return ""
     return subprocess.run(
         ["git", "rev-parse", "--short", ref], cwd=REPOSITORY, capture_output=True, text=True
     ).stdout.strip()
@@ -153,10 +156,10 @@ def machine() -> dict[str, str]:
         for line in subprocess.check_output(["lscpu"], text=True).splitlines():
             if line.startswith("Model name:"):
                 model = line.split(":", 1)[1].strip()
-    versions = {
-        name: metadata.version(name)
-        for name in ("sanic", "grpcio", "tritonclient", "nvidia-pytriton", "tokenizers", "uvloop")
-    }
+    versions = {}
+    for name in ("sanic", "grpcio", "tritonclient", "nvidia-pytriton", "tokenizers", "uvloop"):
+        with contextlib.suppress(metadata.PackageNotFoundError):  # a GPU image: no pytriton
+            versions[name] = metadata.version(name)
     return {
         "cpu": model,
         "cores": str(psutil.cpu_count(logical=True)),

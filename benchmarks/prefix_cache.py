@@ -13,7 +13,9 @@ later turn appending an assistant turn with a tool call and a user turn with its
 tokens). Conversations run one after another, as one developer's sessions would; each turn is
 sent to the cache-off model, then to the cache-on one, so both see the same machine load.
 Requests stream with a small `max_tokens` (the trace's prompts are what is measured); time to
-first token is from sending the request to its first `text_delta`.
+first token is from sending the request to its first `text_delta` (or, for a request that
+decoded no text, to its `message_delta`: a random-weight model served with a tokenizer not its
+own, as on the GPU, is run with `--max-tokens 1`, where that is the first token).
 
 Without `--url` the fleet is started here from this checkout: one neuron (its own tritonserver,
 the torch engine on CPU) serving cortex-tiny twice, `prefix_caching = true` and `false`, and a
@@ -32,6 +34,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -43,7 +47,6 @@ from typing import Any
 import httpx
 
 from benchmarks.claude_code_trace import Conversation
-from benchmarks.harness import machine, start_gateway, start_neuron
 from control_plane.anthropic.protocol import MessagesRequest
 from control_plane.anthropic.translate import chat_request
 from control_plane.prompting import ModelTokenizer
@@ -81,6 +84,8 @@ def models_toml(source: Path, kv_cache_tokens: int) -> str:
 
 @contextlib.contextmanager
 def local_fleet(kv_cache_tokens: int) -> Iterator[Target]:
+    from benchmarks.harness import start_gateway, start_neuron  # test helpers: pytest
+
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-prefix-")))
         neuron = stack.enter_context(
@@ -88,6 +93,22 @@ def local_fleet(kv_cache_tokens: int) -> Iterator[Target]:
         )
         gateway = stack.enter_context(start_gateway(folder, neuron))
         yield Target(gateway.url, gateway.api_key, "cortex-tiny", "cortex-tiny-nocache")
+
+
+def describe_machine() -> dict[str, str]:
+    """What the numbers were measured on (`benchmarks.harness.machine`). With `--url` this may
+    run where the harness's test helpers are not installed (the GPU image has no pytest): there,
+    what this interpreter can say."""
+    try:
+        from benchmarks.harness import machine
+    except ImportError as error:
+        return {
+            "python": platform.python_version(),
+            "cores": str(os.cpu_count()),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "harness": f"not importable here ({error})",
+        }
+    return machine()
 
 
 def load_tokenizer(folder: Path) -> ModelTokenizer:
@@ -109,9 +130,15 @@ def reusable(earlier: list[int], later: list[int]) -> int:
 
 
 def send(client: httpx.Client, target: Target, body: dict[str, Any]) -> dict[str, Any]:
-    """One streamed request: TTFT and the usage of message_start and the final message_delta."""
+    """One streamed request: TTFT and the usage of message_start and the final message_delta.
+
+    TTFT is taken at the first `text_delta`. Tokens that decode to no text (a random-weight
+    model with a tokenizer not its own: most of the 8B shape's ids are beyond cortex-tiny's
+    vocabulary) send no event, so a request without text is timed at its `message_delta` —
+    its first token only when `max_tokens` is 1."""
     started = time.perf_counter()
     ttft: float | None = None
+    ended: float | None = None
     start_usage: dict[str, Any] = {}
     final_usage: dict[str, Any] = {}
     headers = {"x-api-key": target.api_key, "anthropic-version": "2023-06-01"}
@@ -128,10 +155,12 @@ def send(client: httpx.Client, target: Target, body: dict[str, Any]) -> dict[str
                 ttft = time.perf_counter() - started
             elif event["type"] == "message_delta":
                 final_usage = event["usage"]
+                ended = time.perf_counter() - started
             elif event["type"] == "error":
                 raise RuntimeError(str(event))
     return {
-        "ttft_s": ttft if ttft is not None else time.perf_counter() - started,
+        "ttft_s": ttft if ttft is not None else (ended or time.perf_counter() - started),
+        "ttft_at": "text_delta" if ttft is not None else "message_delta",
         "prompt_tokens": start_usage.get("input_tokens", 0)
         + start_usage.get("cache_read_input_tokens", 0),
         "cached_start": start_usage.get("cache_read_input_tokens", 0),
@@ -211,6 +240,10 @@ def run(
             for r in rows
         ),
         "cache_off_reports_zero": all(r["off"]["cached_start"] == 0 for r in rows),
+        "ttft_at_message_delta": sum(
+            r[label]["ttft_at"] == "message_delta" for r in rows for label in ("on", "off")
+        ),
+        "requests": 2 * len(rows),
     }
     return {"rows": rows, "summary": summary}
 
@@ -250,6 +283,7 @@ def main() -> None:
     tokenizer_folder = args.tokenizer or (None if args.url else ensure_tiny_model())
     tokenizer = load_tokenizer(tokenizer_folder) if tokenizer_folder else None
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "api_key")}
+    measured_on = describe_machine()  # before the run: nothing after it may lose the results
     with contextlib.ExitStack() as stack:
         if args.url:
             target = Target(args.url.rstrip("/"), args.api_key, args.model, args.model_off)
@@ -265,7 +299,7 @@ def main() -> None:
             args.max_tokens,
         )
     report = {
-        "machine": machine(),
+        "machine": measured_on,
         "settings": json.loads(json.dumps(settings, default=str)),
         **report,
     }
@@ -278,6 +312,11 @@ def main() -> None:
         f"{summary['cached_equals_true']} | cache off reports 0: "
         f"{summary['cache_off_reports_zero']}"
     )
+    if summary["ttft_at_message_delta"] and args.max_tokens > 1:
+        print(
+            f"note: {summary['ttft_at_message_delta']} of {summary['requests']} requests decoded "
+            "no text, so their TTFT is their end: use --max-tokens 1 for such a model"
+        )
     out = args.out or RESULTS / f"prefix_cache{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

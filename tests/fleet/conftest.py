@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -117,32 +118,30 @@ def fleet(neurons: dict[str, NeuronProcess]) -> dict[str, NeuronProcess]:
     return neurons
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
-    started: list[Gateway] = []
-
-    def start(
-        members: list[NeuronProcess],
-        strategy: str = "lru",
-        interval_s: float = 3600,
-        defrag_after_cycles: int = 0,
-        scaling: str = "",
-        poll_interval_s: float = 0.5,
-    ) -> Gateway:
-        port, metrics = free_ports(2)
-        folder = tmp_path / f"gateway{len(started)}"
-        folder.mkdir()
-        neurons = "\n".join(
-            f'[[neurons]]\nname = "{n.name}"\nendpoint = "{n.url}"\n' for n in members
-        )
-        (folder / "cortex.toml").write_text(
-            f"""
+def start_gateway(
+    folder: Path,
+    members: list[NeuronProcess],
+    strategy: str = "lru",
+    interval_s: float = 3600,
+    defrag_after_cycles: int = 0,
+    scaling: str = "",
+    poll_interval_s: float = 0.5,
+    gateway_settings: str = "",
+) -> Gateway:
+    """A gateway over `members`, its config and log in `folder`; `gateway_settings` adds lines
+    to its [gateway] table."""
+    port, metrics = free_ports(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    neurons = "\n".join(f'[[neurons]]\nname = "{n.name}"\nendpoint = "{n.url}"\n' for n in members)
+    (folder / "cortex.toml").write_text(
+        f"""
 [gateway]
 listen = "127.0.0.1:{port}"
 metrics_listen = "127.0.0.1:{metrics}"
 poll_interval_s = {poll_interval_s}
 missed_polls_down = 2
 load_timeout_s = 120
+{gateway_settings}
 
 [eviction]
 strategy = "{strategy}"
@@ -154,17 +153,25 @@ defrag_after_cycles = {defrag_after_cycles}
 
 {neurons}
 """
-        )
-        log = folder / "gateway.log"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cortex.cli", "serve", "--config", str(folder / "cortex.toml")],
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(f"http://127.0.0.1:{port}/health", 60, process)
-        gateway = Gateway(
-            f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics}/metrics", process, log
-        )
+    )
+    log = folder / "gateway.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(folder / "cortex.toml")],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(f"http://127.0.0.1:{port}/health", 60, process)
+    return Gateway(
+        f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics}/metrics", process, log
+    )
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
+    started: list[Gateway] = []
+
+    def start(members: list[NeuronProcess], **settings: Any) -> Gateway:
+        gateway = start_gateway(tmp_path / f"gateway{len(started)}", members, **settings)
         started.append(gateway)
         return gateway
 
