@@ -43,10 +43,11 @@ from typing import Any
 import httpx
 
 from benchmarks.claude_code_trace import Conversation
-from benchmarks.harness import machine, start_gateway, start_neuron
+from benchmarks.harness import bench_gateway, bench_neuron, machine
 from control_plane.anthropic.protocol import MessagesRequest
 from control_plane.anthropic.translate import chat_request
 from control_plane.prompting import ModelTokenizer
+from cortex.config import ModelProfile
 from cortex.demo.tiny_model import ensure_tiny_model
 from cortex.neuron_api import TokenizerFiles
 
@@ -68,15 +69,18 @@ class Target:
     model_off: str
 
 
-def models_toml(source: Path, kv_cache_tokens: int) -> str:
-    entries = []
-    for name, caching in (("cortex-tiny", "true"), ("cortex-tiny-nocache", "false")):
-        entries.append(
-            f'[[models]]\nname = "{name}"\nsource = "{source}"\nengine = "torch"\n'
-            f"context_length = 32768\nkv_cache_tokens = {kv_cache_tokens}\n"
-            f"max_batch_size = 4\nprefix_caching = {caching}\n"
+def models(source: Path, kv_cache_tokens: int) -> list[ModelProfile]:
+    return [
+        ModelProfile(
+            name=name,
+            source=str(source),
+            context_length=32768,
+            kv_cache_tokens=kv_cache_tokens,
+            max_batch_size=4,
+            prefix_caching=caching,
         )
-    return "\n".join(entries)
+        for name, caching in (("cortex-tiny", True), ("cortex-tiny-nocache", False))
+    ]
 
 
 @contextlib.contextmanager
@@ -84,9 +88,9 @@ def local_fleet(kv_cache_tokens: int) -> Iterator[Target]:
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-prefix-")))
         neuron = stack.enter_context(
-            start_neuron(folder, models_toml(ensure_tiny_model(), kv_cache_tokens))
+            bench_neuron(folder, models(ensure_tiny_model(), kv_cache_tokens))
         )
-        gateway = stack.enter_context(start_gateway(folder, neuron))
+        gateway = stack.enter_context(bench_gateway(folder, neuron))
         yield Target(gateway.url, gateway.api_key, "cortex-tiny", "cortex-tiny-nocache")
 
 
