@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import shlex
 import signal
@@ -36,9 +37,10 @@ from typing import Any, Self
 import httpx
 import psutil
 import tomli_w
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from cortex.config import (
+    ConfigError,
     CortexConfig,
     EvictionSection,
     GatewaySection,
@@ -49,6 +51,7 @@ from cortex.config import (
     NeuronSection,
     ScalingSection,
     TritonSection,
+    validate_settings,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -442,34 +445,23 @@ def running_gateway(
 def _settings(pairs: Sequence[str], what: str) -> dict[str, Any]:
     """KEY=VALUE pairs (KEY may be dotted: section.key) as nested data; a value that is a JSON
     list (`["a", "b"]`) is one, anything else a string that pydantic converts as the field says."""
-    import json
-
     data: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: {what}: expected KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{what}: expected KEY=VALUE, got {pair!r}")
         parsed: Any = value
         if value.startswith("["):
             try:
                 parsed = json.loads(value)
             except json.JSONDecodeError:
-                raise SystemExit(f"error: {what}: {key}: not a JSON list: {value}") from None
+                raise ConfigError(f"{what}: {key}: not a JSON list: {value}") from None
         *tables, last = key.split(".")
         node = data
         for table in tables:
             node = node.setdefault(table, {})
         node[last] = parsed
     return data
-
-
-def _validated(model: type[BaseModel], data: dict[str, Any], what: str) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        raise SystemExit(f"error: {what}: {key}: {first['msg']}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -488,13 +480,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     )
     neuron.add_argument("folder", type=Path)
-    neuron.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a [neuron] or [triton] setting, e.g. neuron.listen=127.0.0.1:13131 (repeatable)",
-    )
+    _add_settings(neuron, "[neuron] or [triton]", "neuron.listen=127.0.0.1:13131")
     neuron.add_argument(
         "--model",
         action="append",
@@ -514,13 +500,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     )
     gateway.add_argument("path", type=Path)
-    gateway.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="a [gateway], [eviction] or [scaling] setting (repeatable)",
-    )
+    _add_settings(gateway, "[gateway], [eviction] or [scaling]", "eviction.strategy=demand")
     gateway.add_argument(
         "--neuron",
         action="append",
@@ -529,20 +509,37 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="one [[neurons]] entry (repeatable)",
     )
     args = parser.parse_args(argv)
+    try:
+        _write_from(args)
+    except ConfigError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _add_settings(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"a {sections} setting, e.g. {example} (repeatable)",
+    )
+
+
+def _write_from(args: argparse.Namespace) -> None:
     if args.command == "neuron-config":
         models = [_settings(shlex.split(entry), "--model") for entry in args.model]
         data = _settings(args.set, "--set") | {"models": {"models": models}}
-        config = _validated(NeuronConfig, data, "neuron-config")
-        path = write_neuron_config(args.folder / "neuron.toml", config)
-        print(f"wrote {path} and {models_path(path, config)}")
+        node = validate_settings(NeuronConfig, data, "neuron-config")
+        path = write_neuron_config(args.folder / "neuron.toml", node)
+        print(f"wrote {path} and {models_path(path, node)}")
     else:
         data = _settings(args.set, "--set")
         data["neurons"] = [
             dict(zip(("name", "endpoint"), entry.split("=", 1), strict=False))
             for entry in args.neuron
         ]
-        config = _validated(CortexConfig, data, "gateway-config")
-        print(f"wrote {write_gateway_config(args.path, config)}")
+        gateway = validate_settings(CortexConfig, data, "gateway-config")
+        print(f"wrote {write_gateway_config(args.path, gateway)}")
 
 
 if __name__ == "__main__":
