@@ -470,17 +470,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         description="Write cortex config files from cortex.config's schema (for shell scripts).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    neuron = commands.add_parser(
+    neuron = _subcommand(
+        commands,
         "neuron-config",
-        help="write FOLDER/neuron.toml and the models.toml it names",
-        description=(
-            "Write FOLDER/neuron.toml and its models.toml. Example: neuron-config /tmp/node "
-            "--set neuron.name=gpu0 --set triton.address=127.0.0.1 "
-            "--model 'name=llama source=/ckpt dtype=bfloat16 kv_cache_tokens=65536'"
-        ),
+        ("folder", "FOLDER/neuron.toml and the models.toml it names"),
+        ("[neuron] or [triton]", "neuron.listen=127.0.0.1:13131"),
+        "/tmp/node --set neuron.name=gpu0 "
+        "--model 'name=llama source=/ckpt dtype=bfloat16 kv_cache_tokens=65536'",
     )
-    neuron.add_argument("folder", type=Path)
-    _add_settings(neuron, "[neuron] or [triton]", "neuron.listen=127.0.0.1:13131")
     neuron.add_argument(
         "--model",
         action="append",
@@ -491,16 +488,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "value with spaces or a list: aliases='[\"gpt-*\"]' (repeatable)"
         ),
     )
-    gateway = commands.add_parser(
+    gateway = _subcommand(
+        commands,
         "gateway-config",
-        help="write a cortex.toml",
-        description=(
-            "Write a cortex.toml. Example: gateway-config /tmp/cortex.toml "
-            "--set gateway.listen=127.0.0.1:31313 --neuron gpu0=http://127.0.0.1:13131"
-        ),
+        ("path", "a cortex.toml at PATH"),
+        ("[gateway], [eviction] or [scaling]", "eviction.strategy=demand"),
+        "/tmp/cortex.toml --set gateway.listen=127.0.0.1:31313 --neuron gpu0=http://10.0.0.5:13131",
     )
-    gateway.add_argument("path", type=Path)
-    _add_settings(gateway, "[gateway], [eviction] or [scaling]", "eviction.strategy=demand")
     gateway.add_argument(
         "--neuron",
         action="append",
@@ -515,14 +509,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {error}") from None
 
 
-def _add_settings(parser: argparse.ArgumentParser, sections: str, example: str) -> None:
+def _subcommand(
+    commands: Any, name: str, target: tuple[str, str], settings: tuple[str, str], example: str
+) -> argparse.ArgumentParser:
+    """A command that writes `target` ((argument, what)), with `--set` for `settings` ((the
+    sections, an example))."""
+    argument, what = target
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=f"write {what}", description=f"Write {what}. Example: {name} {example}"
+    )
+    parser.add_argument(argument, type=Path, help="where to write (folders are made)")
     parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help=f"a {sections} setting, e.g. {example} (repeatable)",
+        help=f"a {settings[0]} setting, e.g. {settings[1]} (repeatable)",
     )
+    return parser
 
 
 def _write_from(args: argparse.Namespace) -> None:
