@@ -35,8 +35,10 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness import Gateway, Neuron, machine, start_gateway, start_neuron
+from benchmarks.harness import bench_gateway, bench_neuron, machine
+from cortex.config import ModelProfile
 from cortex.demo.tiny_model import ensure_tiny_model
+from cortex.launch import Gateway, Neuron
 
 MODEL = "cortex-tiny"
 WAITING = 10
@@ -50,15 +52,16 @@ BODY = {
 }
 
 
-def models_toml() -> str:
-    return f"""[[models]]
-name = "{MODEL}"
-source = "{ensure_tiny_model()}"
-engine = "torch"
-context_length = 4096
-kv_cache_tokens = 16384
-max_batch_size = 16
-"""
+def models() -> list[ModelProfile]:
+    return [
+        ModelProfile(
+            name=MODEL,
+            source=str(ensure_tiny_model()),
+            context_length=4096,
+            kv_cache_tokens=16384,
+            max_batch_size=16,
+        )
+    ]
 
 
 async def first_token(client: httpx.AsyncClient, gateway: Gateway) -> float:
@@ -126,13 +129,13 @@ def run(repetitions: int) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "repetitions": []}
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-cold-")))
-        neuron = stack.enter_context(start_neuron(folder, models_toml()))
+        neuron = stack.enter_context(bench_neuron(folder, models()))
         # The neuron materialises the model directory on its first load; Triton alone can then
         # load it from there.
         httpx.post(f"{neuron.url}/models/load", json={"model": MODEL}, timeout=600)
         httpx.post(f"{neuron.url}/models/unload", json={"model": MODEL}, timeout=600)
         _wait_stub_gone(neuron)
-        gateway = stack.enter_context(start_gateway(folder, neuron))
+        gateway = stack.enter_context(bench_gateway(folder, neuron))
         for number in range(repetitions):
             triton = triton_load(neuron)
             one = asyncio.run(through_gateway(gateway, 1))[0]

@@ -40,20 +40,19 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 from tokenizers import Tokenizer
 
 from benchmarks.harness import (
     FAKES,
-    Gateway,
     Neighbours,
-    Neuron,
     background_cores,
+    bench_gateway,
+    bench_neuron,
     cpu_seconds,
     machine,
     revision,
     source_tree,
-    start_gateway,
-    start_neuron,
     wait_for_quiet,
 )
 from benchmarks.loadgen import Job, Result, run_job, split
@@ -62,7 +61,9 @@ from control_plane.node_client import GenerationParams
 from control_plane.openai.protocol import ChatCompletionRequest
 from control_plane.openai.translate import chat_request
 from control_plane.prompting import ModelTokenizer
+from cortex.config import ModelProfile, ToolCallFormat
 from cortex.demo.tiny_model import ensure_tiny_model
+from cortex.launch import Gateway, Neuron
 from cortex.neuron_api import TokenizerFiles
 
 MODEL = "fixed-rate"
@@ -108,7 +109,7 @@ def anthropic_body() -> dict[str, Any]:
     }
 
 
-def models_toml(folder: Path) -> str:
+def fake_models(folder: Path) -> list[ModelProfile]:
     """The fixed-rate fake as a model, with cortex-tiny's tokenizer and chat template."""
     tiny = ensure_tiny_model()
     source = folder / "fixed-rate-source"
@@ -127,16 +128,17 @@ def models_toml(folder: Path) -> str:
         "token_ids": words.ids,
     }
     (source / "fixed_rate.json").write_text(json.dumps(settings), encoding="utf-8")
-    return f"""[[models]]
-name = "{MODEL}"
-source = "{source}"
-template = "{FAKES / "fixed_rate_llm"}"
-engine = "torch"
-context_length = 4096
-tool_call_format = "none"
-max_batch_size = 512
-max_queue_size = 4096
-"""
+    return [
+        ModelProfile(
+            name=MODEL,
+            source=str(source),
+            template=str(FAKES / "fixed_rate_llm"),
+            context_length=4096,
+            tool_call_format=ToolCallFormat.NONE,
+            max_batch_size=512,
+            max_queue_size=4096,
+        )
+    ]
 
 
 def direct_payload(neuron: Neuron) -> tuple[tuple[int, ...], GenerationParams]:
@@ -275,7 +277,7 @@ class Bench:
         return row
 
     def round(self, target: Target, concurrency: int, per_stream: int) -> Tally:
-        gateway = target.gateway.psutil if target.gateway else None
+        gateway = psutil.Process(target.gateway.process.pid) if target.gateway else None
         triton = self.neuron.triton_processes()
         gateway_cpu = cpu_seconds(gateway) if gateway else 0.0
         triton_cpu = sum(cpu_seconds(p) for p in triton)
@@ -300,7 +302,7 @@ class Bench:
                 result = self.send(self.job(target, MEMORY_CONCURRENCY, per_stream, False))
                 served += len(result.total_s) + len(result.errors)
                 dialect = "anthropic" if dialect == "openai" else "openai"
-            rss = gateway.psutil.memory_info().rss / 2**20
+            rss = psutil.Process(gateway.process.pid).memory_info().rss / 2**20
             points.append({"requests": served, "rss_mib": rss})
             print(f"  gateway RSS after {served:>6} requests: {rss:.1f} MiB", flush=True)
         return points
@@ -358,13 +360,13 @@ def run(quick: bool, baseline: str | None) -> dict[str, Any]:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-bench-")))
         client = stack.enter_context(ProcessPoolExecutor(CLIENTS, mp_context=context))
         started = time.monotonic()
-        neuron = stack.enter_context(start_neuron(folder, models_toml(folder)))
-        current = stack.enter_context(start_gateway(folder, neuron))
+        neuron = stack.enter_context(bench_neuron(folder, fake_models(folder)))
+        current = stack.enter_context(bench_gateway(folder, neuron))
         targets = [Target("direct", "direct")]
         targets += [Target(d, d, current) for d in dialects]
         if baseline:
             old = source_tree(baseline, folder / "baseline-source")
-            before = stack.enter_context(start_gateway(folder, neuron, "baseline", old))
+            before = stack.enter_context(bench_gateway(folder, neuron, "baseline", old))
             report["baseline"] = revision(baseline)
             targets += [Target(f"{d}@{report['baseline']}", d, before) for d in dialects]
         print(f"fleet up in {time.monotonic() - started:.1f} s", flush=True)

@@ -1,8 +1,9 @@
 """A real fleet for benchmarks, from config files, on loopback: a neuron agent (with its own
 tritonserver) and gateways (`cortex serve --config`) in front of it, each its own process, as in
-production. Everything started here stops when its `with` block ends, whatever happened in it.
+production, started by `cortex.launch`. Everything started here stops when its `with` block
+ends, whatever happened in it.
 
-    with start_neuron(folder, models_toml) as neuron, start_gateway(folder, neuron) as gateway:
+    with bench_neuron(folder, models) as neuron, bench_gateway(folder, neuron) as gateway:
         ...
 
 A gateway may run another revision's code (`source_tree(ref)`), so a benchmark can measure the
@@ -17,78 +18,39 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 
-import httpx
 import psutil
 
-from tests.conftest import descendants, free_ports, stop, wait_for
-from tests.conftest import start_neuron as start_test_neuron
+from cortex.config import ModelProfile
+from cortex.launch import (
+    Gateway,
+    Neuron,
+    loopback_gateway,
+    loopback_neuron,
+    running_gateway,
+    running_neuron,
+)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 FAKES = REPOSITORY / "tests" / "fakes"
 API_KEY = "sk-bench-cortex"
-
-
-@dataclass
-class Neuron:
-    process: subprocess.Popen[bytes]
-    url: str
-    triton_http: str  # http://127.0.0.1:PORT
-    triton_grpc: str  # 127.0.0.1:PORT
-
-    def triton_processes(self) -> list[psutil.Process]:
-        """tritonserver and its Python-backend stubs (children of the neuron agent)."""
-        return [p for p in descendants(self.process.pid) if "triton" in p.name()]
-
-
-@dataclass
-class Gateway:
-    name: str
-    process: subprocess.Popen[bytes]
-    port: int
-    api_key: str = API_KEY
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def psutil(self) -> psutil.Process:
-        return psutil.Process(self.process.pid)
-
-
-def _start(args: list[str], log: Path, source: Path | None = None) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    if source is not None:  # another revision's packages come first on the path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", *args],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=source or REPOSITORY,
-    )
+NODE = "bench-node"
 
 
 @contextlib.contextmanager
-def start_neuron(folder: Path, models_toml: str) -> Iterator[Neuron]:
-    handle = start_test_neuron(folder, "bench-node", models_toml)
-    try:
-        triton = httpx.get(f"{handle.url}/status", timeout=30).json()["triton"]
-        yield Neuron(handle.process, handle.url, triton["http_url"], triton["grpc_url"])
-    finally:
-        stop(handle.process)
+def bench_neuron(folder: Path, models: Sequence[ModelProfile]) -> Iterator[Neuron]:
+    """A neuron agent serving `models`, its files and log in `folder`."""
+    with running_neuron(loopback_neuron(folder, NODE, models)) as neuron:
+        yield neuron
 
 
 @contextlib.contextmanager
-def start_gateway(
+def bench_gateway(
     folder: Path,
     neuron: Neuron,
     name: str = "gateway",
@@ -96,36 +58,21 @@ def start_gateway(
     poll_interval_s: float = 2.0,
     ping_interval_s: float = 5.0,
 ) -> Iterator[Gateway]:
-    """A gateway in front of `neuron`, from `source` (a `source_tree`) or this checkout; it is
-    yielded once it sees the neuron up."""
-    port, metrics_port = free_ports(2)
-    config = folder / f"{name}.toml"
-    config.write_text(
-        f"""[gateway]
-listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{metrics_port}"
-api_keys = ["{API_KEY}"]
-poll_interval_s = {poll_interval_s}
-ping_interval_s = {ping_interval_s}
-
-[[neurons]]
-name = "bench-node"
-endpoint = "{neuron.url}"
-""",
-        encoding="utf-8",
+    """A gateway in front of `neuron` (config and log: `folder/NAME.toml`, `.log`), from
+    `source` (a `source_tree`) or this checkout; it is yielded once it sees the neuron up."""
+    env = dict(os.environ)
+    if source is not None:  # another revision's packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    config = loopback_gateway(
+        {NODE: neuron.url},
+        api_keys=(API_KEY,),
+        poll_interval_s=poll_interval_s,
+        ping_interval_s=ping_interval_s,
     )
-    process = _start(["serve", "--config", str(config)], folder / f"{name}.log", source)
-    try:
-        health = f"http://127.0.0.1:{port}/health"
-        wait_for(health, 60, process)
-        deadline = time.monotonic() + 30
-        while not httpx.get(health, timeout=5).json().get("neurons_up"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{name} never saw its neuron up")
-            time.sleep(0.2)
-        yield Gateway(name, process, port)
-    finally:
-        stop(process)
+    with running_gateway(
+        folder / f"{name}.toml", config, neurons_up=True, env=env, cwd=source or REPOSITORY
+    ) as gateway:
+        yield gateway
 
 
 def source_tree(ref: str, folder: Path) -> Path:

@@ -50,6 +50,7 @@ from benchmarks.claude_code_trace import Conversation
 from control_plane.anthropic.protocol import MessagesRequest
 from control_plane.anthropic.translate import chat_request
 from control_plane.prompting import ModelTokenizer
+from cortex.config import ModelProfile
 from cortex.demo.tiny_model import ensure_tiny_model
 from cortex.neuron_api import TokenizerFiles
 
@@ -71,27 +72,32 @@ class Target:
     model_off: str
 
 
-def models_toml(source: Path, kv_cache_tokens: int) -> str:
-    entries = []
-    for name, caching in (("cortex-tiny", "true"), ("cortex-tiny-nocache", "false")):
-        entries.append(
-            f'[[models]]\nname = "{name}"\nsource = "{source}"\nengine = "torch"\n'
-            f"context_length = 32768\nkv_cache_tokens = {kv_cache_tokens}\n"
-            f"max_batch_size = 4\nprefix_caching = {caching}\n"
+def models(source: Path, kv_cache_tokens: int) -> list[ModelProfile]:
+    return [
+        ModelProfile(
+            name=name,
+            source=str(source),
+            context_length=32768,
+            kv_cache_tokens=kv_cache_tokens,
+            max_batch_size=4,
+            prefix_caching=caching,
         )
-    return "\n".join(entries)
+        for name, caching in (("cortex-tiny", True), ("cortex-tiny-nocache", False))
+    ]
 
 
 @contextlib.contextmanager
 def local_fleet(kv_cache_tokens: int) -> Iterator[Target]:
-    from benchmarks.harness import start_gateway, start_neuron  # test helpers: pytest
+    # Here, not at the top: the harness needs packages the GPU image lacks (psutil), and the
+    # GPU run passes --url.
+    from benchmarks.harness import bench_gateway, bench_neuron
 
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-prefix-")))
         neuron = stack.enter_context(
-            start_neuron(folder, models_toml(ensure_tiny_model(), kv_cache_tokens))
+            bench_neuron(folder, models(ensure_tiny_model(), kv_cache_tokens))
         )
-        gateway = stack.enter_context(start_gateway(folder, neuron))
+        gateway = stack.enter_context(bench_gateway(folder, neuron))
         yield Target(gateway.url, gateway.api_key, "cortex-tiny", "cortex-tiny-nocache")
 
 

@@ -34,9 +34,10 @@ import numpy as np
 
 from benchmarks import cold_load
 from benchmarks.gateway_overhead import MODEL as FAKE_MODEL
-from benchmarks.gateway_overhead import models_toml as fake_models_toml
-from benchmarks.harness import API_KEY, Neuron, machine, start_gateway, start_neuron
+from benchmarks.gateway_overhead import fake_models
+from benchmarks.harness import API_KEY, bench_gateway, bench_neuron, machine
 from control_plane.node_client import GenerationParams, TritonStream
+from cortex.launch import Neuron
 
 PROMPT = [11, 12, 13, 14, 15, 16]  # a short prompt; the ids only have to be in every vocabulary
 MAX_TOKENS = 16
@@ -140,11 +141,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory(prefix="cortex-rss-") as scratch:
         folder = Path(scratch)
-        models = fake_models_toml(folder) if args.model == "fake" else cold_load.models_toml()
-        with start_neuron(folder / "node", models) as neuron:
+        models = fake_models(folder) if args.model == "fake" else cold_load.models()
+        with bench_neuron(folder / "node", models) as neuron:
             load = httpx.post(f"{neuron.url}/models/load", json={"model": model}, timeout=600)
             load.raise_for_status()
-            gateway_cm = start_gateway(folder, neuron) if args.client == "gateway" else None
+            gateway_cm = bench_gateway(folder, neuron) if args.client == "gateway" else None
             gateway = gateway_cm.__enter__() if gateway_cm is not None else None
             try:
                 served = 0

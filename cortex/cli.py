@@ -125,9 +125,10 @@ def _run_embedded(ports: object) -> None:
         banner_models,
         embedded_models,
         gateway_config,
+        neuron_config,
         state_dir,
-        write_neuron_files,
     )
+    from cortex.launch import LaunchError
 
     assert isinstance(ports, EmbeddedPorts)
     if not (default_cache_dir() / "model.safetensors").exists():
@@ -153,11 +154,9 @@ def _run_embedded(ports: object) -> None:
             highlight=False,
         )
     models = embedded_models(checkpoint, smollm2_folder)
-    folder = state_dir()
-    neuron_config = write_neuron_files(folder, checkpoint, ports, smollm2_folder)
-    log_path = folder / "neuron.log"
+    neuron = EmbeddedNeuron(neuron_config(state_dir(), models, ports))
+    log_path = neuron.log_path
     console.print(f"Starting the neuron agent and tritonserver (log: {log_path})…")
-    neuron = EmbeddedNeuron(neuron_config, log_path, f"http://{ports.neuron_listen}")
     try:
         neuron.wait_healthy(timeout=180)
         neuron.watch()
@@ -174,6 +173,8 @@ def _run_embedded(ports: object) -> None:
             highlight=False,
         )
         _run_gateway(gateway_config(ports))
+    except LaunchError as error:
+        fail(str(error))
     except RuntimeError as error:
         fail(f"{error}; see {log_path}")
     finally:

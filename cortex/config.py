@@ -354,22 +354,36 @@ def _line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
     return None
 
 
+def _problem(error: ValidationError) -> tuple[tuple[int | str, ...], str]:
+    """The first problem's location, and it in words: 'key: what is wrong (and N more)'."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    extra = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
+    return loc, f"{key}: {message}{extra}"
+
+
 def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = tuple(first["loc"])
-        key = ".".join(str(part) for part in loc) or "(top level)"
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif first["type"] == "missing":
-            message = "required key is missing"
+        loc, problem = _problem(error)
         line = _line_of(path, loc)
         where = f"{path}:{line}" if line else str(path)
-        extra = f" (and {len(error.errors()) - 1} more problems)" if len(error.errors()) > 1 else ""
-        raise ConfigError(f"{where}: {key}: {message}{extra}") from None
+        raise ConfigError(f"{where}: {problem}") from None
+
+
+def validate_settings(model: type[_Model], data: dict[str, Any], where: str) -> _Model:
+    """Settings that come from no file (a command line): `ConfigError` 'WHERE: key: problem'."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{where}: {_problem(error)[1]}") from None
 
 
 def load_cortex_config(path: Path) -> CortexConfig:

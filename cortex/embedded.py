@@ -6,19 +6,11 @@ config runs this.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
 
 from cortex.config import (
     DEFAULT_GATEWAY_LISTEN,
@@ -26,15 +18,22 @@ from cortex.config import (
     DEFAULT_NEURON_LISTEN,
     CortexConfig,
     GatewaySection,
+    ModelProfile,
+    ModelsFile,
+    NeuronConfig,
     NeuronRef,
+    NeuronSection,
+    TritonSection,
 )
 from cortex.demo.tiny_model import CONTEXT_LENGTH as TINY_CONTEXT
 from cortex.demo.tiny_model import MODEL_NAME as TINY_NAME
+from cortex.launch import LaunchError, Neuron, start_neuron
 
 log = logging.getLogger("cortex.embedded")
 # Seconds between a neuron's death and its restart: doubled after each restart that dies again
 # before it became healthy, up to the last.
 RESTART_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+HEADER = "Written by `cortex serve` (embedded default); edit a copy, not this file."
 
 
 @dataclass(frozen=True)
@@ -98,25 +97,22 @@ def embedded_models(tiny: Path, smollm2: Path | None) -> list[EmbeddedModel]:
     return models
 
 
-def models_toml(models: list[EmbeddedModel]) -> str:
-    entries = []
-    for model in models:
-        aliases = ", ".join(f'"{a}"' for a in model.aliases)
-        tokenizer = f'tokenizer = "{model.tokenizer}"\n' if model.tokenizer else ""
-        entries.append(
-            f"""[[models]]
-name = "{model.name}"
-aliases = [{aliases}]
-source = "{model.source}"
-{tokenizer}engine = "torch"
-context_length = {model.context_length}
-kv_cache_tokens = {model.kv_cache_tokens}
-max_batch_size = 8
-pinned = true
-"""
+def model_profiles(models: list[EmbeddedModel]) -> ModelsFile:
+    """The embedded models as models.toml profiles: pinned, so they load at start and stay."""
+    return ModelsFile(
+        models=tuple(
+            ModelProfile(
+                name=model.name,
+                aliases=model.aliases,
+                source=str(model.source),
+                tokenizer=str(model.tokenizer) if model.tokenizer else None,
+                context_length=model.context_length,
+                kv_cache_tokens=model.kv_cache_tokens,
+                max_batch_size=8,
+                pinned=True,
+            )
+            for model in models
         )
-    return "# Written by `cortex serve` (embedded default); edit a copy, not this file.\n" + (
-        "\n".join(entries)
     )
 
 
@@ -129,33 +125,19 @@ def banner_models(models: list[EmbeddedModel]) -> str:
     return ("\n" + " " * 12).join(lines)
 
 
-def write_neuron_files(
-    folder: Path, checkpoint: Path, ports: EmbeddedPorts, smollm2: Path | None = None
-) -> Path:
-    """neuron.toml + models.toml for the embedded node; returns the neuron.toml path."""
-    folder.mkdir(parents=True, exist_ok=True)
+def neuron_config(folder: Path, models: list[EmbeddedModel], ports: EmbeddedPorts) -> NeuronConfig:
+    """The embedded node: its files, state and log in `folder`, Triton on loopback."""
     base = ports.triton_port_base
-    (folder / "models.toml").write_text(
-        models_toml(embedded_models(checkpoint, smollm2)), encoding="utf-8"
+    return NeuronConfig(
+        neuron=NeuronSection(
+            name="local", listen=ports.neuron_listen, state_dir=str(folder / "node")
+        ),
+        triton=TritonSection(
+            address="127.0.0.1", http_port=base, grpc_port=base + 1, metrics_port=base + 2
+        ),
+        models=model_profiles(models),
+        base_dir=str(folder),
     )
-    neuron = folder / "neuron.toml"
-    neuron.write_text(
-        f"""# Written by `cortex serve` (embedded default).
-[neuron]
-name = "local"
-listen = "{ports.neuron_listen}"
-models = "models.toml"
-state_dir = "{folder / "node"}"
-
-[triton]
-address = "127.0.0.1"
-http_port = {base}
-grpc_port = {base + 1}
-metrics_port = {base + 2}
-""",
-        encoding="utf-8",
-    )
-    return neuron
 
 
 def gateway_config(ports: EmbeddedPorts) -> CortexConfig:
@@ -167,64 +149,28 @@ def gateway_config(ports: EmbeddedPorts) -> CortexConfig:
     )
 
 
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    os.setpgid(0, 0)  # our Ctrl-C is not theirs: we stop them in order
-
-
-def start_neuron(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cortex.cli", "neuron", "--config", str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-    finally:
-        log.close()
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the neuron agent exited with code {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"the neuron agent did not become healthy in {timeout:.0f} s")
-
-
-def stop_process(process: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 class EmbeddedNeuron:
     """The embedded node's neuron agent, kept running: started, watched from a thread, restarted
     with backoff when it dies (`kill -9`, a crash), stopped on shutdown. The gateway notices the
     gap through its polls and tells clients the node is unavailable meanwhile."""
 
-    def __init__(self, config_path: Path, log_path: Path, url: str) -> None:
-        self.config_path = config_path
-        self.log_path = log_path
-        self.url = url
-        self.process = start_neuron(config_path, log_path)
+    def __init__(self, config: NeuronConfig) -> None:
+        self.config = config
+        self.neuron = self._start()
         self.restarts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()  # a restart and a stop do not cross
         self._watcher: threading.Thread | None = None
 
+    def _start(self) -> Neuron:
+        return start_neuron(self.config, header=HEADER, append=True, die_with_parent=True)
+
+    @property
+    def log_path(self) -> Path:
+        return self.neuron.log
+
     def wait_healthy(self, timeout: float) -> None:
-        wait_healthy(self.url, self.process, timeout)
+        self.neuron.wait_healthy(timeout)
 
     def watch(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="cortex-neuron", daemon=True)
@@ -233,7 +179,7 @@ class EmbeddedNeuron:
     def _watch(self) -> None:
         failures = 0
         while not self._stopping.is_set():
-            code = self.process.poll()
+            code = self.neuron.process.poll()
             if code is None:
                 self._stopping.wait(0.5)
                 continue
@@ -244,13 +190,15 @@ class EmbeddedNeuron:
             with self._lock:
                 if self._stopping.is_set():
                     return
-                self.process = start_neuron(self.config_path, self.log_path)
+                self.neuron = self._start()
             self.restarts += 1
             try:
-                wait_healthy(self.url, self.process, timeout=180)
-            except RuntimeError as error:
+                self.neuron.wait_healthy(timeout=180)
+            except LaunchError as error:
                 failures += 1
-                log.error("the neuron agent's restart failed: %s (see %s)", error, self.log_path)
+                log.error(
+                    "the neuron agent's restart failed: %s (see %s)", error.summary, error.log
+                )
                 continue
             failures = 0
             log.info("node local is back (restart %d)", self.restarts)
@@ -258,7 +206,10 @@ class EmbeddedNeuron:
     def stop(self) -> None:
         self._stopping.set()
         with self._lock:
-            process = self.process
-        stop_process(process)
+            neuron = self.neuron
+        try:
+            neuron.stop(timeout=30)
+        except LaunchError as error:
+            log.error("%s", error.summary)
         if self._watcher is not None:
             self._watcher.join(timeout=5)

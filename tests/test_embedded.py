@@ -20,7 +20,8 @@ import torch
 from transformers import AutoTokenizer
 
 from cortex.config import load_models_file
-from cortex.embedded import banner_models, embedded_models, models_toml
+from cortex.embedded import banner_models, embedded_models, model_profiles
+from cortex.launch import write_models_file
 from tests.conftest import Embedded, descendants, start_embedded, stop
 
 MAX_TOKENS = 24
@@ -332,7 +333,7 @@ def test_embedded_model_list_and_banner(fetched: bool, tmp_path: Path) -> None:
     """Which model answers which names, in the models.toml the neuron validates and the banner."""
     smollm2 = tmp_path / "smollm2" if fetched else None
     models = embedded_models(tmp_path / "tiny", smollm2)
-    (tmp_path / "models.toml").write_text(models_toml(models))
+    write_models_file(tmp_path / "models.toml", model_profiles(models))
     profiles = {p.name: p for p in load_models_file(tmp_path / "models.toml").models}
     banner = banner_models(models)
     if fetched:

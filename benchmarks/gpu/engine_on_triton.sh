@@ -13,31 +13,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/
 python3 benchmarks/gpu/copy_bandwidth.py | tee $OUT/bandwidth.json
 [ -f /tmp/ckpt-llama-3.1-8b/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out /tmp/ckpt-llama-3.1-8b
 W=/tmp/cortex-gpu/node; mkdir -p $W
-cat > $W/models.toml <<TOML
-[[models]]
-name = "llama8b-bf16"
-source = "/tmp/ckpt-llama-3.1-8b"
-dtype = "bfloat16"
-max_batch_size = 64
-kv_cache_tokens = 65536
-[[models]]
-name = "llama8b-fp8"
-source = "/tmp/ckpt-llama-3.1-8b"
-dtype = "bfloat16"
-quantization = "fp8"
-max_batch_size = 64
-kv_cache_tokens = 65536
-TOML
-cat > $W/neuron.toml <<TOML
-[neuron]
-name = "h100"
-listen = "127.0.0.1:13131"
-models = "models.toml"
-state_dir = "$W/state"
-[triton]
-binary = "/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver"
-address = "127.0.0.1"
-TOML
+python3 -m cortex.launch neuron-config $W \
+  --set neuron.name=h100 --set neuron.listen=127.0.0.1:13131 --set neuron.state_dir=$W/state \
+  --set triton.binary=/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver --set triton.address=127.0.0.1 \
+  --model "name=llama8b-bf16 source=/tmp/ckpt-llama-3.1-8b dtype=bfloat16 max_batch_size=64 kv_cache_tokens=65536" \
+  --model "name=llama8b-fp8 source=/tmp/ckpt-llama-3.1-8b dtype=bfloat16 quantization=fp8 max_batch_size=64 kv_cache_tokens=65536" \
+  || { echo "could not write the neuron's config"; exit 1; }
 python3 -m cortex.cli neuron --config $W/neuron.toml > $OUT/neuron.log 2>&1 &
 for i in $(seq 1 120); do curl -sf 127.0.0.1:13131/health >/dev/null && break; sleep 1; done
 curl -s 127.0.0.1:13131/status > $OUT/status_idle.json; python3 -c "import json; d=json.load(open('$OUT/status_idle.json')); print('has_gpu', d['has_gpu'], [(g['name'], g['memory_total_bytes'], g['memory_used_bytes']) for g in d['gpus']])"

@@ -2,7 +2,8 @@
 # Here (a machine with pip and PyPI), from the repository root: make .gpu, what a GPU device
 # call carries (about 54 MB of the 64 MiB it may): the Triton binary from the nvidia-pytriton
 # wheel without its bundled libpython (triton.tar.xz), the wheels the GPU image lacks for the
-# neuron agent, the gateway and the Python stub (NumPy 1.26; reference/gpu_notes.md), and
+# neuron agent, the gateway, the Python stub (NumPy 1.26; reference/gpu_notes.md) and the config
+# writer the GPU scripts call (`python -m cortex.launch`, tomli-w), and
 # cortex-tiny's tokenizer files (benchmarks/gpu/prefix_on_gpu.sh puts them beside the random 8B
 # checkpoint). Then: device run with carry [".gpu"], `bash benchmarks/gpu/engine_profile.sh`.
 set -euo pipefail
@@ -25,7 +26,7 @@ tar -C "$W/pack" -cJf "$DEST"/triton.tar.xz tritonserver libs
 pins() { grep -i "^$1==" constraints.txt | head -1; }
 for name in numpy pydantic pydantic_core annotated-types typing-inspection sanic sanic-routing \
   httptools uvloop aiofiles websockets html5tagger tracerite tritonclient python-rapidjson \
-  protobuf apscheduler tzlocal; do
+  protobuf apscheduler tzlocal tomli-w; do
   get "$DEST"/whl "$(pins "$name" || echo "$name")"
 done
 TINY=$("$PY" -c "from cortex.demo.tiny_model import ensure_tiny_model; print(ensure_tiny_model())")

@@ -11,37 +11,15 @@ CKPT=/tmp/ckpt-llama-3.1-8b
 [ -f $CKPT/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out $CKPT
 cp .gpu/tokenizer/* $CKPT/
 W=/tmp/cortex-gpu/prefix; mkdir -p $W
-cat > $W/models.toml <<TOML
-[[models]]
-name = "llama8b"
-source = "$CKPT"
-dtype = "bfloat16"
-kv_cache_tokens = 131072
-[[models]]
-name = "llama8b-nocache"
-source = "$CKPT"
-dtype = "bfloat16"
-kv_cache_tokens = 131072
-prefix_caching = false
-TOML
-cat > $W/neuron.toml <<TOML
-[neuron]
-name = "h200"
-listen = "127.0.0.1:13141"
-models = "models.toml"
-state_dir = "$W/state"
-[triton]
-binary = "/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver"
-address = "127.0.0.1"
-TOML
-cat > $W/cortex.toml <<TOML
-[gateway]
-listen = "127.0.0.1:31323"
-metrics_listen = "127.0.0.1:31324"
-[[neurons]]
-name = "h200"
-endpoint = "http://127.0.0.1:13141"
-TOML
+python3 -m cortex.launch neuron-config $W \
+  --set neuron.name=h200 --set neuron.listen=127.0.0.1:13141 --set neuron.state_dir=$W/state \
+  --set triton.binary=/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver --set triton.address=127.0.0.1 \
+  --model "name=llama8b source=$CKPT dtype=bfloat16 kv_cache_tokens=131072" \
+  --model "name=llama8b-nocache source=$CKPT dtype=bfloat16 kv_cache_tokens=131072 prefix_caching=false" \
+  && python3 -m cortex.launch gateway-config $W/cortex.toml \
+  --set gateway.listen=127.0.0.1:31323 --set gateway.metrics_listen=127.0.0.1:31324 \
+  --neuron h200=http://127.0.0.1:13141 \
+  || { echo "could not write the configs"; exit 1; }
 python3 -m cortex.cli neuron --config $W/neuron.toml > $W/neuron.log 2>&1 &
 NEURON=$!
 for i in $(seq 1 120); do curl -sf 127.0.0.1:13141/health >/dev/null && break; sleep 1; done

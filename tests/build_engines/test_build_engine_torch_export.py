@@ -150,22 +150,21 @@ def test_triton_serves_the_fp8_and_int4_awq_exports(
     """Both exports through a real neuron agent and tritonserver: greedy tokens over Triton's
     gRPC stream equal the same engine's greedy tokens in-process."""
     import asyncio
-    import signal
 
     import httpx
 
     from control_plane.node_client import GenerationParams, TritonStream
+    from cortex.config import ModelProfile
+    from cortex.launch import loopback_neuron, running_neuron
     from neuron_agent.torch_engine.loader import EngineOptions, build_engine
-    from tests.conftest import start_neuron, stop
     from tests.torch_engine.test_engine import Collector
 
-    models = "".join(
-        f'[[models]]\nname = "{name}"\nsource = "{path}"\nkv_cache_tokens = 512\n\n'
+    models = [
+        ModelProfile(name=name, source=str(path), kv_cache_tokens=512)
         for name, path in (("tiny-fp8", fp8_export), ("tiny-int4-awq", int4_export))
-    )
-    neuron = start_neuron(tmp_path / "node", "exports", models)
+    ]
     prompt = list(range(30, 70))
-    try:
+    with running_neuron(loopback_neuron(tmp_path / "node", "exports", models)) as neuron:
         grpc_url = httpx.get(neuron.url + "/status").json()["triton"]["grpc_url"]
         for name, path in (("tiny-fp8", fp8_export), ("tiny-int4-awq", int4_export)):
             response = httpx.post(neuron.url + "/models/load", json={"model": name}, timeout=120)
@@ -192,5 +191,3 @@ def test_triton_serves_the_fp8_and_int4_awq_exports(
             engine.stop()
             assert len(served) == 16
             assert served == local.tokens
-    finally:
-        stop(neuron.process, signal.SIGTERM)

@@ -6,10 +6,8 @@ it at start), and `m3` may have two replicas."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import free_ports, stop, wait_for
-from tests.conftest import start_neuron as start_agent
+from cortex.config import EvictionSection, EvictionStrategy, ModelProfile, ScalingSection
+from cortex.launch import Neuron, loopback_gateway, loopback_neuron, running_gateway, start_neuron
 
 # Budgets in MiB; one copy of a model below is estimated at ~560 MiB (weights, a 2k-token KV
 # budget and the runtime overhead).
@@ -26,11 +24,16 @@ TIERS = {"small": 800, "medium": 1400, "large": 2000}
 
 
 @dataclass
-class NeuronProcess:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
+class NeuronProcess(Neuron):
+    """A tier's neuron agent, with the calls these tests make."""
+
+    @classmethod
+    def of(cls, neuron: Neuron) -> NeuronProcess:
+        return cls(neuron.process, neuron.url, neuron.log, what=neuron.what, config=neuron.config)
+
+    @property
+    def name(self) -> str:
+        return self.config.neuron.name
 
     def status(self) -> dict:  # type: ignore[type-arg]
         return httpx.get(self.url + "/status", timeout=30).json()
@@ -53,31 +56,33 @@ class NeuronProcess:
         return log.count(f"loading: {model}:1")
 
 
-def models_toml(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> str:
-    entries = {
-        "m1": "priority = 1" + (f"\nidle_ttl_s = {m1_idle_ttl_s}" if m1_idle_ttl_s else ""),
-        "m2": "priority = 5",
-        "m3": "priority = 3\nmax_replicas = 2",
-        "pin": 'pinned = true\nneurons = ["large", "spare"]',
-    }
-    return "\n".join(
-        f'[[models]]\nname = "{name}"\nsource = "{tiny_model}"\nkv_cache_tokens = 2048\n{extra}\n'
-        for name, extra in entries.items()
-    )
+def tier_models(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> list[ModelProfile]:
+    def tiny(name: str, **settings: object) -> ModelProfile:
+        return ModelProfile(name=name, source=str(tiny_model), kv_cache_tokens=2048, **settings)
+
+    return [
+        tiny("m1", priority=1, idle_ttl_s=m1_idle_ttl_s),
+        tiny("m2", priority=5),
+        tiny("m3", priority=3, max_replicas=2),
+        tiny("pin", pinned=True, neurons=("large", "spare")),
+    ]
 
 
-def start_neuron(
+def start_tier_neuron(
     folder: Path, name: str, budget_mib: int, tiny_model: Path, m1_idle_ttl_s: float | None = None
 ) -> NeuronProcess:
-    handle = start_agent(folder, name, models_toml(tiny_model, m1_idle_ttl_s), [budget_mib])
-    return NeuronProcess(name, handle.url, handle.process, handle.log)
+    """A neuron with one memory budget serving the tier models, once healthy; the caller stops
+    it (`.stop()`)."""
+    config = loopback_neuron(
+        folder, name, tier_models(tiny_model, m1_idle_ttl_s), memory_budget_mib=[budget_mib]
+    )
+    return NeuronProcess.of(start_neuron(config)).healthy(120)
 
 
 @dataclass
 class Gateway:
-    url: str
+    url: str  # with /v1
     metrics_url: str
-    process: subprocess.Popen[bytes]
     log: Path
 
     def loads(self, model: str) -> float:
@@ -101,14 +106,12 @@ def neurons(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, NeuronProcess]]:
     root = tmp_path_factory.mktemp("fleet")
-    started: dict[str, NeuronProcess] = {}
-    try:
+    with ExitStack() as stack:
+        started: dict[str, NeuronProcess] = {}
         for name, budget in TIERS.items():
-            started[name] = start_neuron(root / name, name, budget, tiny_model)
+            started[name] = start_tier_neuron(root / name, name, budget, tiny_model)
+            stack.callback(started[name].stop)
         yield started
-    finally:
-        for neuron in started.values():
-            stop(neuron.process, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -118,63 +121,44 @@ def fleet(neurons: dict[str, NeuronProcess]) -> dict[str, NeuronProcess]:
     return neurons
 
 
-def start_gateway(
+@contextmanager
+def fleet_gateway(
     folder: Path,
     members: list[NeuronProcess],
     strategy: str = "lru",
     interval_s: float = 3600,
     defrag_after_cycles: int = 0,
-    scaling: str = "",
+    scaling: ScalingSection | None = None,
     poll_interval_s: float = 0.5,
-    gateway_settings: str = "",
-) -> Gateway:
-    """A gateway over `members`, its config and log in `folder`; `gateway_settings` adds lines
-    to its [gateway] table."""
-    port, metrics = free_ports(2)
-    folder.mkdir(parents=True, exist_ok=True)
-    neurons = "\n".join(f'[[neurons]]\nname = "{n.name}"\nendpoint = "{n.url}"\n' for n in members)
-    (folder / "cortex.toml").write_text(
-        f"""
-[gateway]
-listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{metrics}"
-poll_interval_s = {poll_interval_s}
-missed_polls_down = 2
-load_timeout_s = 120
-{gateway_settings}
-
-[eviction]
-strategy = "{strategy}"
-interval_s = {interval_s}
-defrag_after_cycles = {defrag_after_cycles}
-
-[scaling]
-{scaling}
-
-{neurons}
-"""
+    **gateway: Any,
+) -> Iterator[Gateway]:
+    """A gateway over `members`, its config and log in `folder`, stopped after; `gateway` sets
+    other `[gateway]` keys."""
+    config = loopback_gateway(
+        {n.name: n.url for n in members},
+        eviction=EvictionSection(
+            strategy=EvictionStrategy(strategy),
+            interval_s=interval_s,
+            defrag_after_cycles=defrag_after_cycles,
+        ),
+        scaling=scaling,
+        poll_interval_s=poll_interval_s,
+        missed_polls_down=2,
+        load_timeout_s=120,
+        **gateway,
     )
-    log = folder / "gateway.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(folder / "cortex.toml")],
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(f"http://127.0.0.1:{port}/health", 60, process)
-    return Gateway(
-        f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{metrics}/metrics", process, log
-    )
+    with running_gateway(folder / "cortex.toml", config) as running:
+        yield Gateway(running.url + "/v1", running.metrics_url, running.log)
 
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
-    started: list[Gateway] = []
+    with ExitStack() as stack:
+        started: list[Gateway] = []
 
-    def start(members: list[NeuronProcess], **settings: Any) -> Gateway:
-        gateway = start_gateway(tmp_path / f"gateway{len(started)}", members, **settings)
-        started.append(gateway)
-        return gateway
+        def start(members: list[NeuronProcess], **settings: Any) -> Gateway:
+            folder = tmp_path / f"gateway{len(started)}"
+            started.append(stack.enter_context(fleet_gateway(folder, members, **settings)))
+            return started[-1]
 
-    yield start
-    for gateway in started:
-        stop(gateway.process)
+        yield start

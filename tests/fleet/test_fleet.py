@@ -14,7 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fleet.conftest import GatewayFactory, NeuronProcess, start_neuron
+from cortex.config import ScalingSection
+from tests.fleet.conftest import GatewayFactory, NeuronProcess, start_tier_neuron
 
 
 def ask(gateway_url: str, model: str, tokens: int = 4) -> str:
@@ -98,7 +99,7 @@ def test_ten_concurrent_requests_for_a_cold_model_cause_one_load(
 def test_idle_ttl_unloads_on_the_schedule(
     tiny_model: Path, tmp_path: Path, gateway: GatewayFactory
 ) -> None:
-    neuron = start_neuron(tmp_path / "ttl", "ttl", 2000, tiny_model, m1_idle_ttl_s=1)
+    neuron = start_tier_neuron(tmp_path / "ttl", "ttl", 2000, tiny_model, m1_idle_ttl_s=1)
     try:
         g = gateway([neuron], interval_s=1)
         ask(g.url, "m1")
@@ -151,7 +152,7 @@ def test_defragmentation_under_steady_traffic_loses_no_request(
 def test_killed_neuron_fails_over_without_a_client_error_and_its_pinned_model_moves(
     fleet: dict[str, NeuronProcess], gateway: GatewayFactory, tiny_model: Path, tmp_path: Path
 ) -> None:
-    spare = start_neuron(tmp_path / "spare", "spare", 2000, tiny_model)
+    spare = start_tier_neuron(tmp_path / "spare", "spare", 2000, tiny_model)
     spare.load("pin")
     spare.load("m1")
     # Polls far apart: the gateway can learn of the death only from the request that meets it.
@@ -246,7 +247,7 @@ def test_a_busy_model_gets_a_second_replica_and_loses_it_when_idle(
 ) -> None:
     g = gateway(
         [fleet["medium"], fleet["large"]],
-        scaling="in_flight_per_replica = 1\nwindow_s = 1.5\nidle_s = 3",
+        scaling=ScalingSection(in_flight_per_replica=1, window_s=1.5, idle_s=3),
     )
     assert ask(g.url, "m3")
     assert len([n for n in fleet.values() if "m3" in n.loaded()]) == 1

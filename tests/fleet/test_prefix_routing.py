@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import re
-import signal
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -23,8 +22,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from tests.conftest import stop
-from tests.fleet.conftest import Gateway, NeuronProcess, start_gateway
+from tests.fleet.conftest import Gateway, NeuronProcess, fleet_gateway
 from tests.fleet.test_fleet import wait_until
 
 MODEL = "m3"
@@ -49,13 +47,12 @@ def pair(
         neuron.unload_all()
     with concurrent.futures.ThreadPoolExecutor() as pool:
         list(pool.map(lambda name: neurons[name].load(MODEL), REPLICAS))
-    gateway = start_gateway(
+    with fleet_gateway(
         tmp_path_factory.mktemp("prefix-routing"),
         [neurons[name] for name in REPLICAS],
-        gateway_settings=f"affinity_slack = {SLACK}",
-    )
-    yield gateway
-    stop(gateway.process, signal.SIGTERM)
+        affinity_slack=SLACK,
+    ) as gateway:
+        yield gateway
 
 
 def served(gateway: Gateway) -> dict[str, dict[str, str]]:

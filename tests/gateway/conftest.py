@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +16,9 @@ import openai
 import pytest
 
 from control_plane.prompting import ModelTokenizer
+from cortex.config import ModelProfile, ToolCallFormat
+from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
 from cortex.neuron_api import TokenizerFiles
-from tests.conftest import free_ports, start_neuron, stop, wait_for
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 API_KEY = "sk-test-cortex"
@@ -75,7 +74,7 @@ class ReplayFleet:
     neuron_url: str
 
 
-def _models_toml(folder: Path, tiny_model: Path) -> str:
+def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
     """The replay fake's source folder (cortex-tiny's tokenizer and the script), and the two
     profiles that serve it."""
     source = folder / "replay-source"
@@ -89,39 +88,21 @@ def _models_toml(folder: Path, tiny_model: Path) -> str:
         shutil.copy(tiny_model / name, source / name)
     script = {"turn_marker": "<|im_start|>user", "rules": RULES}
     (source / "replay.json").write_text(json.dumps(script, indent=1), encoding="utf-8")
-    template = FAKES / "replay_llm"
     profiles = [
-        ("replay-hermes", "hermes", '["claude-replay", "claude-*"]'),
-        ("replay-llama3", "llama3_json", "[]"),
+        ("replay-hermes", ToolCallFormat.HERMES, ("claude-replay", "claude-*")),
+        ("replay-llama3", ToolCallFormat.LLAMA3_JSON, ()),
     ]
-    return "".join(
-        f"""[[models]]
-name = "{name}"
-aliases = {aliases}
-source = "{source}"
-template = "{template}"
-engine = "torch"
-context_length = {CONTEXT_LENGTH}
-tool_call_format = "{tool_format}"
-
-"""
+    return [
+        ModelProfile(
+            name=name,
+            aliases=aliases,
+            source=str(source),
+            template=str(FAKES / "replay_llm"),
+            context_length=CONTEXT_LENGTH,
+            tool_call_format=tool_format,
+        )
         for name, tool_format, aliases in profiles
-    )
-
-
-def _gateway_toml(neuron_url: str, gateway: int, metrics: int) -> str:
-    return f"""[gateway]
-listen = "127.0.0.1:{gateway}"
-metrics_listen = "127.0.0.1:{metrics}"
-api_keys = ["{API_KEY}"]
-poll_interval_s = 0.5
-request_timeout_s = {REQUEST_TIMEOUT_S}
-ping_interval_s = {PING_INTERVAL_S}
-
-[[neurons]]
-name = "replay-node"
-endpoint = "{neuron_url}"
-"""
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -129,39 +110,27 @@ def replay_fleet(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ReplayFleet]:
     folder = tmp_path_factory.mktemp("replay-fleet")
-    neuron = start_neuron(folder / "node", "replay-node", _models_toml(folder, tiny_model))
-    gateway_port, metrics_port = free_ports(2)
-    config = folder / "cortex.toml"
-    config.write_text(_gateway_toml(neuron.url, gateway_port, metrics_port), encoding="utf-8")
-    gateway_log = folder / "gateway.log"
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "cortex.cli", "serve", "--config", str(config)],
-        stdout=gateway_log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for(f"http://127.0.0.1:{gateway_port}/health", 60, gateway)
-    except Exception:
-        stop(gateway)
-        stop(neuron.process)
-        raise RuntimeError(
-            f"replay gateway did not start:\n{gateway_log.read_text()[-2000:]}"
-        ) from None
-    try:
-        yield ReplayFleet(
-            root_url=f"http://127.0.0.1:{gateway_port}",
-            openai_url=f"http://127.0.0.1:{gateway_port}/v1",
-            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            api_key=API_KEY,
-            tokenizer_dir=tiny_model,
-            replay_source=folder / "replay-source",
-            gateway_log=gateway_log,
-            neuron_log=neuron.log,
-            neuron_url=neuron.url,
+    node = loopback_neuron(folder / "node", "replay-node", _replay_models(folder, tiny_model))
+    with running_neuron(node) as neuron:
+        config = loopback_gateway(
+            {"replay-node": neuron.url},
+            api_keys=(API_KEY,),
+            poll_interval_s=0.5,
+            request_timeout_s=REQUEST_TIMEOUT_S,
+            ping_interval_s=PING_INTERVAL_S,
         )
-    finally:
-        stop(gateway)
-        stop(neuron.process)
+        with running_gateway(folder / "cortex.toml", config) as gateway:
+            yield ReplayFleet(
+                root_url=gateway.url,
+                openai_url=f"{gateway.url}/v1",
+                metrics_url=gateway.metrics_url,
+                api_key=API_KEY,
+                tokenizer_dir=tiny_model,
+                replay_source=folder / "replay-source",
+                gateway_log=gateway.log,
+                neuron_log=neuron.log,
+                neuron_url=neuron.url,
+            )
 
 
 @pytest.fixture(scope="session")

@@ -4,23 +4,21 @@ stream says so with an error event in either dialect, never with a normal stop."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tests import conftest
-from tests.conftest import free_ports, stop
+from cortex.launch import Gateway, loopback_gateway, running_gateway
 from tests.gateway.conftest import API_KEY, ReplayFleet
 
 
-def own_gateway(
-    folder: Path, fleet: ReplayFleet, drain_timeout_s: float
-) -> tuple[subprocess.Popen[bytes], str, Path]:
+@contextlib.contextmanager
+def own_gateway(folder: Path, fleet: ReplayFleet, drain_timeout_s: float) -> Iterator[Gateway]:
     """A gateway of its own, to stop; the model is made ready first (no cold load in a test)."""
     httpx.post(
         fleet.openai_url + "/chat/completions",
@@ -32,38 +30,26 @@ def own_gateway(
         headers={"authorization": f"Bearer {API_KEY}"},
         timeout=120,
     ).raise_for_status()
-    folder.mkdir(parents=True, exist_ok=True)
-    port, metrics = free_ports(2)
-    config = folder / "cortex.toml"
-    config.write_text(
-        f"""[gateway]
-listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{metrics}"
-api_keys = ["{API_KEY}"]
-poll_interval_s = 0.5
-request_timeout_s = 30
-ping_interval_s = 0.3
-drain_timeout_s = {drain_timeout_s}
-
-[[neurons]]
-name = "replay-node"
-endpoint = "{fleet.neuron_url}"
-""",
-        encoding="utf-8",
+    config = loopback_gateway(
+        {"replay-node": fleet.neuron_url},
+        api_keys=(API_KEY,),
+        poll_interval_s=0.5,
+        request_timeout_s=30,
+        ping_interval_s=0.3,
+        drain_timeout_s=drain_timeout_s,
     )
-    log = folder / "gateway.log"
-    process = conftest.start_gateway(config, port, log)
-    # Ready once it has polled the neuron and sees the model loaded.
-    deadline = time.monotonic() + 30
-    while (
-        httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"x-api-key": API_KEY}).json()[
-            "data"
-        ][0]["loaded_on"]
-        == []
-        and time.monotonic() < deadline
-    ):
-        time.sleep(0.2)
-    return process, f"http://127.0.0.1:{port}", log
+    with running_gateway(folder / "cortex.toml", config) as gateway:
+        # Ready once it has polled the neuron and sees the model loaded.
+        deadline = time.monotonic() + 30
+        while (
+            httpx.get(f"{gateway.url}/v1/models", headers={"x-api-key": API_KEY}).json()["data"][0][
+                "loaded_on"
+            ]
+            == []
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.2)
+        yield gateway
 
 
 def stream_lines(url: str, path: str, body: dict[str, object]) -> Iterator[str]:
@@ -76,8 +62,8 @@ def stream_lines(url: str, path: str, body: dict[str, object]) -> Iterator[str]:
 def test_sigterm_lets_the_answer_in_flight_finish(
     replay_fleet: ReplayFleet, tmp_path: Path
 ) -> None:
-    process, url, log = own_gateway(tmp_path, replay_fleet, drain_timeout_s=15)
-    try:
+    with own_gateway(tmp_path, replay_fleet, drain_timeout_s=15) as gateway:
+        process, url, log = gateway.process, gateway.url, gateway.log
         body = {
             "model": "replay-hermes",
             "stream": True,
@@ -97,15 +83,13 @@ def test_sigterm_lets_the_answer_in_flight_finish(
         assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
         # New requests during the drain are refused with Retry-After; then the process ends.
         assert process.wait(30) == 0, log.read_text()[-2000:]
-    finally:
-        stop(process)
 
 
 def test_a_stream_that_outlives_the_drain_is_cut_with_an_error(
     replay_fleet: ReplayFleet, tmp_path: Path
 ) -> None:
-    process, url, log = own_gateway(tmp_path, replay_fleet, drain_timeout_s=1.0)
-    try:
+    with own_gateway(tmp_path, replay_fleet, drain_timeout_s=1.0) as gateway:
+        process, url, log = gateway.process, gateway.url, gateway.log
         slow = [{"role": "user", "content": "never finish"}]  # 4 s to its first token
         chat = stream_lines(
             url,
@@ -133,5 +117,3 @@ def test_a_stream_that_outlives_the_drain_is_cut_with_an_error(
         assert "event: message_stop" not in events
         assert "cut before it was complete" in message_rest[-2] + message_rest[-1]
         assert process.wait(30) == 0, log.read_text()[-2000:]
-    finally:
-        stop(process)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.config import load_neuron_config
+from cortex.config import ModelProfile, ModelsFile, NeuronConfig, NeuronSection
 from neuron_agent.errors import NodeError
 from neuron_agent.node import Node
 
@@ -16,28 +16,23 @@ from neuron_agent.node import Node
 def node_with(folder: Path, tiny_model: Path) -> Node:
     (folder / "broken-template").mkdir()
     (folder / "broken-template" / "config.pbtxt").write_text('name: "${nowhere_to_be_found}"\n')
-    (folder / "models.toml").write_text(
-        f"""[[models]]
-name = "tiny"
-source = "{tiny_model}"
-kv_cache_tokens = 256
-
-[[models]]
-name = "bad-template"
-source = "{tiny_model}"
-template = "{folder / "broken-template"}"
-kv_cache_tokens = 256
-"""
+    models = [
+        ModelProfile(name="tiny", source=str(tiny_model), kv_cache_tokens=256),
+        ModelProfile(
+            name="bad-template",
+            source=str(tiny_model),
+            template=str(folder / "broken-template"),
+            kv_cache_tokens=256,
+        ),
+    ]
+    config = NeuronConfig(
+        neuron=NeuronSection(
+            name="load-path", state_dir=str(folder / "state"), memory_budget_mib=(4096,)
+        ),
+        models=ModelsFile(models=tuple(models)),
+        base_dir=str(folder),
     )
-    (folder / "neuron.toml").write_text(
-        f"""[neuron]
-name = "load-path"
-models = "models.toml"
-state_dir = "{folder / "state"}"
-memory_budget_mib = [4096]
-"""
-    )
-    return Node.from_config(load_neuron_config(folder / "neuron.toml"))
+    return Node.from_config(config)
 
 
 def test_a_template_that_cannot_be_filled_leaves_no_entry(tmp_path: Path, tiny_model: Path) -> None:

@@ -15,7 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import start_neuron, stop
+from cortex.config import ModelProfile, Quantization
+from cortex.launch import loopback_neuron, running_neuron
 
 TOKEN = "neuron-test-token"
 
@@ -48,30 +49,20 @@ class Neuron:
 def neuron(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Neuron]:
     folder = tmp_path_factory.mktemp("neuron")
     (folder / "broken").mkdir()
-    models = f"""
-[[models]]
-name = "tiny"
-source = "{tiny_model}"
-kv_cache_tokens = 2048
-
-[[models]]
-name = "tiny-int8"
-source = "{tiny_model}"
-quantization = "int8"
-kv_cache_tokens = 2048
-
-[[models]]
-name = "huge"
-source = "{tiny_model}"
-kv_cache_tokens = 50000000
-
-[[models]]
-name = "broken"
-source = "{folder / "broken"}"
-"""
-    handle = start_neuron(folder, "test-node", models, budget_mib=[4096], token=TOKEN)
-    yield Neuron(handle.process, handle.url, folder)
-    stop(handle.process, signal.SIGTERM)
+    models = [
+        ModelProfile(name="tiny", source=str(tiny_model), kv_cache_tokens=2048),
+        ModelProfile(
+            name="tiny-int8",
+            source=str(tiny_model),
+            quantization=Quantization.INT8,
+            kv_cache_tokens=2048,
+        ),
+        ModelProfile(name="huge", source=str(tiny_model), kv_cache_tokens=50000000),
+        ModelProfile(name="broken", source=str(folder / "broken")),
+    ]
+    config = loopback_neuron(folder, "test-node", models, memory_budget_mib=[4096], token=TOKEN)
+    with running_neuron(config) as handle:
+        yield Neuron(handle.process, handle.url, folder)
 
 
 def test_status_reports_node_devices_and_catalogue(neuron: Neuron) -> None:

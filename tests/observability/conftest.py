@@ -13,7 +13,9 @@ from urllib.parse import urlparse
 import openai
 import pytest
 
-from tests.conftest import Embedded, free_ports
+from cortex.config import CortexConfig, GatewaySection, NeuronRef
+from cortex.launch import free_ports, write_gateway_config
+from tests.conftest import Embedded
 
 REPO = Path(__file__).resolve().parents[2]
 NODE = "local"  # the embedded neuron's name, which the gateway's `node` label carries
@@ -43,15 +45,14 @@ def triton_metrics_port(embedded: Embedded) -> int:
 
 
 def write_cortex_toml(path: Path, embedded: Embedded, down_neuron: bool = False) -> Path:
-    text = (
-        f'[gateway]\nmetrics_listen = "{metrics_address(embedded)}"\n\n'
-        f'[[neurons]]\nname = "{NODE}"\nendpoint = "{embedded.neuron_url}"\n'
-    )
+    neurons = [NeuronRef(name=NODE, endpoint=embedded.neuron_url)]
     if down_neuron:
         closed = free_ports(1)[0]  # nothing listens there
-        text += f'\n[[neurons]]\nname = "gone"\nendpoint = "http://127.0.0.1:{closed}"\n'
-    path.write_text(text, encoding="utf-8")
-    return path
+        neurons.append(NeuronRef(name="gone", endpoint=f"http://127.0.0.1:{closed}"))
+    config = CortexConfig(
+        gateway=GatewaySection(metrics_listen=metrics_address(embedded)), neurons=tuple(neurons)
+    )
+    return write_gateway_config(path, config)
 
 
 @pytest.fixture

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from cortex.config import CortexConfig, GatewaySection
+from cortex.launch import write_gateway_config
 from tests.conftest import Embedded
 from tests.observability.conftest import (
     NODE,
@@ -85,8 +87,10 @@ def test_rewrites_in_place_and_promtool_accepts_the_result(
 
 
 def test_wildcard_metrics_listen_becomes_a_host_name(tmp_path: Path) -> None:
-    config = tmp_path / "cortex.toml"
-    config.write_text('[gateway]\nmetrics_listen = "0.0.0.0:9400"\n', encoding="utf-8")
+    config = write_gateway_config(
+        tmp_path / "cortex.toml",
+        CortexConfig(gateway=GatewaySection(metrics_listen="0.0.0.0:9400")),
+    )
     result = cortex("prometheus-targets", "--config", str(config), "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     [group] = json.loads((tmp_path / "gateway.json").read_text())

@@ -17,7 +17,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Embedded, free_ports, start_gateway, stop
+from cortex.launch import loopback_gateway, running_gateway
+from tests.conftest import Embedded
 from tests.observability.conftest import NODE
 
 API_KEY = "sk-observability-secret"
@@ -121,20 +122,9 @@ def json_gateway(
     embedded: Embedded, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[JsonGateway]:
     folder = tmp_path_factory.mktemp("json-gateway")
-    listen, metrics = free_ports(2)
-    config = folder / "cortex.toml"
-    config.write_text(
-        f'[gateway]\nlisten = "127.0.0.1:{listen}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
-        f'log_format = "json"\napi_keys = ["{API_KEY}"]\n\n'
-        f'[[neurons]]\nname = "{NODE}"\nendpoint = "{embedded.neuron_url}"\n',
-        encoding="utf-8",
-    )
-    log = folder / "gateway.log"
-    process = start_gateway(config, listen, log)
-    try:
-        yield JsonGateway(f"http://127.0.0.1:{listen}/v1", log)
-    finally:
-        stop(process)
+    config = loopback_gateway({NODE: embedded.neuron_url}, log_format="json", api_keys=(API_KEY,))
+    with running_gateway(folder / "cortex.toml", config) as gateway:
+        yield JsonGateway(f"{gateway.url}/v1", gateway.log)
 
 
 def json_lines(log: Path) -> list[dict[str, Any]]:

@@ -20,9 +20,11 @@ from transformers import AutoTokenizer
 
 from control_plane.errors import CortexError
 from control_plane.node_client import GenerationParams, TritonStream
+from cortex.config import ModelProfile
+from cortex.launch import Neuron as NeuronHandle
+from cortex.launch import loopback_neuron, running_neuron
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.scheduler import Engine
-from tests.conftest import NeuronHandle, start_neuron, stop
 from tests.torch_engine.random_models import write_random_model
 from tests.torch_engine.test_tensor_parallel import greedy
 
@@ -39,27 +41,15 @@ def random_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def neuron(
     tiny_model: Path, random_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NeuronHandle]:
-    models = f"""
-[[models]]
-name = "tiny"
-source = "{tiny_model}"
-kv_cache_tokens = 1024
-
-[[models]]
-name = "tiny-tp2"
-source = "{tiny_model}"
-tp = 2
-kv_cache_tokens = 1024
-
-[[models]]
-name = "random-tp2"
-source = "{random_model}"
-tp = 2
-kv_cache_tokens = 1024
-"""
-    handle = start_neuron(tmp_path_factory.mktemp("neuron-tp"), "tp-node", models, [2048, 2048])
-    yield handle
-    stop(handle.process, signal.SIGTERM)
+    models = [
+        ModelProfile(name="tiny", source=str(tiny_model), kv_cache_tokens=1024),
+        ModelProfile(name="tiny-tp2", source=str(tiny_model), tp=2, kv_cache_tokens=1024),
+        ModelProfile(name="random-tp2", source=str(random_model), tp=2, kv_cache_tokens=1024),
+    ]
+    folder = tmp_path_factory.mktemp("neuron-tp")
+    config = loopback_neuron(folder, "tp-node", models, memory_budget_mib=[2048, 2048])
+    with running_neuron(config) as handle:
+        yield handle
 
 
 def call(neuron: NeuronHandle, method: str, path: str, **kwargs: object) -> httpx.Response:
