@@ -753,6 +753,7 @@ def main() -> None:
         "correct": correctness,
         "speed": lambda: speed(args.quick),
         "peer": peer,
+        "attention": lambda: RESULTS.__setitem__("attention_us", attention_micro()),
     }
     for name in args.only:
         try:
