@@ -413,12 +413,11 @@ def attention_micro() -> dict[str, float]:
             ),
         }
         for label, (k, v, ks, vs) in caches.items():
-            for least in (64, 256, 512):  # the slices' least length (64: one tile, the default)
-                found[f"b{batch} ctx{length} {label} min{least}"] = graph_us(
-                    lambda k=k, v=v, ks=ks, vs=vs, q=q, t=tables, n=lens, s=splits, m=least: (
-                        tk.paged_decode_attention(q, k, v, t, n, 16, 128**-0.5, s, ks, vs, m)
-                    )
+            found[f"b{batch} ctx{length} {label}"] = graph_us(
+                lambda k=k, v=v, ks=ks, vs=vs, q=q, t=tables, n=lens, s=splits: (
+                    tk.paged_decode_attention(q, k, v, t, n, 16, 128**-0.5, s, ks, vs)
                 )
+            )
         del caches, keys, values
     return found
 

@@ -31,7 +31,7 @@ for model in llama8b-bf16 llama8b-fp8; do
   curl -s -XPOST 127.0.0.1:13131/models/unload -d "{\"model\": \"$model\"}" | tee $OUT/unload_$model.json; echo
 done
 curl -s 127.0.0.1:13131/status > $OUT/status_after.json
-kill %1; sleep 3
+kill %1; wait %1  # the agent stops its tritonserver before it exits: the ports are free after
 tail -c 20000 $W/state/tritonserver.log > $OUT/tritonserver.log
 cp $OUT/throughput.jsonl $FINAL/ 2>/dev/null
 (cd $OUT && tail -n +1 *.json *.csv *.log) > $FINAL/triton_results.txt 2>&1

@@ -6,6 +6,8 @@
 # engine_on_triton.sh in the same call (it reuses its setup); carry .gpu (tokenizer/ included).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
+[ -x /tmp/cortex-gpu/venv/bin/python3 ] || bash benchmarks/gpu/setup_device.sh > /tmp/cortex-gpu-setup.log 2>&1 \
+  || { cat /tmp/cortex-gpu-setup.log; exit 1; }
 source /tmp/cortex-gpu/env.sh
 CKPT=/tmp/ckpt-llama-3.1-8b
 [ -f $CKPT/config.json ] || python3 benchmarks/random_checkpoint.py --shape llama-3.1-8b --out $CKPT
@@ -14,6 +16,7 @@ W=/tmp/cortex-gpu/prefix; mkdir -p $W
 python3 -m cortex.launch neuron-config $W \
   --set neuron.name=h200 --set neuron.listen=127.0.0.1:13141 --set neuron.state_dir=$W/state \
   --set triton.binary=/tmp/cortex-gpu/triton/tritonserver/bin/tritonserver --set triton.address=127.0.0.1 \
+  --set triton.http_port=8100 --set triton.grpc_port=8101 --set triton.metrics_port=8102 \
   --model "name=llama8b source=$CKPT dtype=bfloat16 kv_cache_tokens=131072" \
   --model "name=llama8b-nocache source=$CKPT dtype=bfloat16 kv_cache_tokens=131072 prefix_caching=false" \
   && python3 -m cortex.launch gateway-config $W/cortex.toml \
@@ -23,6 +26,7 @@ python3 -m cortex.launch neuron-config $W \
 python3 -m cortex.cli neuron --config $W/neuron.toml > $W/neuron.log 2>&1 &
 NEURON=$!
 for i in $(seq 1 120); do curl -sf 127.0.0.1:13141/health >/dev/null && break; sleep 1; done
+curl -sf 127.0.0.1:13141/health >/dev/null || { echo "the neuron did not come up"; tail -20 $W/neuron.log; exit 1; }
 for model in llama8b llama8b-nocache; do
   curl -s -XPOST 127.0.0.1:13141/models/load -d "{\"model\": \"$model\"}"; echo
 done

@@ -472,7 +472,6 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr,
     FP8: tl.constexpr,
-    MIN_SPLIT: tl.constexpr,
 ):
     """One (sequence, kv head, split): the query heads of that kv head against one slice of
     the sequence's keys, read through its block table. Writes the slice's unnormalised output,
@@ -485,10 +484,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENS + seq)
-    # At least MIN_SPLIT positions a slice: a short sequence fills fewer slices (the rest find
-    # nothing to do) rather than many of one tile. It depends on the sequence's own length
-    # only, so a row's result does not depend on its batch.
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
     start = split * per_split
     end = tl.minimum(start + per_split, length)
 
@@ -583,7 +579,6 @@ def paged_decode_attention(
     splits: int,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
-    min_split: int = 64,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     fp8 = k_scales is not None and v_scales is not None
@@ -618,7 +613,6 @@ def paged_decode_attention(
         BLOCK_N=64,
         SPLITS=splits,
         FP8=fp8,
-        MIN_SPLIT=min_split,
         num_warps=4,
         num_stages=2,
     )
