@@ -613,6 +613,40 @@ def speed_rows(engine: Engine, label: str, batches: list[int]) -> None:
         save()
 
 
+def prefix_turns() -> None:
+    """Claude-Code-sized turns in-process (8B, bf16): a 15.6k-token first turn, then turns that
+    each append ~600 tokens to the previous prompt, so all but the new tokens come from the
+    prefix cache. Time to first token of each, and a profile of one cached turn's prefill: what
+    the engine itself spends of a turn's TTFT through the gateway."""
+    path = checkpoint("llama-3.1-8b")
+    engine = build_engine(
+        EngineOptions(
+            path, device="cuda", dtype="bfloat16", kv_cache_tokens=131072, max_batch_size=8
+        )
+    )
+    engine.start()
+    g = torch.Generator().manual_seed(7)
+    vocab = engine.model.spec.vocab_size
+    prompt = torch.randint(0, vocab, (15600,), generator=g).tolist()
+    run_requests(engine, [[5] * 16], 2)  # warm-up
+    found: dict[str, Any] = {"ttft_s": []}
+    for _turn in range(6):
+        record = run_requests(engine, [prompt], 1)[0]
+        found["ttft_s"].append(record["ttft"])
+        prompt = prompt + torch.randint(0, vocab, (600,), generator=g).tolist()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run_requests(engine, [prompt], 1)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
+    (OUT / "prefix_profile.txt").write_text(table)
+    found["profile_top"] = table.splitlines()[:20]
+    free(engine)
+    RESULTS["prefix_turns"] = found
+    say("prefix turns in-process", [round(t * 1000, 1) for t in found["ttft_s"]])
+    print(table, flush=True)
+
+
 def long_context(engine: Engine, label: str) -> None:
     vocab = engine.model.spec.vocab_size
     g = torch.Generator().manual_seed(3)
@@ -753,6 +787,7 @@ def main() -> None:
         "speed": lambda: speed(args.quick),
         "peer": peer,
         "attention": lambda: RESULTS.__setitem__("attention_us", attention_micro()),
+        "prefix": prefix_turns,
     }
     for name in args.only:
         try:
