@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
 
 from neuron_agent.torch_engine import kernels
 from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec, shard_spec
@@ -144,6 +144,21 @@ class RMSNorm(nn.Module):
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+def lower_right_mask(queries: int, keys: int) -> Any:
+    """torch's lower-right causal bias. Imported here, not with the module: its import pulls in
+    torch._dynamo, ~2.7 s of CPU that every Triton stub paid at start whether or not it ever
+    continued a cached prompt (a GPU engine imports it at load: `preload_attention`)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(queries, keys)
+
+
+def preload_attention() -> None:
+    """Pay the lower-right bias's import now (at load on a GPU) rather than in the first
+    request that continues a cached prompt."""
+    lower_right_mask(1, 1)
+
+
 def _prefill_attention(
     q: torch.Tensor, cache: LayerCache, batch: ForwardBatch, groups: int, uniform: bool = False
 ) -> torch.Tensor:
@@ -186,7 +201,7 @@ def _prefill_attention(
             # The chunk's last query sees every key; earlier ones one fewer each (lower right).
             # The kv heads are shared by their query groups in the kernel: repeating them took
             # 23 % of a cached 600-token turn's prefill on an H200 (BENCHMARKS.md).
-            mask = causal_lower_right(query.shape[2], keys.shape[2])
+            mask = lower_right_mask(query.shape[2], keys.shape[2])
             attended = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, enable_gqa=groups > 1
             )

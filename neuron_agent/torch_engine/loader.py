@@ -16,7 +16,7 @@ import torch
 from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec, read_tensors
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kv_cache import BlockPool
-from neuron_agent.torch_engine.llama import LlamaModel
+from neuron_agent.torch_engine.llama import LlamaModel, preload_attention
 from neuron_agent.torch_engine.parallel import Shard, check_shardable
 from neuron_agent.torch_engine.quant import MODES
 from neuron_agent.torch_engine.scheduler import Engine
@@ -137,6 +137,8 @@ def load_shard(
     model.eval()
     if options.batch_invariant:
         model.make_batch_invariant()
+    if device.type == "cuda":
+        preload_attention()
     # model.spec is the rank's: its kv heads are what its cache holds.
     pool = BlockPool(
         model.spec,
