@@ -212,9 +212,9 @@ class ModelProfile(_Config):
     # Reuse the KV cache of earlier requests' equal prompt prefixes (torch engine; trtllm
     # engines always reuse, as their template enables it).
     prefix_caching: bool = True
-    # torch engine: what the KV cache stores. fp8 halves the bytes of kv_cache_tokens (the budget
-    # stays in tokens: raise it to fill the memory) and what a decode step reads of the cache,
-    # for a small loss of accuracy (BENCHMARKS.md).
+    # torch engine: what the KV cache stores. fp8 about halves the bytes of kv_cache_tokens (the
+    # budget stays in tokens: raise it to fill the memory), for a small loss of accuracy and no
+    # gain in speed (BENCHMARKS.md).
     kv_cache_dtype: KVCacheDtype = KVCacheDtype.AUTO
     # torch engine: every matmul through one fixed-tile kernel, so a sequence's greedy output
     # does not depend on what else is in its batch (slower; BENCHMARKS.md says how much).

@@ -18,8 +18,9 @@ in use (reference count ≥ 1). Reclaimable = free + cached.
 
 An FP8 cache (`kv_cache_dtype = "fp8"`) stores keys and values as float8 e4m3 with one float32
 scale per slot and kv head (its vector's largest magnitude / 448, as the weights' per-channel
-scales are taken): half the bytes of bf16 to read each decode step and twice the tokens in the
-same memory, for rounding each element to 3 mantissa bits (its accuracy: BENCHMARKS.md).
+scales are taken): 132 bytes a vector of 128 instead of bf16's 256, so nearly twice the tokens
+in the same memory, for rounding each element to 3 mantissa bits. Decode attention reads half
+the bytes but does more work a key, so it is no faster on an H200 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
