@@ -111,23 +111,32 @@ def kernel_checks() -> None:
     from neuron_agent.torch_engine.llama import rope_table
 
     table = rope_table(RopeSpec(theta=500000.0), dim, 4096).to(dev)
-    outs = []
-    for module in (tk, reference):
+
+    def rotate_into_cache(module: Any, fp8: bool) -> tuple[torch.Tensor, ...]:
+        """The rotated q and the cache written (with an FP8 cache, its scales too)."""
         q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        kc = torch.zeros(512, kv_heads, dim, device=dev, dtype=bf)
-        vc = torch.zeros_like(kc)
+        dtype = torch.float8_e4m3fn if fp8 else bf
+        caches = [torch.zeros(512, kv_heads, dim, device=dev, dtype=dtype) for _ in range(2)]
+        scales = [torch.ones(512, kv_heads, device=dev) for _ in range(2)] if fp8 else []
         rotated = module.rotary_and_cache(
             q.view(tokens, heads, dim),
             k.view(tokens, kv_heads, dim),
             v.view(tokens, kv_heads, dim),
             table,
             positions,
-            kc,
-            vc,
+            *caches,
             slots,
+            *scales,
         )
-        outs.append((rotated.clone(), kc, vc))
+        return (rotated.clone(), *caches, *scales)
+
+    outs = [rotate_into_cache(module, fp8=False) for module in (tk, reference)]
     found["rotary_and_cache"] = [relative(a, b) for a, b in zip(*outs, strict=True)]
+    # The FP8 cache write: on the GPU the cast is exact, so the stored values should agree.
+    outs = [rotate_into_cache(module, fp8=True)[1:] for module in (tk, reference)]
+    found["rotary_and_cache_fp8_mismatch_fraction"] = [
+        float((a.float() != b.float()).float().mean()) for a, b in zip(*outs, strict=True)
+    ]
 
     gate_up = torch.randn(9, 2 * 14336, device=dev, generator=g).to(bf)
     found["silu_and_mul"] = relative(tk.silu_and_mul(gate_up), reference.silu_and_mul(gate_up))
@@ -164,29 +173,6 @@ def kernel_checks() -> None:
         exact = reference.paged_decode_attention(q, k_cache, v_cache, *args)
         found[f"paged_decode_attention_fp8_cache{lengths}"] = relative(got, want)
         found[f"fp8_cache_vs_bf16_cache{lengths}"] = relative(got, exact)
-
-    # The FP8 cache write: on the GPU the cast is exact, so every stored value must agree.
-    outs = []
-    for module in (tk, reference):
-        q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        caches = [
-            torch.zeros(512, kv_heads, dim, device=dev, dtype=torch.float8_e4m3fn) for _ in range(2)
-        ]
-        scales = [torch.ones(512, kv_heads, device=dev) for _ in range(2)]
-        module.rotary_and_cache(
-            q.view(tokens, heads, dim),
-            k.view(tokens, kv_heads, dim),
-            v.view(tokens, kv_heads, dim),
-            table,
-            positions,
-            *caches,
-            slots,
-            *scales,
-        )
-        outs.append((*caches, *scales))
-    found["rotary_and_cache_fp8_mismatch_fraction"] = [
-        float((a.float() != b.float()).float().mean()) for a, b in zip(*outs, strict=True)
-    ]
 
     # Batch-invariant matmul: a row's bits may not depend on how many rows ran with it.
     invariant = {}
@@ -469,6 +455,14 @@ def run_requests(
     return results
 
 
+def first_diffs(runs: list[list[int]], others: list[list[int]]) -> list[int | None]:
+    """Per prompt, the first token where two runs differ (None: equal)."""
+    return [
+        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
+        for x, y in zip(runs, others, strict=True)
+    ]
+
+
 def correctness() -> None:
     path = checkpoint("llama-3.2-1b")
     g = torch.Generator().manual_seed(1)
@@ -477,91 +471,54 @@ def correctness() -> None:
     ]
     new = 48
     found: dict[str, Any] = {}
-    graphed = build_engine(
-        EngineOptions(
-            path, device="cuda", dtype="bfloat16", kv_cache_tokens=16384, max_batch_size=8
+
+    def runs(**options: Any) -> tuple[list[list[int]], list[list[int]], Engine]:
+        """The prompts batched, then each alone (after the batch: with the prefix cache on,
+        its full blocks are cached by then); the engine, still running."""
+        engine = build_engine(
+            EngineOptions(
+                path,
+                device="cuda",
+                dtype="bfloat16",
+                kv_cache_tokens=16384,
+                max_batch_size=8,
+                **options,
+            )
         )
-    )
-    graphed.start()
+        engine.start()
+        together = [r["tokens"] for r in run_requests(engine, prompts, new)]
+        alone = [run_requests(engine, [p], new)[0]["tokens"] for p in prompts]
+        return together, alone, engine
+
+    together, alone, graphed = runs()
     found["graph_capture_s"] = graphed.decoder.capture_seconds
-    together = [r["tokens"] for r in run_requests(graphed, prompts, new)]
-    alone = [run_requests(graphed, [p], new)[0]["tokens"] for p in prompts]
     logits_bf16 = graphed.prompt_logits(prompts[3])
     free(graphed)
-    eager = build_engine(
-        EngineOptions(
-            path,
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_tokens=16384,
-            max_batch_size=8,
-            cuda_graphs=False,
-        )
-    )
-    eager.start()
-    eager_together = [r["tokens"] for r in run_requests(eager, prompts, new)]
+    eager_together, _, eager = runs(cuda_graphs=False)
     free(eager)
-    invariant = build_engine(
-        EngineOptions(
-            path,
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_tokens=16384,
-            max_batch_size=8,
-            batch_invariant=True,
-        )
-    )
-    invariant.start()
-    invariant_together = [r["tokens"] for r in run_requests(invariant, prompts, new)]
-    # Alone after together: every prompt's full blocks now come from the prefix cache.
-    invariant_alone = [run_requests(invariant, [p], new)[0]["tokens"] for p in prompts]
+    invariant_together, invariant_alone, invariant = runs(batch_invariant=True)
     free(invariant)
-    uncached = build_engine(
-        EngineOptions(
-            path,
-            device="cuda",
-            dtype="bfloat16",
-            kv_cache_tokens=16384,
-            max_batch_size=8,
-            batch_invariant=True,
-            prefix_caching=False,
-        )
-    )
-    uncached.start()
-    uncached_together = [r["tokens"] for r in run_requests(uncached, prompts, new)]
-    uncached_alone = [run_requests(uncached, [p], new)[0]["tokens"] for p in prompts]
+    uncached_together, uncached_alone, uncached = runs(batch_invariant=True, prefix_caching=False)
     free(uncached)
     found["batch_invariant_no_prefix_cache_alone_equals_batched"] = (
         uncached_together == uncached_alone
     )
     found["batch_invariant_cached_equals_uncached"] = invariant_together == uncached_together
     found["batch_invariant_alone_equals_batched"] = invariant_together == invariant_alone
-    found["batch_invariant_first_diffs"] = [
-        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
-        for x, y in zip(invariant_together, invariant_alone, strict=True)
-    ]
-    found["batch_invariant_vs_default_first_diffs"] = [
-        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
-        for x, y in zip(invariant_together, together, strict=True)
-    ]
+    found["batch_invariant_first_diffs"] = first_diffs(invariant_together, invariant_alone)
+    found["batch_invariant_vs_default_first_diffs"] = first_diffs(invariant_together, together)
     reference_engine = build_engine(
         EngineOptions(path, device="cuda", dtype="float32", kv_cache_tokens=4096, cuda_graphs=False)
     )
     logits_fp32 = reference_engine.prompt_logits(prompts[3])
     free(reference_engine)
-    found["alone_first_diffs"] = [
-        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
-        for x, y in zip(together, alone, strict=True)
-    ]
+    found["alone_first_diffs"] = first_diffs(together, alone)
     found["transformers_bf16_vs_fp32_logits_relative_max"] = _transformers_bf16_error(
         path, prompts[3]
     )
     found["graphed_equals_eager"] = together == eager_together
     found["alone_equals_batched"] = together == alone
-    found["first_diffs"] = [
-        next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None)
-        for x, y in zip(together, eager_together, strict=True)
-    ]
+    found["first_diffs"] = first_diffs(together, eager_together)
     per_position = (logits_bf16 - logits_fp32).norm(dim=-1) / logits_fp32.norm(dim=-1)
     found["bf16_vs_fp32_logits_relative_max"] = float(per_position.max())
     found["bf16_vs_fp32_top1_agreement"] = float(

@@ -399,29 +399,21 @@ def weight_matmul(
 ) -> torch.Tensor:
     rows, in_features = x.shape
     out_features = weight.shape[0]
-    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     if batch_invariant:
         tile = invariant_tile or INVARIANT_TILE
-        grid = (triton.cdiv(out_features, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))
-        _weight_matmul_kernel[grid](
-            x,
-            weight,
-            weight if scale is None else scale,
-            out,
-            rows,
-            out_features,
-            in_features,
-            x.stride(0),
-            weight.stride(0),
-            out.stride(0),
-            HAS_SCALE=scale is not None,
-            **tile,
-        )
-        return out
-    if rows == 1 and in_features % gemv_config(weight)["BLOCK_K"] == 0 and x.is_contiguous():
+    elif rows == 1 and in_features % gemv_config(weight)["BLOCK_K"] == 0 and x.is_contiguous():
         return weight_vector(x, weight, scale)
-    block_n = 32
-    _weight_matmul_kernel[(triton.cdiv(out_features, block_n),)](
+    else:  # a few decode rows in one tile of rows
+        tile = {
+            "BLOCK_M": max(16, triton.next_power_of_2(rows)),
+            "BLOCK_N": 32,
+            "BLOCK_K": 256,
+            "num_warps": 4,
+            "num_stages": 4 if rows <= 32 else 3,
+        }
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(out_features, tile["BLOCK_N"]), triton.cdiv(rows, tile["BLOCK_M"]))
+    _weight_matmul_kernel[grid](
         x,
         weight,
         weight if scale is None else scale,
@@ -433,11 +425,7 @@ def weight_matmul(
         weight.stride(0),
         out.stride(0),
         HAS_SCALE=scale is not None,
-        BLOCK_M=max(16, triton.next_power_of_2(rows)),
-        BLOCK_N=block_n,
-        BLOCK_K=256,
-        num_warps=4,
-        num_stages=4 if rows <= 32 else 3,
+        **tile,
     )
     return out
 
