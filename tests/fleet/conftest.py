@@ -6,16 +6,19 @@ it at start), and `m3` may have two replicas."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from cortex import launch
 from cortex.config import EvictionSection, EvictionStrategy, ModelProfile, ScalingSection
-from cortex.launch import Neuron, loopback_gateway, loopback_neuron, running_gateway, start_neuron
+from cortex.launch import Neuron, loopback_gateway, loopback_neuron, start_neuron
 
 # Budgets in MiB; one copy of a model below is estimated at ~560 MiB (weights, a 2k-token KV
 # budget and the runtime overhead).
@@ -82,6 +85,7 @@ def start_tier_neuron(
 class Gateway:
     url: str  # with /v1
     metrics_url: str
+    process: subprocess.Popen[bytes]
     log: Path
 
     def loads(self, model: str) -> float:
@@ -120,34 +124,43 @@ def fleet(neurons: dict[str, NeuronProcess]) -> dict[str, NeuronProcess]:
     return neurons
 
 
+def start_gateway(
+    folder: Path,
+    members: list[NeuronProcess],
+    strategy: str = "lru",
+    interval_s: float = 3600,
+    defrag_after_cycles: int = 0,
+    scaling: ScalingSection | None = None,
+    poll_interval_s: float = 0.5,
+    **settings: Any,
+) -> Gateway:
+    """A gateway over `members`, its config and log in `folder`, once healthy; `settings` are
+    more [gateway] keys. The caller stops it (`stop(gateway.process)`)."""
+    config = loopback_gateway(
+        {n.name: n.url for n in members},
+        eviction=EvictionSection(
+            strategy=EvictionStrategy(strategy),
+            interval_s=interval_s,
+            defrag_after_cycles=defrag_after_cycles,
+        ),
+        scaling=scaling,
+        poll_interval_s=poll_interval_s,
+        missed_polls_down=2,
+        load_timeout_s=120,
+        **settings,
+    )
+    started = launch.start_gateway(folder / "cortex.toml", config).healthy(60)
+    return Gateway(started.url + "/v1", started.metrics_url, started.process, started.log)
+
+
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[GatewayFactory]:
     with ExitStack() as stack:
         started: list[Gateway] = []
 
-        def start(
-            members: list[NeuronProcess],
-            strategy: str = "lru",
-            interval_s: float = 3600,
-            defrag_after_cycles: int = 0,
-            scaling: ScalingSection | None = None,
-            poll_interval_s: float = 0.5,
-        ) -> Gateway:
-            config = loopback_gateway(
-                {n.name: n.url for n in members},
-                eviction=EvictionSection(
-                    strategy=EvictionStrategy(strategy),
-                    interval_s=interval_s,
-                    defrag_after_cycles=defrag_after_cycles,
-                ),
-                scaling=scaling,
-                poll_interval_s=poll_interval_s,
-                missed_polls_down=2,
-                load_timeout_s=120,
-            )
-            path = tmp_path / f"gateway{len(started)}" / "cortex.toml"
-            running = stack.enter_context(running_gateway(path, config))
-            started.append(Gateway(running.url + "/v1", running.metrics_url, running.log))
+        def start(members: list[NeuronProcess], **settings: Any) -> Gateway:
+            started.append(start_gateway(tmp_path / f"gateway{len(started)}", members, **settings))
+            stack.callback(launch.stop, started[-1].process)
             return started[-1]
 
         yield start
