@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from cortex.config import EvictionSection, EvictionStrategy, ModelProfile, ScalingSection
-from cortex.launch import Neuron, loopback_gateway, loopback_neuron, running_gateway, start_neuron
+from cortex.launch import (
+    Neuron,
+    loopback_gateway,
+    loopback_neuron,
+    running_gateway,
+    start_neuron,
+)
 
 # Budgets in MiB; one copy of a model below is estimated at ~560 MiB (weights, a 2k-token KV
 # budget and the runtime overhead).
