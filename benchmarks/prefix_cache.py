@@ -103,7 +103,7 @@ def local_fleet(kv_cache_tokens: int) -> Iterator[Target]:
 
 def describe_machine() -> dict[str, str]:
     """What the numbers were measured on (`benchmarks.harness.machine`). With `--url` this may
-    run where the harness's test helpers are not installed (the GPU image has no pytest): there,
+    run where the harness cannot be imported (the GPU image has no psutil): there,
     what this interpreter can say."""
     try:
         from benchmarks.harness import machine
