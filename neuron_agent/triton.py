@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
@@ -105,6 +106,27 @@ def _die_with_parent() -> None:
                 os.set_inheritable(descriptor, False)
 
 
+def kill_orphaned_stubs(repository: Path) -> int:
+    """Kill the Python-backend stubs of an earlier tritonserver of this repository. A stub
+    outlives its Triton when the agent is killed with -9 (Triton dies with its parent; its
+    stubs do not), holding its model's memory, and, with the GPU engine, the GPU's. A stub
+    names its model's folder in the repository, and no Triton of ours is running when this is
+    called (it is about to start one): any stub naming it is an orphan. Returns how many."""
+    mark = f"{repository}{os.sep}"
+    killed = 0
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if (
+            command
+            and command[0].endswith("triton_python_backend_stub")
+            and any(argument.startswith(mark) for argument in command[1:])
+        ):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                killed += 1
+    return killed
+
+
 class TritonSupervisor:
     """One `tritonserver` child and its HTTP control API."""
 
@@ -179,6 +201,9 @@ class TritonSupervisor:
         layout = locate_triton(self.settings.binary, self.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.repository.mkdir(parents=True, exist_ok=True)
+        orphans = kill_orphaned_stubs(self.repository)
+        if orphans:
+            log.warning("killed %d Python-backend stubs a dead tritonserver left behind", orphans)
         self.state = "starting"
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:

@@ -284,6 +284,15 @@ def test_a_dead_neuron_cuts_streams_with_an_error_and_is_restarted(own_fleet: Em
     assert failures, "the node's absence went unnoticed"
     assert reply.usage is not None and reply.usage.completion_tokens >= 1
     assert "restarting" in own_fleet.log.read_text()
+    # The dead Triton's Python stubs (which outlive it) were cleared by the restarted agent.
+    orphans = [
+        p.info["cmdline"][:2]
+        for p in psutil.process_iter(["cmdline", "ppid"])
+        if p.info["ppid"] == 1
+        and (p.info["cmdline"] or [""])[0].endswith("triton_python_backend_stub")
+        and str(own_fleet.log.parent) in " ".join(p.info["cmdline"])
+    ]
+    assert not orphans, f"stubs of the killed tritonserver left running: {orphans}"
     if chat_cut is None:
         whole = client.chat.completions.create(**LONG)  # type: ignore[call-overload]
         assert "".join(chat_text) == whole.choices[0].message.content, "a cut passed as whole"
