@@ -157,7 +157,10 @@ class Node:
                 continue
         return rss
 
-    async def _memory_returned(self, entry: _Loaded, timeout: float = 10.0) -> bool:
+    async def _memory_returned(self, entry: _Loaded, timeout: float = 30.0) -> bool:
+        """Whether the model's memory came back (its processes exited) within `timeout`. 30 s:
+        a tensor-parallel model's stub and ranks took over 10 s to exit on a loaded 2-core CI
+        machine, and a false "not returned" restarts Triton and reloads every other model."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.inventory.has_gpu and entry.gpus:
@@ -323,7 +326,7 @@ class Node:
         except TritonError as error:
             self._event(f"{name} failed and could not be unloaded: {error}")
             return
-        await self._memory_returned(entry, timeout=30.0)
+        await self._memory_returned(entry)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reporting
