@@ -217,7 +217,8 @@ class ModelProfile(_Config):
     # gain in speed (BENCHMARKS.md).
     kv_cache_dtype: KVCacheDtype = KVCacheDtype.AUTO
     # torch engine: every matmul through one fixed-tile kernel, so a sequence's greedy output
-    # does not depend on what else is in its batch (slower; BENCHMARKS.md says how much).
+    # does not depend on what else is in its batch; a prefix-cache hit can still change it
+    # (slower; BENCHMARKS.md says how much).
     batch_invariant: bool = False
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None

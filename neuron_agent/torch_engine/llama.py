@@ -167,8 +167,9 @@ def _prefill_attention(
     them contiguous); chunks that all start their sequences and have one length go in one call.
 
     `uniform`: every chunk through the one kernel that serves a continued chunk (lower-right
-    causal), so a prompt's attention is computed alike whether its prefix came from the cache,
-    from an earlier chunk or from this pass (batch-invariant mode)."""
+    causal), however the pass groups them (batch-invariant mode). A prompt whose prefix came
+    from the cache is still prefilled as a shorter chunk, which can round otherwise: on an H200
+    its tokens differed from a fresh prefill's (BENCHMARKS.md)."""
     chunks = batch.chunks
     fresh = all(c.key_slots is None for c in chunks)
     if not uniform and fresh and len({c.length for c in chunks}) == 1:
@@ -304,10 +305,10 @@ class LlamaModel(nn.Module):
 
     def make_batch_invariant(self) -> None:
         """Every projection (and the head) through the fixed-tile kernel on the GPU, and every
-        prompt chunk through one attention kernel: a row's logits then depend neither on the
-        other rows of its batch nor on how much of its prompt was cached. Decode attention
-        already splits every sequence the same way at every batch size, and the norms and the
-        rotation work row by row."""
+        prompt chunk through one attention kernel: a row's logits then do not depend on the
+        other rows of its batch (a cache hit can still change them: `_prefill_attention`).
+        Decode attention already splits every sequence the same way at every batch size, and
+        the norms and the rotation work row by row."""
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.batch_invariant = True

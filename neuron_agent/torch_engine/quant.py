@@ -174,8 +174,7 @@ class QuantLinear(nn.Module):
         elif self._use_scaled_mm:
             output = self._fp8_forward(x)
         elif self._plain_kernel and x.numel() == x.shape[-1]:
-            flat = kernels.weight_matmul(x.reshape(-1, x.shape[-1]), self.weight)
-            output = flat.reshape(*x.shape[:-1], self.out_features)
+            output = self._weight_kernel(x, self.weight, None)
         elif self.mode == "int8":
             # Scale after the matmul: one multiply per output instead of per weight.
             output = (x @ self.weight.to(x.dtype).T) * self.scale.to(x.dtype)  # type: ignore[union-attr]
@@ -185,16 +184,22 @@ class QuantLinear(nn.Module):
             output = output + self.bias
         return output
 
+    def _weight_kernel(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        batch_invariant: bool = False,
+    ) -> torch.Tensor:
+        """`kernels.weight_matmul` over x's rows, whatever its leading dimensions."""
+        flat = kernels.weight_matmul(x.reshape(-1, x.shape[-1]), weight, scale, batch_invariant)
+        return flat.reshape(*x.shape[:-1], self.out_features)
+
     def _invariant_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stored int8/fp8 weights are widened in the kernel; int4 is unpacked first."""
-        weight: torch.Tensor = self.weight
-        scale: torch.Tensor | None = self.scale
         if self.mode == "int4":
-            weight, scale = self.dequantized(), None
-        flat = kernels.weight_matmul(
-            x.reshape(-1, x.shape[-1]), weight, scale, batch_invariant=True
-        )
-        return flat.reshape(*x.shape[:-1], self.out_features)
+            return self._weight_kernel(x, self.dequantized(), None, batch_invariant=True)
+        return self._weight_kernel(x, self.weight, self.scale, batch_invariant=True)
 
     def _fp8_forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.scale is not None
@@ -202,8 +207,7 @@ class QuantLinear(nn.Module):
         if x.numel() // shape[-1] <= kernels.WEIGHT_MATMUL_MAX_ROWS:
             # Decoding: bound by reading the weights, which are FP8 either way; scaling the
             # activations too would cost kernels and accuracy for nothing.
-            flat = kernels.weight_matmul(x.reshape(-1, shape[-1]), self.weight, self.scale)
-            return flat.reshape(*shape[:-1], self.out_features)
+            return self._weight_kernel(x, self.weight, self.scale)
         # One kernel scales and casts the activations (four elementwise ops eagerly, which cost
         # more than FP8 saved at small batches).
         x_fp8, x_scale = kernels.quantize_fp8_rows(x.reshape(-1, shape[-1]))

@@ -114,9 +114,8 @@ FP8_MAX = 448.0
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float8 e4m3 rows of x [M, K] and each row's scale [M, 1] (amax / 448)."""
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    quantized = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return quantized, scale
+    quantized, scale = quantize_fp8_vectors(x)
+    return quantized, scale[:, None]
 
 
 def weight_matmul(
