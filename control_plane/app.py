@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import logging
 import uuid
 
@@ -34,7 +33,8 @@ from control_plane.prompting import import_tokenizer_support
 from control_plane.responses.routes import blueprint as responses_routes
 from control_plane.shutdown import Drain
 from cortex import logs
-from cortex.config import CortexConfig, split_host_port
+from cortex.config import CortexConfig, is_loopback, split_host_port
+from cortex.secrets import KeyDigests
 
 log = logging.getLogger("cortex.gateway")
 
@@ -98,7 +98,14 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     app.blueprint(openai_routes)
     app.blueprint(anthropic_routes)
     app.blueprint(responses_routes)
-    keys = tuple(config.gateway.api_keys)
+    keys = KeyDigests(config.gateway.key_digests())
+    listen_host = split_host_port(config.gateway.listen)[0]
+    if not keys and not is_loopback(listen_host):
+        log.warning(
+            "the API listens on %s with no API keys: anyone who reaches it may use every model "
+            "(set [gateway] api_keys, api_key_sha256, api_keys_env or api_keys_file)",
+            config.gateway.listen,
+        )
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
@@ -133,10 +140,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
         logs.request_id.set(request_id_of(request))
         if request.path in OPEN_PATHS or not keys:
             return None
-        offered = credentials(request)
-        if not any(
-            hmac.compare_digest(given.encode(), key.encode()) for given in offered for key in keys
-        ):
+        if not any([keys.accepts(given) for given in credentials(request)]):
             return render_error(request, AuthenticationFailed("invalid or missing API key"))
         return None
 

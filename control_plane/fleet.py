@@ -222,7 +222,7 @@ class Fleet:
         if node.triton is None or node.triton.url != grpc_url:
             if node.triton is not None:
                 await node.triton.close()
-            node.triton = TritonStream(grpc_url, name)
+            node.triton = TritonStream.for_neuron(grpc_url, node.client.neuron)
 
     def _set_down(self, name: str, reason: str) -> None:
         node = self.nodes[name]

@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -26,6 +27,7 @@ from control_plane.errors import (
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
+from cortex.secrets import TRITON_KEY_HEADER, triton_key
 
 # grpcio runs client channels on its EventEngine by default; for the gateway's stream reads (one
 # message per token) its older client path costs about a third less CPU per message (measured
@@ -49,9 +51,10 @@ log = logging.getLogger("cortex.node_client")
 class NeuronClient:
     def __init__(self, neuron: NeuronRef, timeout: float) -> None:
         self.neuron = neuron
-        headers = {"authorization": f"Bearer {neuron.token}"} if neuron.token else {}
         self._client = httpx.AsyncClient(
-            base_url=neuron.endpoint, headers=headers, timeout=httpx.Timeout(10.0, read=timeout)
+            base_url=neuron.endpoint,
+            headers=neuron.authorization(),
+            timeout=httpx.Timeout(10.0, read=timeout),
         )
 
     async def close(self) -> None:
@@ -220,10 +223,19 @@ class TritonStream:
     half-closed stream open until the request's final response, and cancelling the call still
     cancels the request in the engine (tests/gateway/test_streaming.py)."""
 
-    def __init__(self, url: str, node: str = "") -> None:
+    def __init__(
+        self, url: str, node: str = "", *, key: str | None = None, tls_ca: bytes | None = None
+    ) -> None:
+        """`key`: the node's Triton key (`cortex.secrets.triton_key`), sent as metadata on every
+        call; `tls_ca`: the PEM CA that signed Triton's certificate, for a TLS channel."""
         self.url = url
         self.node = node or url
-        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        self._metadata = ((TRITON_KEY_HEADER, key),) if key else None
+        if tls_ca is None:
+            self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+            self._channel = grpc.aio.secure_channel(url, credentials, options=_CHANNEL_OPTIONS)
         # `_registered_method` as grpc's generated stubs pass it: the path is resolved once.
         self._stream_infer = self._channel.unary_stream(
             "/inference.GRPCInferenceService/ModelStreamInfer",
@@ -231,6 +243,13 @@ class TritonStream:
             response_deserializer=service_pb2.ModelStreamInferResponse.FromString,
             _registered_method=True,
         )
+
+    @classmethod
+    def for_neuron(cls, url: str, neuron: NeuronRef) -> TritonStream:
+        """The stream to a node's Triton with the key and TLS its neuron's entry implies."""
+        token = neuron.bearer_token()
+        tls_ca = Path(neuron.tls_ca).read_bytes() if neuron.tls_ca else None
+        return cls(url, neuron.name, key=triton_key(token) if token else None, tls_ca=tls_ca)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -241,9 +260,8 @@ class TritonStream:
     ) -> Generation:
         """Start a generation: the request leaves on the event loop's next turn, whatever the
         caller does meanwhile (the gateway writes its client's response headers)."""
-        return Generation(
-            self._stream_infer(build_request(model, prompt, params, request_id)), model, self.node
-        )
+        request = build_request(model, prompt, params, request_id)
+        return Generation(self._stream_infer(request, metadata=self._metadata), model, self.node)
 
 
 class Generation:

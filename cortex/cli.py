@@ -126,6 +126,7 @@ def _run_embedded(ports: object) -> None:
         embedded_models,
         gateway_config,
         neuron_config,
+        new_neuron_token,
         state_dir,
     )
     from cortex.launch import LaunchError
@@ -154,6 +155,7 @@ def _run_embedded(ports: object) -> None:
             highlight=False,
         )
     models = embedded_models(checkpoint, smollm2_folder)
+    new_neuron_token(state_dir())
     neuron = EmbeddedNeuron(neuron_config(state_dir(), models, ports))
     log_path = neuron.log_path
     console.print(f"Starting the neuron agent and tritonserver (log: {log_path})…")
@@ -172,7 +174,7 @@ def _run_embedded(ports: object) -> None:
             "Ctrl-C stops everything.",
             highlight=False,
         )
-        _run_gateway(gateway_config(ports))
+        _run_gateway(gateway_config(ports, state_dir()))
     except LaunchError as error:
         fail(str(error))
     except RuntimeError as error:
@@ -214,9 +216,9 @@ def status(
     from cortex.status import collect_status, print_status
 
     if config is None:
-        from cortex.embedded import EmbeddedPorts, gateway_config
+        from cortex.embedded import EmbeddedPorts, gateway_config, state_dir
 
-        settings = gateway_config(EmbeddedPorts())
+        settings = gateway_config(EmbeddedPorts(), state_dir())
     else:
         try:
             settings = load_cortex_config(config)
@@ -242,7 +244,8 @@ def prometheus_targets(
     ],
 ) -> None:
     """Write Prometheus file_sd target lists from cortex.toml: gateway.json (metrics_listen) and
-    triton.json (every neuron's Triton metrics port, labelled with node = the neuron's name)."""
+    triton.json (every neuron's endpoint, whose /metrics re-exports its Triton's metrics, labelled
+    with node = the neuron's name; scraped with the neuron token, see prometheus.yml)."""
     from cortex.prometheus import GATEWAY_FILE, TRITON_FILE, write_targets
 
     try:
@@ -250,8 +253,6 @@ def prometheus_targets(
     except ConfigError as error:
         fail(str(error))
     targets = write_targets(settings, out)
-    for warning in targets.warnings:
-        console.print(f"warning: {warning}", markup=False, highlight=False)
     triton = ", ".join(f"{g['labels']['node']}={g['targets'][0]}" for g in targets.triton)
     console.print(
         f"wrote {out / GATEWAY_FILE} ({targets.gateway[0]['targets'][0]}) and "

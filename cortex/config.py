@@ -8,6 +8,7 @@ found, the key and what is wrong.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -20,7 +21,10 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+
+from cortex.secrets import absolute_beside, read_secret, read_secret_file, sha256_hex
 
 DEFAULT_GATEWAY_LISTEN = "127.0.0.1:31313"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:31314"
@@ -48,6 +52,60 @@ def split_host_port(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps a port off the network (wildcards and names do not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _secret_file_beside_config(value: str | None, info: ValidationInfo) -> str | None:
+    return absolute_beside(value, (info.context or {}).get("base_dir"))
+
+
+def _env_is_set(value: str | None) -> str | None:
+    if value is not None:
+        read_secret(None, value, None)
+    return value
+
+
+def _file_is_readable(value: str | None) -> str | None:
+    if value is not None:
+        read_secret_file(value)
+    return value
+
+
+class _Token(_Config):
+    """A bearer token written as itself, as an environment variable's name or as a file."""
+
+    token: str | None = Field(default=None, repr=False)
+    token_env: str | None = None
+    token_file: str | None = None
+
+    _token_file_beside = field_validator("token_file", mode="before")(_secret_file_beside_config)
+    _token_env = field_validator("token_env")(_env_is_set)
+    _token_file = field_validator("token_file")(_file_is_readable)
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> _Token:
+        spellings = [self.token, self.token_env, self.token_file]
+        if sum(spelling is not None for spelling in spellings) > 1:
+            raise ValueError("set only one of token, token_env and token_file")
+        return self
+
+    def bearer_token(self) -> str | None:
+        """The token, read from where the config says (validated when it was loaded)."""
+        return read_secret(self.token, self.token_env, self.token_file)
+
+    def authorization(self) -> dict[str, str]:
+        """The header that carries the token, or none without one."""
+        token = self.bearer_token()
+        return {"authorization": f"Bearer {token}"} if token else {}
+
+
 # ---------------------------------------------------------------------------------------------
 # cortex.toml (gateway)
 
@@ -63,7 +121,13 @@ class GatewaySection(_Config):
     listen: str = DEFAULT_GATEWAY_LISTEN
     metrics_listen: str = DEFAULT_METRICS_LISTEN
     # Client API keys; none configured → the API is open (the embedded default binds loopback).
-    api_keys: tuple[str, ...] = ()
+    # Each may be written as itself (api_keys), as its SHA-256 digest in hex (api_key_sha256:
+    # the gateway's host then never holds the key), as environment variables' names
+    # (api_keys_env) or as a file holding one key a line (api_keys_file).
+    api_keys: tuple[str, ...] = Field(default=(), repr=False)
+    api_key_sha256: tuple[str, ...] = ()
+    api_keys_env: tuple[str, ...] = ()
+    api_keys_file: str | None = None
     poll_interval_s: Annotated[float, Field(gt=0)] = 2.0
     # Polls a neuron may miss before it is marked down.
     missed_polls_down: Annotated[int, Field(ge=1)] = 2
@@ -86,6 +150,33 @@ class GatewaySection(_Config):
     breaker_open_s: Annotated[float, Field(gt=0)] = 30.0
 
     _listen = field_validator("listen", "metrics_listen")(_check_host_port)
+    _keys_file_beside = field_validator("api_keys_file", mode="before")(_secret_file_beside_config)
+    _keys_file = field_validator("api_keys_file")(_file_is_readable)
+
+    @field_validator("api_keys_env")
+    @classmethod
+    def _keys_env(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            _env_is_set(name)
+        return names
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digests(cls, digests: tuple[str, ...]) -> tuple[str, ...]:
+        for digest in digests:
+            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+                raise ValueError("expected SHA-256 digests as 64 hex digits")
+        return tuple(digest.lower() for digest in digests)
+
+    def key_digests(self) -> frozenset[str]:
+        """The SHA-256 digest (hex) of every accepted key, however each was written."""
+        keys = [
+            *self.api_keys,
+            *(read_secret(None, name, None) or "" for name in self.api_keys_env),
+        ]
+        if self.api_keys_file is not None:
+            keys.extend(read_secret_file(self.api_keys_file))
+        return frozenset({*self.api_key_sha256, *(sha256_hex(key) for key in keys)})
 
     @field_validator("log_format")
     @classmethod
@@ -116,10 +207,15 @@ class ScalingSection(_Config):
     idle_s: Annotated[float, Field(gt=0)] = 300.0
 
 
-class NeuronRef(_Config):
+class NeuronRef(_Token):
     name: str
     endpoint: str
-    token: str | None = None
+    # CA certificate (PEM) that signed this node's Triton gRPC certificate ([triton] tls_cert):
+    # set, the gateway reaches Triton over TLS and checks the certificate names the endpoint's
+    # host.
+    tls_ca: str | None = None
+
+    _tls_ca_beside = field_validator("tls_ca", mode="before")(_secret_file_beside_config)
 
     @field_validator("endpoint")
     @classmethod
@@ -259,10 +355,12 @@ class ModelsFile(_Config):
 # neuron.toml (one node)
 
 
-class NeuronSection(_Config):
+class NeuronSection(_Token):
     name: str = "local"
     listen: str = DEFAULT_NEURON_LISTEN
-    token: str | None = None
+    # Without a token the neuron (and its Triton's gRPC port) may only listen on loopback,
+    # unless this says the network in between is trusted.
+    allow_unauthenticated: bool = False
     # models.toml, relative to this file when not absolute.
     models: str = "models.toml"
     # Generated Triton model repository, Triton backends and logs.
@@ -277,14 +375,28 @@ class NeuronSection(_Config):
 class TritonSection(_Config):
     # Empty: `tritonserver` on PATH (NGC image), else the binary `nvidia-pytriton` ships.
     binary: str = ""
-    # Address Triton binds; gateways on other hosts reach its gRPC port here.
-    address: str = "0.0.0.0"
+    # Address Triton's gRPC port binds; gateways on other hosts reach it here (set 0.0.0.0 or
+    # the node's address on a real fleet, with a neuron token). Its HTTP and metrics ports bind
+    # loopback only: the neuron is their one user, and re-exports the metrics on its /metrics.
+    address: str = "127.0.0.1"
     http_port: Annotated[int, Field(gt=0, lt=65536)] = 8000
     grpc_port: Annotated[int, Field(gt=0, lt=65536)] = 8001
     metrics_port: Annotated[int, Field(gt=0, lt=65536)] = 8002
     startup_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    # TLS for the gRPC port (PEM files; both or neither): for networks between the gateway and
+    # the nodes that the operator does not trust. The gateway's [[neurons]] tls_ca checks it.
+    tls_cert: str | None = None
+    tls_key: str | None = Field(default=None, repr=False)
     # Extra command-line flags passed to tritonserver as they are.
     extra_args: tuple[str, ...] = ()
+
+    _tls_beside = field_validator("tls_cert", "tls_key", mode="before")(_secret_file_beside_config)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> TritonSection:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
 
 class NeuronConfig(_Config):
@@ -371,7 +483,8 @@ def _problem(error: ValidationError) -> tuple[tuple[int | str, ...], str]:
 
 def _validate(model: type[_Model], data: dict[str, Any], path: Path) -> _Model:
     try:
-        return model.model_validate(data)
+        # Secret files and certificates are written relative to the config file.
+        return model.model_validate(data, context={"base_dir": str(path.parent.resolve())})
     except ValidationError as error:
         loc, problem = _problem(error)
         line = _line_of(path, loc)
@@ -406,4 +519,25 @@ def load_neuron_config(path: Path) -> NeuronConfig:
     if not models_path.is_absolute():
         models_path = path.parent / models_path
     models = load_models_file(models_path)
+    _refuse_open_network(config, path)
     return config.model_copy(update={"models": models, "base_dir": base_dir})
+
+
+def _refuse_open_network(config: NeuronConfig, path: Path) -> None:
+    """A neuron without a token answers anyone who reaches it, and so would its Triton's gRPC
+    port: both must then stay on loopback, unless the operator says the network is trusted."""
+    section = config.neuron
+    if section.bearer_token() is not None or section.allow_unauthenticated:
+        return
+    for key, host in (
+        ("neuron.listen", split_host_port(section.listen)[0]),
+        ("triton.address", config.triton.address),
+    ):
+        if not is_loopback(host):
+            line = _line_of(path, tuple(key.split(".")))
+            where = f"{path}:{line}" if line else str(path)
+            raise ConfigError(
+                f"{where}: {key}: {host} is reachable from the network but neuron.token is not "
+                "set: set neuron.token (or token_env / token_file), or "
+                "neuron.allow_unauthenticated = true for a trusted network"
+            )

@@ -28,6 +28,7 @@ from cortex.config import (
 from cortex.demo.tiny_model import CONTEXT_LENGTH as TINY_CONTEXT
 from cortex.demo.tiny_model import MODEL_NAME as TINY_NAME
 from cortex.launch import LaunchError, Neuron, start_neuron
+from cortex.secrets import random_key
 
 log = logging.getLogger("cortex.embedded")
 # Seconds between a neuron's death and its restart: doubled after each restart that dies again
@@ -125,12 +126,33 @@ def banner_models(models: list[EmbeddedModel]) -> str:
     return ("\n" + " " * 12).join(lines)
 
 
+def neuron_token_file(folder: Path) -> Path:
+    return folder / "neuron.token"
+
+
+def new_neuron_token(folder: Path) -> Path:
+    """A fresh random token for the embedded neuron, in a file only this user can read: the
+    neuron and its Triton then refuse other local users (Triton's model-repository API runs
+    uploaded code), and `cortex status` run by the same user finds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = neuron_token_file(folder)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(random_key() + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
 def neuron_config(folder: Path, models: list[EmbeddedModel], ports: EmbeddedPorts) -> NeuronConfig:
-    """The embedded node: its files, state and log in `folder`, Triton on loopback."""
+    """The embedded node: its files, state and log in `folder`, Triton on loopback, guarded by
+    the token `new_neuron_token` wrote there."""
     base = ports.triton_port_base
     return NeuronConfig(
         neuron=NeuronSection(
-            name="local", listen=ports.neuron_listen, state_dir=str(folder / "node")
+            name="local",
+            listen=ports.neuron_listen,
+            state_dir=str(folder / "node"),
+            token_file=str(neuron_token_file(folder)),
         ),
         triton=TritonSection(
             address="127.0.0.1", http_port=base, grpc_port=base + 1, metrics_port=base + 2
@@ -140,12 +162,21 @@ def neuron_config(folder: Path, models: list[EmbeddedModel], ports: EmbeddedPort
     )
 
 
-def gateway_config(ports: EmbeddedPorts) -> CortexConfig:
+def gateway_config(ports: EmbeddedPorts, folder: Path) -> CortexConfig:
+    """The embedded gateway over the embedded neuron, with the neuron's token from `folder`
+    where `cortex serve` wrote one."""
+    token_file = neuron_token_file(folder)
     return CortexConfig(
         gateway=GatewaySection(
             listen=ports.listen, metrics_listen=ports.metrics_listen, poll_interval_s=1.0
         ),
-        neurons=(NeuronRef(name="local", endpoint=f"http://{ports.neuron_listen}"),),
+        neurons=(
+            NeuronRef(
+                name="local",
+                endpoint=f"http://{ports.neuron_listen}",
+                token_file=str(token_file) if token_file.exists() else None,
+            ),
+        ),
     )
 
 

@@ -2,14 +2,15 @@
 reads, written from cortex.toml.
 
     gateway.json  the gateway's metrics_listen                      (job cortex-gateway)
-    triton.json   every neuron's Triton metrics endpoint, with a    (job triton)
-                  `node` label equal to the neuron's name, so Triton's nv_* series line up
-                  with the gateway's cortex_* series in queries and the Grafana dashboard
+    triton.json   every neuron's /metrics, which re-exports its     (job triton)
+                  node's Triton metrics, with a `node` label equal
+                  to the neuron's name, so Triton's nv_* series line
+                  up with the gateway's cortex_* series in queries
+                  and the Grafana dashboard
 
-A Triton target is the neuron endpoint's host with the metrics port that neuron reports in its
-/status (the neuron only knows its loopback address). A neuron that does not answer keeps a
-target on Triton's default port, so Prometheus shows it down instead of forgetting it. Files
-are replaced atomically: Prometheus re-reads them on change.
+Triton serves its metrics on the node's loopback only (`neuron_agent.triton` says why): a
+Triton target is the neuron's own endpoint, scraped with the neuron's bearer token (the triton
+job's `credentials_file`). Files are replaced atomically: Prometheus re-reads them on change.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ import json
 import os
 import socket
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
-
 from cortex.config import CortexConfig, NeuronRef, split_host_port
-from cortex.status import fetch_status
 
-TRITON_DEFAULT_METRICS_PORT = 8002
 GATEWAY_FILE = "gateway.json"
 TRITON_FILE = "triton.json"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
@@ -40,8 +37,6 @@ TargetGroup = dict[str, Any]
 class Targets:
     gateway: list[TargetGroup]
     triton: list[TargetGroup]
-    # One line per neuron whose Triton port had to be assumed.
-    warnings: list[str] = field(default_factory=list)
 
 
 def host_port(host: str, port: int) -> str:
@@ -56,28 +51,18 @@ def gateway_target(config: CortexConfig) -> str:
     return host_port(host, port)
 
 
-def triton_target(ref: NeuronRef, metrics_url: str | None) -> str:
-    host = urlparse(ref.endpoint).hostname or "localhost"
-    port = urlparse(metrics_url).port if metrics_url else None
-    return host_port(host, port or TRITON_DEFAULT_METRICS_PORT)
+def triton_group(ref: NeuronRef) -> TargetGroup:
+    """The neuron's endpoint, where its /metrics serves its Triton's series."""
+    endpoint = urlparse(ref.endpoint)
+    labels = {"node": ref.name}
+    if endpoint.scheme == "https":
+        labels["__scheme__"] = "https"
+    return {"targets": [endpoint.netloc], "labels": labels}
 
 
 def build_targets(config: CortexConfig) -> Targets:
-    """Ask every neuron where its Triton serves metrics; the target groups to write."""
-    triton: list[TargetGroup] = []
-    warnings: list[str] = []
-    for ref in config.neurons:
-        try:
-            metrics_url: str | None = fetch_status(ref).triton.metrics_url
-        except (httpx.HTTPError, ValueError) as error:
-            metrics_url = None
-            warnings.append(
-                f"{ref.name} did not answer ({error.__class__.__name__}); "
-                f"assumed Triton metrics on :{TRITON_DEFAULT_METRICS_PORT}"
-            )
-        triton.append({"targets": [triton_target(ref, metrics_url)], "labels": {"node": ref.name}})
     gateway: list[TargetGroup] = [{"targets": [gateway_target(config)], "labels": {}}]
-    return Targets(gateway=gateway, triton=triton, warnings=warnings)
+    return Targets(gateway=gateway, triton=[triton_group(ref) for ref in config.neurons])
 
 
 def _write_atomically(path: Path, groups: list[TargetGroup]) -> None:

@@ -23,8 +23,7 @@ GIB = 2**30
 
 def fetch_status(ref: NeuronRef, timeout: float = 5.0) -> NeuronStatus:
     """One neuron's /status; raises httpx.HTTPError or ValueError when it does not answer well."""
-    headers = {"authorization": f"Bearer {ref.token}"} if ref.token else {}
-    response = httpx.get(f"{ref.endpoint}/status", headers=headers, timeout=timeout)
+    response = httpx.get(f"{ref.endpoint}/status", headers=ref.authorization(), timeout=timeout)
     response.raise_for_status()
     return NeuronStatus.model_validate(response.json())
 

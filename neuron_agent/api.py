@@ -2,6 +2,11 @@
 
     GET  /health   GET /status   POST /models/load   POST /models/unload
     GET  /models/<name>/tokenizer
+    GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback
+
+Who may reach it: gateways (the lifecycle calls) and Prometheus (/metrics), with the node's
+bearer token; /health answers anyone. A neuron without a token listens on loopback only
+(`cortex.config` refuses anything else unless `allow_unauthenticated` is set).
 
 Bad input gets a JSON error with a clear message: malformed body 400, wrong token 401, unknown
 model 404, won't fit 409, Triton failure 502. Nothing a client sends can crash the agent.
@@ -10,7 +15,6 @@ model 404, won't fit 409, Triton failure 502. Nothing a client sends can crash t
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -18,12 +22,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sanic import Request, Sanic
-from sanic.response import HTTPResponse
+from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 
 from cortex import logs
 from cortex.config import NeuronConfig
 from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
+from cortex.secrets import secret_matches
 from neuron_agent.errors import NodeError
 from neuron_agent.node import Node
 
@@ -59,7 +64,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
     app.config.FALLBACK_ERROR_FORMAT = "json"
     node = node or Node.from_config(config)
     app.ctx.node = node
-    token = config.neuron.token
+    token = config.neuron.bearer_token()
 
     @app.before_server_start
     async def start(app: Sanic) -> None:
@@ -101,7 +106,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
             return None
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        if scheme.lower() != "bearer" or not secret_matches(given.strip(), token):
             return _error(401, "missing or wrong bearer token")
         return None
 
@@ -121,6 +126,13 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
         live = await node.supervisor.live()
         body = Health(status="ok" if live else "degraded", triton_live=live)
         return json_response(body.model_dump(), status=200 if live else 503)
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        scraped = await node.supervisor.metrics_text()
+        if scraped is None:
+            return _error(502, "Triton's metrics endpoint does not answer")
+        return text(scraped, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/status")
     async def status(request: Request) -> HTTPResponse:

@@ -22,6 +22,7 @@ import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
 from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
 from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
@@ -80,11 +81,14 @@ class Node:
     def from_config(cls, config: NeuronConfig) -> Node:
         """The node with its own devices and tritonserver, as `cortex neuron` runs it."""
         state_dir = config.resolve(config.neuron.state_dir)
+        token = config.neuron.bearer_token()
         supervisor = TritonSupervisor(
             config.triton,
             state_dir / "repository",
             state_dir,
             shm_prefix=f"cortex{config.triton.http_port}",
+            key=triton_key(token) if token else random_key(),
+            restrict_grpc=token is not None,
         )
         return cls(
             config, DeviceInventory(config.neuron.name, config.neuron.memory_budget_mib), supervisor

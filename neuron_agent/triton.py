@@ -1,6 +1,18 @@
 """Supervising `tritonserver`: start it in explicit model-control mode, wait until live, restart it
 with backoff when it dies (reloading what was loaded), stop it on shutdown.
 
+Who may reach it. Triton's model-repository API accepts model files in the request, which is
+code execution for whoever reaches it, and its inference API would spend the GPUs without the
+gateway's keys. So:
+- HTTP (:8000) and metrics (:8002) bind 127.0.0.1 whatever `[triton] address` says: the neuron is
+  their one user (it re-exports the metrics on its own authenticated `/metrics`).
+- Every protocol but health, on HTTP and on gRPC (:8001, the port gateways reach over the
+  network at `address`), answers only requests that carry the node's key in the header or
+  gRPC metadata `cortex-triton-key` (`cortex.secrets`). The key is derived from the neuron's
+  token, which gateways hold; a neuron without a token must keep both on loopback
+  (`cortex.config`), and its Triton's gRPC port is then left open to loopback clients.
+- With `tls_cert` / `tls_key` the gRPC port speaks TLS only.
+
 The child never outlives the agent: it gets PR_SET_PDEATHSIG (SIGKILL when the agent dies, even
 by `kill -9`) and its own session, so a terminal's Ctrl-C reaches the agent, which stops Triton
 in order, instead of killing Triton behind the agent's back.
@@ -27,6 +39,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
+from cortex.secrets import TRITON_KEY_HEADER, TRITON_RESTRICTED
 
 log = logging.getLogger("cortex.neuron.triton")
 PR_SET_PDEATHSIG = 1
@@ -136,9 +149,16 @@ class TritonSupervisor:
         repository: Path,
         state_dir: Path,
         shm_prefix: str,
+        key: str,
+        *,
+        restrict_grpc: bool = True,
         on_restart: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`key` guards every protocol but health (HTTP always; gRPC unless `restrict_grpc` is
+        false, for a token-less neuron whose gRPC port stays on loopback)."""
         self.settings = settings
+        self.key = key
+        self.restrict_grpc = restrict_grpc
         self.repository = repository
         self.state_dir = state_dir
         self.shm_prefix = shm_prefix
@@ -153,20 +173,35 @@ class TritonSupervisor:
         self._stopping = False
         self._shut_down = False
         self._watch: asyncio.Task[None] | None = None
-        self._client = httpx.AsyncClient(base_url=self.http_url, timeout=None)
+        self._client = httpx.AsyncClient(
+            base_url=self.http_url, timeout=None, headers={TRITON_KEY_HEADER: key}
+        )
         self.log_path = state_dir / "tritonserver.log"
 
     # ------------------------------------------------------------------ process
 
     def command(self, layout: TritonLayout) -> list[str]:
+        restriction = f"{','.join(TRITON_RESTRICTED)}:{TRITON_KEY_HEADER}={self.key}"
+        tls = self.settings.tls_cert is not None and self.settings.tls_key is not None
         return [
             str(layout.binary),
             f"--model-repository={self.repository}",
             "--model-control-mode=explicit",
             f"--backend-directory={layout.backends}",
-            f"--http-address={self.settings.address}",
+            "--http-address=127.0.0.1",
             f"--grpc-address={self.settings.address}",
-            f"--metrics-address={self.settings.address}",
+            "--metrics-address=127.0.0.1",
+            f"--http-restricted-api={restriction}",
+            *([f"--grpc-restricted-protocol={restriction}"] if self.restrict_grpc else []),
+            *(
+                [
+                    "--grpc-use-ssl=true",
+                    f"--grpc-server-cert={self.settings.tls_cert}",
+                    f"--grpc-server-key={self.settings.tls_key}",
+                ]
+                if tls
+                else []
+            ),
             f"--http-port={self.settings.http_port}",
             f"--grpc-port={self.settings.grpc_port}",
             f"--metrics-port={self.settings.metrics_port}",
@@ -349,15 +384,23 @@ class TritonSupervisor:
                 return dict(response.json()["model_stats"][0])
         return {}
 
+    async def metrics_text(self) -> str | None:
+        """Triton's metrics as its loopback-only port serves them; None where it does not answer."""
+        try:
+            response = await self._client.get(self.metrics_url, timeout=5)
+        except httpx.HTTPError:
+            return None
+        return response.text if response.status_code == 200 else None
+
     async def trtllm_requests(self) -> dict[str, dict[str, float]]:
         """TensorRT-LLM's request gauges, model → request_type → value, read from Triton's
         metrics port in one scrape; {} where Triton does not answer or no such model runs."""
+        scraped = await self.metrics_text()
+        if scraped is None:
+            return {}
         try:
-            response = await self._client.get(self.metrics_url, timeout=5)
-            if response.status_code != 200:
-                return {}
-            families = list(text_string_to_metric_families(response.text))
-        except (httpx.HTTPError, ValueError):
+            families = list(text_string_to_metric_families(scraped))
+        except ValueError:
             return {}
         gauges: dict[str, dict[str, float]] = {}
         for family in families:

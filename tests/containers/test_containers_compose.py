@@ -128,10 +128,18 @@ def test_prometheus_targets_name_the_compose_services(name: str) -> None:
     metrics_port = split_host_port(gateway.gateway.metrics_listen)[1]
     assert [group["targets"] for group in gateway_targets] == [[f"gateway:{metrics_port}"]]
     triton_targets = json.loads((targets / "triton.json").read_text(encoding="utf-8"))
+    prometheus = yaml.safe_load((CONTAINERS / "prometheus" / "prometheus.yml").read_text())
+    triton_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "triton")
+    credentials = CONTAINERS / "prometheus" / triton_job["authorization"]["credentials_file"]
+    shipped_token = credentials.read_text(encoding="utf-8").strip()
     expected = []
     for neuron in NEURONS:
         node = load_neuron_config(
             CONTAINERS / bind_mounts(services[neuron])["/etc/cortex/neuron.toml"]
         )
-        expected.append(([f"{neuron}:{node.triton.metrics_port}"], {"node": node.neuron.name}))
+        # The neuron's own port: its /metrics re-exports Triton's, which binds loopback.
+        port = split_host_port(node.neuron.listen)[1]
+        expected.append(([f"{neuron}:{port}"], {"node": node.neuron.name}))
+        # Prometheus scrapes it with the neuron's token, from the file the job names.
+        assert shipped_token == node.neuron.bearer_token()
     assert [(group["targets"], group["labels"]) for group in triton_targets] == expected
