@@ -27,7 +27,7 @@ from control_plane.errors import (
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
-from cortex.secrets import TRITON_KEY_HEADER, triton_key
+from cortex.secrets import TRITON_GRPC_KEY_METADATA, triton_key
 
 # grpcio runs client channels on its EventEngine by default; for the gateway's stream reads (one
 # message per token) its older client path costs about a third less CPU per message (measured
@@ -230,7 +230,7 @@ class TritonStream:
         call; `tls_ca`: the PEM CA that signed Triton's certificate, for a TLS channel."""
         self.url = url
         self.node = node or url
-        self._metadata = ((TRITON_KEY_HEADER, key),) if key else None
+        self._metadata = ((TRITON_GRPC_KEY_METADATA, key),) if key else None
         if tls_ca is None:
             self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_OPTIONS)
         else:

@@ -8,8 +8,9 @@ keys may also be given as SHA-256 digests (`api_key_sha256`), so the gateway's h
 them at all. Offered secrets are compared in constant time, against every candidate.
 
 **Triton's key.** A node's tritonserver accepts a request on any protocol but health only with
-the header (gRPC metadata) `cortex-triton-key` (`--grpc-restricted-protocol`,
-`--http-restricted-api`). Its value is derived from the neuron's bearer token, so a gateway that
+the HTTP header `cortex-triton-key` (`--http-restricted-api`) or the gRPC metadata
+`triton-grpc-protocol-cortex-triton-key` (`--grpc-restricted-protocol`; Triton adds the
+prefix). Its value is derived from the neuron's bearer token, so a gateway that
 holds the token knows it and nothing else has to be configured or sent around; the token itself
 never reaches Triton's command line, which every local user can read. A neuron without a token
 (loopback only, see `neuron_agent.triton`) makes a random key per start for its own HTTP calls
@@ -25,6 +26,8 @@ import secrets
 from pathlib import Path
 
 TRITON_KEY_HEADER = "cortex-triton-key"
+# Triton's gRPC server looks for a restricted protocol's key under this prefix.
+TRITON_GRPC_KEY_METADATA = f"triton-grpc-protocol-{TRITON_KEY_HEADER}"
 # Every protocol Triton can restrict but health, which probes need without a key.
 TRITON_RESTRICTED = (
     "metadata",

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cortex.config import NeuronRef
 from cortex.demo.cache import build_once, models_root
 from cortex.demo.smollm2 import ensure_smollm2, gguf_path
 from cortex.demo.tiny_model import ensure_tiny_model
@@ -33,6 +34,7 @@ from cortex.launch import (
     stop,
     wait_for,
 )
+from cortex.secrets import TRITON_KEY_HEADER, triton_key
 
 __all__ = ["descendants", "free_ports", "stop", "wait_for"]  # for the tests that use them
 
@@ -87,6 +89,32 @@ class Embedded:
     triton_http: str
     log: Path
     children: list[psutil.Process]
+    state: Path
+
+    @property
+    def neuron_token_file(self) -> Path:
+        """Where `cortex serve` wrote the random token it gave its neuron."""
+        return self.state / "embedded" / "neuron.token"
+
+    @property
+    def neuron_token(self) -> str:
+        return self.neuron_token_file.read_text().strip()
+
+    @property
+    def neuron_headers(self) -> dict[str, str]:
+        """What a call to the embedded neuron's API must send."""
+        return {"authorization": f"Bearer {self.neuron_token}"}
+
+    def neuron_ref(self, name: str) -> NeuronRef:
+        """A gateway's entry for the embedded neuron, under `name`."""
+        return NeuronRef(
+            name=name, endpoint=self.neuron_url, token_file=str(self.neuron_token_file)
+        )
+
+    @property
+    def triton_headers(self) -> dict[str, str]:
+        """What a direct call to the embedded Triton's HTTP API must send."""
+        return {TRITON_KEY_HEADER: triton_key(self.neuron_token)}
 
 
 def start_embedded(tmp: Path, env: dict[str, str] | None = None) -> Embedded:
@@ -126,6 +154,7 @@ def start_embedded(tmp: Path, env: dict[str, str] | None = None) -> Embedded:
         triton_http=f"http://127.0.0.1:{triton}",
         log=fleet.log,
         children=descendants(fleet.process.pid),
+        state=tmp / "state",
     )
 
 

@@ -71,10 +71,15 @@ def test_unknown_fields_from_a_newer_neuron_are_ignored(
     embedded: Embedded, newer_neuron: tuple[type[Replay], str]
 ) -> None:
     load = httpx.post(
-        f"{embedded.neuron_url}/models/load", json={"model": "cortex-tiny"}, timeout=180
+        f"{embedded.neuron_url}/models/load",
+        json={"model": "cortex-tiny"},
+        headers=embedded.neuron_headers,
+        timeout=180,
     )
     assert load.status_code == 200, load.text
-    body = httpx.get(f"{embedded.neuron_url}/status", timeout=10).json()
+    body = httpx.get(
+        f"{embedded.neuron_url}/status", headers=embedded.neuron_headers, timeout=10
+    ).json()
     assert body["catalogue"] and body["loaded"], "the embedded neuron serves cortex-tiny"
     body["added_in_v9"] = {"x": 1}
     body["triton"]["new_state_detail"] = "fine"

@@ -36,6 +36,7 @@ from cortex.config import (
     NeuronSection,
     TritonSection,
 )
+from cortex.secrets import TRITON_KEY_HEADER
 from neuron_agent import gpus
 from neuron_agent.api import create_app
 from neuron_agent.node import Node
@@ -96,6 +97,8 @@ class InProcessNeuron:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.triton_http = self.node.supervisor.http_url
+        # Triton's HTTP API answers only its node's key (a random one: this node has no token).
+        self.triton_headers = {TRITON_KEY_HEADER: self.node.supervisor.key}
         self.triton_grpc = self.node.supervisor.grpc_url
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="neuron", daemon=True)
@@ -221,10 +224,15 @@ def test_status_changes_nothing_and_reads_nvml_once(
         assert reply.status_code == 200, reply.text
     # Triton loses paced-torch behind the node's back (as in a crash): a report must say so,
     # and must not write it into the node's record.
-    lost = httpx.post(f"{neuron.triton_http}/v2/repository/models/paced-torch/unload", timeout=60)
+    lost = httpx.post(
+        f"{neuron.triton_http}/v2/repository/models/paced-torch/unload",
+        headers=neuron.triton_headers,
+        timeout=60,
+    )
     assert lost.status_code == 200, lost.text
     deadline = time.monotonic() + 30
-    while httpx.get(f"{neuron.triton_http}/v2/models/paced-torch/ready").status_code == 200:
+    ready = f"{neuron.triton_http}/v2/models/paced-torch/ready"
+    while httpx.get(ready, headers=neuron.triton_headers).status_code == 200:
         assert time.monotonic() < deadline, "Triton kept paced-torch"
         time.sleep(0.1)
 

@@ -20,9 +20,15 @@ def test_last_used_is_tritons_last_inference(embedded: Embedded) -> None:
         timeout=180,
     )
     assert reply.status_code == 200, reply.text
-    stats = httpx.get(f"{embedded.triton_http}/v2/models/cortex-tiny/stats", timeout=10).json()
+    stats = httpx.get(
+        f"{embedded.triton_http}/v2/models/cortex-tiny/stats",
+        headers=embedded.triton_headers,
+        timeout=10,
+    ).json()
     last_inference = stats["model_stats"][0]["last_inference"] / 1000
-    status = httpx.get(f"{embedded.neuron_url}/status", timeout=10).json()
+    status = httpx.get(
+        f"{embedded.neuron_url}/status", headers=embedded.neuron_headers, timeout=10
+    ).json()
     (model,) = [m for m in status["loaded"] if m["name"] == "cortex-tiny"]
     assert model["last_used"] == last_inference
     assert model["last_used"] > model["loaded_at"]

@@ -45,7 +45,7 @@ def triton_metrics_port(embedded: Embedded) -> int:
 
 
 def write_cortex_toml(path: Path, embedded: Embedded, down_neuron: bool = False) -> Path:
-    neurons = [NeuronRef(name=NODE, endpoint=embedded.neuron_url)]
+    neurons = [embedded.neuron_ref(NODE)]
     if down_neuron:
         closed = free_ports(1)[0]  # nothing listens there
         neurons.append(NeuronRef(name="gone", endpoint=f"http://127.0.0.1:{closed}"))

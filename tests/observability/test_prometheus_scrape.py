@@ -50,6 +50,9 @@ def prometheus(
     folder = tmp_path_factory.mktemp("prometheus")
     listen = f"127.0.0.1:{free_ports(1)[0]}"
     (folder / "prometheus.yml").write_text(yaml.safe_dump(derived_config(listen)), encoding="utf-8")
+    # The neurons' /metrics answer their token only (the shipped job reads it from this file).
+    (folder / "secrets").mkdir()
+    (folder / "secrets" / "neuron_token").write_text(embedded.neuron_token, encoding="utf-8")
     toml = write_cortex_toml(folder / "cortex.toml", embedded)
     written = cortex("prometheus-targets", "--config", str(toml), "--out", str(folder / "targets"))
     assert written.returncode == 0, written.stderr

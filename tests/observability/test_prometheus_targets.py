@@ -7,8 +7,9 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import urlparse
 
-from cortex.config import CortexConfig, GatewaySection
+from cortex.config import CortexConfig, GatewaySection, load_cortex_config
 from cortex.launch import write_gateway_config
 from tests.conftest import Embedded
 from tests.observability.conftest import (
@@ -30,10 +31,9 @@ def test_targets_from_a_running_fleet(embedded: Embedded, fleet_toml: Path, tmp_
     gateway = json.loads((out / "gateway.json").read_text())
     triton = json.loads((out / "triton.json").read_text())
     assert gateway == [{"targets": [metrics_address(embedded)], "labels": {}}]
-    # The neuron reports Triton's metrics port; the host is the neuron endpoint's.
-    assert triton == [
-        {"targets": [f"127.0.0.1:{triton_metrics_port(embedded)}"], "labels": {"node": NODE}}
-    ]
+    # The neuron's own endpoint: its /metrics re-exports Triton's (which binds loopback).
+    assert triton == [{"targets": [urlparse(embedded.neuron_url).netloc], "labels": {"node": NODE}}]
+    assert str(triton_metrics_port(embedded)) not in triton[0]["targets"][0]
     assert sorted(p.name for p in out.iterdir()) == ["gateway.json", "triton.json"]
 
 
@@ -48,17 +48,17 @@ def test_same_shape_as_the_shipped_lists(fleet_toml: Path, tmp_path: Path) -> No
         }
 
 
-def test_a_neuron_down_keeps_a_target_on_the_default_port(
-    fleet_toml_one_down: Path, tmp_path: Path
-) -> None:
+def test_a_neuron_down_keeps_its_target(fleet_toml_one_down: Path, tmp_path: Path) -> None:
     result = cortex(
         "prometheus-targets", "--config", str(fleet_toml_one_down), "--out", str(tmp_path)
     )
     assert result.returncode == 0, result.stderr
-    assert "gone did not answer" in result.stderr
     triton = json.loads((tmp_path / "triton.json").read_text())
     by_node = {g["labels"]["node"]: g["targets"] for g in triton}
-    assert by_node["gone"] == ["127.0.0.1:8002"]
+    gone = next(
+        ref for ref in load_cortex_config(fleet_toml_one_down).neurons if ref.name == "gone"
+    )
+    assert by_node["gone"] == [urlparse(gone.endpoint).netloc]
     assert NODE in by_node
 
 

@@ -122,7 +122,8 @@ def json_gateway(
     embedded: Embedded, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[JsonGateway]:
     folder = tmp_path_factory.mktemp("json-gateway")
-    config = loopback_gateway({NODE: embedded.neuron_url}, log_format="json", api_keys=(API_KEY,))
+    config = loopback_gateway({}, log_format="json", api_keys=(API_KEY,))
+    config = config.model_copy(update={"neurons": (embedded.neuron_ref(NODE),)})
     with running_gateway(folder / "cortex.toml", config) as gateway:
         yield JsonGateway(f"{gateway.url}/v1", gateway.log)
 
