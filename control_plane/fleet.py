@@ -40,6 +40,7 @@ from urllib.parse import urlparse
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from control_plane.cold_load import ColdLoad, GiveUp, Place
 from control_plane.errors import (
     CortexError,
     ModelNotFound,
@@ -52,7 +53,6 @@ from control_plane.lifecycle import (
     LoadWindow,
     Move,
     Placement,
-    Refusal,
     Resident,
     ScaleIn,
     idle_expired,
@@ -110,6 +110,21 @@ class _Node:
     out_until: float = 0.0
 
 
+def _loading_elsewhere(snapshot: FleetSnapshot, model: str) -> str | None:
+    """An up node whose neuron reports the model LOADING while this gateway is not loading it
+    there (another gateway's load, or the neuron's reload after a Triton restart)."""
+    for view in snapshot.nodes:
+        reported = view.loaded.get(model)
+        if (
+            view.up
+            and reported is not None
+            and reported.state == "LOADING"
+            and model not in view.loading
+        ):
+            return view.name
+    return None
+
+
 @dataclass(frozen=True)
 class DefragResult:
     """A move carried out: `old_copy_unloaded` is False when the old copy kept serving past the
@@ -143,6 +158,7 @@ class Fleet:
         self.pinned_unplaced: dict[str, str] = {}
         self._pinned: set[str] = set()  # every pinned model any catalogue has listed
         self._merged: dict[str, CatalogueEntry] | None = None
+        self._change = asyncio.Event()
 
     # ------------------------------------------------------------------ polling
 
@@ -217,6 +233,7 @@ class Fleet:
             log.info("neuron %s is up", name)
         self.metrics.neuron_up.labels(name).set(1)
         node.status, node.up = status, True
+        self._notify()
         node.catalogue = catalogue_index(status)  # once per poll, not per request
         grpc_url = self._grpc_url(name, status)
         if node.triton is None or node.triton.url != grpc_url:
@@ -246,6 +263,7 @@ class Fleet:
         node.up = False
         node.status = None
         self._merged = None
+        self._notify()
         self.metrics.neuron_up.labels(name).set(0)
 
     def node_failed(self, name: str, reason: str) -> None:
@@ -330,47 +348,68 @@ class Fleet:
             ) from None
 
     async def _cold_load(self, model: str) -> str:
+        """Place the model and load it, waiting (up to the load timeout) while loads, unloads
+        or requests in flight stand in the way; `ColdLoad` decides each next step."""
         # A fresh look at every node that may hold the model: another gateway may be loading it.
+        await self._refresh(model)
+        timeout = self.config.gateway.load_timeout_s
+        attempts = ColdLoad(model, time.monotonic() + timeout, timeout)
+        while True:
+            snapshot = self.snapshot()
+            node = choose_replica(snapshot, model)
+            if node is not None:
+                return node
+            elsewhere = _loading_elsewhere(snapshot, model)
+            if elsewhere is not None:
+                log.info("%s is being loaded on %s already; waiting for it", model, elsewhere)
+                await self.load(elsewhere, model)  # the neuron joins the load under way
+                return elsewhere
+            plan = plan_placement(
+                snapshot,
+                model,
+                self.config.eviction.strategy,
+                time.time(),
+                self._worth(),
+                exclude=attempts.exclude(),
+            )
+            step = attempts.next_step(plan, time.monotonic())
+            if isinstance(step, GiveUp):
+                raise step.error
+            if isinstance(step, Place):
+                placement = step.placement
+                try:
+                    await self.place(model, placement, "make_room")
+                    return placement.node
+                except CortexError as error:
+                    await self.poll(placement.node)
+                    retry = attempts.failed_on(placement.node, error)
+                if retry is None:
+                    continue
+                step = retry
+            log.debug("%s waits for the fleet to change: %s", model, step.reason)
+            if not await self._changed(step.seconds):
+                await self._refresh(model)  # others' requests show only in the neurons' counts
+
+    async def _refresh(self, model: str) -> None:
+        """Poll every up node that may hold the model."""
         await asyncio.gather(
             *(self.poll(n.name) for n in self.snapshot().nodes if model in n.catalogue())
         )
-        snapshot = self.snapshot()
-        node = choose_replica(snapshot, model)
-        if node is not None:
-            return node
-        for view in snapshot.nodes:
-            reported = view.loaded.get(model)
-            if view.up and reported is not None and reported.state == "LOADING":
-                log.info("%s is being loaded on %s already; waiting for it", model, view.name)
-                await self.load(view.name, model)  # the neuron joins the load under way
-                return view.name
-        tried: set[str] = set()
-        errors: list[str] = []
-        failed = False
-        while True:
-            plan = plan_placement(
-                self.snapshot(),
-                model,
-                self.config.eviction.strategy,
-                self._worth(),
-                exclude=frozenset(tried),
-            )
-            if isinstance(plan, Refusal):
-                if failed:
-                    raise UpstreamFailed(f"{model} could not be loaded: " + "; ".join(errors))
-                reasons = "; ".join([*errors, plan.reason])
-                raise Overloaded(f"cannot place {model}: {reasons}", retry_after=30)
-            placement = plan[0]
-            tried.add(placement.node)
-            try:
-                await self.place(model, placement, "make_room")
-            except CortexError as error:
-                # A refusal (no room after all, a victim got busy) is not a failed node.
-                failed = failed or not isinstance(error, Overloaded)
-                errors.append(f"{placement.node}: {error.message}")
-                await self.poll(placement.node)
-                continue
-            return placement.node
+
+    def _notify(self) -> None:
+        """The fleet changed (a load or unload ended, a request finished, a poll came back):
+        wake the cold loads waiting for room."""
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _changed(self, timeout: float) -> bool:
+        """Whether the fleet changed within `timeout` seconds."""
+        change = self._change
+        try:
+            await asyncio.wait_for(change.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _worth(self) -> Callable[[Resident], float] | None:
         """What keeping a model is worth to the `demand` strategy (None: the strategy's order)."""
@@ -394,6 +433,7 @@ class Fleet:
         finally:
             member.loading.pop(model, None)
             member.leaving.difference_update(v.name for v in placement.victims)
+            self._notify()
 
     async def load(self, node: str, model: str) -> None:
         started = time.monotonic()
@@ -415,6 +455,7 @@ class Fleet:
             await member.client.unload(model)
         finally:
             member.leaving.discard(model)
+            self._notify()
         self.metrics.evictions.labels(model, node, reason).inc()
         log.info("unloaded %s from %s (%s)", model, node, reason)
         await self.poll(node)
@@ -562,3 +603,4 @@ class Fleet:
             yield member.triton
         finally:
             member.in_flight[model] -= 1
+            self._notify()
