@@ -453,12 +453,14 @@ class Fleet:
         member.leaving.add(model)
         try:
             await member.client.unload(model)
+            self.metrics.evictions.labels(model, node, reason).inc()
+            log.info("unloaded %s from %s (%s)", model, node, reason)
+            # Routing sees the model gone before it stops counting as leaving: no request is
+            # sent to a copy that is no longer there.
+            await self.poll(node)
         finally:
             member.leaving.discard(model)
             self._notify()
-        self.metrics.evictions.labels(model, node, reason).inc()
-        log.info("unloaded %s from %s (%s)", model, node, reason)
-        await self.poll(node)
 
     # ------------------------------------------------------------------ pinned and replicas
 

@@ -276,13 +276,13 @@ def plan_placement(
         if model in node.loading or (reported is not None and reported.state == "LOADING"):
             refusals.append(Refusal(f"{model} is being loaded on {node.name}", wait=True))
             continue
+        if model in node.leaving or (reported is not None and reported.state == "UNLOADING"):
+            refusals.append(Refusal(f"{model} is being unloaded on {node.name}", wait=True))
+            continue
         if reported is not None and reported.state == "READY":
             if model in node.draining:
                 refusals.append(Refusal(f"{model} is being moved off {node.name}", wait=True))
             continue  # there already (a replica the caller excluded, or not yet routed to)
-        if reported is not None and reported.state == "UNLOADING":
-            refusals.append(Refusal(f"{model} is being unloaded on {node.name}", wait=True))
-            continue
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
         elif reported is not None or node.fits(

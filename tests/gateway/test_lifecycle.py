@@ -571,3 +571,12 @@ def test_a_node_that_refuses_is_tried_again_and_one_that_fails_is_left_out() -> 
     step = attempts.next_step(Refusal("no node that may serve m is up"), 10.0)
     assert isinstance(step, GiveUp) and isinstance(step.error, UpstreamFailed)
     assert "b: Triton could not load m" in step.error.message
+
+
+def test_a_model_being_evicted_takes_no_new_requests_and_its_next_load_waits() -> None:
+    holder = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    leaving = NodeView("n", True, holder.status, leaving=frozenset({"a"}))
+    assert choose_replica(FleetSnapshot((holder,)), "a") == "n"
+    assert choose_replica(FleetSnapshot((leaving,)), "a") is None
+    plan = plan_placement(FleetSnapshot((leaving,)), "a", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait and "being unloaded on n" in plan.reason

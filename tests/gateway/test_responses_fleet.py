@@ -242,7 +242,7 @@ CODEX_DEFAULT = json.loads(
 def test_codex_default_request_gets_an_answer_naming_the_dropped_tool(
     replay_fleet: ReplayFleet, oai: openai.OpenAI
 ) -> None:
-    body = {k: v for k, v in CODEX_DEFAULT.items() if k not in ("//", "stream")}
+    body: Any = {k: v for k, v in CODEX_DEFAULT.items() if k not in ("//", "stream")}
     body["model"] = "replay-hermes"
     with oai.responses.with_streaming_response.create(**body, stream=True) as raw:
         assert raw.status_code == 200
@@ -254,14 +254,13 @@ def test_codex_default_request_gets_an_answer_naming_the_dropped_tool(
     assert whole.headers["cortex-dropped-tools"] == "web_search"
     assert whole.parse().output_text == "Hello from the replay fake."
     # The same tools through Chat (there, a hosted tool is a bare {"type": ...}).
+    tools: Any = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+        {"type": "web_search"},
+        {"type": "code_interpreter"},
+    ]
     chat = oai.chat.completions.with_raw_response.create(
-        model="replay-hermes",
-        messages=[{"role": "user", "content": "hi"}],
-        tools=[
-            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
-            {"type": "web_search"},  # type: ignore[list-item]
-            {"type": "code_interpreter"},  # type: ignore[list-item]
-        ],
+        model="replay-hermes", messages=[{"role": "user", "content": "hi"}], tools=tools
     )
     assert chat.headers["cortex-dropped-tools"] == "code_interpreter, web_search"
     assert chat.parse().choices[0].message.content == "Hello from the replay fake."
@@ -273,15 +272,16 @@ def test_codex_default_request_gets_an_answer_naming_the_dropped_tool(
     log = replay_fleet.gateway_log.read_text()
     assert log.count("hosted tools left out of requests from") == 2  # two sets of tools
     # Forcing a hosted tool still fails, naming the field, in both dialects.
+    forced: Any = {**body, "tool_choice": {"type": "web_search"}}
     with pytest.raises(openai.BadRequestError) as caught:
-        oai.responses.create(**{**body, "tool_choice": {"type": "web_search"}})
+        oai.responses.create(**forced)
     assert caught.value.param == "tool_choice.type" and "web_search" in caught.value.message
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(
             model="replay-hermes",
             messages=[{"role": "user", "content": "hi"}],
-            tools=[{"type": "web_search"}],  # type: ignore[list-item]
-            tool_choice={"type": "web_search"},  # type: ignore[arg-type]
+            tools=tools[1:2],
+            tool_choice=forced["tool_choice"],
         )
     assert caught.value.param == "tool_choice.type"
 

@@ -590,7 +590,7 @@ def test_hosted_tools_are_left_out_of_what_the_model_sees() -> None:
             "mcp",
         )
     ]
-    tools = [{"type": "function", "name": "f"}, *hosted]
+    tools: list[dict[str, Any]] = [{"type": "function", "name": "f"}, *hosted]
     tools.append({"type": "namespace", "name": "n", "tools": [{"type": "mcp"}]})
     chat = translated(input="x", tools=tools)
     assert [tool.name for tool in chat.tools] == ["f"]
@@ -620,7 +620,11 @@ def test_hosted_tools_are_left_out_of_what_the_model_sees() -> None:
 def test_chat_tools_the_gateway_cannot_offer_are_400s_naming_the_field(
     tools: list[dict[str, Any]], tool_choice: dict[str, Any] | None, param: str
 ) -> None:
-    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
+    body: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": tools,
+    }
     if tool_choice is not None:
         body["tool_choice"] = tool_choice
     with pytest.raises(InvalidRequest) as caught:
