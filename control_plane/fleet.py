@@ -73,7 +73,14 @@ from control_plane.routing import (
     resolve_model,
 )
 from cortex.config import CortexConfig, EvictionStrategy, NeuronRef
-from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus, TokenizerFiles
+from cortex.neuron_api import (
+    CatalogueEntry,
+    EvictionReason,
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TokenizerFiles,
+)
 
 log = logging.getLogger("cortex.fleet")
 
@@ -118,7 +125,7 @@ def _loading_elsewhere(snapshot: FleetSnapshot, model: str) -> str | None:
         if (
             view.up
             and reported is not None
-            and reported.state == "LOADING"
+            and reported.state == ModelState.LOADING
             and model not in view.loading
         ):
             return view.name
@@ -378,7 +385,7 @@ class Fleet:
             if isinstance(step, Place):
                 placement = step.placement
                 try:
-                    await self.place(model, placement, "make_room")
+                    await self.place(model, placement, EvictionReason.MAKE_ROOM)
                     return placement.node
                 except CortexError as error:
                     await self.poll(placement.node)
@@ -417,7 +424,7 @@ class Fleet:
             return self.demand.per_byte(time.time())
         return None
 
-    async def place(self, model: str, placement: Placement, reason: str) -> None:
+    async def place(self, model: str, placement: Placement, reason: EvictionReason) -> None:
         """Carry out a placement: evict its victims, then load. The caller made the plan from a
         snapshot just now; the memory is reserved before anything is awaited."""
         member = self.nodes[placement.node]
@@ -448,7 +455,7 @@ class Fleet:
         log.info("loaded %s on %s in %.2f s", model, node, seconds)
         await self.poll(node)
 
-    async def unload(self, node: str, model: str, reason: str) -> None:
+    async def unload(self, node: str, model: str, reason: EvictionReason) -> None:
         member = self.nodes[node]
         member.leaving.add(model)
         try:
@@ -527,13 +534,13 @@ class Fleet:
     async def _scale_out(self, model: str, placement: Placement, reason: str) -> None:
         log.info("adding a replica of %s on %s: %s", model, placement.node, reason)
         try:
-            await self.place(model, placement, "scale_out")
+            await self.place(model, placement, EvictionReason.SCALE_OUT)
         except CortexError as error:
             log.warning("new replica of %s on %s failed: %s", model, placement.node, error.message)
 
     async def _scale_in(self, model: str, node: str) -> None:
         try:
-            await self.unload(node, model, "scale_in")
+            await self.unload(node, model, EvictionReason.SCALE_IN)
         except CortexError as error:
             log.info("replica of %s on %s stays: %s", model, node, error.message)
 
@@ -545,7 +552,7 @@ class Fleet:
         self.cycles += 1
         for resident in idle_expired(self.snapshot(), time.time()):
             try:
-                await self.unload(resident.node, resident.name, "idle_ttl")
+                await self.unload(resident.node, resident.name, EvictionReason.IDLE_TTL)
             except CortexError as error:
                 log.warning("idle unload of %s failed: %s", resident.name, error.message)
         self.keep_pinned()
@@ -562,7 +569,7 @@ class Fleet:
         log.info("defragmenting: moving %s from %s to %s", move.model, move.source, move.target)
         source = self.nodes[move.source]
         try:
-            await self.place(move.model, Placement(move.target), "defrag")
+            await self.place(move.model, Placement(move.target), EvictionReason.DEFRAG)
         except CortexError as error:
             log.warning("defragmentation move failed: %s", error.message)
             return None
@@ -574,7 +581,7 @@ class Fleet:
             while True:
                 if not source.in_flight.get(move.model):
                     try:
-                        await self.unload(move.source, move.model, "defrag")
+                        await self.unload(move.source, move.model, EvictionReason.DEFRAG)
                         return DefragResult(move, old_copy_unloaded=True)
                     except Overloaded:
                         pass

@@ -45,7 +45,7 @@ from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.config import EngineKind
-from cortex.neuron_api import CatalogueEntry
+from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
 
@@ -279,11 +279,11 @@ async def _stream(
                             break
             finally:
                 await stream.aclose()
-        record.outcome = "ok"
+        record.outcome = RequestOutcome.OK
         for event in output.finish():
             yield event
     except (GeneratorExit, asyncio.CancelledError):
-        record.outcome = "cancelled"
+        record.outcome = RequestOutcome.CANCELLED
         raise
     except CortexError as error:
         if not (may_retry and _retryable(error, record, deadline)):
@@ -293,7 +293,7 @@ async def _stream(
     except Exception as error:  # a node failing mid-stream ends the stream with an error
         failure = UpstreamFailed(f"{model} on {node} failed: {error}")
         if not (may_retry and _retryable(failure, record, deadline)):
-            record.outcome = "api_error"
+            record.outcome = RequestOutcome.API_ERROR
             raise failure from error
         retry = _Retry(failure)
     finally:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from control_plane.routing import FleetSnapshot, NodeView, busy
 from cortex.config import EvictionStrategy, ScalingSection
-from cortex.neuron_api import CatalogueEntry, LoadedModel
+from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -
         pinned=pinned,
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
-        ready=model.state == "READY",
+        ready=model.state == ModelState.READY,
     )
 
 
@@ -273,13 +273,15 @@ def plan_placement(
         if entry is None or node.status is None or node.name in exclude:
             continue
         reported = node.loaded.get(model)
-        if model in node.loading or (reported is not None and reported.state == "LOADING"):
+        if model in node.loading or (reported is not None and reported.state == ModelState.LOADING):
             refusals.append(Refusal(f"{model} is being loaded on {node.name}", wait=True))
             continue
-        if model in node.leaving or (reported is not None and reported.state == "UNLOADING"):
+        if model in node.leaving or (
+            reported is not None and reported.state == ModelState.UNLOADING
+        ):
             refusals.append(Refusal(f"{model} is being unloaded on {node.name}", wait=True))
             continue
-        if reported is not None and reported.state == "READY":
+        if reported is not None and reported.state == ModelState.READY:
             if model in node.draining:
                 refusals.append(Refusal(f"{model} is being moved off {node.name}", wait=True))
             continue  # there already (a replica the caller excluded, or not yet routed to)

@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from control_plane.canonical import ChatRequest
-from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus
+from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState, NeuronStatus
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class NodeView:
         if not self.up or self.status is None:
             return frozenset()
         # Models on their way out (moved off, or being evicted) take no new requests.
-        ready = frozenset(m.name for m in self.status.loaded if m.state == "READY")
+        ready = frozenset(m.name for m in self.status.loaded if m.state == ModelState.READY)
         return ready - self.draining - self.leaving
 
     def ready_models(self) -> frozenset[str]:

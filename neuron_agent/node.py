@@ -12,7 +12,6 @@ result says so.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
@@ -21,7 +20,14 @@ from dataclasses import dataclass, field
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from cortex.neuron_api import (
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+    UnloadResult,
+)
 from neuron_agent.catalogue import Catalogue
 from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
@@ -32,15 +38,6 @@ from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.triton import TritonError, TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
-
-
-class ModelState(enum.StrEnum):
-    """A loaded model's state, as /status reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
 
 
 @dataclass
@@ -414,7 +411,7 @@ class Node:
             self._retire_failed(name, entry)
         state, reason = entry.state, entry.reason
         last_inference = None
-        if self.supervisor.state == "live" and entry.state in (
+        if self.supervisor.state is TritonState.LIVE and entry.state in (
             ModelState.READY,
             ModelState.UNAVAILABLE,
         ):

@@ -27,6 +27,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
+from cortex.neuron_api import TritonState
 
 log = logging.getLogger("cortex.neuron.triton")
 PR_SET_PDEATHSIG = 1
@@ -146,7 +147,7 @@ class TritonSupervisor:
         self.http_url = f"http://127.0.0.1:{settings.http_port}"
         self.grpc_url = f"127.0.0.1:{settings.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-        self.state = "stopped"
+        self.state = TritonState.STOPPED
         self.restarts = 0
         self.last_error: str | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -204,7 +205,7 @@ class TritonSupervisor:
         orphans = kill_orphaned_stubs(self.repository)
         if orphans:
             log.warning("killed %d Python-backend stubs a dead tritonserver left behind", orphans)
-        self.state = "starting"
+        self.state = TritonState.STARTING
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -218,7 +219,7 @@ class TritonSupervisor:
         finally:
             log_file.close()
         await self._wait_live()
-        self.state = "live"
+        self.state = TritonState.LIVE
         log.info("tritonserver pid %d live on %s", self.process.pid, self.http_url)
 
     async def _wait_live(self) -> None:
@@ -255,7 +256,7 @@ class TritonSupervisor:
                 return
             self.last_error = f"tritonserver exited with code {code}"
             log.error("%s; restarting in %.0f s", self.last_error, backoff)
-            self.state = "restarting"
+            self.state = TritonState.RESTARTING
             await asyncio.sleep(backoff)
             try:
                 await self._spawn()
@@ -289,7 +290,7 @@ class TritonSupervisor:
         # Our own keep-alive connection would hold Triton's HTTP shutdown for its exit timeout.
         await self._client.aclose()
         await self._terminate()
-        self.state = "stopped"
+        self.state = TritonState.STOPPED
 
     async def _terminate(self, grace: float = 15.0) -> None:
         process = self.process

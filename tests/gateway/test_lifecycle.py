@@ -31,7 +31,15 @@ from control_plane.routing import (
     resolve_model,
 )
 from cortex.config import EvictionStrategy, ModelProfile, ScalingSection
-from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
+from cortex.neuron_api import (
+    CatalogueEntry,
+    GpuInfo,
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+)
 
 GB = 10**9
 NOW = 1_000_000.0
@@ -56,7 +64,7 @@ def node(
         used[device] += size
     status = NeuronStatus(
         name=name,
-        triton=TritonInfo(state="live", http_url="", grpc_url="h:1", metrics_url=""),
+        triton=TritonInfo(state=TritonState.LIVE, http_url="", grpc_url="h:1", metrics_url=""),
         gpus=[
             GpuInfo(
                 index=i,
@@ -72,7 +80,7 @@ def node(
         loaded=[
             LoadedModel(
                 name=m,
-                state="READY",
+                state=ModelState.READY,
                 engine="torch",
                 quantization="none",
                 tp=1,
@@ -482,7 +490,7 @@ def test_a_model_still_loading_is_neither_idle_nor_a_victim() -> None:
     catalogue = {**CATALOGUE, "a": (profile("a", idle_ttl_s=1), 10 * GB)}
     loading = node("n", [10 * GB], [("a", 0, 10 * GB, 0.0)], catalogue)
     assert loading.status is not None
-    loading.status.loaded[0].state = "LOADING"
+    loading.status.loaded[0].state = ModelState.LOADING
     loading.status.loaded[0].loaded_at = loading.status.loaded[0].last_used = None
     assert idle_expired(FleetSnapshot((loading,)), NOW) == []
     plan = plan_placement(FleetSnapshot((loading,)), "b", LRU, NOW)
@@ -520,7 +528,7 @@ def test_loads_unloads_and_requests_in_flight_are_waited_for() -> None:
     assert isinstance(plan, Refusal) and plan.wait and "being loaded on n" in plan.reason
     unloading = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
     assert unloading.status is not None
-    unloading.status.loaded[0].state = "UNLOADING"
+    unloading.status.loaded[0].state = ModelState.UNLOADING
     plan = plan_placement(FleetSnapshot((unloading,)), "a", LRU, NOW)
     assert isinstance(plan, Refusal) and plan.wait and "being unloaded on n" in plan.reason
 
@@ -528,7 +536,7 @@ def test_loads_unloads_and_requests_in_flight_are_waited_for() -> None:
 def test_a_copy_triton_lost_is_reloaded_where_it_is() -> None:
     lost = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
     assert lost.status is not None
-    lost.status.loaded[0].state = "UNAVAILABLE"
+    lost.status.loaded[0].state = ModelState.UNAVAILABLE
     plan = plan_placement(FleetSnapshot((lost,)), "a", LRU, NOW)
     assert plan == [Placement("n")]
 
