@@ -29,13 +29,20 @@ from cortex.neuron_api import (
     UnloadResult,
 )
 from neuron_agent.catalogue import Catalogue
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import (
+    ModelBusy,
+    ModelNotLoaded,
+    RepositoryError,
+    TritonError,
+    TritonNotRestarted,
+    UnsupportedModel,
+)
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
-from neuron_agent.repository import RepositoryError, materialise, render
+from neuron_agent.repository import materialise, render
 from neuron_agent.torch_engine.checkpoint import read_spec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.triton import TritonError, TritonSupervisor
+from neuron_agent.triton import TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
 
@@ -114,7 +121,7 @@ class Node:
         )
 
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
-        """Devices for the model, or NodeError 409 with the numbers."""
+        """Devices for the model, or NoRoom (409) with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
         host = psutil.virtual_memory().available if not devices else 0
         return place(profile, estimate, devices, wanted, host)
@@ -205,7 +212,7 @@ class Node:
             try:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
-                raise NodeError(422, f"{name}: {error}") from None
+                raise UnsupportedModel(f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -227,8 +234,8 @@ class Node:
                 stats_path,
             )
         except (RepositoryError, OSError) as error:
-            raise NodeError(
-                500, f"{name}: its Triton model directory cannot be made: {error}"
+            raise RepositoryError(
+                f"{name}: its Triton model directory cannot be made: {error}"
             ) from None
         # Registered from here on, so concurrent placements count its memory; whatever ends
         # the load early (an error of any kind, a cancellation) takes the entry away again.
@@ -242,7 +249,7 @@ class Node:
             await self.supervisor.load(name)
         except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
-            raise NodeError(502, f"Triton could not load {name}: {error}") from None
+            raise TritonError(f"Triton could not load {name}: {error}") from None
         except BaseException:
             self.loaded.pop(name, None)
             raise
@@ -260,11 +267,10 @@ class Node:
             await asyncio.gather(task, return_exceptions=True)
         entry = self.loaded.get(name)
         if entry is None:
-            raise NodeError(404, f"model {name!r} is not loaded on this node")
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
         in_flight = await self.in_flight(name)
         if in_flight and not force:
-            raise NodeError(
-                409,
+            raise ModelBusy(
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
@@ -273,7 +279,7 @@ class Node:
             await self.supervisor.unload(name)
         except TritonError as error:
             entry.state = ModelState.READY
-            raise NodeError(502, f"Triton could not unload {name}: {error}") from None
+            raise TritonError(f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
         released = await self._memory_returned(entry)
@@ -283,8 +289,8 @@ class Node:
             try:
                 await self.supervisor.restart()
             except TritonError as error:
-                raise NodeError(
-                    503, f"{name} unloaded, but Triton was not restarted: {error}"
+                raise TritonNotRestarted(
+                    f"{name} unloaded, but Triton was not restarted: {error}"
                 ) from None
             await self._reload_after_restart()
             restarted = True

@@ -28,16 +28,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
 from cortex.neuron_api import TritonState
+from neuron_agent.errors import TritonError
 
 log = logging.getLogger("cortex.neuron.triton")
 PR_SET_PDEATHSIG = 1
 # The TensorRT-LLM backend's request gauges on Triton's metrics port, by model and
 # request_type: `active` (in its batch), `waiting` (queued for admission), `scheduled`, `max`, ….
 TRTLLM_REQUEST_METRICS = "nv_trt_llm_request_metrics"
-
-
-class TritonError(Exception):
-    """Triton refused or failed an operation; the message is Triton's own where it gave one."""
 
 
 @dataclass(frozen=True)
