@@ -333,6 +333,17 @@ class Fleet:
                 gc.freeze()
         return self._tokenizers[model]
 
+    async def model_left(self, node: str, model: str) -> bool:
+        """After a request for `model` failed on `node` before its first token: whether a fresh
+        look shows the model gone from there (unloaded, retired, being moved) while the node
+        answers, rather than the node failing."""
+        await self.poll(node)
+        member = self.nodes[node]
+        if not member.up or member.status is None:
+            return False
+        view = next(v for v in self.snapshot().nodes if v.name == node)
+        return model not in view.ready_models()
+
     def ready_replica(self, model: str, affinity: str | None = None) -> str | None:
         """The node to serve a model that is READY somewhere now, without waiting."""
         return choose_replica(self.snapshot(), model, affinity, self.config.gateway.affinity_slack)

@@ -31,6 +31,7 @@ from control_plane.errors import (
     CortexError,
     InvalidRequest,
     ModelNotFound,
+    NodeUnavailable,
     PromptTooLong,
     UpstreamFailed,
 )
@@ -205,9 +206,9 @@ async def generate(
             node,
             failed.error.message,
         )
-        if isinstance(failed.error, ModelNotFound):
-            await fleet.poll(node)  # the model left that node (unloaded): look again
-        else:
+        # A model that left the node (unloaded, its engine retired) is looked for elsewhere; a
+        # node that failed is marked down. A fresh look at the node tells the two apart.
+        if isinstance(failed.error, NodeUnavailable) or not await fleet.model_left(node, model):
             fleet.node_failed(node, failed.error.message)
         node = ""
 
