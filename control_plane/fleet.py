@@ -32,9 +32,8 @@ import functools
 import gc
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
@@ -63,10 +62,10 @@ from control_plane.lifecycle import (
 )
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
+from control_plane.node_record import CircuitBreaker, NodeRecord
 from control_plane.prompting import ModelTokenizer
 from control_plane.routing import (
     FleetSnapshot,
-    NodeView,
     catalogue_index,
     choose_replica,
     merge_catalogues,
@@ -98,23 +97,6 @@ class NodeClient(Protocol):
 
 
 NodeClientFactory = Callable[[NeuronRef, float], NodeClient]
-
-
-@dataclass
-class _Node:
-    client: NodeClient
-    status: NeuronStatus | None = None
-    up: bool = False
-    missed: int = 0
-    triton: TritonStream | None = None
-    in_flight: dict[str, int] = field(default_factory=dict)
-    draining: set[str] = field(default_factory=set)
-    loading: dict[str, int] = field(default_factory=dict)
-    leaving: set[str] = field(default_factory=set)
-    catalogue: dict[str, CatalogueEntry] | None = None
-    # When the node went down lately (circuit breaker), and until when it stays out.
-    failures: deque[float] = field(default_factory=deque)
-    out_until: float = 0.0
 
 
 def _loading_elsewhere(snapshot: FleetSnapshot, model: str) -> str | None:
@@ -153,7 +135,15 @@ class Fleet:
         self.cycles = 0
         self._scheduler: AsyncIOScheduler | None = None
         settings = config.gateway
-        self.nodes = {n.name: _Node(clients(n, settings.load_timeout_s)) for n in config.neurons}
+        self.nodes = {
+            n.name: NodeRecord(
+                clients(n, settings.load_timeout_s),
+                CircuitBreaker(
+                    settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s
+                ),
+            )
+            for n in config.neurons
+        }
         self._loads: dict[str, asyncio.Task[str]] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
@@ -222,8 +212,7 @@ class Fleet:
             )
         except Exception as error:  # any failure is a missed poll, never the end of polling
             message = error.message if isinstance(error, CortexError) else repr(error)
-            node.missed += 1
-            if node.missed >= self.config.gateway.missed_polls_down:
+            if node.missed_poll(self.config.gateway.missed_polls_down):
                 self._set_down(name, message)
             else:
                 log.info("neuron %s missed a poll: %s", name, message)
@@ -234,7 +223,7 @@ class Fleet:
         node.missed = 0
         if node.status is None or node.status.catalogue != status.catalogue:
             self._merged = None
-        if time.monotonic() < node.out_until:
+        if node.breaker.is_open(time.monotonic()):
             return  # the breaker is open: it answers, but stays out of rotation for now
         if not node.up:
             log.info("neuron %s is up", name)
@@ -252,14 +241,8 @@ class Fleet:
         node = self.nodes[name]
         if node.up:
             log.warning("neuron %s is down: %s", name, reason)
-            now = time.monotonic()
             settings = self.config.gateway
-            node.failures.append(now)
-            while node.failures and node.failures[0] < now - settings.breaker_window_s:
-                node.failures.popleft()
-            if len(node.failures) >= settings.breaker_failures:
-                node.out_until = now + settings.breaker_open_s
-                node.failures.clear()
+            if node.breaker.went_down(time.monotonic()):
                 log.warning(
                     "neuron %s went down %d times in %.0f s: out of rotation for %.0f s",
                     name,
@@ -286,18 +269,7 @@ class Fleet:
         return f"{host}:{port}"
 
     def snapshot(self) -> FleetSnapshot:
-        nodes = tuple(
-            NodeView(
-                name,
-                n.up,
-                n.status,
-                dict(n.in_flight),
-                frozenset(n.draining),
-                dict(n.loading),
-                frozenset(n.leaving),
-            )
-            for name, n in self.nodes.items()
-        )
+        nodes = tuple(n.view(name) for name, n in self.nodes.items())
         if self._merged is None:  # merged again only when a node's catalogue or state changed
             self._merged = merge_catalogues(nodes)
         return FleetSnapshot(nodes, self._merged)

@@ -22,6 +22,7 @@ from control_plane.lifecycle import (
     plan_placement,
     plan_scaling,
 )
+from control_plane.node_record import CircuitBreaker, NodeRecord
 from control_plane.routing import (
     FleetSnapshot,
     NodeView,
@@ -588,3 +589,29 @@ def test_a_model_being_evicted_takes_no_new_requests_and_its_next_load_waits() -
     assert choose_replica(FleetSnapshot((leaving,)), "a") is None
     plan = plan_placement(FleetSnapshot((leaving,)), "a", LRU, NOW)
     assert isinstance(plan, Refusal) and plan.wait and "being unloaded on n" in plan.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The node record and its circuit breaker
+
+
+def test_the_breaker_opens_after_enough_downs_within_its_window() -> None:
+    breaker = CircuitBreaker(failures=3, window_s=60, open_s=30)
+    assert not breaker.went_down(NOW) and not breaker.went_down(NOW + 10)
+    assert not breaker.is_open(NOW + 10)
+    assert breaker.went_down(NOW + 20)  # the third within a minute
+    assert breaker.is_open(NOW + 49) and not breaker.is_open(NOW + 50)
+    # Downs further apart than the window never add up.
+    spaced = CircuitBreaker(failures=2, window_s=60, open_s=30)
+    assert not spaced.went_down(NOW) and not spaced.went_down(NOW + 61)
+    assert spaced.went_down(NOW + 62)
+
+
+def test_a_node_is_down_after_enough_missed_polls_and_its_view_is_a_copy() -> None:
+    record = NodeRecord(client=None, breaker=CircuitBreaker(3, 60, 30), up=True)
+    assert not record.missed_poll(down_after=2) and record.missed_poll(down_after=2)
+    record.in_flight["a"] = 1
+    view = record.view("n")
+    record.in_flight["a"] = 2
+    record.leaving.add("a")
+    assert view.in_flight == {"a": 1} and view.leaving == frozenset()
