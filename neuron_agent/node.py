@@ -46,6 +46,9 @@ from neuron_agent.triton import TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
 
+# How often the node looks for models whose engine failed, to retire them.
+ENGINE_WATCH_S = 1.0
+
 
 @dataclass
 class _Loaded:
@@ -79,6 +82,7 @@ class Node:
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -103,8 +107,11 @@ class Node:
         specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
         await specs
+        self._watcher = asyncio.create_task(self._watch_engines())
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._loads.values():
             task.cancel()
         await self.supervisor.stop()
@@ -312,6 +319,19 @@ class Node:
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
 
+    async def _watch_engines(self) -> None:
+        """Retire, within a second, every READY model whose engine says it failed (a rank
+        died): reports only show such a model UNAVAILABLE; the change happens here."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            self.retire_failed_engines()
+
+    def retire_failed_engines(self) -> None:
+        """One look for READY models whose engine failed; each found is retired."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.READY and self._engine_failure(name):
+                self._retire_failed(name, entry)
+
     def _retire_failed(self, name: str, entry: _Loaded) -> None:
         """Mark a model whose engine failed (a rank died) UNAVAILABLE with the engine's reason,
         and unload it: its stub still holds rank 0's memory. A later load loads it afresh."""
@@ -411,15 +431,21 @@ class Node:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
         either) and, from its model statistics, about the last inference, for every engine;
         the requests in flight are the engine's count (`_in_flight`)."""
-        if entry.state is ModelState.READY and self._engine_failure(name):
-            # The one change a report makes: a dead rank's model is retired (and unloaded) at
-            # once, so the gateway sees it failed instead of routing to it.
-            self._retire_failed(name, entry)
         state, reason = entry.state, entry.reason
+        failure = self._engine_failure(name) if state is ModelState.READY else None
+        if failure is not None:
+            # A dead rank's model: reported failed at once, so the gateway stops routing to it;
+            # `_watch_engines` retires it (a report changes nothing).
+            state, reason = ModelState.UNAVAILABLE, failure
         last_inference = None
-        if self.supervisor.state is TritonState.LIVE and entry.state in (
-            ModelState.READY,
-            ModelState.UNAVAILABLE,
+        if (
+            self.supervisor.state is TritonState.LIVE
+            and state
+            in (
+                ModelState.READY,
+                ModelState.UNAVAILABLE,
+            )
+            and failure is None
         ):
             ready = await self.supervisor.is_ready(name)
             if entry.state is ModelState.READY and not ready:
