@@ -43,6 +43,7 @@ from control_plane.cold_load import ColdLoad, GiveUp, Place
 from control_plane.errors import (
     CortexError,
     ModelNotFound,
+    ModelUnavailable,
     Overloaded,
     UpstreamFailed,
     UpstreamTimeout,
@@ -442,9 +443,13 @@ class Fleet:
         member = self.nodes[node]
         member.leaving.add(model)
         try:
-            await member.client.unload(model)
-            self.metrics.evictions.labels(model, node, reason).inc()
-            log.info("unloaded %s from %s (%s)", model, node, reason)
+            try:
+                await member.client.unload(model)
+            except ModelUnavailable:  # it left already (another gateway, an idle TTL): done
+                log.info("%s had left %s already", model, node)
+            else:
+                self.metrics.evictions.labels(model, node, reason).inc()
+                log.info("unloaded %s from %s (%s)", model, node, reason)
             # Routing sees the model gone before it stops counting as leaving: no request is
             # sent to a copy that is no longer there.
             await self.poll(node)

@@ -75,8 +75,8 @@ class NeuronClient:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            if response.status_code == 404:
-                raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
+            if response.status_code == 404:  # the model is not there (not loaded, not served)
+                raise ModelUnavailable(f"neuron {self.neuron.name}: {message}")
             if response.status_code == 409:
                 raise Overloaded(f"neuron {self.neuron.name}: {message}")
             raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
