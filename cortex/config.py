@@ -368,6 +368,10 @@ class NeuronSection(_Token):
     # Memory budget per device in MiB. On a node without GPUs each entry stands for one virtual
     # device of that size (tests stage "VRAM tiers" this way); with GPUs it caps each real one.
     memory_budget_mib: tuple[Annotated[int, Field(gt=0)], ...] = ()
+    # Host memory sleeping models may hold, in MiB (their weights, off the GPU); unset: the
+    # machine's memory less a reserve (a tenth, at least 2 GiB). A sleep that would not fit is
+    # refused, and the gateway unloads instead.
+    host_memory_budget_mib: Annotated[int, Field(ge=0)] | None = None
 
     _listen = field_validator("listen")(_check_host_port)
 

@@ -43,7 +43,7 @@ class GpuInfo(_Wire):
 
 class LoadedModel(_Wire):
     name: str
-    state: str  # READY | LOADING | UNLOADING | UNAVAILABLE
+    state: str  # READY | LOADING | UNLOADING | UNAVAILABLE | ASLEEP
     engine: str
     quantization: str
     tp: int
@@ -57,6 +57,9 @@ class LoadedModel(_Wire):
     in_flight: int = 0
     last_used: float | None = None
     reason: str | None = None
+    # Host memory the model holds while ASLEEP (its weights); its memory_bytes are then what it
+    # still holds on its devices.
+    host_bytes: int = 0
 
 
 class CatalogueEntry(_Wire):
@@ -64,6 +67,10 @@ class CatalogueEntry(_Wire):
     estimated_bytes: int
     estimated_bytes_per_gpu: int = 0
     context_length: int
+    # Whether its engine can sleep (release its device memory, keep its process), and the host
+    # memory a sleep takes; an engine that cannot is unloaded instead.
+    can_sleep: bool = False
+    host_bytes_asleep: int = 0
 
     @field_validator("profile", mode="before")
     @classmethod
@@ -92,6 +99,9 @@ class NeuronStatus(_Wire):
     loaded: list[LoadedModel]
     catalogue: list[CatalogueEntry]
     events: list[str] = []
+    # Host memory for sleeping models: the budget, and what the sleeping ones hold.
+    host_memory_budget_bytes: int = 0
+    host_memory_asleep_bytes: int = 0
 
 
 class LoadRequest(BaseModel):
@@ -106,6 +116,13 @@ class UnloadRequest(BaseModel):
     model: str
     # Unload even with requests in flight (they are cancelled by Triton).
     force: bool = False
+
+
+class SleepRequest(BaseModel):
+    """POST /models/sleep and /models/wake."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
 
 
 class UnloadResult(_Wire):
