@@ -122,6 +122,7 @@ def neuron(folder: Path, models_file: str = "node-models.toml") -> NeuronConfig:
             models=models_file,
             state_dir=str(folder / "state"),
             memory_budget_mib=(800, 1400),
+            host_memory_budget_mib=65536,
         ),
         triton=TritonSection(
             binary="/opt/tritonserver/bin/tritonserver",
