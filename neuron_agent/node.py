@@ -12,7 +12,6 @@ result says so.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
@@ -22,30 +21,39 @@ from typing import Any
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from cortex.neuron_api import (
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+    UnloadResult,
+)
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import (
+    CannotSleep,
+    ModelBusy,
+    ModelNotLoaded,
+    NodeError,
+    NoRoom,
+    RepositoryError,
+    TritonError,
+    TritonNotRestarted,
+    UnsupportedModel,
+)
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
-from neuron_agent.repository import RepositoryError, materialise, render
+from neuron_agent.repository import materialise, render
 from neuron_agent.torch_engine.checkpoint import read_spec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.residency import control_socket
-from neuron_agent.triton import TritonError, TritonSupervisor
+from neuron_agent.triton import TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
 
-
-class ModelState(enum.StrEnum):
-    """A loaded model's state, as /status reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
-    # Its process kept, its device memory released (`torch_engine.residency`); woken on demand.
-    ASLEEP = "ASLEEP"
+# How often the node looks for models whose engine failed, to retire them.
+ENGINE_WATCH_S = 1.0
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Node:
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._residency_locks: dict[str, asyncio.Lock] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -109,8 +118,11 @@ class Node:
         specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
         await specs
+        self._watcher = asyncio.create_task(self._watch_engines())
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._loads.values():
             task.cancel()
         await self.supervisor.stop()
@@ -141,7 +153,7 @@ class Node:
         return sum(e.host_bytes for e in self.loaded.values() if e.state is ModelState.ASLEEP)
 
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
-        """Devices for the model, or NodeError 409 with the numbers."""
+        """Devices for the model, or NoRoom (409) with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
         host = psutil.virtual_memory().available if not devices else 0
         return place(profile, estimate, devices, wanted, host)
@@ -234,7 +246,7 @@ class Node:
             try:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
-                raise NodeError(422, f"{name}: {error}") from None
+                raise UnsupportedModel(f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -256,8 +268,8 @@ class Node:
                 stats_path,
             )
         except (RepositoryError, OSError) as error:
-            raise NodeError(
-                500, f"{name}: its Triton model directory cannot be made: {error}"
+            raise RepositoryError(
+                f"{name}: its Triton model directory cannot be made: {error}"
             ) from None
         # Registered from here on, so concurrent placements count its memory; whatever ends
         # the load early (an error of any kind, a cancellation) takes the entry away again.
@@ -271,7 +283,7 @@ class Node:
             await self.supervisor.load(name)
         except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
-            raise NodeError(502, f"Triton could not load {name}: {error}") from None
+            raise TritonError(f"Triton could not load {name}: {error}") from None
         except BaseException:
             self.loaded.pop(name, None)
             raise
@@ -289,11 +301,10 @@ class Node:
             await asyncio.gather(task, return_exceptions=True)
         entry = self.loaded.get(name)
         if entry is None:
-            raise NodeError(404, f"model {name!r} is not loaded on this node")
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
         in_flight = await self.in_flight(name)
         if in_flight and not force:
-            raise NodeError(
-                409,
+            raise ModelBusy(
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
@@ -302,7 +313,7 @@ class Node:
             await self.supervisor.unload(name)
         except TritonError as error:
             entry.state = ModelState.READY
-            raise NodeError(502, f"Triton could not unload {name}: {error}") from None
+            raise TritonError(f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
         released = await self._memory_returned(entry)
@@ -312,8 +323,8 @@ class Node:
             try:
                 await self.supervisor.restart()
             except TritonError as error:
-                raise NodeError(
-                    503, f"{name} unloaded, but Triton was not restarted: {error}"
+                raise TritonNotRestarted(
+                    f"{name} unloaded, but Triton was not restarted: {error}"
                 ) from None
             await self._reload_after_restart()
             restarted = True
@@ -323,27 +334,29 @@ class Node:
 
     async def sleep(self, name: str) -> LoadedModel:
         """Release the model's device memory and keep its process (`torch_engine.residency`);
-        NodeError 409 when it has requests in flight, its engine cannot sleep or the host
-        budget would be exceeded (the caller unloads instead)."""
+        ModelBusy, CannotSleep or NoRoom (409 each) when it has requests in flight, its engine
+        cannot sleep or the host budget would be exceeded: the caller unloads instead."""
         profile = self.profile(name)
         async with self._residency(name):
             entry = self.loaded.get(name)
             if entry is None:
-                raise NodeError(404, f"model {name!r} is not loaded on this node")
+                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
             if entry.state is ModelState.ASLEEP:
                 return self._describe(name, entry)
             if entry.state is not ModelState.READY:
-                raise NodeError(409, f"{name} is {entry.state.value}; only a READY model sleeps")
+                raise CannotSleep(f"{name} is {entry.state.value}; only a READY model sleeps")
             if not self.catalogue.can_sleep(profile):
-                raise NodeError(409, f"{name}'s engine cannot sleep; unload it instead")
+                raise CannotSleep(f"{name}'s engine cannot sleep; unload it instead")
             in_flight = await self.in_flight(name)
             if in_flight:
-                raise NodeError(409, f"{name} has {in_flight} request(s) in flight; not sleeping")
+                raise ModelBusy(
+                    f"{name} has {in_flight} request(s) in flight; not sleeping",
+                    in_flight=in_flight,
+                )
             needed = self.catalogue.host_bytes_asleep(profile)
             budget, used = self.host_memory_budget, self._host_asleep()
             if used + needed > budget:
-                raise NodeError(
-                    409,
+                raise NoRoom(
                     f"{name} would hold {needed / 2**20:.0f} MiB of host memory asleep; "
                     f"{(budget - used) / 2**20:.0f} MiB of the host budget is left",
                 )
@@ -355,16 +368,16 @@ class Node:
             return self._describe(name, entry)
 
     async def wake(self, name: str) -> LoadedModel:
-        """Take a sleeping model's device memory back; NodeError 409 when it does not fit."""
+        """Take a sleeping model's device memory back; NoRoom (409) when it does not fit."""
         self.profile(name)
         async with self._residency(name):
             entry = self.loaded.get(name)
             if entry is None:
-                raise NodeError(404, f"model {name!r} is not loaded on this node")
+                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
             if entry.state is ModelState.READY:
                 return self._describe(name, entry)
             if entry.state is not ModelState.ASLEEP:
-                raise NodeError(409, f"{name} is {entry.state.value}; only an ASLEEP model wakes")
+                raise CannotSleep(f"{name} is {entry.state.value}; only an ASLEEP model wakes")
             # Its devices must hold its estimate again (another model may have taken the room).
             entry.state = ModelState.LOADING
             try:
@@ -398,7 +411,8 @@ class Node:
             return False
 
     async def _control(self, name: str, operation: str, timeout: float = 300) -> dict[str, Any]:
-        """One request over the model's control socket; NodeError when it fails."""
+        """One request over the model's control socket: TritonError when the stub does not
+        answer, CannotSleep when it refuses."""
         path = control_socket(self.stats_dir / f"{name}.json")
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 10)
@@ -408,10 +422,10 @@ class Node:
             writer.close()
             reply = json.loads(line)
         except (OSError, ValueError, TimeoutError) as error:
-            raise NodeError(502, f"{name} did not answer its {operation}: {error}") from None
+            raise TritonError(f"{name} did not answer its {operation}: {error}") from None
         if not isinstance(reply, dict) or not reply.get("ok"):
             message = reply.get("error") if isinstance(reply, dict) else reply
-            raise NodeError(409, f"{name} did not {operation}: {message}")
+            raise CannotSleep(f"{name} did not {operation}: {message}")
         return reply
 
     async def _reload_after_restart(self) -> None:
@@ -429,6 +443,28 @@ class Node:
             except TritonError as error:
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
+
+    async def _watch_engines(self) -> None:
+        """Retire, within a second, every READY model whose engine says it failed (a rank
+        died): reports only show such a model UNAVAILABLE; the change happens here."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            self.retire_failed_engines()
+            await self.retire_dead_sleepers()
+
+    async def retire_dead_sleepers(self) -> None:
+        """Retire every ASLEEP model whose stub no longer answers (killed while asleep): Triton
+        keeps reporting it ready (it starts a new stub on the next request), so the stub's own
+        answer is the truth. Its host memory is free again."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.ASLEEP and not await self._still_asleep(name):
+                self._retire_failed(name, entry, "its process died while asleep")
+
+    def retire_failed_engines(self) -> None:
+        """One look for READY models whose engine failed; each found is retired."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.READY and self._engine_failure(name):
+                self._retire_failed(name, entry)
 
     def _retire_failed(self, name: str, entry: _Loaded, failure: str | None = None) -> None:
         """Mark a model whose engine failed (a rank died, or its stub died asleep) UNAVAILABLE
@@ -532,19 +568,21 @@ class Node:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
         either) and, from its model statistics, about the last inference, for every engine;
         the requests in flight are the engine's count (`_in_flight`)."""
-        if entry.state is ModelState.READY and self._engine_failure(name):
-            # The one change a report makes: a dead rank's model is retired (and unloaded) at
-            # once, so the gateway sees it failed instead of routing to it.
-            self._retire_failed(name, entry)
-        if entry.state is ModelState.ASLEEP and not await self._still_asleep(name):
-            # Triton keeps reporting a model whose stub died ready (it starts a new stub on
-            # the next request): the stub's own answer is the truth.
-            self._retire_failed(name, entry, "its process died while asleep")
         state, reason = entry.state, entry.reason
+        failure = self._engine_failure(name) if state is ModelState.READY else None
+        if failure is not None:
+            # A dead rank's model: reported failed at once, so the gateway stops routing to it;
+            # `_watch_engines` retires it (a report changes nothing).
+            state, reason = ModelState.UNAVAILABLE, failure
         last_inference = None
-        if self.supervisor.state == "live" and entry.state in (
-            ModelState.READY,
-            ModelState.UNAVAILABLE,
+        if (
+            self.supervisor.state is TritonState.LIVE
+            and state
+            in (
+                ModelState.READY,
+                ModelState.UNAVAILABLE,
+            )
+            and failure is None
         ):
             ready = await self.supervisor.is_ready(name)
             if entry.state is ModelState.READY and not ready:
