@@ -293,6 +293,10 @@ class ModelProfile(_Config):
     min_replicas: Annotated[int, Field(ge=1)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = None
+    # Idle this long, a model that can sleep (torch engine, tp 1) sleeps: its device memory is
+    # released and it wakes in about a second; unset, it stays loaded until its idle TTL or an
+    # eviction (which puts it to sleep when its node's host budget allows, else unloads it).
+    sleep_after_s: Annotated[float, Field(gt=0)] | None = None
     # Neurons allowed to hold this model; empty means any.
     neurons: tuple[str, ...] = ()
     context_length: Annotated[int, Field(gt=0)] | None = None

@@ -52,6 +52,7 @@ class EvictionReason(enum.StrEnum):
     SCALE_OUT = "scale_out"  # a new replica needed its memory
     SCALE_IN = "scale_in"
     DEFRAG = "defrag"
+    IDLE_SLEEP = "idle_sleep"  # put to sleep after its sleep_after_s (`cortex_sleeps_total`)
 
 
 class RequestOutcome(enum.StrEnum):
