@@ -378,10 +378,11 @@ class Node:
                 return self._describe(name, entry)
             if entry.state is not ModelState.ASLEEP:
                 raise CannotSleep(f"{name} is {entry.state.value}; only an ASLEEP model wakes")
-            # Its devices must hold its estimate again (another model may have taken the room).
+            # Its devices must hold its estimate again (another model may have taken the room):
+            # checked while it still counts as asleep, or it would stand in its own way.
+            self._place(entry.profile, entry.estimated_bytes, entry.gpus)
             entry.state = ModelState.LOADING
             try:
-                self._place(entry.profile, entry.estimated_bytes, entry.gpus)
                 started = time.monotonic()
                 await self._control(name, "wake")
             except BaseException:
