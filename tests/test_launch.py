@@ -94,6 +94,7 @@ MODELS = (
         min_replicas=2,
         max_replicas=3,
         idle_ttl_s=90.5,
+        sleep_after_s=30.0,
         neurons=("a", "b"),
         context_length=4096,
         tool_call_format=ToolCallFormat.LLAMA3_JSON,
