@@ -94,6 +94,7 @@ MODELS = (
         min_replicas=2,
         max_replicas=3,
         idle_ttl_s=90.5,
+        sleep_after_s=30.0,
         neurons=("a", "b"),
         context_length=4096,
         tool_call_format=ToolCallFormat.LLAMA3_JSON,
@@ -122,6 +123,7 @@ def neuron(folder: Path, models_file: str = "node-models.toml") -> NeuronConfig:
             models=models_file,
             state_dir=str(folder / "state"),
             memory_budget_mib=(800, 1400),
+            host_memory_budget_mib=65536,
         ),
         triton=TritonSection(
             binary="/opt/tritonserver/bin/tritonserver",
