@@ -61,6 +61,7 @@ from control_plane.lifecycle import (
     plan_defrag,
     plan_placement,
     plan_scaling,
+    resident_for,
 )
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
@@ -369,13 +370,15 @@ class Fleet:
                 log.info("%s is being loaded on %s already; waiting for it", model, elsewhere)
                 await self.load(elsewhere, model)  # the neuron joins the load under way
                 return elsewhere
+            now = time.time()
             plan = plan_placement(
                 snapshot,
                 model,
                 self.config.eviction.strategy,
-                time.time(),
+                now,
                 self._worth(),
                 exclude=attempts.exclude(),
+                eligible=resident_for(self.config.eviction.min_resident_s, now),
             )
             step = attempts.next_step(plan, time.monotonic())
             if isinstance(step, GiveUp):

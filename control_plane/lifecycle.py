@@ -54,6 +54,7 @@ class Resident:
     asleep: bool = False
     can_sleep: bool = False
     host_bytes_asleep: int = 0  # host memory it holds once asleep
+    resident_since: float = 0.0  # when it last became READY (loaded or woken)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,15 @@ def _resident(node: NodeView, model: LoadedModel, entry: CatalogueEntry | None) 
         asleep=asleep,
         can_sleep=entry.can_sleep if entry else False,
         host_bytes_asleep=entry.host_bytes_asleep if entry else 0,
+        resident_since=model.resident_since or model.loaded_at or 0.0,
     )
+
+
+def resident_for(min_seconds: float, now: float) -> Callable[[Resident], bool] | None:
+    """Who may be evicted under `min_resident_s`: models READY for at least that long."""
+    if min_seconds <= 0:
+        return None
+    return lambda resident: now - resident.resident_since >= min_seconds
 
 
 def sleepers(node: NodeView, victims: tuple[Resident, ...]) -> frozenset[str]:
@@ -245,9 +254,19 @@ def _eviction_for(
         for r in loaded
         if r.ready and (r.in_flight or r.name in node.leaving) and not r.pinned
     ]
-    changing = [r.name for r in loaded if not r.ready and not r.pinned]
+    held_back = [
+        r.name
+        for r in loaded
+        if eligible is not None
+        and r.ready
+        and not r.pinned
+        and not r.in_flight
+        and r.name not in node.leaving
+        and not eligible(r)
+    ]
+    changing = [r.name for r in loaded if not r.ready and not r.asleep and not r.pinned]
     changing += sorted(set(node.loading) - {r.name for r in loaded})
-    if pinned and not in_use and not changing:
+    if pinned and not in_use and not changing and not held_back:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
         )
@@ -258,6 +277,8 @@ def _eviction_for(
         reasons.append(f"requests in flight: {', '.join(in_use)}")
     if changing:
         reasons.append(f"loading or unloading: {', '.join(changing)}")
+    if held_back:
+        reasons.append(f"too recently loaded or woken: {', '.join(held_back)}")
     return Refusal(
         f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})",
         wait=True,

@@ -196,6 +196,9 @@ class EvictionSection(_Config):
     demand_half_life_s: Annotated[float, Field(gt=0)] = 300.0
     # How long a defragmentation move waits for the old copy's streams before leaving it be.
     drain_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # A model loaded or woken less than this many seconds ago is not evicted for another (a
+    # request for that one waits): keeps a GPU from swapping faster than requests justify.
+    min_resident_s: Annotated[float, Field(ge=0)] = 0.0
 
 
 class ScalingSection(_Config):

@@ -104,6 +104,8 @@ class LoadedModel(_Wire):
     # Host memory the model holds while ASLEEP (its weights); its memory_bytes are then what it
     # still holds on its devices.
     host_bytes: int = 0
+    # When it last became READY: loaded, or woken.
+    resident_since: float | None = None
 
 
 class CatalogueEntry(_Wire):

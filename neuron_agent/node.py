@@ -68,6 +68,7 @@ class _Loaded:
     reason: str | None = None
     baseline_used: dict[int, int] = field(default_factory=dict)
     host_bytes: int = 0  # held in host memory while ASLEEP
+    resident_since: float | None = None  # last load or wake
 
 
 class Node:
@@ -289,7 +290,7 @@ class Node:
             raise
         entry.state = ModelState.READY
         entry.load_seconds = time.monotonic() - started
-        entry.loaded_at = time.time()
+        entry.loaded_at = entry.resident_since = time.time()
         entry.memory_bytes = self._measure(entry)
         log.info("loaded %s in %.2f s (%d bytes)", name, entry.load_seconds, entry.memory_bytes)
         return self._describe(name, entry)
@@ -389,6 +390,7 @@ class Node:
                 entry.state = ModelState.ASLEEP
                 raise
             entry.state, entry.host_bytes = ModelState.READY, 0
+            entry.resident_since = time.time()
             entry.memory_bytes = self._measure(entry)
             log.info("%s awake in %.2f s", name, time.monotonic() - started)
             return self._describe(name, entry)
@@ -556,6 +558,7 @@ class Node:
             last_used=last_inference or entry.loaded_at,
             reason=reason if state else entry.reason,
             host_bytes=entry.host_bytes,
+            resident_since=entry.resident_since,
         )
 
     async def _observe(

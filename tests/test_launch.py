@@ -70,6 +70,7 @@ GATEWAY = CortexConfig(
         defrag_after_cycles=0,
         demand_half_life_s=20,
         drain_timeout_s=5,
+        min_resident_s=4.0,
     ),
     scaling=ScalingSection(in_flight_per_replica=1.5, window_s=2, idle_s=3),
     neurons=(

@@ -4,7 +4,14 @@ it and is unloaded beyond, idle models sleep after `sleep_after_s` and leave aft
 
 from __future__ import annotations
 
-from control_plane.lifecycle import Placement, idle_expired, idle_sleepers, plan_placement
+from control_plane.lifecycle import (
+    Placement,
+    Refusal,
+    idle_expired,
+    idle_sleepers,
+    plan_placement,
+    resident_for,
+)
 from control_plane.routing import FleetSnapshot, NodeView
 from cortex.config import EvictionStrategy
 from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState
@@ -149,3 +156,27 @@ def test_the_catalogue_entry_says_whether_an_engine_sleeps() -> None:
         estimated_bytes=GB,
     )
     assert model.host_bytes == 0
+
+
+def test_a_model_just_woken_stays_for_min_resident_s() -> None:
+    # b was woken 3 s ago; a wants its room. Under min_resident_s = 10 the request waits.
+    view = sleepy(
+        node(
+            "n", [20 * GB], [("a", 0, 10 * GB, NOW - 90), ("b", 0, 12 * GB, NOW - 3)], catalogue()
+        ),
+        8 * GB,
+        {"a": GB},
+    )
+    assert view.status is not None
+    woken = [
+        m.model_copy(update={"resident_since": NOW - 3}) if m.name == "b" else m
+        for m in view.status.loaded
+    ]
+    view = NodeView(view.name, view.up, view.status.model_copy(update={"loaded": woken}), {})
+    snapshot = FleetSnapshot((view,))
+    held = plan_placement(snapshot, "a", LRU, NOW, eligible=resident_for(10.0, NOW))
+    assert isinstance(held, Refusal) and held.wait
+    assert "too recently loaded or woken: b" in held.reason
+    [plan] = plan_placement(snapshot, "a", LRU, NOW, eligible=resident_for(2.0, NOW))
+    assert [v.name for v in plan.victims] == ["b"]
+    assert resident_for(0.0, NOW) is None  # off: every idle model may go
