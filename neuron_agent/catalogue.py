@@ -106,9 +106,11 @@ class Catalogue:
         return context_length(profile, self.spec_of(profile))
 
     def can_sleep(self, profile: ModelProfile) -> bool:
-        """The torch engine sleeps (`torch_engine.residency`) at tp = 1; TensorRT-LLM's Triton
-        backend has no call that frees an engine's memory and keeps it loaded (as of its
-        0.2x releases), and the torch engine's other ranks do not sleep yet."""
+        """The torch engine sleeps (`torch_engine.residency`) at tp = 1. TensorRT-LLM's own LLM
+        API (its PyTorch backend) gained sleep and wake-up through virtual device memory in
+        2025–26 (`sleep_config`, `release()` / `resume()`), but the Triton `tensorrtllm` C++
+        backend that serves the engines `cortex build-engine` builds exposes no such call, so
+        trtllm models are unload-only; the torch engine's other ranks do not sleep yet."""
         return profile.engine is EngineKind.TORCH and profile.tp == 1
 
     def host_bytes_asleep(self, profile: ModelProfile) -> int:
