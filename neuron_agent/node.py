@@ -23,6 +23,7 @@ import psutil
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
 from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
 from neuron_agent.catalogue import Catalogue
+from neuron_agent.engines.llamacpp.gguf_info import GgufError, read_info
 from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
@@ -209,6 +210,11 @@ class Node:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
                 raise NodeError(422, f"{name}: {error}") from None
+        elif profile.engine is EngineKind.LLAMACPP:
+            try:
+                read_info(self.catalogue.source_of(profile))
+            except GgufError as error:
+                raise NodeError(422, f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -228,6 +234,7 @@ class Node:
                 devices,
                 self.inventory.has_gpu,
                 stats_path,
+                self.catalogue.context_length(profile),
             )
         except (RepositoryError, OSError) as error:
             raise NodeError(
