@@ -63,8 +63,13 @@ def llamacpp_fleet(
             max_queue_size=1,
         ),
         # No tokenizer folder: the gateway's tokenizer and chat template come from the file.
-        ModelProfile(name="tiny-moe", source=str(moe_gguf), context_length=CONTEXT,
-                     kv_cache_tokens=CONTEXT, max_batch_size=2),
+        ModelProfile(
+            name="tiny-moe",
+            source=str(moe_gguf),
+            context_length=CONTEXT,
+            kv_cache_tokens=CONTEXT,
+            max_batch_size=2,
+        ),
     ]
     node = loopback_neuron(folder / "node", "llamacpp-node", models)
     with running_neuron(node) as neuron:

@@ -16,6 +16,7 @@ every token; prompts off the chain get whatever the random weights give.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -80,8 +81,15 @@ def converter() -> Path:
 def convert(checkpoint: Path, output: Path, outtype: str = "f32") -> Path:
     """llama.cpp's converter on a Hugging Face folder; CalledProcessError carries its log."""
     subprocess.run(
-        [sys.executable, str(converter()), str(checkpoint), "--outfile", str(output),
-         "--outtype", outtype],
+        [
+            sys.executable,
+            str(converter()),
+            str(checkpoint),
+            "--outfile",
+            str(output),
+            "--outtype",
+            outtype,
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -97,7 +105,9 @@ def write_tiny_moe(folder: Path, tokenizer_source: Path, chat_template: str) -> 
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=True)
+    # Not special: the gateway skips special tokens when it detokenizes, and its parser must
+    # see these (as Qwen's own tokenizer has them).
+    tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=False)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
     config = Qwen3MoeConfig(
@@ -124,7 +134,7 @@ def write_tiny_moe(folder: Path, tokenizer_source: Path, chat_template: str) -> 
         embeddings = model.model.embed_tokens.weight
         embeddings.copy_(torch.randn_like(embeddings))
         head = model.lm_head.weight
-        for previous, following in zip(chain, chain[1:], strict=False):
+        for previous, following in itertools.pairwise(chain):
             direction = embeddings[previous] / embeddings[previous].norm()
             head[following] = 2.0 * direction
     model.save_pretrained(folder)

@@ -118,7 +118,10 @@ def test_the_second_turn_reuses_the_first_turns_prefix(oai_llamacpp: openai.Open
     system = f"Session {uuid.uuid4().hex}. You answer briefly. " + "Be kind. " * 30
     first = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
     opened = oai_llamacpp.chat.completions.create(
-        model="smollm2", messages=first, max_tokens=8, temperature=0  # type: ignore[arg-type]
+        model="smollm2",
+        messages=first,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
     )
     assert opened.usage is not None and opened.usage.prompt_tokens_details is not None
     # Only the template's opening ("<|im_start|>system\n") can be in any slot already: reuse is
