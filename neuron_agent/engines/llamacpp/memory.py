@@ -2,14 +2,16 @@
 
     weights          the file's size (llama.cpp maps it, or copies it to the GPU as it is)
     KV cache         n_ctx cells × layers × KV heads × (key + value length) × 2 bytes (f16)
-    compute buffers  llama.cpp's graph reserve for one micro-batch: its logits (n_ubatch ×
-                     vocabulary × 4 bytes) dominate a generator's; an embedding model's whole
-                     input goes through at once, attention scores included
+    compute buffers  llama.cpp's graph reserve for one micro-batch. It reserves logits for every
+                     token of it (n_ubatch × vocabulary × 4 bytes, most of the reserve), and a
+                     GPU holds all of it (cudaMalloc); this engine asks for one row of logits
+                     per sequence, so on a CPU only those pages and the activations (about 32
+                     bytes per token per embedding dimension) ever become resident
     output buffer    one row of logits per sequence
     runtime          the Python stub around it (CPU) or the CUDA context (GPU)
 
-Checked against the stub's RSS on CPU (tests/llamacpp/test_memory.py; llama.cpp itself logs the
-same KV and compute figures to the byte for SmolLM2).
+Checked against the stub's RSS on CPU (tests/llamacpp/test_memory.py); llama.cpp logs the same
+KV and compute reserve to the byte for SmolLM2.
 """
 
 from __future__ import annotations
@@ -41,13 +43,15 @@ def micro_batch(profile: ModelProfile, context_length: int) -> int:
     return min(MICRO_BATCH, prefill + profile.max_batch_size)
 
 
-def compute_bytes(profile: ModelProfile, info: GgufInfo, context_length: int) -> int:
+def compute_bytes(profile: ModelProfile, info: GgufInfo, context_length: int, has_gpu: bool) -> int:
     tokens = micro_batch(profile, context_length)
     if profile.embedding:
         # No flash attention for a non-causal encoder: the scores are materialized.
         scores = info.heads * tokens * tokens * 4
         return tokens * 4 * 6 * info.embedding_length + scores
-    return tokens * 4 * (info.vocab_size + 2 * info.embedding_length)
+    if has_gpu:
+        return tokens * 4 * (info.vocab_size + 2 * info.embedding_length)
+    return tokens * 32 * info.embedding_length + profile.max_batch_size * info.vocab_size * 4
 
 
 def estimate_llamacpp_bytes(
@@ -62,4 +66,5 @@ def estimate_llamacpp_bytes(
     )
     output = profile.max_batch_size * info.vocab_size * 4 if not profile.embedding else 0
     runtime = GPU_RUNTIME_BYTES * profile.tp if has_gpu else CPU_RUNTIME_BYTES
-    return info.file_bytes + kv + compute_bytes(profile, info, context_length) + output + runtime
+    compute = compute_bytes(profile, info, context_length, has_gpu)
+    return info.file_bytes + kv + compute + output + runtime
