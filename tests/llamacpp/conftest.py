@@ -1,7 +1,7 @@
 """One fleet for the llama.cpp engine's tests: a real neuron agent (with its tritonserver)
 serving SmolLM2's GGUF on the llamacpp engine twice (roomy, and with one slot and a one-request
-queue for the overload test) and a tiny random Qwen3-MoE converted by llama.cpp's own converter
-in this session, behind a real gateway; and llama.cpp standalone (llama-cpp-python's own
+queue for the overload test), a tiny random Qwen3-MoE and a tiny random BERT embedding model,
+both converted by llama.cpp's own converter in this session, behind a real gateway; and llama.cpp standalone (llama-cpp-python's own
 generation loop) on the same files, the reference."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from cortex.config import ModelProfile
 from cortex.demo.smollm2 import gguf_path
 from cortex.demo.tiny_model import chat_template
 from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
-from tests.llamacpp.models import tiny_moe_gguf
+from tests.llamacpp.models import tiny_bert_gguf, tiny_moe_gguf
 
 CONTEXT = 4096
 
@@ -31,6 +31,7 @@ class LlamaCppFleet:
     neuron_log: Path
     smollm2_gguf: Path
     moe_gguf: Path
+    bert_gguf: Path
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +40,16 @@ def moe_gguf(smollm2_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def bert_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_bert_gguf(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
 def llamacpp_fleet(
-    smollm2_model: Path, moe_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+    smollm2_model: Path,
+    moe_gguf: Path,
+    bert_gguf: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LlamaCppFleet]:
     folder = tmp_path_factory.mktemp("llamacpp-fleet")
     smollm2 = gguf_path(smollm2_model)
@@ -70,6 +79,13 @@ def llamacpp_fleet(
             kv_cache_tokens=CONTEXT,
             max_batch_size=2,
         ),
+        ModelProfile(
+            name="tiny-bert",
+            source=str(bert_gguf),
+            embedding=True,
+            kv_cache_tokens=512,
+            max_batch_size=4,
+        ),
     ]
     node = loopback_neuron(folder / "node", "llamacpp-node", models)
     with running_neuron(node) as neuron:
@@ -82,6 +98,7 @@ def llamacpp_fleet(
                 neuron_log=neuron.log,
                 smollm2_gguf=smollm2,
                 moe_gguf=moe_gguf,
+                bert_gguf=bert_gguf,
             )
 
 

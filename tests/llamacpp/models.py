@@ -147,3 +147,99 @@ def tiny_moe_gguf(folder: Path, tokenizer_source: Path, chat_template: str) -> P
     output = convert(checkpoint, folder / "tiny-qwen3moe.gguf")
     shutil.rmtree(checkpoint / "__pycache__", ignore_errors=True)
     return output
+
+
+# llama.cpp's converter names a BPE/WordPiece tokenizer's pre-tokenizer by hashing how it splits a
+# fixed text, and refuses hashes it has not seen: those of published tokenizers. A synthetic
+# vocabulary has none, so for it (the tiny BERT's) the converter runs with that lookup answering
+# "default" (what llama.cpp's WordPiece tokenizer uses for BERT files anyway); nothing else in
+# the conversion changes.
+_UNKNOWN_TOKENIZER_RUN = """
+import runpy, sys
+script = sys.argv[1]
+sys.path.insert(0, str(__import__("pathlib").Path(script).parent))
+sys.argv = sys.argv[1:]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+runpy.run_path(script, run_name="__main__")
+"""
+BERT_TEXT = (
+    "the a an of to and in is it that was for on are with as be at by this have from or one had "
+    "not but what all were when we there can your which their said if do will each about how up "
+    "out them then she many some so these would other into has more her two like him see time "
+    "could no make than first been its who now people my made over did down only way find use may "
+    "water long little very after words called just where most know cat dog sea sky blue sun"
+)
+
+
+def write_tiny_bert(folder: Path) -> Path:
+    """A random BERT (2 layers, hidden 64) with a small WordPiece vocabulary and mean pooling
+    declared the sentence-transformers way (modules.json + 1_Pooling/config.json)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [f"##{c}" for c in letters]
+    punctuation = list(".,!?'-")
+    vocabulary = specials + punctuation + letters + pieces + BERT_TEXT.split()
+    tokenizer = BertTokenizerFast(
+        vocab={token: index for index, token in enumerate(vocabulary)}, do_lower_case=True
+    )
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_mean_tokens": True})
+    )
+    return folder
+
+
+def tiny_bert_gguf(folder: Path) -> Path:
+    checkpoint = write_tiny_bert(folder / "tiny-bert-hf")
+    output = folder / "tiny-bert.gguf"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _UNKNOWN_TOKENIZER_RUN,
+            str(converter()),
+            str(checkpoint),
+            "--outfile",
+            str(output),
+            "--outtype",
+            "f32",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return output
