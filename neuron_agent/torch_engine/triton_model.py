@@ -2,9 +2,9 @@
 
 Decoupled: `execute` queues each request with the engine and returns at once; the engine thread
 hands each step's new tokens to the shared `ResponseWriter` (`neuron_agent/engines/triton_glue`),
-whose own thread sends them through each
-request's response sender (the new tokens only, as TensorRT-LLM streams; or one response at the
-end when not streaming) and sets the final flag on the last. A request whose client went away
+whose own thread sends them through each request's response sender (the new tokens only, as
+TensorRT-LLM streams; or one response at the end when not streaming) and sets the final flag on
+the last. A request whose client went away
 (`is_cancelled`) leaves the batch before the next step.
 """
 
