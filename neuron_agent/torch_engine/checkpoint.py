@@ -26,8 +26,31 @@ from neuron_agent.torch_engine.gguf import is_gguf, read_gguf_spec, read_gguf_te
 ARCHITECTURES: dict[str, dict[str, bool]] = {
     "LlamaForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "MistralForCausalLM": {"qkv_bias": False, "qk_norm": False},
+    "MixtralForCausalLM": {"qkv_bias": False, "qk_norm": False},
     "Qwen2ForCausalLM": {"qkv_bias": True, "qk_norm": False},
     "Qwen3ForCausalLM": {"qkv_bias": False, "qk_norm": True},
+    "Qwen3MoeForCausalLM": {"qkv_bias": False, "qk_norm": True},
+}
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts checkpoint keeps its router and experts (per layer prefix):
+    `{mlp}.{router}.weight`, `{mlp}.experts.{e}.{gate|up|down}.weight`."""
+
+    mlp: str
+    router: str
+    gate: str
+    up: str
+    down: str
+
+
+# Mixture-of-experts architectures: their tensor names. Both route the same way (softmax over
+# every expert, the top k kept; Mixtral always renormalises them, Qwen3-MoE when
+# `norm_topk_prob`).
+EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
+    "MixtralForCausalLM": ExpertLayout("block_sparse_moe", "gate", "w1", "w3", "w2"),
+    "Qwen3MoeForCausalLM": ExpertLayout("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
 }
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -57,13 +80,37 @@ class ModelSpec(Dimensions):
     # "modelopt_fp8" | "modelopt_int4_awq" | None: how the stored weights are quantized.
     stored_quantization: str | None = None
     quant_group_size: int = 128
+    # Mixture of experts (0 experts: a dense model): how many, how many each token uses, each
+    # one's MLP width, whether the chosen ones' weights are renormalised to sum to one, and the
+    # layers that keep a dense MLP of `intermediate_size` instead.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    normalize_expert_weights: bool = True
+    dense_layers: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def parameter_count(self) -> int:
+    @property
+    def mixture_of_experts(self) -> bool:
+        return self.num_experts > 0
+
+    def is_expert_layer(self, index: int) -> bool:
+        return self.mixture_of_experts and index not in self.dense_layers
+
+    def parameter_count(self, experts: int | None = None) -> int:
+        """Every parameter; with `experts`, counting only that many experts per layer (the
+        active parameters of one token: `experts_per_token`)."""
         attention = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
+        dense = 3 * self.hidden_size * self.intermediate_size
+        counted = self.num_experts if experts is None else experts
+        moe = (
+            3 * self.hidden_size * self.expert_intermediate_size * counted
+            + self.hidden_size * self.num_experts  # the router
+        )
+        expert_layers = sum(self.is_expert_layer(i) for i in range(self.num_layers))
+        mlp = expert_layers * moe + (self.num_layers - expert_layers) * dense
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attention + mlp) + embeddings
+        return self.num_layers * attention + mlp + embeddings
 
     def kv_bytes_per_token(self, element_bytes: int, scale_bytes: int = 0) -> int:
         """Keys and values of one token in every layer; `scale_bytes` per vector (FP8)."""
@@ -118,6 +165,12 @@ def read_spec(folder: Path) -> ModelSpec:
         if shape.dtype not in DTYPE_NAMES:
             raise UnsupportedCheckpoint(f"{config_path}: dtype {shape.dtype} is not supported")
         stored, group = _stored_quantization(folder, config)
+        experts = _experts(architecture, config, shape.num_layers)
+        if experts and stored:
+            raise UnsupportedCheckpoint(
+                f"{config_path}: stored ({stored}) mixture-of-experts weights are not supported "
+                "(serve the unquantized checkpoint with in-situ quantization)"
+            )
         return ModelSpec(
             **shape.dimensions(),
             architecture=architecture,
@@ -131,9 +184,32 @@ def read_spec(folder: Path) -> ModelSpec:
             eos_token_ids=tuple(int(i) for i in eos_ids),
             stored_quantization=stored,
             quant_group_size=group,
+            **experts,
         )
     except KeyError as error:
         raise UnsupportedCheckpoint(f"{config_path} lacks {error.args[0]}") from None
+
+
+def _experts(architecture: str, config: dict[str, Any], layers: int) -> dict[str, Any]:
+    """ModelSpec's mixture-of-experts fields from config.json ({} for a dense model)."""
+    if architecture == "MixtralForCausalLM":
+        return {
+            "num_experts": int(config["num_local_experts"]),
+            "experts_per_token": int(config["num_experts_per_tok"]),
+            "expert_intermediate_size": int(config["intermediate_size"]),
+        }
+    if architecture == "Qwen3MoeForCausalLM":
+        step = int(config.get("decoder_sparse_step") or 1)
+        only_dense = {int(i) for i in config.get("mlp_only_layers") or []}
+        return {
+            # Qwen's own configs say num_experts; transformers 5 writes num_local_experts.
+            "num_experts": int(config.get("num_experts") or config["num_local_experts"]),
+            "experts_per_token": int(config["num_experts_per_tok"]),
+            "expert_intermediate_size": int(config["moe_intermediate_size"]),
+            "normalize_expert_weights": bool(config.get("norm_topk_prob", False)),
+            "dense_layers": tuple(i for i in range(layers) if i in only_dense or (i + 1) % step),
+        }
+    return {}
 
 
 def _stored_quantization(folder: Path, config: dict[str, Any]) -> tuple[str | None, int]:
@@ -183,7 +259,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def shard_spec(spec: ModelSpec, tp: int) -> ModelSpec:
     """The sizes one of `tp` tensor-parallel ranks holds: its share of the attention heads and
-    of the MLP width, and its kv heads — divided across ranks, or, when there are fewer kv heads
+    of the MLP width (every expert's too: each rank holds a slice of every expert), and its kv heads — divided across ranks, or, when there are fewer kv heads
     than ranks, one kv head per rank, each replicated on tp / kv_heads ranks."""
     if tp == 1:
         return spec
@@ -192,15 +268,19 @@ def shard_spec(spec: ModelSpec, tp: int) -> ModelSpec:
         problems.append(f"its {spec.num_heads} attention heads")
     if spec.num_kv_heads % tp and tp % spec.num_kv_heads:
         problems.append(f"its {spec.num_kv_heads} kv heads (nor do they divide tp)")
-    if spec.intermediate_size % tp:
+    dense = not spec.mixture_of_experts or spec.dense_layers
+    if dense and spec.intermediate_size % tp:
         problems.append(f"its MLP width {spec.intermediate_size}")
+    if spec.expert_intermediate_size % tp:
+        problems.append(f"its experts' MLP width {spec.expert_intermediate_size}")
     if problems:
         raise UnsupportedCheckpoint(f"tp = {tp} does not divide " + " or ".join(problems))
     return replace(
         spec,
         num_heads=spec.num_heads // tp,
         num_kv_heads=max(1, spec.num_kv_heads // tp),
-        intermediate_size=spec.intermediate_size // tp,
+        intermediate_size=spec.intermediate_size // tp if dense else spec.intermediate_size,
+        expert_intermediate_size=spec.expert_intermediate_size // tp,
     )
 
 

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuron_agent.torch_engine import kernels
-from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec, shard_spec
+from neuron_agent.torch_engine.checkpoint import EXPERT_LAYOUTS, ModelSpec, RopeSpec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kernels.reference import dequantize_cache
 from neuron_agent.torch_engine.kv_cache import LayerCache
+from neuron_agent.torch_engine.moe import load_sparse_moe
 from neuron_agent.torch_engine.parallel import (
     RowParallelLinear,
     Shard,
@@ -218,8 +219,10 @@ class DecoderLayer(nn.Module):
         self.post_norm = weights["post_attention_layernorm"]
         self.qkv = weights["qkv"]
         self.o_proj = weights["o_proj"]
-        self.gate_up = weights["gate_up"]
-        self.down = weights["down_proj"]
+        # A dense layer's gated MLP, or a mixture-of-experts layer's (`moe.SparseMoe`).
+        self.gate_up = weights.get("gate_up")
+        self.down = weights.get("down_proj")
+        self.experts = weights.get("experts")
         self.q_norm = weights.get("q_norm")
         self.k_norm = weights.get("k_norm")
         self.q_size = spec.num_heads * spec.head_dim
@@ -269,6 +272,9 @@ class DecoderLayer(nn.Module):
             attended = _prefill_attention(q, cache, batch, groups, self.uniform_prefill)
         attention_out = self.o_proj(attended.reshape(tokens, self.q_size))
         normed, residual = self.post_norm(attention_out, residual)
+        if self.experts is not None:
+            return self.experts(normed), residual
+        assert self.gate_up is not None and self.down is not None
         return self.down(kernels.silu_and_mul(self.gate_up(normed))), residual
 
 
@@ -488,11 +494,7 @@ class _WeightLoader:
         prefix = f"model.layers.{index}"
         attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
         spec, shard, eps = self.spec, self.shard, self.spec.rms_norm_eps
-        heads, kv_heads, width = (
-            head_rows(spec, shard),
-            kv_head_rows(spec, shard),
-            mlp_rows(spec, shard),
-        )
+        heads, kv_heads = head_rows(spec, shard), kv_head_rows(spec, shard)
         modules: dict[str, nn.Module] = {
             "input_layernorm": RMSNorm(self.plain(f"{prefix}.input_layernorm.weight"), eps),
             "post_attention_layernorm": RMSNorm(
@@ -506,9 +508,25 @@ class _WeightLoader:
                 ]
             ),
             "o_proj": self.linear([(f"{attention}.o_proj", heads)], row_parallel=True),
-            "gate_up": self.linear([(f"{mlp}.gate_proj", width), (f"{mlp}.up_proj", width)]),
-            "down_proj": self.linear([(f"{mlp}.down_proj", width)], row_parallel=True),
         }
+        if spec.is_expert_layer(index):
+            modules["experts"] = load_sparse_moe(
+                spec,
+                EXPERT_LAYOUTS[spec.architecture],
+                prefix,
+                self.tensors,
+                self.quantization,
+                self.dtype,
+                self.device,
+                self.group_size,
+                shard,
+            )
+        else:
+            width = mlp_rows(spec, shard)
+            modules["gate_up"] = self.linear(
+                [(f"{mlp}.gate_proj", width), (f"{mlp}.up_proj", width)]
+            )
+            modules["down_proj"] = self.linear([(f"{mlp}.down_proj", width)], row_parallel=True)
         if spec.qk_norm:  # per head_dim: the same on every rank
             modules["q_norm"] = RMSNorm(self.plain(f"{attention}.q_norm.weight"), eps)
             modules["k_norm"] = RMSNorm(self.plain(f"{attention}.k_norm.weight"), eps)

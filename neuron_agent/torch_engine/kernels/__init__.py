@@ -126,3 +126,43 @@ def paged_decode_attention(
     return reference.paged_decode_attention(
         q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scales, v_scales
     )
+
+
+def route_experts(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture of experts: each token's `top_k` experts from its router logits [T, E] —
+    softmax over all of them, the best k kept, renormalised when `normalize` — as (weights
+    [T, k] float32, expert ids [T, k] int32)."""
+    if _on_triton(logits):
+        return _kernels().route_experts(logits, top_k, normalize)
+    return reference.route_experts(logits, top_k, normalize)
+
+
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, expert) rows of `ids` [T, k] grouped by expert in blocks of `block` rows:
+    (rows, each block's expert). The grouped matmul reads each expert once per block."""
+    if _on_triton(ids):
+        return _kernels().sort_by_expert(ids, num_experts, block)
+    return reference.sort_by_expert(ids, num_experts, block)
+
+
+def experts_mlp(
+    x: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor | None],
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """The experts' gated MLP of each token x [T, H], summed with its routing weights [T, k]
+    over its chosen experts ids [T, k]: only those experts' weights are read. `gate_up` and
+    `down` are every expert's stored matrices and scales ([E, 2I, H] and [E, H, I]: plain,
+    int8 or fp8 with a scale per row, or int4 with a scale per row and group). On a GPU a few
+    rows (decode) go one program per (token, expert) row; more are sorted by expert for a
+    grouped matmul (prefill)."""
+    if _on_triton(x):
+        return _kernels().experts_mlp(x, gate_up, down, weights, ids, group_size)
+    return reference.experts_mlp(x, gate_up, down, weights, ids, group_size)

@@ -124,3 +124,114 @@ def weight_matmul(
     """x [M, K] @ (weight [N, K] · scale [N])ᵀ, float32 accumulation, in x's dtype."""
     out = x.float() @ weight.float().T
     return (out if scale is None else out * scale.float()[None, :]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def route_experts(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's `top_k` experts from its router logits [T, E]: (weights [T, k] float32,
+    expert ids [T, k] int32), best first. Softmax over every expert in float32, the top k kept,
+    renormalised to sum to one when `normalize` (Mixtral; Qwen3-MoE's `norm_topk_prob`)."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probabilities, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `ids` [T, k] (flattened: row t·k + j is token t's j-th expert) grouped by
+    expert, each expert's group padded to a multiple of `block` with the row count R = T·k
+    (no row), in a buffer sized for the worst case so its shape depends on T alone (CUDA
+    graphs): (rows [P], each block's expert [P / block], -1 past the last used block).
+    Within an expert, rows keep their order."""
+    flat = ids.reshape(-1).long()
+    count = flat.numel()
+    capacity = _sorted_capacity(count, num_experts, block)
+    # Not bincount: its output size depends on the largest id, a device sync.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block - 1) // block * block
+    padded_ends = torch.cumsum(padded, 0)
+    order = torch.argsort(flat, stable=True)
+    experts_in_order = flat[order]
+    first_of_expert = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(count, device=ids.device) - first_of_expert[experts_in_order]
+    destination = (padded_ends - padded)[experts_in_order] + rank
+    rows = torch.full((capacity,), count, dtype=torch.int32, device=ids.device)
+    rows[destination] = order.to(torch.int32)
+    block_starts = torch.arange(0, capacity, block, device=ids.device)
+    block_experts = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)
+    block_experts = torch.where(block_starts < padded_ends[-1], block_experts, -1)
+    return rows, block_experts
+
+
+def _sorted_capacity(count: int, num_experts: int, block: int) -> int:
+    """Rows a sorted layout may need: every row, plus each expert's padding, in whole blocks."""
+    padded = count + min(num_experts, count) * (block - 1)
+    return (padded + block - 1) // block * block
+
+
+def expert_weight(
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    expert: int,
+    group_size: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Expert `expert`'s matrix [N, K] in `dtype` from its stored form: plain, int8/fp8 with a
+    scale per row ([E, N]), or int4 (two values a byte along K, [E, N, K/2]) with a scale per
+    row and group ([E, N, K/group])."""
+    stored = weight[expert]
+    if scale is None:
+        return stored.to(dtype)
+    if stored.dtype == torch.uint8:
+        low = (stored & 0xF).to(torch.int8)
+        high = ((stored >> 4) & 0xF).to(torch.int8)
+        values = torch.stack([low, high], dim=-1).reshape(stored.shape[0], -1)
+        values = torch.where(values > 7, values - 16, values).float()
+        scales = scale[expert].float().repeat_interleave(group_size, dim=1)[:, : values.shape[1]]
+        return (values * scales).to(dtype)
+    return (stored.float() * scale[expert].float()[:, None]).to(dtype)
+
+
+def expert_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    ids: torch.Tensor,
+    fan_out: int,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """Row r of the result is x[r // fan_out] @ expert ids[r]'s matrixᵀ: [R, N] for R = ids'
+    elements, float32 accumulation, in x's dtype. Only the experts some row chose are read."""
+    flat = ids.reshape(-1).long()
+    out = torch.empty((flat.numel(), weight.shape[1]), dtype=x.dtype, device=x.device)
+    for expert in torch.unique(flat).tolist():
+        rows = (flat == expert).nonzero()[:, 0]
+        matrix = expert_weight(weight, scale, expert, group_size, torch.float32)
+        out[rows] = (x[rows // fan_out].float() @ matrix.T).to(x.dtype)
+    return out
+
+
+def experts_mlp(
+    x: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor | None],
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    group_size: int = 128,
+) -> torch.Tensor:
+    """Σ_j weights[t, j] · down_e(SiLU(gate_e(x_t)) · up_e(x_t)) over each token's experts
+    e = ids[t, j]: x [T, H] → [T, H]. `gate_up` and `down` are (stored weight, scale) stacks
+    of every expert, [E, 2I, H] and [E, H, I]."""
+    tokens, top_k = ids.shape
+    hidden = expert_matmul(x, *gate_up, ids, top_k, group_size)
+    out = expert_matmul(silu_and_mul(hidden), *down, ids, 1, group_size)
+    weighted = out.view(tokens, top_k, -1).float() * weights[..., None]
+    return weighted.sum(dim=1).to(x.dtype)

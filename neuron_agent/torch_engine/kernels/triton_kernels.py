@@ -617,3 +617,291 @@ def paged_decode_attention(
         SPLITS=splits,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+@triton.jit
+def _route_experts_kernel(
+    LOGITS,
+    WEIGHTS,
+    IDS,
+    experts,
+    stride_l,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One token: softmax over its router logits in float32, then the top k by repeated
+    arg-max (k is small), renormalised when asked."""
+    token = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_E)
+    logits = tl.load(
+        LOGITS + token * stride_l + columns, mask=columns < experts, other=-float("inf")
+    ).to(tl.float32)
+    exponentials = tl.exp(logits - tl.max(logits, axis=0))
+    probabilities = exponentials / tl.sum(exponentials, axis=0)
+    picks = tl.arange(0, BLOCK_K)
+    chosen_weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    remaining = tl.where(columns < experts, probabilities, -1.0)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, axis=0)
+        value = tl.max(remaining, axis=0)
+        chosen_weights = tl.where(picks == j, value, chosen_weights)
+        chosen_ids = tl.where(picks == j, best.to(tl.int32), chosen_ids)
+        remaining = tl.where(columns == best, -1.0, remaining)
+    if NORMALIZE:
+        chosen_weights = chosen_weights / tl.sum(tl.where(picks < TOP_K, chosen_weights, 0.0))
+    tl.store(WEIGHTS + token * TOP_K + picks, chosen_weights, mask=picks < TOP_K)
+    tl.store(IDS + token * TOP_K + picks, chosen_ids, mask=picks < TOP_K)
+
+
+def route_experts(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, experts = logits.shape
+    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
+    _route_experts_kernel[(tokens,)](
+        logits,
+        weights,
+        ids,
+        experts,
+        logits.stride(0),
+        TOP_K=top_k,
+        NORMALIZE=normalize,
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+    )
+    return weights, ids
+
+
+@triton.jit
+def _load_expert_tile(
+    W,
+    SCALE,
+    expert,
+    n,
+    n_mask,
+    start,
+    in_features,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Expert `expert`'s weight rows n, columns [start, start + BLOCK_K), as stored (int8, fp8,
+    plain) or, for int4, unpacked and scaled by its group's scale (one group per tile)."""
+    base = W + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
+    if INT4:
+        pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(
+            base + pairs[None, :],
+            mask=n_mask[:, None] & (pairs[None, :] < in_features // 2),
+            other=0,
+        )
+        low = (packed & 0xF).to(tl.int8)
+        high = ((packed >> 4) & 0xF).to(tl.int8)
+        low = tl.where(low > 7, low - 16, low)
+        high = tl.where(high > 7, high - 16, high)
+        values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        scale = tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn + start // GROUP,
+            mask=n_mask,
+            other=0.0,
+        )
+        return values * scale[:, None]
+    k = start + tl.arange(0, BLOCK_K)
+    return tl.load(base + k[None, :], mask=n_mask[:, None] & (k[None, :] < in_features), other=0.0)
+
+
+@triton.jit
+def _expert_matmul_kernel(
+    X,
+    W,
+    SCALE,
+    OUT,
+    ROWS,
+    BLOCK_EXPERTS,
+    row_count,
+    out_features,
+    in_features,
+    fan_out,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_o,
+    HAS_SCALE: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The grouped matmul (prefill): rows sorted by expert (`sort_by_expert`), one block of
+    BLOCK_M rows of one expert a program, so each expert's tile is read once for its rows.
+    Output row r = X[r // fan_out] @ W[expert]ᵀ, written where r belongs (no unsort)."""
+    block = tl.program_id(0)
+    expert = tl.load(BLOCK_EXPERTS + block)
+    if expert >= 0:
+        rows = tl.load(ROWS + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = rows < row_count
+        x_rows = (rows // fan_out).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < out_features
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, in_features, BLOCK_K):
+            x = tl.load(
+                X + x_rows[:, None] * stride_x + (start + k)[None, :],
+                mask=valid[:, None] & ((start + k)[None, :] < in_features),
+                other=0.0,
+            )
+            w = _load_expert_tile(
+                W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
+                stride_se, stride_sn, INT4, GROUP, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if HAS_SCALE and not INT4:
+            scale = tl.load(
+                SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
+            )
+            acc = acc * scale[None, :]
+        tl.store(
+            OUT + rows[:, None].to(tl.int64) * stride_o + n[None, :],
+            acc.to(OUT.dtype.element_ty),
+            mask=valid[:, None] & n_mask[None, :],
+        )
+
+
+@triton.jit
+def _expert_vector_kernel(
+    X,
+    W,
+    SCALE,
+    OUT,
+    IDS,
+    out_features,
+    in_features,
+    fan_out,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_o,
+    HAS_SCALE: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Decode: one (token, chosen expert) row a program column, reading only that expert's
+    rows n: the bytes a decode step must read are the chosen experts', no more."""
+    row = tl.program_id(1)
+    expert = tl.load(IDS + row)
+    x_row = (row // fan_out).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < out_features
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        x = tl.load(X + x_row * stride_x + start + k, mask=(start + k) < in_features, other=0.0)
+        w = _load_expert_tile(
+            W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
+            stride_se, stride_sn, INT4, GROUP, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if HAS_SCALE and not INT4:
+        acc = acc * tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
+        )
+    tl.store(OUT + row.to(tl.int64) * stride_o + n, acc.to(OUT.dtype.element_ty), mask=n_mask)
+
+
+# (token, expert) rows up to which decode reads expert rows one program each; beyond, rows
+# are sorted by expert so each expert's tile is read once for all of its rows.
+EXPERT_VECTOR_MAX_ROWS = 16
+EXPERT_BLOCK_M = 16
+
+
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Fixed-shape torch operations (stable argsort, cumulative sums, searchsorted): they run as
+    # GPU kernels without a host sync, so a CUDA graph can hold them.
+    from neuron_agent.torch_engine.kernels import reference
+
+    return reference.sort_by_expert(ids, num_experts, block)
+
+
+def expert_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    ids: torch.Tensor,
+    fan_out: int,
+    group_size: int = 128,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    rows = ids.numel()
+    _experts, out_features, stored_in = weight.shape
+    int4 = weight.dtype == torch.uint8
+    in_features = stored_in * 2 if int4 else stored_in
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    block_k = min(64, group_size) if int4 else 64
+    if int4 and group_size % block_k:
+        raise ValueError(f"int4 experts need a group size that is a multiple of {block_k}")
+    scale_strides = (0, 0) if scale is None else (scale.stride(0), scale.stride(1))
+    common = dict(
+        HAS_SCALE=scale is not None,
+        INT4=int4,
+        GROUP=group_size,
+        BLOCK_K=block_k,
+    )
+    x = x.contiguous()
+    flat_ids = ids.reshape(-1)
+    if layout is None:
+        grid = (triton.cdiv(out_features, 32), rows)
+        _expert_vector_kernel[grid](
+            x, weight, weight if scale is None else scale, out, flat_ids,
+            out_features, in_features, fan_out, x.stride(0), weight.stride(0),
+            weight.stride(1), *scale_strides, out.stride(0), BLOCK_N=32, **common,
+        )  # fmt: skip
+        return out
+    sorted_rows, block_experts = layout
+    grid = (block_experts.numel(), triton.cdiv(out_features, 64))
+    _expert_matmul_kernel[grid](
+        x, weight, weight if scale is None else scale, out, sorted_rows, block_experts,
+        rows, out_features, in_features, fan_out, x.stride(0), weight.stride(0),
+        weight.stride(1), *scale_strides, out.stride(0), BLOCK_M=EXPERT_BLOCK_M, BLOCK_N=64,
+        **common,
+    )  # fmt: skip
+    return out
+
+
+def experts_mlp(
+    x: torch.Tensor,
+    gate_up: tuple[torch.Tensor, torch.Tensor | None],
+    down: tuple[torch.Tensor, torch.Tensor | None],
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    group_size: int = 128,
+) -> torch.Tensor:
+    tokens, top_k = ids.shape
+    layout = None
+    if ids.numel() > EXPERT_VECTOR_MAX_ROWS:
+        layout = sort_by_expert(ids, gate_up[0].shape[0], EXPERT_BLOCK_M)
+    hidden = expert_matmul(x, *gate_up, ids, top_k, group_size, layout)
+    out = expert_matmul(silu_and_mul(hidden), *down, ids, 1, group_size, layout)
+    weighted = out.view(tokens, top_k, -1).float() * weights[..., None]
+    return weighted.sum(dim=1).to(x.dtype)

@@ -1,0 +1,152 @@
+"""Mixture-of-experts MLP layers (Qwen3-MoE, Mixtral): a router picks each token's experts, and
+only those experts' gated MLPs run.
+
+Every expert's matrices are stacked into one tensor per projection — gate and up fused,
+[E, 2I, H], and down, [E, H, I] — in any of `QuantLinear`'s weight formats (plain, int8 or
+fp8 with a scale per output row, int4 with a scale per row and group), quantized with the
+same functions at load. The kernels (`kernels.route_experts`, `kernels.experts_mlp`) read
+them as stored.
+
+Tensor parallel splits every expert the way the dense MLP is split: each rank holds its slice
+of every expert's width (gate/up rows, down columns) and the partial outputs are summed, one
+all-reduce per layer. At batch 1 each rank then reads 1/tp of every chosen expert, an even
+load however the router chooses; expert parallelism (whole experts per rank) would leave the
+rank that holds two of a token's experts as the step's straggler.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuron_agent.torch_engine import kernels
+from neuron_agent.torch_engine.checkpoint import ExpertLayout, ModelSpec
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.parallel import Shard
+from neuron_agent.torch_engine.quant import (
+    QuantLinear,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+    row_amax,
+)
+
+
+class ExpertStack(nn.Module):
+    """One projection of every expert, [E, N, K] as stored, and its scales."""
+
+    def __init__(
+        self, mode: str, weight: torch.Tensor, scale: torch.Tensor | None, group_size: int
+    ) -> None:
+        super().__init__()
+        self.mode = mode
+        self.group_size = group_size
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.scale = None if scale is None else nn.Parameter(scale, requires_grad=False)
+
+    @classmethod
+    def quantize(
+        cls,
+        matrices: list[torch.Tensor],
+        mode: str,
+        dtype: torch.dtype,
+        group_size: int,
+        amax: list[torch.Tensor] | None = None,
+    ) -> ExpertStack:
+        """Each expert's [N, K] matrix quantized on its own (scales belong to its rows), then
+        stacked. `amax`: the whole rows' largest magnitudes when the matrices are row-parallel
+        shards (tp), as for `QuantLinear.from_weight`."""
+        if mode == "none":
+            return cls(mode, torch.stack([m.to(dtype) for m in matrices]), None, group_size)
+        weights, scales = [], []
+        for index, matrix in enumerate(matrices):
+            row_max = None if amax is None else amax[index]
+            if mode == "int8":
+                weight, scale = quantize_int8(matrix, row_max)
+            elif mode == "fp8":
+                weight, scale = quantize_fp8(matrix, row_max)
+            elif mode == "int4":
+                weight, scale = quantize_int4(matrix, group_size)
+            else:
+                raise UnsupportedCheckpoint(f"quantization {mode!r} is not supported for experts")
+            weights.append(weight)
+            scales.append(scale.float())
+        return cls(mode, torch.stack(weights), torch.stack(scales), group_size)
+
+    @property
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight, self.scale
+
+
+class SparseMoe(nn.Module):
+    """Router → each token's top-k experts → their gated MLPs, summed with the routing
+    weights (and over the tensor-parallel ranks)."""
+
+    def __init__(
+        self,
+        router: QuantLinear,
+        gate_up: ExpertStack,
+        down: ExpertStack,
+        top_k: int,
+        normalize: bool,
+        shard: Shard,
+    ) -> None:
+        super().__init__()
+        self.router = router
+        self.gate_up = gate_up
+        self.down = down
+        self.top_k = top_k
+        self.normalize = normalize
+        self.shard = shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = kernels.route_experts(self.router(x), self.top_k, self.normalize)
+        out = kernels.experts_mlp(
+            x, self.gate_up.stored, self.down.stored, weights, ids, self.gate_up.group_size
+        )
+        return self.shard.all_reduce(out)
+
+
+def load_sparse_moe(
+    spec: ModelSpec,
+    layout: ExpertLayout,
+    prefix: str,
+    get: dict[str, torch.Tensor],
+    mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    group_size: int,
+    shard: Shard,
+) -> SparseMoe:
+    """Layer `prefix`'s router and experts from the checkpoint tensors `get`, this rank's slice
+    of each expert's width (`spec` is the whole model's)."""
+    width = spec.expert_intermediate_size // shard.world
+    rows = slice(shard.rank * width, (shard.rank + 1) * width)
+    mlp = f"{prefix}.{layout.mlp}"
+
+    def tensor(name: str) -> torch.Tensor:
+        try:
+            return get[name]
+        except KeyError:
+            raise UnsupportedCheckpoint(f"the checkpoint lacks tensor {name}") from None
+
+    def matrix(expert: int, projection: str) -> torch.Tensor:
+        return tensor(f"{mlp}.experts.{expert}.{projection}.weight").to(device, dtype)
+
+    experts = range(spec.num_experts)
+    gate_up = [
+        torch.cat((matrix(e, layout.gate)[rows], matrix(e, layout.up)[rows])) for e in experts
+    ]
+    down = [matrix(e, layout.down)[:, rows] for e in experts]
+    amax = None
+    if shard.parallel and mode in ("int8", "fp8"):
+        amax = [shard.all_reduce_max(row_amax(m)) for m in down]
+    router_weight = tensor(f"{mlp}.{layout.router}.weight").to(device, dtype)
+    return SparseMoe(
+        QuantLinear.from_weight(router_weight, None, "none", dtype),
+        ExpertStack.quantize(gate_up, mode, dtype, group_size),
+        ExpertStack.quantize(down, mode, dtype, group_size, amax),
+        spec.experts_per_token,
+        spec.normalize_expert_weights,
+        shard,
+    )

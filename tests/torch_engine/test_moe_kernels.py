@@ -1,0 +1,85 @@
+"""The mixture-of-experts kernels against their plain-PyTorch references, on CPU under Triton's
+interpreter: routing, the sort by expert, and the experts' MLP through both GPU paths (one
+program per chosen row for decode, the sorted grouped matmul for prefill) in every weight
+format."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from neuron_agent.torch_engine.kernels import reference
+from neuron_agent.torch_engine.moe import ExpertStack
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
+triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+
+EXPERTS, HIDDEN, WIDTH, TOP_K = 6, 64, 32, 2
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_routing_picks_the_reference_experts_and_weights(normalize: bool) -> None:
+    logits = torch.randn(9, 12, generator=_generator()) * 3
+    weights, ids = triton_kernels.route_experts(logits, 3, normalize)
+    expected_weights, expected_ids = reference.route_experts(logits, 3, normalize)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    # Softmax over all twelve, then the best three: they sum to one only when renormalised.
+    sums = weights.sum(dim=-1)
+    assert torch.allclose(sums, torch.ones(9)) == normalize
+
+
+def test_the_sort_groups_rows_by_expert_in_padded_blocks() -> None:
+    ids = torch.tensor([[2, 0], [2, 5], [0, 2]], dtype=torch.int32)
+    rows, block_experts = reference.sort_by_expert(ids, 6, 4)
+    # Rows (t·k + j): expert 0 has 1 and 4, expert 2 has 0, 2 and 5, expert 5 has 3; each
+    # group padded with 6 (no row) to a block of 4.
+    assert rows[:12].tolist() == [1, 4, 6, 6, 0, 2, 5, 6, 3, 6, 6, 6]
+    assert block_experts.tolist()[:3] == [0, 2, 5]
+    assert set(block_experts.tolist()[3:]) == {-1}
+    assert set(rows[12:].tolist()) <= {6}
+
+
+def _stacks(mode: str) -> tuple[ExpertStack, ExpertStack]:
+    g = _generator()
+    gate_up = [torch.randn(2 * WIDTH, HIDDEN, generator=g) * 0.2 for _ in range(EXPERTS)]
+    down = [torch.randn(HIDDEN, WIDTH, generator=g) * 0.2 for _ in range(EXPERTS)]
+    return (
+        ExpertStack.quantize(gate_up, mode, torch.float32, 32),
+        ExpertStack.quantize(down, mode, torch.float32, 32),
+    )
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "fp8", "int4"])
+@pytest.mark.parametrize("tokens", [1, 4, 21])  # 2 and 8 rows: decode; 42: the grouped matmul
+def test_experts_mlp_matches_the_reference(mode: str, tokens: int) -> None:
+    g = _generator()
+    gate_up, down = _stacks(mode)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    weights, ids = reference.route_experts(torch.randn(tokens, EXPERTS, generator=g), TOP_K, True)
+    got = triton_kernels.experts_mlp(x, gate_up.stored, down.stored, weights, ids, 32)
+    expected = reference.experts_mlp(x, gate_up.stored, down.stored, weights, ids, 32)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_reference_equals_a_per_token_loop_over_dense_experts() -> None:
+    """The oracle itself: each token's chosen experts' gated MLPs, weighted, summed."""
+    g = _generator()
+    gate_up, down = _stacks("none")
+    x = torch.randn(5, HIDDEN, generator=g)
+    weights, ids = reference.route_experts(torch.randn(5, EXPERTS, generator=g), TOP_K, False)
+    got = reference.experts_mlp(x, gate_up.stored, down.stored, weights, ids)
+    for token in range(5):
+        expected = torch.zeros(HIDDEN)
+        for j in range(TOP_K):
+            expert = int(ids[token, j])
+            gate, up = (gate_up.weight[expert] @ x[token]).chunk(2)
+            hidden = torch.nn.functional.silu(gate) * up
+            expected += weights[token, j] * (down.weight[expert] @ hidden)
+        torch.testing.assert_close(got[token], expected, rtol=1e-5, atol=1e-5)
