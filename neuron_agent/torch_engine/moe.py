@@ -22,6 +22,7 @@ from torch import nn
 from neuron_agent.torch_engine import kernels
 from neuron_agent.torch_engine.checkpoint import ExpertLayout, ModelSpec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.kernels.reference import ExpertWeights
 from neuron_agent.torch_engine.parallel import Shard
 from neuron_agent.torch_engine.quant import (
     QuantLinear,
@@ -73,10 +74,6 @@ class ExpertStack(nn.Module):
             scales.append(scale.float())
         return cls(mode, torch.stack(weights), torch.stack(scales), group_size)
 
-    @property
-    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.weight, self.scale
-
 
 class SparseMoe(nn.Module):
     """Router → each token's top-k experts → their gated MLPs, summed with the routing
@@ -90,6 +87,11 @@ class SparseMoe(nn.Module):
         top_k: int,
         normalize: bool,
         shard: Shard,
+        softmax_after: bool = False,
+        biases: tuple[torch.Tensor, torch.Tensor] | None = None,
+        activation: str = "silu",
+        alpha: float = 1.702,
+        limit: float = 7.0,
     ) -> None:
         super().__init__()
         self.router = router
@@ -97,14 +99,40 @@ class SparseMoe(nn.Module):
         self.down = down
         self.top_k = top_k
         self.normalize = normalize
+        self.softmax_after = softmax_after
         self.shard = shard
+        self.gate_up_bias = None if biases is None else nn.Parameter(biases[0], False)
+        self.down_bias = None if biases is None else nn.Parameter(biases[1], False)
+        self.activation = (activation, alpha, limit)
+
+    def weights(self) -> ExpertWeights:
+        # Built per call: sleeping and waking a model swaps its parameters' storage.
+        activation, alpha, limit = self.activation
+        return ExpertWeights(
+            self.gate_up.weight,
+            self.gate_up.scale,
+            self.down.weight,
+            self.down.scale,
+            self.gate_up.group_size,
+            self.gate_up_bias,
+            self.down_bias,
+            activation,
+            alpha,
+            limit,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = kernels.route_experts(self.router(x), self.top_k, self.normalize)
-        out = kernels.experts_mlp(
-            x, self.gate_up.stored, self.down.stored, weights, ids, self.gate_up.group_size
+        weights, ids = kernels.route_experts(
+            self.router(x), self.top_k, self.normalize, self.softmax_after
         )
-        return self.shard.all_reduce(out)
+        return self.shard.all_reduce(kernels.experts_mlp(x, self.weights(), weights, ids))
+
+
+def _tensor(get: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    try:
+        return get[name]
+    except KeyError:
+        raise UnsupportedCheckpoint(f"the checkpoint lacks tensor {name}") from None
 
 
 def load_sparse_moe(
@@ -124,14 +152,8 @@ def load_sparse_moe(
     rows = slice(shard.rank * width, (shard.rank + 1) * width)
     mlp = f"{prefix}.{layout.mlp}"
 
-    def tensor(name: str) -> torch.Tensor:
-        try:
-            return get[name]
-        except KeyError:
-            raise UnsupportedCheckpoint(f"the checkpoint lacks tensor {name}") from None
-
     def matrix(expert: int, projection: str) -> torch.Tensor:
-        return tensor(f"{mlp}.experts.{expert}.{projection}.weight").to(device, dtype)
+        return _tensor(get, f"{mlp}.experts.{expert}.{projection}.weight").to(device, dtype)
 
     experts = range(spec.num_experts)
     gate_up = [
@@ -141,7 +163,7 @@ def load_sparse_moe(
     amax = None
     if shard.parallel and mode in ("int8", "fp8"):
         amax = [shard.all_reduce_max(row_amax(m)) for m in down]
-    router_weight = tensor(f"{mlp}.{layout.router}.weight").to(device, dtype)
+    router_weight = _tensor(get, f"{mlp}.{layout.router}.weight").to(device, dtype)
     return SparseMoe(
         QuantLinear.from_weight(router_weight, None, "none", dtype),
         ExpertStack.quantize(gate_up, mode, dtype, group_size),
@@ -149,4 +171,63 @@ def load_sparse_moe(
         spec.experts_per_token,
         spec.normalize_expert_weights,
         shard,
+    )
+
+
+def load_gpt_oss_experts(
+    spec: ModelSpec,
+    prefix: str,
+    get: dict[str, torch.Tensor],
+    mode: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    group_size: int,
+    swiglu: tuple[float, float],
+) -> SparseMoe:
+    """gpt-oss's experts: fused [E, H, 2I] gate/up (gate and up interleaved) and [E, I, H]
+    down in the compute dtype, quantized in situ like any other; or as published, MXFP4
+    `*_blocks` [E, N, K/32, 16] and `*_scales` [E, N, K/32], kept as stored. Biases on both,
+    a biased router whose top-k logits are softmaxed, and the clamped SwiGLU."""
+    mlp = f"{prefix}.mlp"
+    width = spec.expert_intermediate_size
+    # [gate | up] as the activation kernels take them, from gate/up interleaved.
+    order = torch.cat((torch.arange(0, 2 * width, 2), torch.arange(1, 2 * width, 2)))
+    gate_up_bias = _tensor(get, f"{mlp}.experts.gate_up_proj_bias")[:, order]
+    down_bias = _tensor(get, f"{mlp}.experts.down_proj_bias")
+    if f"{mlp}.experts.gate_up_proj_blocks" in get:
+
+        def packed(name: str, rows: torch.Tensor | None) -> ExpertStack:
+            blocks = _tensor(get, f"{mlp}.experts.{name}_blocks").to(device)
+            scales = _tensor(get, f"{mlp}.experts.{name}_scales").to(device)
+            if rows is not None:
+                blocks, scales = blocks[:, rows.to(device)], scales[:, rows.to(device)]
+            experts, out_features = blocks.shape[:2]
+            return ExpertStack("mxfp4", blocks.reshape(experts, out_features, -1), scales, 32)
+
+        gate_up, down = packed("gate_up_proj", order), packed("down_proj", None)
+    else:
+        fused = _tensor(get, f"{mlp}.experts.gate_up_proj").to(device, dtype)
+        down_stack = _tensor(get, f"{mlp}.experts.down_proj").to(device, dtype)
+        gate_up = ExpertStack.quantize(
+            [m.T[order.to(device)] for m in fused], mode, dtype, group_size
+        )
+        down = ExpertStack.quantize([m.T for m in down_stack], mode, dtype, group_size)
+    router = QuantLinear.from_weight(
+        _tensor(get, f"{mlp}.router.weight").to(device, dtype),
+        _tensor(get, f"{mlp}.router.bias").to(device, dtype),
+        "none",
+        dtype,
+    )
+    return SparseMoe(
+        router,
+        gate_up,
+        down,
+        spec.experts_per_token,
+        False,
+        Shard(),
+        softmax_after=True,
+        biases=(gate_up_bias.to(device, dtype), down_bias.to(device, dtype)),
+        activation="swiglu_oai",
+        alpha=swiglu[0],
+        limit=swiglu[1],
     )

@@ -154,6 +154,10 @@ def check_shardable(spec: ModelSpec, tp: int, quantization: str, group_size: int
     """Refuse, before any rank starts, a tp the model's shape or int4 groups do not allow."""
     if tp == 1:
         return
+    if spec.layer_windows or spec.attention_sinks:
+        raise UnsupportedCheckpoint(
+            f"tp > 1 is not supported for {spec.architecture} by the torch engine yet"
+        )
     local = shard_spec(spec, tp)
     grouped = quantization == "int4" or spec.stored_quantization == "modelopt_int4_awq"
     if not grouped:

@@ -16,6 +16,8 @@ from transformers import (
     MixtralConfig,
     Qwen2Config,
     Qwen3Config,
+    Gemma3TextConfig,
+    GptOssConfig,
     Qwen3MoeConfig,
 )
 
@@ -56,6 +58,22 @@ CONFIGS = {
         mlp_only_layers=[1],
     ),
     "mixtral": lambda: MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2),
+    # A window of 8 on the first layer (the prompts are 40 long), its own rope there, the
+    # global one linearly scaled; √hidden embeddings, four norms a layer, GELU-tanh.
+    "gemma3": lambda: Gemma3TextConfig(
+        **SHAPE,
+        head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    # Sinks, a window of 8 on layer 0, YaRN rope, biased attention, router and experts.
+    "gpt_oss": lambda: GptOssConfig(
+        **SHAPE, head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
+    ),
 }
 
 
@@ -66,7 +84,9 @@ def write_model(kind: str, folder: Path) -> Path:
         for name, parameter in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
-            elif "experts" in name or name.endswith("gate.weight"):
+            elif "sinks" in name:
+                parameter.add_(torch.randn_like(parameter))
+            elif "experts" in name or name.endswith(("gate.weight", "router.weight")):
                 # Routers with clear preferences and experts that move the logits: at the
                 # initial scale the expert outputs hid inside the tolerance.
                 parameter.mul_(8.0)

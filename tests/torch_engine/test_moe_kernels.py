@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neuron_agent.torch_engine.kernels import reference
+from neuron_agent.torch_engine.kernels.reference import ExpertWeights
 from neuron_agent.torch_engine.moe import ExpertStack
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
@@ -50,36 +51,104 @@ def _stacks(mode: str) -> tuple[ExpertStack, ExpertStack]:
     g = _generator()
     gate_up = [torch.randn(2 * WIDTH, HIDDEN, generator=g) * 0.2 for _ in range(EXPERTS)]
     down = [torch.randn(HIDDEN, WIDTH, generator=g) * 0.2 for _ in range(EXPERTS)]
+    if mode == "mxfp4":
+        return _mxfp4(gate_up, g), _mxfp4(down, g)
     return (
         ExpertStack.quantize(gate_up, mode, torch.float32, 32),
         ExpertStack.quantize(down, mode, torch.float32, 32),
     )
 
 
-@pytest.mark.parametrize("mode", ["none", "int8", "fp8", "int4"])
+def _mxfp4(matrices: list[torch.Tensor], g: torch.Generator) -> ExpertStack:
+    """Random e2m1 codes and power-of-two scales around 2^-3, as gpt-oss stores them."""
+    rows, columns = matrices[0].shape
+    codes = torch.randint(0, 16, (len(matrices), rows, columns), generator=g, dtype=torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    scales = torch.randint(122, 127, (len(matrices), rows, columns // 32), generator=g)
+    return ExpertStack("mxfp4", packed, scales.to(torch.uint8), 32)
+
+
+def _weights(mode: str, gpt_oss: bool = False) -> ExpertWeights:
+    gate_up, down = _stacks(mode)
+    if not gpt_oss:
+        return ExpertWeights(gate_up.weight, gate_up.scale, down.weight, down.scale, 32)
+    g = torch.Generator().manual_seed(5)
+    return ExpertWeights(
+        gate_up.weight,
+        gate_up.scale,
+        down.weight,
+        down.scale,
+        32,
+        torch.randn(EXPERTS, 2 * WIDTH, generator=g),
+        torch.randn(EXPERTS, HIDDEN, generator=g),
+        "swiglu_oai",
+        1.702,
+        1.5,  # a limit the random activations cross
+    )
+
+
+@pytest.mark.parametrize("mode", ["none", "int8", "fp8", "int4", "mxfp4"])
 @pytest.mark.parametrize("tokens", [1, 4, 21])  # 2 and 8 rows: decode; 42: the grouped matmul
 def test_experts_mlp_matches_the_reference(mode: str, tokens: int) -> None:
     g = _generator()
-    gate_up, down = _stacks(mode)
+    experts = _weights(mode)
     x = torch.randn(tokens, HIDDEN, generator=g)
     weights, ids = reference.route_experts(torch.randn(tokens, EXPERTS, generator=g), TOP_K, True)
-    got = triton_kernels.experts_mlp(x, gate_up.stored, down.stored, weights, ids, 32)
-    expected = reference.experts_mlp(x, gate_up.stored, down.stored, weights, ids, 32)
+    got = triton_kernels.experts_mlp(x, experts, weights, ids)
+    expected = reference.experts_mlp(x, experts, weights, ids)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 21])
+def test_gpt_oss_experts_with_biases_and_clamped_swiglu_match_the_reference(tokens: int) -> None:
+    g = _generator()
+    experts = _weights("mxfp4", gpt_oss=True)
+    x = torch.randn(tokens, HIDDEN, generator=g)
+    logits = torch.randn(tokens, EXPERTS, generator=g)
+    weights, ids = triton_kernels.route_experts(logits, TOP_K, False, softmax_after=True)
+    expected_weights, expected_ids = reference.route_experts(logits, TOP_K, False, True)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights)
+    got = triton_kernels.experts_mlp(x, experts, weights, ids)
+    expected = reference.experts_mlp(x, experts, weights, ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu_oai"])
+def test_gated_activations_match_the_reference(activation: str) -> None:
+    gate_up = torch.randn(3, 2 * 1500, generator=_generator()) * 4
+    torch.testing.assert_close(
+        triton_kernels.silu_and_mul(gate_up, activation, 1.702, 7.0),
+        reference.silu_and_mul(gate_up, activation, 1.702, 7.0),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_mxfp4_decodes_as_transformers_does() -> None:
+    """e2m1 codes, low nibble first, times 2^(scale - 127): transformers' own dequantization
+    (`convert_moe_packed_tensors`, which returns the matrix transposed)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    stack = _mxfp4([torch.zeros(8, 64)] * 2, _generator())
+    blocks = stack.weight.reshape(2, 8, 2, 16)
+    expected = convert_moe_packed_tensors(blocks, stack.scale, dtype=torch.float32)
+    got = reference.expert_weight(stack.weight, stack.scale, 1, 32, torch.float32)
+    torch.testing.assert_close(got, expected[1].T)
 
 
 def test_the_reference_equals_a_per_token_loop_over_dense_experts() -> None:
     """The oracle itself: each token's chosen experts' gated MLPs, weighted, summed."""
     g = _generator()
-    gate_up, down = _stacks("none")
+    experts = _weights("none")
     x = torch.randn(5, HIDDEN, generator=g)
     weights, ids = reference.route_experts(torch.randn(5, EXPERTS, generator=g), TOP_K, False)
-    got = reference.experts_mlp(x, gate_up.stored, down.stored, weights, ids)
+    got = reference.experts_mlp(x, experts, weights, ids)
     for token in range(5):
         expected = torch.zeros(HIDDEN)
         for j in range(TOP_K):
             expert = int(ids[token, j])
-            gate, up = (gate_up.weight[expert] @ x[token]).chunk(2)
+            gate, up = (experts.gate_up[expert] @ x[token]).chunk(2)
             hidden = torch.nn.functional.silu(gate) * up
-            expected += weights[token, j] * (down.weight[expert] @ hidden)
+            expected += weights[token, j] * (experts.down[expert] @ hidden)
         torch.testing.assert_close(got[token], expected, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from neuron_agent.torch_engine.kernels.reference import ExpertWeights
+
 # ----------------------------------------------------------------------------- RMSNorm
 
 
@@ -207,26 +209,56 @@ def rotary_and_cache(
 
 
 @triton.jit
-def _silu_and_mul_kernel(GATE_UP, OUT, stride_in, stride_out, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    GATE_UP,
+    OUT,
+    stride_in,
+    stride_out,
+    width,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """ACTIVATION 0: SiLU(gate) · up; 1: GELU-tanh(gate) · up (Gemma); 2: gpt-oss's clamped
+    SwiGLU, gate · sigmoid(alpha · gate) · (up + 1) with gate ≤ limit and |up| ≤ limit."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     gate = tl.load(GATE_UP + row * stride_in + cols, mask=mask, other=0.0)
     up = tl.load(GATE_UP + row * stride_in + width + cols, mask=mask, other=0.0)
     gf = gate.to(tl.float32)
-    activated = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
-    tl.store(OUT + row * stride_out + cols, activated * up, mask=mask)
+    if ACTIVATION == 0:
+        activated = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
+        out = activated * up
+    elif ACTIVATION == 1:
+        inner = tl.minimum(
+            tl.maximum(0.7978845608028654 * (gf + 0.044715 * gf * gf * gf), -20.0), 20.0
+        )
+        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        out = (0.5 * gf * (1.0 + tanh)).to(gate.dtype) * up
+    else:
+        gf = tl.minimum(gf, limit)
+        uf = tl.minimum(tl.maximum(up.to(tl.float32), -limit), limit)
+        out = (gf / (1.0 + tl.exp(-alpha * gf)) * (uf + 1.0)).to(gate.dtype)
+    tl.store(OUT + row * stride_out + cols, out, mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
+
+
+def silu_and_mul(
+    gate_up: torch.Tensor, activation: str = "silu", alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * width)
     flat = gate_up.reshape(rows, 2 * width)
     out = torch.empty((rows, width), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
-        flat, out, flat.stride(0), out.stride(0), width, BLOCK=block
-    )
+        flat, out, flat.stride(0), out.stride(0), width, alpha, limit,
+        ACTIVATION=ACTIVATIONS[activation], BLOCK=block,
+    )  # fmt: skip
     return out.view(*gate_up.shape[:-1], width)
 
 
@@ -452,6 +484,7 @@ def _decode_split_kernel(
     stride_tb,
     stride_ss,
     scale,
+    window,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -467,13 +500,19 @@ def _decode_split_kernel(
 
     An FP8 cache's per-vector scales apply outside the dots (a key's scale to its scores, a
     value's to its softmax weights), which then run in float16: float8 widens to it in one
-    instruction."""
+    instruction.
+
+    A sliding-window layer (`window` > 0) reads only the last `window` positions: the splits
+    share those, not the whole sequence."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENS + seq)
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    first = 0
+    if window > 0:
+        first = tl.maximum(length - window, 0)
+    per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, length)
 
     g = tl.arange(0, GROUP_PAD)
@@ -528,13 +567,17 @@ def _decode_reduce_kernel(
     PART_ACC,
     PART_MAX,
     PART_SUM,
+    SINKS,
     OUT,
     stride_ob,
     stride_oh,
     HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
+    """Merges the splits; an attention sink (gpt-oss: one learnt logit per head) joins the
+    softmax's denominator and adds nothing to its output."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -544,6 +587,8 @@ def _decode_reduce_kernel(
     overall = tl.max(maxima, axis=0)
     weights = tl.exp(maxima - overall)  # an empty split has max -inf: weight 0
     total = tl.sum(tl.load(PART_SUM + part) * weights, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(tl.load(SINKS + head).to(tl.float32) - overall)
     acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + d[None, :])
     out = tl.sum(acc * weights[:, None], axis=0) / total
     tl.store(OUT + seq * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty))
@@ -567,6 +612,8 @@ def paged_decode_attention(
     splits: int,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     fp8 = k_scales is not None and v_scales is not None
@@ -593,6 +640,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         k_scales.stride(0) if k_scales is not None else 0,
         scale,
+        window,
         HEADS=heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -609,12 +657,14 @@ def paged_decode_attention(
         part_acc,
         part_max,
         part_sum,
+        part_sum if sinks is None else sinks,
         out,
         out.stride(0),
         out.stride(1),
         HEADS=heads,
         HEAD_DIM=head_dim,
         SPLITS=splits,
+        HAS_SINKS=sinks is not None,
     )
     return out
 
@@ -631,36 +681,47 @@ def _route_experts_kernel(
     stride_l,
     TOP_K: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    SOFTMAX_AFTER: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """One token: softmax over its router logits in float32, then the top k by repeated
-    arg-max (k is small), renormalised when asked."""
+    arg-max (k is small), renormalised when asked; or (SOFTMAX_AFTER, gpt-oss) the top k
+    logits first, then a softmax over those alone."""
     token = tl.program_id(0).to(tl.int64)
     columns = tl.arange(0, BLOCK_E)
     logits = tl.load(
         LOGITS + token * stride_l + columns, mask=columns < experts, other=-float("inf")
     ).to(tl.float32)
-    exponentials = tl.exp(logits - tl.max(logits, axis=0))
-    probabilities = exponentials / tl.sum(exponentials, axis=0)
+    if SOFTMAX_AFTER:
+        probabilities = logits
+        floor = -float("inf")
+    else:
+        exponentials = tl.exp(logits - tl.max(logits, axis=0))
+        probabilities = exponentials / tl.sum(exponentials, axis=0)
+        floor = -1.0
     picks = tl.arange(0, BLOCK_K)
     chosen_weights = tl.zeros([BLOCK_K], dtype=tl.float32)
     chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    remaining = tl.where(columns < experts, probabilities, -1.0)
+    remaining = tl.where(columns < experts, probabilities, floor)
     for j in tl.static_range(TOP_K):
         best = tl.argmax(remaining, axis=0)
         value = tl.max(remaining, axis=0)
         chosen_weights = tl.where(picks == j, value, chosen_weights)
         chosen_ids = tl.where(picks == j, best.to(tl.int32), chosen_ids)
-        remaining = tl.where(columns == best, -1.0, remaining)
-    if NORMALIZE:
+        remaining = tl.where(columns == best, floor, remaining)
+    if SOFTMAX_AFTER:  # the first pick is the largest logit
+        top = tl.max(tl.where(picks < TOP_K, chosen_weights, -float("inf")), axis=0)
+        exponentials = tl.where(picks < TOP_K, tl.exp(chosen_weights - top), 0.0)
+        chosen_weights = exponentials / tl.sum(exponentials, axis=0)
+    elif NORMALIZE:
         chosen_weights = chosen_weights / tl.sum(tl.where(picks < TOP_K, chosen_weights, 0.0))
     tl.store(WEIGHTS + token * TOP_K + picks, chosen_weights, mask=picks < TOP_K)
     tl.store(IDS + token * TOP_K + picks, chosen_ids, mask=picks < TOP_K)
 
 
 def route_experts(
-    logits: torch.Tensor, top_k: int, normalize: bool
+    logits: torch.Tensor, top_k: int, normalize: bool, softmax_after: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, experts = logits.shape
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
@@ -673,6 +734,7 @@ def route_experts(
         logits.stride(0),
         TOP_K=top_k,
         NORMALIZE=normalize,
+        SOFTMAX_AFTER=softmax_after,
         BLOCK_E=triton.next_power_of_2(experts),
         BLOCK_K=triton.next_power_of_2(top_k),
     )
@@ -692,15 +754,37 @@ def _load_expert_tile(
     stride_wn,
     stride_se,
     stride_sn,
-    INT4: tl.constexpr,
+    PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Expert `expert`'s weight rows n, columns [start, start + BLOCK_K), as stored (int8, fp8,
-    plain) or, for int4, unpacked and scaled by its group's scale (one group per tile)."""
+    plain) or, packed two a byte (PACKED 1: int4 with a float scale per group; 2: MXFP4, e2m1
+    values with a power-of-two scale byte per 32), unpacked and scaled (one group a tile)."""
     base = W + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
-    if INT4:
+    if PACKED == 2:
+        pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(
+            base + pairs[None, :],
+            mask=n_mask[:, None] & (pairs[None, :] < in_features // 2),
+            other=0,
+        )
+        values = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BLOCK_N, BLOCK_K))
+        # e2m1: sign, two exponent bits, one mantissa bit; exponent 0 is subnormal (0, 0.5).
+        exponent = ((values >> 1) & 3).to(tl.float32)
+        mantissa = (values & 1).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * tl.exp2(exponent - 1.0)
+        )
+        decoded = tl.where((values & 8) != 0, -magnitude, magnitude)
+        scale_bits = tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn + start // GROUP,
+            mask=n_mask,
+            other=127,
+        )
+        return decoded * tl.exp2(scale_bits.to(tl.float32) - 127.0)[:, None]
+    if PACKED == 1:
         pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
         packed = tl.load(
             base + pairs[None, :],
@@ -727,6 +811,7 @@ def _expert_matmul_kernel(
     X,
     W,
     SCALE,
+    BIAS,
     OUT,
     ROWS,
     BLOCK_EXPERTS,
@@ -741,7 +826,8 @@ def _expert_matmul_kernel(
     stride_sn,
     stride_o,
     HAS_SCALE: tl.constexpr,
-    INT4: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -768,14 +854,17 @@ def _expert_matmul_kernel(
             )
             w = _load_expert_tile(
                 W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
-                stride_se, stride_sn, INT4, GROUP, BLOCK_N, BLOCK_K,
+                stride_se, stride_sn, PACKED, GROUP, BLOCK_N, BLOCK_K,
             )  # fmt: skip
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        if HAS_SCALE and not INT4:
+        if HAS_SCALE and PACKED == 0:
             scale = tl.load(
                 SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
             )
             acc = acc * scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(BIAS + expert.to(tl.int64) * out_features + n, mask=n_mask, other=0.0)
+            acc = acc + bias.to(tl.float32)[None, :]
         tl.store(
             OUT + rows[:, None].to(tl.int64) * stride_o + n[None, :],
             acc.to(OUT.dtype.element_ty),
@@ -788,6 +877,7 @@ def _expert_vector_kernel(
     X,
     W,
     SCALE,
+    BIAS,
     OUT,
     IDS,
     out_features,
@@ -800,7 +890,8 @@ def _expert_vector_kernel(
     stride_sn,
     stride_o,
     HAS_SCALE: tl.constexpr,
-    INT4: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -818,13 +909,16 @@ def _expert_vector_kernel(
         x = tl.load(X + x_row * stride_x + start + k, mask=(start + k) < in_features, other=0.0)
         w = _load_expert_tile(
             W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
-            stride_se, stride_sn, INT4, GROUP, BLOCK_N, BLOCK_K,
+            stride_se, stride_sn, PACKED, GROUP, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    if HAS_SCALE and not INT4:
+    if HAS_SCALE and PACKED == 0:
         acc = acc * tl.load(
             SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
         )
+    if HAS_BIAS:
+        bias = tl.load(BIAS + expert.to(tl.int64) * out_features + n, mask=n_mask, other=0.0)
+        acc = acc + bias.to(tl.float32)
     tl.store(OUT + row.to(tl.int64) * stride_o + n, acc.to(OUT.dtype.element_ty), mask=n_mask)
 
 
@@ -852,28 +946,34 @@ def expert_matmul(
     fan_out: int,
     group_size: int = 128,
     layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows = ids.numel()
     _experts, out_features, stored_in = weight.shape
-    int4 = weight.dtype == torch.uint8
-    in_features = stored_in * 2 if int4 else stored_in
+    packed = 0
+    if weight.dtype == torch.uint8:  # int4 scales are floats, MXFP4's are exponent bytes
+        packed = 2 if scale is not None and scale.dtype == torch.uint8 else 1
+    in_features = stored_in * 2 if packed else stored_in
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
-    block_k = min(64, group_size) if int4 else 64
-    if int4 and group_size % block_k:
-        raise ValueError(f"int4 experts need a group size that is a multiple of {block_k}")
+    block_k = min(64, group_size) if packed else 64
+    if packed and group_size % block_k:
+        raise ValueError(f"packed experts need a group size that is a multiple of {block_k}")
     scale_strides = (0, 0) if scale is None else (scale.stride(0), scale.stride(1))
     common = dict(
         HAS_SCALE=scale is not None,
-        INT4=int4,
+        HAS_BIAS=bias is not None,
+        PACKED=packed,
         GROUP=group_size,
         BLOCK_K=block_k,
     )
     x = x.contiguous()
     flat_ids = ids.reshape(-1)
+    scale_or_any = weight if scale is None else scale
+    bias_or_any = weight if bias is None else bias
     if layout is None:
         grid = (triton.cdiv(out_features, 32), rows)
         _expert_vector_kernel[grid](
-            x, weight, weight if scale is None else scale, out, flat_ids,
+            x, weight, scale_or_any, bias_or_any, out, flat_ids,
             out_features, in_features, fan_out, x.stride(0), weight.stride(0),
             weight.stride(1), *scale_strides, out.stride(0), BLOCK_N=32, **common,
         )  # fmt: skip
@@ -881,7 +981,7 @@ def expert_matmul(
     sorted_rows, block_experts = layout
     grid = (block_experts.numel(), triton.cdiv(out_features, 64))
     _expert_matmul_kernel[grid](
-        x, weight, weight if scale is None else scale, out, sorted_rows, block_experts,
+        x, weight, scale_or_any, bias_or_any, out, sorted_rows, block_experts,
         rows, out_features, in_features, fan_out, x.stride(0), weight.stride(0),
         weight.stride(1), *scale_strides, out.stride(0), BLOCK_M=EXPERT_BLOCK_M, BLOCK_N=64,
         **common,
@@ -891,17 +991,21 @@ def expert_matmul(
 
 def experts_mlp(
     x: torch.Tensor,
-    gate_up: tuple[torch.Tensor, torch.Tensor | None],
-    down: tuple[torch.Tensor, torch.Tensor | None],
+    experts: ExpertWeights,
     weights: torch.Tensor,
     ids: torch.Tensor,
-    group_size: int = 128,
 ) -> torch.Tensor:
     tokens, top_k = ids.shape
     layout = None
     if ids.numel() > EXPERT_VECTOR_MAX_ROWS:
-        layout = sort_by_expert(ids, gate_up[0].shape[0], EXPERT_BLOCK_M)
-    hidden = expert_matmul(x, *gate_up, ids, top_k, group_size, layout)
-    out = expert_matmul(silu_and_mul(hidden), *down, ids, 1, group_size, layout)
+        layout = sort_by_expert(ids, experts.gate_up.shape[0], EXPERT_BLOCK_M)
+    group = experts.group_size
+    hidden = expert_matmul(
+        x, experts.gate_up, experts.gate_up_scale, ids, top_k, group, layout, experts.gate_up_bias
+    )
+    activated = silu_and_mul(hidden, experts.activation, experts.alpha, experts.limit)
+    out = expert_matmul(
+        activated, experts.down, experts.down_scale, ids, 1, group, layout, experts.down_bias
+    )
     weighted = out.view(tokens, top_k, -1).float() * weights[..., None]
     return weighted.sum(dim=1).to(x.dtype)
