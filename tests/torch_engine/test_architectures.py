@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
     Qwen2Config,
     Qwen3Config,
-    Gemma3TextConfig,
-    GptOssConfig,
     Qwen3MoeConfig,
 )
 

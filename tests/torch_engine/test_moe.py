@@ -1,16 +1,19 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral) in the engine: greedy decoding of concurrent
-requests equals transformers' own, in-situ quantization of the experts stays close, the
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, gpt-oss) and Gemma 3 in the engine: greedy
+decoding of concurrent requests equals transformers' own (past the sliding window of the
+windowed layers), in-situ quantization of the experts stays close, the
 memory estimate counts every expert, and tp = 2 (each rank a slice of every expert) equals
 tp = 1."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from neuron_agent.torch_engine.checkpoint import estimate_weight_bytes, read_spec
@@ -21,6 +24,7 @@ from tests.torch_engine.test_architectures import write_model
 from tests.torch_engine.test_tensor_parallel import outputs
 
 KINDS = ("qwen3_moe", "mixtral")
+WINDOWED = ("gemma3", "gpt_oss")  # sliding-window layers: decoding past the window
 PROMPTS = [
     torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(n)).tolist()
     for n in (33, 5, 18)
@@ -31,7 +35,7 @@ NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("moe-models")
-    return {kind: write_model(kind, folder / kind) for kind in KINDS}
+    return {kind: write_model(kind, folder / kind) for kind in KINDS + WINDOWED}
 
 
 def reference_greedy(folder: Path, prompt: list[int]) -> tuple[list[int], list[float]]:
@@ -77,7 +81,7 @@ def generate_together(engine: Engine, prompts: list[list[int]]) -> list[list[int
     return results
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + WINDOWED)
 def test_greedy_decoding_equals_transformers_up_to_a_near_tie(
     models: dict[str, Path], kind: str
 ) -> None:
@@ -142,3 +146,57 @@ def test_tp2_splits_every_expert_and_equals_tp1(models: dict[str, Path], quantiz
     for a, b in zip(one_logits, two_logits, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert two_tokens == one_tokens
+
+
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def write_mxfp4_export(source: Path, folder: Path, dequantized: Path) -> None:
+    """gpt-oss as OpenAI publishes it: each expert projection as MXFP4 `*_blocks` [E, out,
+    in/32, 16] (e2m1 codes, low nibble first) and `*_scales` [E, out, in/32] (exponent + 127),
+    out × in; and beside it the same weights dequantized by transformers' own
+    `convert_moe_packed_tensors`, for the reference model."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    tensors = load_file(str(source / "model.safetensors"))
+    plain = dict(tensors)
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        matrix = tensors.pop(name).transpose(1, 2).float()  # [E, out, in]
+        experts, rows, columns = matrix.shape
+        groups = matrix.reshape(experts, rows, columns // 32, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-8) / 6.0))
+        scaled = groups / torch.exp2(exponent)[..., None]
+        codes = (scaled.abs()[..., None] - FP4_GRID).abs().argmin(-1).to(torch.uint8)
+        codes |= (scaled < 0).to(torch.uint8) << 3
+        blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales = (exponent + 127).to(torch.uint8)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+        plain[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+    for target, weights, quantization in (
+        (folder, tensors, {"quant_method": "mxfp4"}),
+        (dequantized, plain, None),
+    ):
+        target.mkdir(parents=True)
+        save_file(weights, str(target / "model.safetensors"))
+        config = json.loads((source / "config.json").read_text())
+        if quantization:
+            config["quantization_config"] = quantization
+        (target / "config.json").write_text(json.dumps(config))
+
+
+def test_mxfp4_experts_are_served_as_stored(models: dict[str, Path], tmp_path: Path) -> None:
+    """A published-layout MXFP4 gpt-oss equals transformers on its dequantized weights, and
+    its memory estimate counts 4.25 bits an expert weight."""
+    mxfp4, dequantized = tmp_path / "mxfp4", tmp_path / "dequantized"
+    write_mxfp4_export(models["gpt_oss"], mxfp4, dequantized)
+    reference = AutoModelForCausalLM.from_pretrained(dequantized, dtype=torch.float32).eval()
+    engine = build_engine(EngineOptions(mxfp4, kv_cache_tokens=256))
+    experts = [m for m in engine.model.modules() if isinstance(m, SparseMoe)]
+    assert all(m.gate_up.weight.dtype == torch.uint8 for m in experts)
+    for prompt in PROMPTS:
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(engine.prompt_logits(prompt), expected, rtol=1e-4, atol=1e-4)
+    held = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    estimate = estimate_weight_bytes(read_spec(mxfp4), "none", 4)
+    assert abs(held - estimate) / estimate < 0.03, (held, estimate)
