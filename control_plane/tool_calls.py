@@ -31,7 +31,7 @@ def new_call_id() -> str:
     return uuid.uuid4().hex[:24]
 
 
-def _as_call(value: Any) -> tuple[str, str] | None:
+def as_call(value: Any) -> tuple[str, str] | None:
     """(name, compact JSON arguments) when `value` is a well-formed call, else None."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
@@ -48,7 +48,7 @@ def _as_call(value: Any) -> tuple[str, str] | None:
     return value["name"], json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
 
 
-def _call_events(index: int, name: str, arguments: str) -> list[Event]:
+def call_events(index: int, name: str, arguments: str) -> list[Event]:
     events: list[Event] = [ToolCallStart(index, new_call_id(), name)]
     for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
         events.append(ToolCallDelta(index, arguments[start : start + ARGUMENT_FRAGMENT]))
@@ -119,13 +119,13 @@ class HermesParser:
 
     def _call(self, body: str, closed: bool) -> list[Event]:
         try:
-            call = _as_call(json.loads(body))
+            call = as_call(json.loads(body))
         except ValueError:
             call = None
         if call is None:
             raw = OPEN + body + (CLOSE if closed else "")
             return self._text(raw, before_call=False, final=not closed)
-        events = _call_events(self.calls, *call)
+        events = call_events(self.calls, *call)
         self.calls += 1
         self.after_call = True
         return events
@@ -163,7 +163,7 @@ class Llama3JsonParser:
             return [TextDelta(rest)]
         events: list[Event] = []
         for name, arguments in calls[: self.max_calls]:
-            events.extend(_call_events(self.calls, name, arguments))
+            events.extend(call_events(self.calls, name, arguments))
             self.calls += 1
         return events
 
@@ -179,7 +179,7 @@ def _json_calls(body: str) -> list[tuple[str, str]] | None:
             value, position = decoder.raw_decode(body, position)
         except ValueError:
             return None
-        call = _as_call(value)
+        call = as_call(value)
         if call is None:
             return None
         calls.append(call)
