@@ -21,6 +21,7 @@ from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.moe import SparseMoe
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 from tests.torch_engine.test_architectures import write_model
+from tests.torch_engine.test_graphs import assert_padding_changes_nothing
 from tests.torch_engine.test_tensor_parallel import outputs
 
 KINDS = ("qwen3_moe", "mixtral")
@@ -97,6 +98,16 @@ def test_greedy_decoding_equals_transformers_up_to_a_near_tie(
             assert tokens == expected
         else:
             assert gaps[differs] < 1e-4, f"token {differs} differs, logit gap {gaps[differs]}"
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_padding_a_decode_batch_to_its_graph_bucket_changes_no_real_row(
+    models: dict[str, Path], kind: str
+) -> None:
+    """What a CUDA graph replays (a batch padded to its bucket), run eagerly: padded rows
+    route to experts of their own and leave the real rows' logits and cache alone."""
+    engine = build_engine(EngineOptions(models[kind], kv_cache_tokens=512, max_batch_size=4))
+    assert_padding_changes_nothing(engine)
 
 
 # int4 groups of 32 fit the experts' widths (64 and 128) and the hidden size (128). Random

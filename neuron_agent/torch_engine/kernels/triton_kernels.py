@@ -508,9 +508,8 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENS + seq)
-    first = 0
-    if window > 0:
-        first = tl.maximum(length - window, 0)
+    # One type on every path (the compiler wants it): a tensor, 0 without a window.
+    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
     per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
     start = first + split * per_split
     end = tl.minimum(start + per_split, length)
