@@ -19,6 +19,7 @@ measured in the same run (bytes read + written per second, as engine_bench.py co
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.gpu import copy_bandwidth
-from benchmarks.gpu.engine_bench import run_requests
+from benchmarks.gpu.engine_bench import graph_us, run_requests
 from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import LlamaModel
@@ -138,6 +139,9 @@ class RandomTensors(Mapping[str, torch.Tensor]):
         values = torch.randn(shape, generator=generator, device=self.device)
         return (values * shape[-1] ** -0.5).to(torch.bfloat16)
 
+    def __contains__(self, name: object) -> bool:  # without drawing the tensor
+        return name in self.shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
@@ -212,6 +216,7 @@ def engine_rows(
     finally:
         engine.stop()
         del engine, model, pool
+        gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -241,6 +246,9 @@ def transformers_rows(config: dict[str, Any], new: int) -> None:
             torch.cuda.synchronize()
         rates.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - begun))
     RESULTS["transformers_eager_b1_tps"] = rates
+    RESULTS["transformers_experts_implementation"] = str(
+        getattr(model.config, "_experts_implementation", "default")
+    )
     say("transformers eager b1", [round(r, 1) for r in rates])
     save()
     del model
@@ -280,6 +288,14 @@ def kernel_checks() -> None:
             found[f"{mode}_t{tokens}_relative"] = float(
                 (got.float() - want.float()).norm() / want.float().norm()
             )
+            # One layer's experts inside a CUDA graph (as the engine replays them): the bytes
+            # of the chosen experts read per second.
+            chosen = int(torch.unique(route[1]).numel())
+            per_weight = 2 if mode == "none" else 1
+            expert_bytes = chosen * 3 * hidden * width * per_weight
+            micros = graph_us(lambda: triton_kernels.experts_mlp(x, weights, *route))
+            found[f"{mode}_t{tokens}_us"] = micros
+            found[f"{mode}_t{tokens}_expert_bytes_per_s"] = expert_bytes / (micros * 1e-6)
     RESULTS["kernel_checks"] = found
     say("kernel checks", found)
     save()
