@@ -293,7 +293,11 @@ def kernel_checks() -> None:
             chosen = int(torch.unique(route[1]).numel())
             per_weight = 2 if mode == "none" else 1
             expert_bytes = chosen * 3 * hidden * width * per_weight
-            micros = graph_us(lambda: triton_kernels.experts_mlp(x, weights, *route))
+            micros = graph_us(
+                lambda x=x, weights=weights, route=route: triton_kernels.experts_mlp(
+                    x, weights, *route
+                )
+            )
             found[f"{mode}_t{tokens}_us"] = micros
             found[f"{mode}_t{tokens}_expert_bytes_per_s"] = expert_bytes / (micros * 1e-6)
     RESULTS["kernel_checks"] = found
