@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from neuron_agent.torch_engine.checkpoint import estimate_weight_bytes, read_spec
+from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.moe import SparseMoe
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -141,6 +142,21 @@ def test_the_memory_estimate_counts_every_expert(
     held = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     estimate = estimate_weight_bytes(read_spec(models[kind]), mode, 4)  # float32 on CPU
     assert abs(held - estimate) / estimate < 0.03, (held, estimate)
+
+
+def test_gemma3_at_tp2_equals_tp1(models: dict[str, Path]) -> None:
+    """Windows, both ropes and Gemma's norms are the same on every rank."""
+    options = EngineOptions(models["gemma3"], kv_cache_tokens=256)
+    one_logits, one_tokens = outputs(options)
+    two_logits, two_tokens = outputs(replace(options, tp=2))
+    for a, b in zip(one_logits, two_logits, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert two_tokens == one_tokens
+
+
+def test_gpt_oss_at_tp2_is_refused_before_any_rank_starts(models: dict[str, Path]) -> None:
+    with pytest.raises(UnsupportedCheckpoint, match=r"^tp > 1 is not supported for GptOss"):
+        build_engine(EngineOptions(models["gpt_oss"], tp=2))
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
