@@ -26,7 +26,7 @@ from neuron_agent.torch_engine.checkpoint import EXPERT_LAYOUTS, ModelSpec, Rope
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kernels.reference import attend, dequantize_cache
 from neuron_agent.torch_engine.kv_cache import LayerCache
-from neuron_agent.torch_engine.moe import load_gpt_oss_experts, load_sparse_moe
+from neuron_agent.torch_engine.moe import SparseMoe, load_gpt_oss_experts, load_sparse_moe
 from neuron_agent.torch_engine.parallel import (
     RowParallelLinear,
     Shard,
@@ -437,12 +437,15 @@ class LlamaModel(nn.Module):
         prompt chunk through one attention kernel: a row's logits then do not depend on the
         other rows of its batch (a cache hit can still change them: `_prefill_attention`).
         Decode attention already splits every sequence the same way at every batch size, and
-        the norms and the rotation work row by row."""
+        the norms and the rotation work row by row; experts go through the grouped matmul at
+        every batch size."""
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.batch_invariant = True
             elif isinstance(module, DecoderLayer):
                 module.uniform_prefill = True
+            elif isinstance(module, SparseMoe):
+                module.batch_invariant = True
 
     def forward(
         self,

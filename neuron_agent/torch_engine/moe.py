@@ -104,6 +104,7 @@ class SparseMoe(nn.Module):
         self.gate_up_bias = None if biases is None else nn.Parameter(biases[0], False)
         self.down_bias = None if biases is None else nn.Parameter(biases[1], False)
         self.activation = (activation, alpha, limit)
+        self.batch_invariant = False  # LlamaModel.make_batch_invariant
 
     def weights(self) -> ExpertWeights:
         # Built per call: sleeping and waking a model swaps its parameters' storage.
@@ -125,7 +126,8 @@ class SparseMoe(nn.Module):
         weights, ids = kernels.route_experts(
             self.router(x), self.top_k, self.normalize, self.softmax_after
         )
-        return self.shard.all_reduce(kernels.experts_mlp(x, self.weights(), weights, ids))
+        out = kernels.experts_mlp(x, self.weights(), weights, ids, self.batch_invariant)
+        return self.shard.all_reduce(out)
 
 
 def _tensor(get: dict[str, torch.Tensor], name: str) -> torch.Tensor:

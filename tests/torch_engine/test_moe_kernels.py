@@ -152,3 +152,19 @@ def test_the_reference_equals_a_per_token_loop_over_dense_experts() -> None:
             hidden = torch.nn.functional.silu(gate) * up
             expected += weights[token, j] * (experts.down[expert] @ hidden)
         torch.testing.assert_close(got[token], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "fp8"])
+def test_grouped_experts_give_each_row_the_same_bits_in_any_batch(mode: str) -> None:
+    """Batch-invariant mode: a token's output alone equals its row in a batch of 21, bit for
+    bit (the decode kernel would serve the one alone)."""
+    g = _generator()
+    experts = _weights(mode)
+    x = torch.randn(21, HIDDEN, generator=g)
+    weights, ids = reference.route_experts(torch.randn(21, EXPERTS, generator=g), TOP_K, True)
+    batch = triton_kernels.experts_mlp(x, experts, weights, ids, grouped=True)
+    for row in (0, 13):
+        alone = triton_kernels.experts_mlp(
+            x[row : row + 1], experts, weights[row : row + 1], ids[row : row + 1], grouped=True
+        )
+        assert torch.equal(alone[0], batch[row])

@@ -160,13 +160,18 @@ def sort_by_expert(
 
 
 def experts_mlp(
-    x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor
+    x: torch.Tensor,
+    experts: ExpertWeights,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grouped: bool = False,
 ) -> torch.Tensor:
     """The experts' gated MLP of each token x [T, H], summed with its routing weights [T, k]
     over its chosen experts ids [T, k]: only those experts' weights are read, as stored
     (`ExpertWeights`: plain, int8, fp8, int4 or MXFP4, dequantized inside the kernel). On a
     GPU a few rows (decode) go one program per (token, expert) row; more are sorted by expert
-    for a grouped matmul (prefill)."""
+    for a grouped matmul (prefill); `grouped` sends every batch through the grouped matmul,
+    whose rows do not depend on each other (batch-invariant mode)."""
     if _on_triton(x):
-        return _kernels().experts_mlp(x, experts, weights, ids)
+        return _kernels().experts_mlp(x, experts, weights, ids, grouped)
     return reference.experts_mlp(x, experts, weights, ids)

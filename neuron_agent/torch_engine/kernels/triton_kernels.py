@@ -993,10 +993,11 @@ def experts_mlp(
     experts: ExpertWeights,
     weights: torch.Tensor,
     ids: torch.Tensor,
+    grouped: bool = False,
 ) -> torch.Tensor:
     tokens, top_k = ids.shape
     layout = None
-    if ids.numel() > EXPERT_VECTOR_MAX_ROWS:
+    if grouped or ids.numel() > EXPERT_VECTOR_MAX_ROWS:
         layout = sort_by_expert(ids, experts.gate_up.shape[0], EXPERT_BLOCK_M)
     group = experts.group_size
     hidden = expert_matmul(
