@@ -24,13 +24,7 @@ from neuron_agent.torch_engine.checkpoint import ExpertLayout, ModelSpec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.kernels.reference import ExpertWeights
 from neuron_agent.torch_engine.parallel import Shard
-from neuron_agent.torch_engine.quant import (
-    QuantLinear,
-    quantize_fp8,
-    quantize_int4,
-    quantize_int8,
-    row_amax,
-)
+from neuron_agent.torch_engine.quant import QuantLinear, quantize, row_amax
 
 
 class ExpertStack(nn.Module):
@@ -61,15 +55,9 @@ class ExpertStack(nn.Module):
             return cls(mode, torch.stack([m.to(dtype) for m in matrices]), None, group_size)
         weights, scales = [], []
         for index, matrix in enumerate(matrices):
-            row_max = None if amax is None else amax[index]
-            if mode == "int8":
-                weight, scale = quantize_int8(matrix, row_max)
-            elif mode == "fp8":
-                weight, scale = quantize_fp8(matrix, row_max)
-            elif mode == "int4":
-                weight, scale = quantize_int4(matrix, group_size)
-            else:
-                raise UnsupportedCheckpoint(f"quantization {mode!r} is not supported for experts")
+            weight, scale = quantize(
+                matrix, mode, group_size, None if amax is None else amax[index]
+            )
             weights.append(weight)
             scales.append(scale.float())
         return cls(mode, torch.stack(weights), torch.stack(scales), group_size)
