@@ -18,8 +18,9 @@ harmony tokenizes with o200k_harmony, whose base vocabulary it reads from
 gateway writes that file from the served model's own tokenizer.json (`write_vocabulary`), and
 harmony checks it against the published file's SHA-256 before using it.
 
-Not wired into the gateway yet: generation.py still parses decoded text, and the dialect
-encoders know no `ReasoningDelta`.
+A model whose `tool_call_format` is "harmony" is rendered here (`ModelTokenizer.render`) and
+its output token ids are parsed here (`output.Output` hands them over undecoded: harmony's
+channels are special tokens). The dialect encoders do not send `ReasoningDelta`s yet.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import base64
 import json
 import os
 import threading
-from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ from openai_harmony import (
 )
 from openai_harmony import Message as HarmonyMessage
 
-from control_plane.canonical import ChatRequest, Event, Message, TextDelta
+from control_plane.canonical import ChatRequest, Event, Message, ReasoningDelta, TextDelta
 from control_plane.errors import InvalidRequest
 from control_plane.prompting import fold_system_messages
 from control_plane.tool_calls import as_call, call_events
@@ -60,14 +60,6 @@ BASE_VOCABULARY_SIZE = 199998
 FUNCTIONS = "functions."
 
 _lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class ReasoningDelta:
-    """Reasoning text (harmony's analysis channel). Declared here until the canonical stream
-    and its encoders carry it."""
-
-    text: str
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -196,9 +188,6 @@ def _messages(message: Message, calls: dict[str, str]) -> list[HarmonyMessage]:
     raise InvalidRequest(f"messages: role {message.role!r} cannot be rendered", "messages")
 
 
-HarmonyEvent = Event | ReasoningDelta
-
-
 class HarmonyParser:
     """Output token ids in, canonical events out, as they stream. Reasoning and the final
     answer stream as they come; a tool call is held until its message ends, then sent if its
@@ -214,8 +203,8 @@ class HarmonyParser:
     def done(self) -> bool:
         return self.max_calls is not None and self.calls >= self.max_calls
 
-    def feed(self, token_ids: list[int]) -> list[HarmonyEvent]:
-        events: list[HarmonyEvent] = []
+    def feed(self, token_ids: list[int]) -> list[Event]:
+        events: list[Event] = []
         for token in token_ids:
             try:
                 self.parser.process(token)
@@ -226,14 +215,14 @@ class HarmonyParser:
             events.extend(self._completed())
         return events
 
-    def finish(self) -> list[HarmonyEvent]:
+    def finish(self) -> list[Event]:
         try:
             self.parser.process_eos()
         except HarmonyError:
             return []
         return self._completed()
 
-    def _delta(self) -> list[HarmonyEvent]:
+    def _delta(self) -> list[Event]:
         delta = self.parser.last_content_delta
         if not delta or (self.parser.current_recipient or "").startswith(FUNCTIONS):
             return []
@@ -243,8 +232,8 @@ class HarmonyParser:
             return [TextDelta(delta)]
         return []  # commentary preambles to the user: not part of any dialect's answer
 
-    def _completed(self) -> list[HarmonyEvent]:
-        events: list[HarmonyEvent] = []
+    def _completed(self) -> list[Event]:
+        events: list[Event] = []
         messages = self.parser.messages
         for message in messages[self._finished_messages :]:
             recipient = message.recipient or ""
@@ -253,7 +242,7 @@ class HarmonyParser:
         self._finished_messages = len(messages)
         return events
 
-    def _call(self, name: str, arguments: str) -> list[HarmonyEvent]:
+    def _call(self, name: str, arguments: str) -> list[Event]:
         try:
             value: Any = json.loads(arguments) if arguments.strip() else {}
         except ValueError:
@@ -261,7 +250,7 @@ class HarmonyParser:
         call = as_call({"name": name, "arguments": value})
         if call is None:
             return [TextDelta(arguments)]
-        events: list[HarmonyEvent] = list(call_events(self.calls, *call))
+        events: list[Event] = list(call_events(self.calls, *call))
         self.calls += 1
         return events
 

@@ -3,6 +3,7 @@
     hermes       <tool_call>{"name": …, "arguments": {…}}</tool_call> (Hermes, Qwen2.5/3)
     llama3_json  the whole answer is {"name": …, "parameters": {…}} (optionally <|python_tag|>),
                  several calls separated by ";"
+    harmony      gpt-oss: messages on channels, parsed from token ids (`harmony.py`)
 
 The parser is fed text as it streams and returns canonical events. Tag text never reaches the
 client, nor does the whitespace models put around calls. Each call is held until it is complete
@@ -18,7 +19,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
+
+    from control_plane.harmony import HarmonyParser
 
 from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
 
@@ -199,11 +205,24 @@ class PlainParser:
         return []
 
 
-ToolParser = HermesParser | Llama3JsonParser | PlainParser
+ToolParser = Union[HermesParser, Llama3JsonParser, PlainParser, "HarmonyParser"]
 
 
-def parser_for(tool_call_format: str, tools_offered: bool, parallel: bool = True) -> ToolParser:
-    """The parser for a model's format; with parallel calls off only the first call is kept."""
+def parser_for(
+    tool_call_format: str,
+    tools_offered: bool,
+    parallel: bool = True,
+    harmony: HarmonyEncoding | None = None,
+) -> ToolParser:
+    """The parser for a model's format; with parallel calls off only the first call is kept.
+    harmony's parser reads every output (its answer too is on a channel) with `harmony`, the
+    model's encoding."""
+    if tool_call_format == "harmony":
+        from control_plane.harmony import HarmonyParser
+
+        if harmony is None:
+            raise ValueError("the harmony format needs the model's harmony encoding")
+        return HarmonyParser(harmony, None if parallel else 1)
     if not tools_offered or tool_call_format == "none":
         return PlainParser()
     max_calls = None if parallel else 1

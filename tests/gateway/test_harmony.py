@@ -19,13 +19,21 @@ from openai_harmony import HarmonyEncoding
 from control_plane import harmony
 from control_plane.canonical import (
     ChatRequest,
+    Event,
+    Finished,
+    FinishReason,
     Message,
+    ReasoningDelta,
     TextDelta,
     Tool,
     ToolCall,
     ToolCallDelta,
     ToolCallStart,
 )
+from control_plane.output import Output
+from control_plane.prompting import ModelTokenizer, StopMatcher
+from control_plane.tool_calls import parser_for
+from cortex.neuron_api import TokenizerFiles
 
 DATA = Path(__file__).parent / "data" / "o200k_base.tiktoken.gz"
 WEATHER = Tool(
@@ -80,7 +88,7 @@ def test_a_tool_turn_gives_reasoning_then_one_checked_call(encoding: HarmonyEnco
     ids = completion(encoding, TOOL_TURN)
     assert ids[-1] in harmony.stop_token_ids(encoding)  # <|call|> ends the completion
     events = parse(encoding, ids)
-    reasoning = "".join(e.text for e in events if isinstance(e, harmony.ReasoningDelta))
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert reasoning == "The user wants the weather in Oslo. I should call get_weather."
     starts = [e for e in events if isinstance(e, ToolCallStart)]
     assert [(s.index, s.name) for s in starts] == [(0, "get_weather")]
@@ -162,3 +170,59 @@ def test_a_vocabulary_that_is_not_o200k_is_refused(
     harmony.write_vocabulary(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}}), tmp_path)
     with pytest.raises(RuntimeError, match="hash mismatch"):
         harmony.encoding(tmp_path)
+
+
+@pytest.fixture
+def gpt_oss_tokenizer(tiny_model: Path, encoding: HarmonyEncoding) -> ModelTokenizer:
+    """A gateway tokenizer for a harmony model (its own, not the shared fixture: harmony adds
+    end ids). Its vocabulary comes from $TIKTOKEN_ENCODINGS_BASE, which `encoding` set."""
+    names = ("tokenizer.json", "tokenizer_config.json")
+    files = {n: (tiny_model / n).read_text() for n in names}
+    return ModelTokenizer(
+        TokenizerFiles(
+            model="gpt-oss", files=files, context_length=8192, eos_token_ids=[2], pad_token_id=0
+        )
+    )
+
+
+def output_of(tokenizer: ModelTokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> list[Event]:
+    """What the gateway's output pipeline makes of a harmony model's ids, streamed one by one."""
+    parser = parser_for("harmony", tools_offered=True, harmony=tokenizer.harmony())
+    output = Output(tokenizer.stream_decoder(), StopMatcher(stop), parser, 40, 512)
+    events: list[Event] = []
+    for token in ids:
+        events.extend(output.feed([token]))
+        if output.done:
+            break
+    return events + output.finish()
+
+
+def test_a_harmony_model_renders_through_harmony_and_ends_on_its_tokens(
+    gpt_oss_tokenizer: ModelTokenizer, encoding: HarmonyEncoding
+) -> None:
+    request = ChatRequest(model="gpt-oss", messages=(Message("user", "Weather in Oslo?"),))
+    assert gpt_oss_tokenizer.render(request, harmony=True) == harmony.render(encoding, request)
+    # <|return|> and <|call|> end a completion: the engine is told to stop on them.
+    assert {200002, 200012} <= set(gpt_oss_tokenizer.eos_token_ids)
+
+
+def test_the_output_pipeline_turns_a_tool_turn_into_a_call(
+    gpt_oss_tokenizer: ModelTokenizer, encoding: HarmonyEncoding
+) -> None:
+    events = output_of(gpt_oss_tokenizer, completion(encoding, TOOL_TURN))
+    assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["get_weather"]
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason is FinishReason.TOOL_CALLS
+    assert finished.usage.completion_tokens == len(completion(encoding, TOOL_TURN))
+
+
+def test_stop_strings_apply_to_the_answer_not_the_reasoning(
+    gpt_oss_tokenizer: ModelTokenizer, encoding: HarmonyEncoding
+) -> None:
+    # "briefly" is in the reasoning, "bring" in the answer: only the answer's stops it.
+    events = output_of(gpt_oss_tokenizer, completion(encoding, ANSWER_TURN), ("briefly", "bring"))
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == "Oslo: 3 °C and cloudy — "
+    finished = events[-1]
+    assert isinstance(finished, Finished) and finished.reason is FinishReason.STOP_SEQUENCE
+    assert finished.stop_sequence == "bring"
