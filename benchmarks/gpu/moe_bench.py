@@ -346,13 +346,14 @@ def main() -> None:
         )
         section("kernels", kernel_checks)
     batches, new = ([1, 4], 8) if args.tiny else ([1, 8, 32], 128)
+    # transformers first: the comparison is the point, should the run be cut short.
+    if not args.skip_transformers:
+        section("transformers", lambda: transformers_rows(config, 8 if args.tiny else 32))
     for quantization in ("none", "fp8"):
         section(
             f"engine_{quantization}",
             lambda q=quantization: engine_rows(folder, config, q, batches, new),
         )
-    if not args.skip_transformers:
-        section("transformers", lambda: transformers_rows(config, 8 if args.tiny else 32))
     save()
     print(json.dumps(RESULTS, indent=2, default=str))
 
