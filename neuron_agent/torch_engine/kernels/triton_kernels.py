@@ -970,11 +970,21 @@ def expert_matmul(
     scale_or_any = weight if scale is None else scale
     bias_or_any = weight if bias is None else bias
     if layout is None:
-        grid = (triton.cdiv(out_features, 32), rows)
+        # Unpacked weights stream as the dense one-row kernel's tuned tiles do (GEMV_CONFIGS:
+        # two rows a program, a long slice of K); packed ones need one scale group a tile.
+        if packed:
+            tile = {"BLOCK_N": 32, "num_warps": 4}
+        else:
+            tuned = gemv_config(weight)
+            common["BLOCK_K"] = min(tuned["BLOCK_K"], triton.next_power_of_2(in_features))
+            # (Under the interpreter, wider tiles: its cost is per program.)
+            rows_per_program = tuned["BLOCK_N"] if weight.is_cuda else 16
+            tile = {"BLOCK_N": rows_per_program, "num_warps": tuned["num_warps"]}
+        grid = (triton.cdiv(out_features, tile["BLOCK_N"]), rows)
         _expert_vector_kernel[grid](
             x, weight, scale_or_any, bias_or_any, out, flat_ids,
             out_features, in_features, fan_out, x.stride(0), weight.stride(0),
-            weight.stride(1), *scale_strides, out.stride(0), BLOCK_N=32, **common,
+            weight.stride(1), *scale_strides, out.stride(0), **tile, **common,
         )  # fmt: skip
         return out
     sorted_rows, block_experts = layout
