@@ -252,6 +252,7 @@ def transformers_rows(config: dict[str, Any], new: int) -> None:
     say("transformers eager b1", [round(r, 1) for r in rates])
     save()
     del model
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
 
