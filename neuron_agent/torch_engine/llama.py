@@ -33,6 +33,7 @@ from neuron_agent.torch_engine.parallel import (
     head_rows,
     kv_head_rows,
     mlp_rows,
+    split,
 )
 from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, row_amax, unpack_int4_rows
 
@@ -649,6 +650,7 @@ class _WeightLoader:
                 self.device,
                 self.group_size,
                 spec.extra["swiglu"],
+                shard,
             )
         elif spec.is_expert_layer(index):
             modules["experts"] = load_sparse_moe(
@@ -671,7 +673,9 @@ class _WeightLoader:
         if spec.qk_norm:  # per head_dim: the same on every rank
             modules["q_norm"] = self.norm(f"{attention}.q_norm.weight")
             modules["k_norm"] = self.norm(f"{attention}.k_norm.weight")
-        sinks = self.plain(f"{attention}.sinks").float() if spec.attention_sinks else None
+        sinks = None
+        if spec.attention_sinks:  # one per query head: this rank's heads'
+            sinks = self.plain(f"{attention}.sinks")[split(spec.num_heads, shard, "heads")].float()
         return DecoderLayer(shard_spec(spec, shard.world), modules, spec.window_of(index), sinks)
 
     def norm(self, name: str) -> RMSNorm:

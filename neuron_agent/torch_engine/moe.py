@@ -173,35 +173,47 @@ def load_gpt_oss_experts(
     device: torch.device,
     group_size: int,
     swiglu: tuple[float, float],
+    shard: Shard,
 ) -> SparseMoe:
     """gpt-oss's experts: fused [E, H, 2I] gate/up (gate and up interleaved) and [E, I, H]
     down in the compute dtype, quantized in situ like any other; or as published, MXFP4
     `*_blocks` [E, N, K/32, 16] and `*_scales` [E, N, K/32], kept as stored. Biases on both,
-    a biased router whose top-k logits are softmaxed, and the clamped SwiGLU."""
+    a biased router whose top-k logits are softmaxed, and the clamped SwiGLU. A tp rank holds
+    its slice of every expert's width (whole groups of 32 for MXFP4's down), and rank 0 alone
+    adds down's bias (the ranks' outputs are summed)."""
     mlp = f"{prefix}.mlp"
     width = spec.expert_intermediate_size
-    # [gate | up] as the activation kernels take them, from gate/up interleaved.
-    order = torch.cat((torch.arange(0, 2 * width, 2), torch.arange(1, 2 * width, 2)))
+    mine = slice(shard.rank * width // shard.world, (shard.rank + 1) * width // shard.world)
+    # This rank's gate rows, then its up rows, from gate/up interleaved ([gate | up] is what
+    # the activation kernels take).
+    order = torch.cat((torch.arange(0, 2 * width, 2)[mine], torch.arange(1, 2 * width, 2)[mine]))
     gate_up_bias = _tensor(get, f"{mlp}.experts.gate_up_proj_bias")[:, order]
     down_bias = _tensor(get, f"{mlp}.experts.down_proj_bias")
+    if shard.rank:
+        down_bias = torch.zeros_like(down_bias)
+    amax = None
     if f"{mlp}.experts.gate_up_proj_blocks" in get:
 
-        def packed(name: str, rows: torch.Tensor | None) -> ExpertStack:
-            blocks = _tensor(get, f"{mlp}.experts.{name}_blocks").to(device)
-            scales = _tensor(get, f"{mlp}.experts.{name}_scales").to(device)
+        def packed(name: str, rows: torch.Tensor | None, groups: slice) -> ExpertStack:
+            blocks = _tensor(get, f"{mlp}.experts.{name}_blocks")[:, :, groups].to(device)
+            scales = _tensor(get, f"{mlp}.experts.{name}_scales")[:, :, groups].to(device)
             if rows is not None:
                 blocks, scales = blocks[:, rows.to(device)], scales[:, rows.to(device)]
             experts, out_features = blocks.shape[:2]
             return ExpertStack("mxfp4", blocks.reshape(experts, out_features, -1), scales, 32)
 
-        gate_up, down = packed("gate_up_proj", order), packed("down_proj", None)
+        gate_up = packed("gate_up_proj", order, slice(None))
+        down = packed("down_proj", None, slice(mine.start // 32, mine.stop // 32))
     else:
         fused = _tensor(get, f"{mlp}.experts.gate_up_proj").to(device, dtype)
         down_stack = _tensor(get, f"{mlp}.experts.down_proj").to(device, dtype)
         gate_up = ExpertStack.quantize(
             [m.T[order.to(device)] for m in fused], mode, dtype, group_size
         )
-        down = ExpertStack.quantize([m.T for m in down_stack], mode, dtype, group_size)
+        downs = [m.T[:, mine] for m in down_stack]
+        if shard.parallel and mode in ("int8", "fp8"):
+            amax = [shard.all_reduce_max(row_amax(m)) for m in downs]
+        down = ExpertStack.quantize(downs, mode, dtype, group_size, amax)
     router = QuantLinear.from_weight(
         _tensor(get, f"{mlp}.router.weight").to(device, dtype),
         _tensor(get, f"{mlp}.router.bias").to(device, dtype),
@@ -214,7 +226,7 @@ def load_gpt_oss_experts(
         down,
         spec.experts_per_token,
         False,
-        Shard(),
+        shard,
         softmax_after=True,
         biases=(gate_up_bias.to(device, dtype), down_bias.to(device, dtype)),
         activation="swiglu_oai",

@@ -20,6 +20,7 @@ from neuron_agent.torch_engine.checkpoint import estimate_weight_bytes, read_spe
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.moe import SparseMoe
+from neuron_agent.torch_engine.parallel import check_shardable
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 from tests.torch_engine.test_architectures import write_model
 from tests.torch_engine.test_graphs import assert_padding_changes_nothing
@@ -144,9 +145,17 @@ def test_the_memory_estimate_counts_every_expert(
     assert abs(held - estimate) / estimate < 0.03, (held, estimate)
 
 
-def test_gemma3_at_tp2_equals_tp1(models: dict[str, Path]) -> None:
-    """Windows, both ropes and Gemma's norms are the same on every rank."""
-    options = EngineOptions(models["gemma3"], kv_cache_tokens=256)
+@pytest.mark.parametrize("kind", ["gemma3", "gpt_oss", "gpt_oss_mxfp4"])
+def test_windowed_models_at_tp2_equal_tp1(
+    models: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
+    """Windows, ropes and norms are the same on every rank; gpt-oss's sinks go with their
+    heads, its experts (MXFP4 too, in whole groups) are split and down's bias added once."""
+    folder = models[kind.removesuffix("_mxfp4")]
+    if kind.endswith("_mxfp4"):
+        folder = tmp_path / "mxfp4"
+        write_mxfp4_export(models["gpt_oss"], folder, tmp_path / "dequantized")
+    options = EngineOptions(folder, kv_cache_tokens=256)
     one_logits, one_tokens = outputs(options)
     two_logits, two_tokens = outputs(replace(options, tp=2))
     for a, b in zip(one_logits, two_logits, strict=True):
@@ -154,9 +163,10 @@ def test_gemma3_at_tp2_equals_tp1(models: dict[str, Path]) -> None:
     assert two_tokens == one_tokens
 
 
-def test_gpt_oss_at_tp2_is_refused_before_any_rank_starts(models: dict[str, Path]) -> None:
-    with pytest.raises(UnsupportedCheckpoint, match=r"^tp > 1 is not supported for GptOss"):
-        build_engine(EngineOptions(models["gpt_oss"], tp=2))
+def test_a_tp_that_splits_mxfp4_groups_is_refused(models: dict[str, Path]) -> None:
+    spec = replace(read_spec(models["gpt_oss"]), stored_quantization="mxfp4")
+    with pytest.raises(UnsupportedCheckpoint, match=r"^tp = 2 would split MXFP4 groups of 32"):
+        check_shardable(replace(spec, expert_intermediate_size=96), 2, "none", 32)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int8"])
