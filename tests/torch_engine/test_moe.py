@@ -169,7 +169,8 @@ def test_a_tp_that_splits_mxfp4_groups_is_refused(models: dict[str, Path]) -> No
         check_shardable(replace(spec, expert_intermediate_size=96), 2, "none", 32)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+# int8 too would check the row-parallel amax, which the dense layers share (test_tensor_parallel)
+@pytest.mark.parametrize("quantization", ["none"])
 def test_tp2_splits_every_expert_and_equals_tp1(models: dict[str, Path], quantization: str) -> None:
     options = EngineOptions(models["qwen3_moe"], quantization=quantization, kv_cache_tokens=256)
     one_logits, one_tokens = outputs(options)
