@@ -1,6 +1,7 @@
 """Mixture-of-experts decode on one GPU: the torch engine on a Qwen3-30B-A3B-shaped model with
-random weights, bf16 and in-situ fp8, at batch 1/8/32 (96 new tokens, two repeats), beside transformers' eager `generate()`
-on the same shape in the same run, and beside the roofline of the bytes a decode step reads.
+random weights, bf16 and in-situ fp8, at batch 1/8/32 (96 new tokens, two repeats), beside
+transformers' eager `generate()` on the same shape in the same run, and beside the roofline of
+the bytes a decode step reads.
 
     OUT=/tmp/out python3 benchmarks/gpu/moe_bench.py          # on the GPU (~6 min on an H100)
     OUT=/tmp/out python3 benchmarks/gpu/moe_bench.py --tiny   # a smoke run of the same code
