@@ -125,6 +125,14 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ReasoningDelta:
+    """The model's reasoning (gpt-oss's analysis channel). The dialect encoders do not send it
+    yet: it is dropped there."""
+
+    text: str
+
+
+@dataclass(frozen=True)
 class ToolCallStart:
     """A new tool call. `id` is dialect-neutral; each encoder gives it its dialect's prefix
     (`call_…`, `toolu_…`), and clients echo that prefixed id back in their history."""
@@ -147,4 +155,4 @@ class Finished:
     stop_sequence: str | None = None
 
 
-Event = Started | Waiting | TextDelta | ToolCallStart | ToolCallDelta | Finished
+Event = Started | Waiting | TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Finished

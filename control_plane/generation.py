@@ -45,7 +45,7 @@ from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
-from cortex.config import EngineKind
+from cortex.config import EngineKind, ToolCallFormat
 from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
@@ -65,16 +65,19 @@ async def _once(awaitable: Awaitable[T]) -> AsyncGenerator[T, None]:
     yield await awaitable
 
 
-async def render(tokenizer: ModelTokenizer, request: ChatRequest) -> list[int]:
+async def render(
+    tokenizer: ModelTokenizer, request: ChatRequest, harmony: bool = False
+) -> list[int]:
     """The prompt's ids: small prompts at once, large ones in a thread. An empty one is the
-    client's mistake (nothing to answer), not the engine's to refuse."""
+    client's mistake (nothing to answer), not the engine's to refuse. `harmony`: a gpt-oss
+    model's, rendered by openai-harmony."""
     if request.raw_prompt is None and not request.messages:
         raise InvalidRequest("messages: the conversation has no content to answer", "messages")
     size = len(request.raw_prompt or "") + sum(len(m.content) for m in request.messages)
     if size <= INLINE_RENDER_CHARS and not request.tools:
-        prompt = tokenizer.render(request)
+        prompt = tokenizer.render(request, harmony)
     else:
-        prompt = await asyncio.to_thread(tokenizer.render, request)
+        prompt = await asyncio.to_thread(tokenizer.render, request, harmony)
     if not prompt:
         field = "prompt" if request.raw_prompt is not None else "messages"
         raise InvalidRequest(f"{field}: the prompt is empty", field)
@@ -110,7 +113,7 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     """Resolve the model and render the prompt."""
     entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
-    prompt = await render(tokenizer, request)
+    prompt = await render(tokenizer, request, _harmony(entry))
     context = min(tokenizer.context_length, entry.context_length)
     if len(prompt) >= context:
         raise PromptTooLong(len(prompt), context, request.max_tokens)
@@ -140,7 +143,11 @@ async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
     also for prompts too long to serve, so clients can decide to compact them."""
     entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
-    return len(await render(tokenizer, request))
+    return len(await render(tokenizer, request, _harmony(entry)))
+
+
+def _harmony(entry: CatalogueEntry) -> bool:
+    return entry.profile.tool_call_format is ToolCallFormat.HARMONY
 
 
 async def generate(
@@ -254,6 +261,7 @@ async def _stream(
             prepared.entry.profile.tool_call_format.value,
             bool(request.tools),
             request.parallel_tool_calls,
+            tokenizer.harmony() if _harmony(prepared.entry) else None,
         ),
         len(prompt),
         prepared.max_tokens,

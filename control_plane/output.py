@@ -3,6 +3,9 @@
     token ids → incremental detokenization → stop strings → tool-call parsing → events
     … the end → what the decoder and the stop matcher still hold → `Finished` with its reason
 
+A harmony model's (gpt-oss) ids go to its parser undecoded (its channels are special tokens),
+and the stop strings apply to the answer it finds.
+
 No I/O and no clock: `generate` feeds it what the engine streams, and tests feed it ids by hand.
 """
 
@@ -10,7 +13,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from control_plane.canonical import Event, Finished, FinishReason, Usage
+from control_plane.canonical import Event, Finished, FinishReason, TextDelta, Usage
+from control_plane.harmony import HarmonyParser
 from control_plane.prompting import StopMatcher
 from control_plane.tool_calls import ToolParser
 
@@ -64,6 +68,8 @@ class Output:
 
     def feed(self, tokens: list[int]) -> list[Event]:
         self.completion_tokens += len(tokens)
+        if isinstance(self.parser, HarmonyParser):
+            return self._stopped(self.parser.feed(tokens))
         step = self.decoder.step
         text = "".join([step(token) for token in tokens])
         return self.parser.feed(self.stopper.feed(text))
@@ -72,13 +78,32 @@ class Output:
         """The events the end releases: text held back (a partial character, a possible stop
         string, an unterminated call), then `Finished`."""
         events: list[Event] = []
-        if not self.done:
+        if isinstance(self.parser, HarmonyParser):
+            events.extend(self._stopped(self.parser.finish()))
+            if self.stopper.matched is None and (held := self.stopper.flush()):
+                events.append(TextDelta(held))
+        elif not self.done:
             events.extend(self.parser.feed(self.stopper.feed(self.decoder.finish())))
             events.extend(self.parser.feed(self.stopper.flush()))
-        events.extend(self.parser.finish())
+        if not isinstance(self.parser, HarmonyParser):
+            events.extend(self.parser.finish())
         matched = self.stopper.matched
         reason = finish_reason(self.parser.calls, matched, self.completion_tokens, self.max_tokens)
         stop_sequence = matched if reason is FinishReason.STOP_SEQUENCE else None
         usage = Usage(self.prompt_tokens, self.completion_tokens, self.cached_prompt_tokens)
         events.append(Finished(reason, usage, stop_sequence))
         return events
+
+    def _stopped(self, events: list[Event]) -> list[Event]:
+        """harmony's events with the stop strings applied to its answer text."""
+        kept: list[Event] = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                if self.stopper.matched is not None:
+                    continue
+                text = self.stopper.feed(event.text)
+                if text:
+                    kept.append(TextDelta(text))
+            elif self.stopper.matched is None:
+                kept.append(event)
+        return kept

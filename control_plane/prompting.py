@@ -9,6 +9,7 @@ a character is complete.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 from dataclasses import replace
@@ -23,6 +24,7 @@ from control_plane.errors import InvalidRequest
 from cortex.neuron_api import TokenizerFiles
 
 if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
     from transformers import AutoTokenizer
 
 JSON_MODE_INSTRUCTION = "Respond with a single valid JSON object and nothing else."
@@ -52,6 +54,8 @@ class ModelTokenizer:
                 if name != "config.json":
                     (Path(folder) / name).write_text(text, encoding="utf-8")
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer_json = files.files.get("tokenizer.json", "")
+        self._harmony: HarmonyEncoding | None = None
         self.context_length = files.context_length
         self.eos_token_ids = list(files.eos_token_ids)
         if (
@@ -70,8 +74,31 @@ class ModelTokenizer:
         # transformers sets this before every encode it does; `render` encodes directly.
         self.backend.encode_special_tokens = bool(self.tokenizer.split_special_tokens)
 
-    def render(self, request: ChatRequest) -> list[int]:
-        """The prompt's token ids: the chat template over messages and tools."""
+    def harmony(self) -> HarmonyEncoding:
+        """openai-harmony's encoding for this (gpt-oss) model: its vocabulary from
+        $TIKTOKEN_ENCODINGS_BASE when that is set, else written from the model's tokenizer.json
+        (harmony checks the file's hash either way). Its end tokens join the end ids."""
+        if self._harmony is None:
+            from control_plane import harmony
+
+            folder = None
+            if not os.environ.get("TIKTOKEN_ENCODINGS_BASE"):
+                folder = harmony.write_vocabulary(
+                    self.tokenizer_json, Path(tempfile.mkdtemp(prefix="cortex-harmony-"))
+                ).parent
+            self._harmony = harmony.encoding(folder)
+            for token in harmony.stop_token_ids(self._harmony):
+                if token not in self.eos_token_ids:
+                    self.eos_token_ids.append(token)
+        return self._harmony
+
+    def render(self, request: ChatRequest, harmony: bool = False) -> list[int]:
+        """The prompt's token ids: the chat template over messages and tools; with `harmony`
+        (gpt-oss), openai-harmony's rendering of them instead."""
+        if harmony and request.raw_prompt is None:
+            from control_plane import harmony as harmony_format
+
+            return harmony_format.render(self.harmony(), request)
         if request.raw_prompt is not None:
             return list(self.backend.encode(request.raw_prompt, add_special_tokens=False).ids)
         messages, tools, prefill = template_inputs(request)

@@ -3,6 +3,7 @@
     hermes       <tool_call>{"name": …, "arguments": {…}}</tool_call> (Hermes, Qwen2.5/3)
     llama3_json  the whole answer is {"name": …, "parameters": {…}} (optionally <|python_tag|>),
                  several calls separated by ";"
+    harmony      gpt-oss: messages on channels, parsed from token ids (`harmony.py`)
 
 The parser is fed text as it streams and returns canonical events. Tag text never reaches the
 client, nor does the whitespace models put around calls. Each call is held until it is complete
@@ -18,7 +19,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from openai_harmony import HarmonyEncoding
+
+    from control_plane.harmony import HarmonyParser
 
 from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
 
@@ -31,7 +37,7 @@ def new_call_id() -> str:
     return uuid.uuid4().hex[:24]
 
 
-def _as_call(value: Any) -> tuple[str, str] | None:
+def as_call(value: Any) -> tuple[str, str] | None:
     """(name, compact JSON arguments) when `value` is a well-formed call, else None."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
@@ -48,7 +54,7 @@ def _as_call(value: Any) -> tuple[str, str] | None:
     return value["name"], json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
 
 
-def _call_events(index: int, name: str, arguments: str) -> list[Event]:
+def call_events(index: int, name: str, arguments: str) -> list[Event]:
     events: list[Event] = [ToolCallStart(index, new_call_id(), name)]
     for start in range(0, len(arguments), ARGUMENT_FRAGMENT):
         events.append(ToolCallDelta(index, arguments[start : start + ARGUMENT_FRAGMENT]))
@@ -119,13 +125,13 @@ class HermesParser:
 
     def _call(self, body: str, closed: bool) -> list[Event]:
         try:
-            call = _as_call(json.loads(body))
+            call = as_call(json.loads(body))
         except ValueError:
             call = None
         if call is None:
             raw = OPEN + body + (CLOSE if closed else "")
             return self._text(raw, before_call=False, final=not closed)
-        events = _call_events(self.calls, *call)
+        events = call_events(self.calls, *call)
         self.calls += 1
         self.after_call = True
         return events
@@ -163,7 +169,7 @@ class Llama3JsonParser:
             return [TextDelta(rest)]
         events: list[Event] = []
         for name, arguments in calls[: self.max_calls]:
-            events.extend(_call_events(self.calls, name, arguments))
+            events.extend(call_events(self.calls, name, arguments))
             self.calls += 1
         return events
 
@@ -179,7 +185,7 @@ def _json_calls(body: str) -> list[tuple[str, str]] | None:
             value, position = decoder.raw_decode(body, position)
         except ValueError:
             return None
-        call = _as_call(value)
+        call = as_call(value)
         if call is None:
             return None
         calls.append(call)
@@ -199,11 +205,24 @@ class PlainParser:
         return []
 
 
-ToolParser = HermesParser | Llama3JsonParser | PlainParser
+ToolParser = Union[HermesParser, Llama3JsonParser, PlainParser, "HarmonyParser"]
 
 
-def parser_for(tool_call_format: str, tools_offered: bool, parallel: bool = True) -> ToolParser:
-    """The parser for a model's format; with parallel calls off only the first call is kept."""
+def parser_for(
+    tool_call_format: str,
+    tools_offered: bool,
+    parallel: bool = True,
+    harmony: HarmonyEncoding | None = None,
+) -> ToolParser:
+    """The parser for a model's format; with parallel calls off only the first call is kept.
+    harmony's parser reads every output (its answer too is on a channel) with `harmony`, the
+    model's encoding."""
+    if tool_call_format == "harmony":
+        from control_plane.harmony import HarmonyParser
+
+        if harmony is None:
+            raise ValueError("the harmony format needs the model's harmony encoding")
+        return HarmonyParser(harmony, None if parallel else 1)
     if not tools_offered or tool_call_format == "none":
         return PlainParser()
     max_calls = None if parallel else 1

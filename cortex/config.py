@@ -277,6 +277,8 @@ class KVCacheDtype(enum.StrEnum):
 class ToolCallFormat(enum.StrEnum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
+    # gpt-oss: prompts rendered and output parsed by openai-harmony (control_plane/harmony.py)
+    HARMONY = "harmony"
     NONE = "none"
 
 

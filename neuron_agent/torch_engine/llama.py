@@ -22,16 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuron_agent.torch_engine import kernels
-from neuron_agent.torch_engine.checkpoint import ModelSpec, RopeSpec, shard_spec
+from neuron_agent.torch_engine.checkpoint import EXPERT_LAYOUTS, ModelSpec, RopeSpec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.torch_engine.kernels.reference import dequantize_cache
+from neuron_agent.torch_engine.kernels.reference import attend, dequantize_cache
 from neuron_agent.torch_engine.kv_cache import LayerCache
+from neuron_agent.torch_engine.moe import SparseMoe, load_gpt_oss_experts, load_sparse_moe
 from neuron_agent.torch_engine.parallel import (
     RowParallelLinear,
     Shard,
     head_rows,
     kv_head_rows,
     mlp_rows,
+    split,
 )
 from neuron_agent.torch_engine.quant import QuantLinear, pack_int4, row_amax, unpack_int4_rows
 
@@ -121,13 +123,44 @@ def rope_inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, smoothed, scaled)
+    elif rope.kind == "yarn":
+        inv_freq = _yarn(rope, head_dim, inv_freq)
     return inv_freq.float()
 
 
+def _yarn(rope: RopeSpec, head_dim: int, extrapolated: torch.Tensor) -> torch.Tensor:
+    """YaRN: high frequencies kept, low ones interpolated by the factor, a linear ramp between
+    the dimensions that turn `beta_fast` and `beta_slow` times over the original context."""
+
+    def dimension(rotations: float) -> float:
+        return (
+            head_dim
+            * math.log(rope.original_max_position / (rotations * 2 * math.pi))
+            / (2 * math.log(rope.theta))
+        )
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    return extrapolated / rope.factor * (1 - keep) + extrapolated * keep
+
+
 def rope_table(rope: RopeSpec, head_dim: int, positions: int) -> torch.Tensor:
-    """[positions, head_dim] float32: cos of each frequency, then sin (the rotary kernels' table)."""
+    """[positions, head_dim] float32: cos of each frequency, then sin (the rotary kernels' table);
+    YaRN scales both by its attention factor."""
     angles = torch.arange(positions).float()[:, None] * rope_inverse_frequencies(rope, head_dim)
-    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+    table = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    if rope.kind == "yarn":
+        factor = rope.attention_factor
+        if factor is None:
+            factor = 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+        table = table * factor
+    return table
 
 
 class RMSNorm(nn.Module):
@@ -160,7 +193,14 @@ def preload_attention() -> None:
 
 
 def _prefill_attention(
-    q: torch.Tensor, cache: LayerCache, batch: ForwardBatch, groups: int, uniform: bool = False
+    q: torch.Tensor,
+    cache: LayerCache,
+    batch: ForwardBatch,
+    groups: int,
+    uniform: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each chunk's queries over its own keys and the cached ones before it.
     q [T, H, D] → [T, H, D]. Compute-bound, so keys are gathered per chunk (flash kernels need
@@ -169,9 +209,14 @@ def _prefill_attention(
     `uniform`: every chunk through the one kernel that serves a continued chunk (lower-right
     causal), however the pass groups them (batch-invariant mode). A prompt whose prefix came
     from the cache is still prefilled as a shorter chunk, which can round otherwise: on an H200
-    its tokens differed from a fresh prefill's (BENCHMARKS.md)."""
+    its tokens differed from a fresh prefill's (BENCHMARKS.md).
+
+    A sliding-window layer (`window` > 0: each query sees itself and the window - 1 positions
+    before it) or one with attention sinks goes chunk by chunk through `_masked_attention`."""
     chunks = batch.chunks
     fresh = all(c.key_slots is None for c in chunks)
+    if window or sinks is not None:
+        return _masked_attention(q, cache, batch, scale, window, sinks)
     if not uniform and fresh and len({c.length for c in chunks}) == 1:
         count, length = len(chunks), chunks[0].length
         keys = dequantize_cache(cache.keys, cache.key_scales, batch.write_slots, q.dtype)
@@ -183,6 +228,7 @@ def _prefill_attention(
             keys.view(kv_shape).transpose(1, 2),
             values.view(kv_shape).transpose(1, 2),
             is_causal=True,
+            scale=scale,
             enable_gqa=groups > 1,
         )
         return attended.transpose(1, 2).reshape(q.shape)
@@ -196,7 +242,7 @@ def _prefill_attention(
         query = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
         if chunk.key_slots is None and not uniform:
             attended = F.scaled_dot_product_attention(
-                query, keys, values, is_causal=True, enable_gqa=groups > 1
+                query, keys, values, is_causal=True, scale=scale, enable_gqa=groups > 1
             )
         else:
             # The chunk's last query sees every key; earlier ones one fewer each (lower right).
@@ -204,27 +250,79 @@ def _prefill_attention(
             # 23 % of a cached 600-token turn's prefill on an H200 (BENCHMARKS.md).
             mask = lower_right_mask(query.shape[2], keys.shape[2])
             attended = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, enable_gqa=groups > 1
+                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=groups > 1
             )
         out[rows] = attended[0].transpose(0, 1)
     return out
 
 
+# Queries a masked-attention call takes at once: its scores are heads × this × keys floats.
+MASKED_QUERY_BLOCK = 256
+
+
+def _masked_attention(
+    q: torch.Tensor,
+    cache: LayerCache,
+    batch: ForwardBatch,
+    scale: float | None,
+    window: int,
+    sinks: torch.Tensor | None,
+) -> torch.Tensor:
+    """Prefill attention with a sliding window and/or sinks, chunk by chunk and in blocks of
+    queries (the scores are materialised: SDPA has no sinks)."""
+    out = torch.empty_like(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    for chunk in batch.chunks:
+        rows = slice(chunk.start, chunk.start + chunk.length)
+        slots = batch.write_slots[rows] if chunk.key_slots is None else chunk.key_slots
+        keys = dequantize_cache(cache.keys, cache.key_scales, slots, q.dtype)
+        values = dequantize_cache(cache.values, cache.value_scales, slots, q.dtype)
+        keys, values = keys.transpose(0, 1)[None], values.transpose(0, 1)[None]  # [1, KVH, K, D]
+        key_count = keys.shape[2]
+        key_positions = torch.arange(key_count, device=q.device)
+        for first in range(0, chunk.length, MASKED_QUERY_BLOCK):
+            last = min(first + MASKED_QUERY_BLOCK, chunk.length)
+            # Query i of the chunk sits at key position key_count - length + i (lower right).
+            positions = torch.arange(first, last, device=q.device) + key_count - chunk.length
+            mask = key_positions[None, :] <= positions[:, None]
+            if window:
+                mask &= key_positions[None, :] > positions[:, None] - window
+            query = q[chunk.start + first : chunk.start + last].transpose(0, 1)[None]
+            attended = attend(query, keys, values, mask[None, None], scale, sinks)
+            out[chunk.start + first : chunk.start + last] = attended[0].transpose(0, 1)
+    return out
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, weights: dict[str, nn.Module]) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        weights: dict[str, nn.Module],
+        window: int = 0,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.input_norm = weights["input_layernorm"]
         self.post_norm = weights["post_attention_layernorm"]
+        # Gemma: the attention's and the MLP's outputs are normed before they join the
+        # residual stream, and the MLP's input has a norm of its own.
+        self.pre_mlp_norm = weights.get("pre_feedforward_layernorm")
+        self.post_mlp_norm = weights.get("post_feedforward_layernorm")
+        self.activation = "gelu_tanh" if self.pre_mlp_norm is not None else "silu"
+        self.window = window
+        self.sinks = None if sinks is None else nn.Parameter(sinks, requires_grad=False)
         self.qkv = weights["qkv"]
         self.o_proj = weights["o_proj"]
-        self.gate_up = weights["gate_up"]
-        self.down = weights["down_proj"]
+        # A dense layer's gated MLP, or a mixture-of-experts layer's (`moe.SparseMoe`).
+        self.gate_up = weights.get("gate_up")
+        self.down = weights.get("down_proj")
+        self.experts = weights.get("experts")
         self.q_norm = weights.get("q_norm")
         self.k_norm = weights.get("k_norm")
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = spec.head_dim**-0.5
+        self.scale = spec.query_scale or spec.head_dim**-0.5
         self.uniform_prefill = False  # LlamaModel.make_batch_invariant
 
     def forward(
@@ -264,12 +362,26 @@ class DecoderLayer(nn.Module):
                 batch.decode_splits,
                 cache.key_scales,
                 cache.value_scales,
+                self.window,
+                self.sinks,
             )
         else:
-            attended = _prefill_attention(q, cache, batch, groups, self.uniform_prefill)
+            attended = _prefill_attention(
+                q, cache, batch, groups, self.uniform_prefill, self.scale, self.window, self.sinks
+            )
         attention_out = self.o_proj(attended.reshape(tokens, self.q_size))
+        if self.pre_mlp_norm is not None and self.post_mlp_norm is not None:
+            attention_out = self.post_norm(attention_out)[0]
+            normed, residual = self.pre_mlp_norm(attention_out, residual)
+            return self.post_mlp_norm(self._mlp(normed))[0], residual
         normed, residual = self.post_norm(attention_out, residual)
-        return self.down(kernels.silu_and_mul(self.gate_up(normed))), residual
+        return self._mlp(normed), residual
+
+    def _mlp(self, normed: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            return self.experts(normed)
+        assert self.gate_up is not None and self.down is not None
+        return self.down(kernels.silu_and_mul(self.gate_up(normed), self.activation))
 
 
 class LlamaModel(nn.Module):
@@ -292,7 +404,7 @@ class LlamaModel(nn.Module):
         loader = _WeightLoader(spec, tensors, quantization, dtype, device, group_size, shard)
         self.embed = nn.Parameter(loader.plain("model.embed_tokens.weight"), requires_grad=False)
         self.layers = nn.ModuleList(loader.layer(i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(loader.plain("model.norm.weight"), spec.rms_norm_eps)
+        self.norm = loader.norm("model.norm.weight")
         head_name = "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"
         if head_name not in tensors:
             head_name = "model.embed_tokens.weight"
@@ -302,18 +414,39 @@ class LlamaModel(nn.Module):
             rope_table(spec.rope, spec.head_dim, spec.context_length).to(device),
             persistent=False,
         )
+        # Gemma 3's windowed layers rotate with a rope of their own.
+        local = spec.local_rope
+        self.local_layers = [
+            local is not None and spec.window_of(i) > 0 for i in range(spec.num_layers)
+        ]
+        self.register_buffer(
+            "local_cos_sin",
+            None
+            if local is None
+            else rope_table(local, spec.head_dim, spec.context_length).to(device),
+            persistent=False,
+        )
+        # Gemma scales its embeddings by √hidden, rounded to the model's dtype first.
+        self.embed_scale = (
+            float(torch.tensor(spec.hidden_size**0.5, dtype=dtype))
+            if spec.architecture == "Gemma3ForCausalLM"
+            else None
+        )
 
     def make_batch_invariant(self) -> None:
         """Every projection (and the head) through the fixed-tile kernel on the GPU, and every
         prompt chunk through one attention kernel: a row's logits then do not depend on the
         other rows of its batch (a cache hit can still change them: `_prefill_attention`).
         Decode attention already splits every sequence the same way at every batch size, and
-        the norms and the rotation work row by row."""
+        the norms and the rotation work row by row; experts go through the grouped matmul at
+        every batch size."""
         for module in self.modules():
             if isinstance(module, QuantLinear):
                 module.batch_invariant = True
             elif isinstance(module, DecoderLayer):
                 module.uniform_prefill = True
+            elif isinstance(module, SparseMoe):
+                module.batch_invariant = True
 
     def forward(
         self,
@@ -325,10 +458,12 @@ class LlamaModel(nn.Module):
         """Run the batch; return float32 logits of the rows `logits_index` picks from [T] (every
         row when None)."""
         hidden = F.embedding(tokens, self.embed)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         residual: torch.Tensor | None = None
-        cos_sin: torch.Tensor = self.cos_sin  # type: ignore[assignment]
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos_sin, cache, batch)
+        tables: tuple[torch.Tensor, torch.Tensor] = (self.cos_sin, self.local_cos_sin)  # type: ignore[assignment]
+        for layer, cache, local in zip(self.layers, kv_caches, self.local_layers, strict=True):
+            hidden, residual = layer(hidden, residual, tables[local], cache, batch)
         assert residual is not None
         if logits_index is not None:
             hidden, residual = hidden[logits_index], residual[logits_index]
@@ -487,17 +622,11 @@ class _WeightLoader:
     def layer(self, index: int) -> DecoderLayer:
         prefix = f"model.layers.{index}"
         attention, mlp = f"{prefix}.self_attn", f"{prefix}.mlp"
-        spec, shard, eps = self.spec, self.shard, self.spec.rms_norm_eps
-        heads, kv_heads, width = (
-            head_rows(spec, shard),
-            kv_head_rows(spec, shard),
-            mlp_rows(spec, shard),
-        )
+        spec, shard = self.spec, self.shard
+        heads, kv_heads = head_rows(spec, shard), kv_head_rows(spec, shard)
         modules: dict[str, nn.Module] = {
-            "input_layernorm": RMSNorm(self.plain(f"{prefix}.input_layernorm.weight"), eps),
-            "post_attention_layernorm": RMSNorm(
-                self.plain(f"{prefix}.post_attention_layernorm.weight"), eps
-            ),
+            "input_layernorm": self.norm(f"{prefix}.input_layernorm.weight"),
+            "post_attention_layernorm": self.norm(f"{prefix}.post_attention_layernorm.weight"),
             "qkv": self.linear(
                 [
                     (f"{attention}.q_proj", heads),
@@ -506,10 +635,52 @@ class _WeightLoader:
                 ]
             ),
             "o_proj": self.linear([(f"{attention}.o_proj", heads)], row_parallel=True),
-            "gate_up": self.linear([(f"{mlp}.gate_proj", width), (f"{mlp}.up_proj", width)]),
-            "down_proj": self.linear([(f"{mlp}.down_proj", width)], row_parallel=True),
         }
+        gemma = spec.architecture == "Gemma3ForCausalLM"
+        if gemma:
+            for name in ("pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                modules[name] = self.norm(f"{prefix}.{name}.weight")
+        if spec.architecture == "GptOssForCausalLM":
+            modules["experts"] = load_gpt_oss_experts(
+                spec,
+                prefix,
+                self.tensors,
+                self.quantization,
+                self.dtype,
+                self.device,
+                self.group_size,
+                spec.extra["swiglu"],
+                shard,
+            )
+        elif spec.is_expert_layer(index):
+            modules["experts"] = load_sparse_moe(
+                spec,
+                EXPERT_LAYOUTS[spec.architecture],
+                prefix,
+                self.tensors,
+                self.quantization,
+                self.dtype,
+                self.device,
+                self.group_size,
+                shard,
+            )
+        else:
+            width = mlp_rows(spec, shard)
+            modules["gate_up"] = self.linear(
+                [(f"{mlp}.gate_proj", width), (f"{mlp}.up_proj", width)]
+            )
+            modules["down_proj"] = self.linear([(f"{mlp}.down_proj", width)], row_parallel=True)
         if spec.qk_norm:  # per head_dim: the same on every rank
-            modules["q_norm"] = RMSNorm(self.plain(f"{attention}.q_norm.weight"), eps)
-            modules["k_norm"] = RMSNorm(self.plain(f"{attention}.k_norm.weight"), eps)
-        return DecoderLayer(shard_spec(spec, shard.world), modules)
+            modules["q_norm"] = self.norm(f"{attention}.q_norm.weight")
+            modules["k_norm"] = self.norm(f"{attention}.k_norm.weight")
+        sinks = None
+        if spec.attention_sinks:  # one per query head: this rank's heads'
+            sinks = self.plain(f"{attention}.sinks")[split(spec.num_heads, shard, "heads")].float()
+        return DecoderLayer(shard_spec(spec, shard.world), modules, spec.window_of(index), sinks)
+
+    def norm(self, name: str) -> RMSNorm:
+        """An RMSNorm; Gemma's scale by 1 + its weight."""
+        weight = self.plain(name)
+        if self.spec.architecture == "Gemma3ForCausalLM":
+            weight = (1.0 + self._get(name).float()).to(self.dtype)
+        return RMSNorm(weight.to(self.device), self.spec.rms_norm_eps)

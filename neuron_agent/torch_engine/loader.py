@@ -95,11 +95,13 @@ def plan(options: EngineOptions) -> LoadPlan:
             f"quantization {options.quantization!r} is not one of none, int8, int4, int4_awq, fp8"
         )
     if spec.stored_quantization and mode != "none":
-        expected = "fp8" if spec.stored_quantization == "modelopt_fp8" else "int4"
+        expected = {"modelopt_fp8": "fp8", "modelopt_int4_awq": "int4"}.get(
+            spec.stored_quantization
+        )
         if mode != expected:
             raise UnsupportedCheckpoint(
                 f"the checkpoint is already quantized ({spec.stored_quantization}); "
-                f"set quantization to 'none' or '{expected}'"
+                f"set quantization to 'none'" + (f" or '{expected}'" if expected else "")
             )
     if options.tp < 1:
         raise UnsupportedCheckpoint(f"tp must be at least 1, got {options.tp}")

@@ -154,6 +154,11 @@ def check_shardable(spec: ModelSpec, tp: int, quantization: str, group_size: int
     """Refuse, before any rank starts, a tp the model's shape or int4 groups do not allow."""
     if tp == 1:
         return
+    if spec.stored_quantization == "mxfp4" and (spec.expert_intermediate_size // tp) % 32:
+        raise UnsupportedCheckpoint(
+            f"tp = {tp} would split MXFP4 groups of 32: each rank would hold "
+            f"{spec.expert_intermediate_size // tp} of each expert's width"
+        )
     local = shard_spec(spec, tp)
     grouped = quantization == "int4" or spec.stored_quantization == "modelopt_int4_awq"
     if not grouped:

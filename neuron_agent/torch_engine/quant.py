@@ -91,6 +91,20 @@ def quantize_fp8(
     return quantized, scale
 
 
+def quantize(
+    weight: torch.Tensor, mode: str, group_size: int, amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored weight, scale) of a full-precision [out, in] weight in an int8, int4 or fp8
+    mode (`QuantLinear`'s formats; the experts' stacks use the same)."""
+    if mode == "int8":
+        return quantize_int8(weight, amax)
+    if mode == "int4":
+        return quantize_int4(weight, group_size)
+    if mode == "fp8":
+        return quantize_fp8(weight, amax)
+    raise UnsupportedCheckpoint(f"quantization {mode!r} is not one of {', '.join(MODES)}")
+
+
 class QuantLinear(nn.Module):
     """`y = x @ W.T + b`, whatever form W is stored in."""
 
@@ -144,14 +158,7 @@ class QuantLinear(nn.Module):
         scales equal the unsharded layer's (int4's groups lie inside one shard: no need)."""
         if mode == "none":
             return cls("none", weight.to(compute_dtype), None, bias, compute_dtype)
-        if mode == "int8":
-            quantized, scale = quantize_int8(weight, amax)
-        elif mode == "int4":
-            quantized, scale = quantize_int4(weight, group_size)
-        elif mode == "fp8":
-            quantized, scale = quantize_fp8(weight, amax)
-        else:
-            raise UnsupportedCheckpoint(f"quantization {mode!r} is not one of {', '.join(MODES)}")
+        quantized, scale = quantize(weight, mode, group_size, amax)
         return cls(mode, quantized, scale, bias, compute_dtype, group_size)
 
     def dequantized(self) -> torch.Tensor:

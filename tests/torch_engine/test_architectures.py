@@ -1,6 +1,6 @@
-"""Llama, Mistral, Qwen2 and Qwen3 checkpoints: the engine's logits equal transformers' own
-forward pass (float32, random small models written by transformers itself), and a checkpoint
-it cannot serve fails with one sentence."""
+"""Llama, Mistral, Qwen2, Qwen3 and the mixture-of-experts Qwen3-MoE and Mixtral checkpoints:
+the engine's logits equal transformers' own forward pass (float32, random small models written
+by transformers itself), and a checkpoint it cannot serve fails with one sentence."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
@@ -43,6 +47,33 @@ CONFIGS = {
     "mistral": lambda: MistralConfig(**SHAPE, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=48),
+    # Eight experts, two a token; Qwen3-MoE's layer 1 keeps a dense MLP (mlp_only_layers).
+    "qwen3_moe": lambda: Qwen3MoeConfig(
+        **SHAPE,
+        head_dim=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": lambda: MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2),
+    # A window of 8 on the first layer (the prompts are 40 long), its own rope there, the
+    # global one linearly scaled; √hidden embeddings, four norms a layer, GELU-tanh.
+    "gemma3": lambda: Gemma3TextConfig(
+        **SHAPE,
+        head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    ),
+    # Sinks, a window of 8 on layer 0, YaRN rope, biased attention, router and experts.
+    "gpt_oss": lambda: GptOssConfig(
+        **SHAPE, head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8
+    ),
 }
 
 
@@ -53,6 +84,12 @@ def write_model(kind: str, folder: Path) -> Path:
         for name, parameter in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 parameter.add_(torch.randn_like(parameter) * 0.1)
+            elif "sinks" in name:
+                parameter.add_(torch.randn_like(parameter))
+            elif "experts" in name or name.endswith(("gate.weight", "router.weight")):
+                # Routers with clear preferences and experts that move the logits: at the
+                # initial scale the expert outputs hid inside the tolerance.
+                parameter.mul_(8.0)
     model.save_pretrained(folder)
     return folder
 

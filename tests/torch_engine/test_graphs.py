@@ -10,6 +10,7 @@ import torch
 
 from neuron_agent.torch_engine.graphs import decode_buckets
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
+from neuron_agent.torch_engine.scheduler import Engine
 
 
 def test_buckets_cover_every_batch_size_up_to_the_largest() -> None:
@@ -20,7 +21,14 @@ def test_buckets_cover_every_batch_size_up_to_the_largest() -> None:
 
 
 def test_padding_to_a_bucket_changes_no_real_row_and_no_real_slot(tiny_model: Path) -> None:
-    engine = build_engine(EngineOptions(tiny_model, kv_cache_tokens=512, max_batch_size=4))
+    assert_padding_changes_nothing(
+        build_engine(EngineOptions(tiny_model, kv_cache_tokens=512, max_batch_size=4))
+    )
+
+
+def assert_padding_changes_nothing(engine: Engine) -> None:
+    """Two real rows decoded alone and padded to a bucket of 4: the same logits, the same
+    cache slots written, nothing else touched."""
     pool, runner = engine.pool, engine.decoder
     generator = torch.Generator().manual_seed(0)
     for k_cache, v_cache, *_ in pool.layers:

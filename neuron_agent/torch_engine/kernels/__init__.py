@@ -14,6 +14,7 @@ from types import ModuleType
 import torch
 
 from neuron_agent.torch_engine.kernels import reference
+from neuron_agent.torch_engine.kernels.reference import ExpertWeights
 
 
 @cache
@@ -59,11 +60,14 @@ def rotary_and_cache(
     )
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SiLU(gate) · up for gate_up = [gate | up] along the last dimension."""
+def silu_and_mul(
+    gate_up: torch.Tensor, activation: str = "silu", alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
+    """SiLU(gate) · up for gate_up = [gate | up] along the last dimension; or GELU-tanh
+    (`activation` "gelu_tanh", Gemma), or gpt-oss's clamped SwiGLU ("swiglu_oai")."""
     if _on_triton(gate_up):
-        return _kernels().silu_and_mul(gate_up)
-    return reference.silu_and_mul(gate_up)
+        return _kernels().silu_and_mul(gate_up, activation, alpha, limit)
+    return reference.silu_and_mul(gate_up, activation, alpha, limit)
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +118,60 @@ def paged_decode_attention(
     splits: int = 1,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query per sequence (q [B, H, D]) over its first seq_lens[b] cached
     positions, read straight through its block table [B, W]: no gathered copy of the keys. An
-    FP8 cache comes with its scales [slots, KVH]."""
+    FP8 cache comes with its scales [slots, KVH]. A sliding-window layer (`window` > 0) reads
+    only each sequence's last `window` positions; `sinks` [H] (gpt-oss) adds a learnt logit
+    per head to the softmax's denominator."""
     if _on_triton(q):
         return _kernels().paged_decode_attention(
             q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, splits,
-            k_scales, v_scales,
+            k_scales, v_scales, window, sinks,
         )  # fmt: skip
     return reference.paged_decode_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scales, v_scales
-    )
+        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scales, v_scales,
+        window, sinks,
+    )  # fmt: skip
+
+
+def route_experts(
+    logits: torch.Tensor, top_k: int, normalize: bool, softmax_after: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixture of experts: each token's `top_k` experts from its router logits [T, E] —
+    softmax over all of them, the best k kept, renormalised when `normalize`; or with
+    `softmax_after` (gpt-oss) the best k logits, softmaxed alone — as (weights [T, k]
+    float32, expert ids [T, k] int32)."""
+    if _on_triton(logits):
+        return _kernels().route_experts(logits, top_k, normalize, softmax_after)
+    return reference.route_experts(logits, top_k, normalize, softmax_after)
+
+
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, expert) rows of `ids` [T, k] grouped by expert in blocks of `block` rows:
+    (rows, each block's expert). The grouped matmul reads each expert once per block."""
+    if _on_triton(ids):
+        return _kernels().sort_by_expert(ids, num_experts, block)
+    return reference.sort_by_expert(ids, num_experts, block)
+
+
+def experts_mlp(
+    x: torch.Tensor,
+    experts: ExpertWeights,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grouped: bool = False,
+) -> torch.Tensor:
+    """The experts' gated MLP of each token x [T, H], summed with its routing weights [T, k]
+    over its chosen experts ids [T, k]: only those experts' weights are read, as stored
+    (`ExpertWeights`: plain, int8, fp8, int4 or MXFP4, dequantized inside the kernel). On a
+    GPU a few rows (decode) go one program per (token, expert) row; more are sorted by expert
+    for a grouped matmul (prefill); `grouped` sends every batch through the grouped matmul,
+    whose rows do not depend on each other (batch-invariant mode)."""
+    if _on_triton(x):
+        return _kernels().experts_mlp(x, experts, weights, ids, grouped)
+    return reference.experts_mlp(x, experts, weights, ids)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from neuron_agent.torch_engine.kernels.reference import ExpertWeights
+
 # ----------------------------------------------------------------------------- RMSNorm
 
 
@@ -207,26 +209,56 @@ def rotary_and_cache(
 
 
 @triton.jit
-def _silu_and_mul_kernel(GATE_UP, OUT, stride_in, stride_out, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    GATE_UP,
+    OUT,
+    stride_in,
+    stride_out,
+    width,
+    alpha,
+    limit,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """ACTIVATION 0: SiLU(gate) · up; 1: GELU-tanh(gate) · up (Gemma); 2: gpt-oss's clamped
+    SwiGLU, gate · sigmoid(alpha · gate) · (up + 1) with gate ≤ limit and |up| ≤ limit."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
     gate = tl.load(GATE_UP + row * stride_in + cols, mask=mask, other=0.0)
     up = tl.load(GATE_UP + row * stride_in + width + cols, mask=mask, other=0.0)
     gf = gate.to(tl.float32)
-    activated = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
-    tl.store(OUT + row * stride_out + cols, activated * up, mask=mask)
+    if ACTIVATION == 0:
+        activated = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype)
+        out = activated * up
+    elif ACTIVATION == 1:
+        inner = tl.minimum(
+            tl.maximum(0.7978845608028654 * (gf + 0.044715 * gf * gf * gf), -20.0), 20.0
+        )
+        tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+        out = (0.5 * gf * (1.0 + tanh)).to(gate.dtype) * up
+    else:
+        gf = tl.minimum(gf, limit)
+        uf = tl.minimum(tl.maximum(up.to(tl.float32), -limit), limit)
+        out = (gf / (1.0 + tl.exp(-alpha * gf)) * (uf + 1.0)).to(gate.dtype)
+    tl.store(OUT + row * stride_out + cols, out, mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "swiglu_oai": 2}
+
+
+def silu_and_mul(
+    gate_up: torch.Tensor, activation: str = "silu", alpha: float = 1.702, limit: float = 7.0
+) -> torch.Tensor:
     width = gate_up.shape[-1] // 2
     rows = gate_up.numel() // (2 * width)
     flat = gate_up.reshape(rows, 2 * width)
     out = torch.empty((rows, width), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
-        flat, out, flat.stride(0), out.stride(0), width, BLOCK=block
-    )
+        flat, out, flat.stride(0), out.stride(0), width, alpha, limit,
+        ACTIVATION=ACTIVATIONS[activation], BLOCK=block,
+    )  # fmt: skip
     return out.view(*gate_up.shape[:-1], width)
 
 
@@ -452,6 +484,7 @@ def _decode_split_kernel(
     stride_tb,
     stride_ss,
     scale,
+    window,
     HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
@@ -467,13 +500,18 @@ def _decode_split_kernel(
 
     An FP8 cache's per-vector scales apply outside the dots (a key's scale to its scores, a
     value's to its softmax weights), which then run in float16: float8 widens to it in one
-    instruction."""
+    instruction.
+
+    A sliding-window layer (`window` > 0) reads only the last `window` positions: the splits
+    share those, not the whole sequence."""
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(LENS + seq)
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    # One type on every path (the compiler wants it): a tensor, 0 without a window.
+    first = tl.where(window > 0, tl.maximum(length - window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(length - first, SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     end = tl.minimum(start + per_split, length)
 
     g = tl.arange(0, GROUP_PAD)
@@ -528,13 +566,17 @@ def _decode_reduce_kernel(
     PART_ACC,
     PART_MAX,
     PART_SUM,
+    SINKS,
     OUT,
     stride_ob,
     stride_oh,
     HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
+    """Merges the splits; an attention sink (gpt-oss: one learnt logit per head) joins the
+    softmax's denominator and adds nothing to its output."""
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS)
@@ -544,6 +586,8 @@ def _decode_reduce_kernel(
     overall = tl.max(maxima, axis=0)
     weights = tl.exp(maxima - overall)  # an empty split has max -inf: weight 0
     total = tl.sum(tl.load(PART_SUM + part) * weights, axis=0)
+    if HAS_SINKS:
+        total += tl.exp(tl.load(SINKS + head).to(tl.float32) - overall)
     acc = tl.load(PART_ACC + part[:, None] * HEAD_DIM + d[None, :])
     out = tl.sum(acc * weights[:, None], axis=0) / total
     tl.store(OUT + seq * stride_ob + head * stride_oh + d, out.to(OUT.dtype.element_ty))
@@ -567,6 +611,8 @@ def paged_decode_attention(
     splits: int,
     k_scales: torch.Tensor | None = None,
     v_scales: torch.Tensor | None = None,
+    window: int = 0,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, head_dim = q.shape
     fp8 = k_scales is not None and v_scales is not None
@@ -593,6 +639,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         k_scales.stride(0) if k_scales is not None else 0,
         scale,
+        window,
         HEADS=heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -609,11 +656,366 @@ def paged_decode_attention(
         part_acc,
         part_max,
         part_sum,
+        part_sum if sinks is None else sinks,
         out,
         out.stride(0),
         out.stride(1),
         HEADS=heads,
         HEAD_DIM=head_dim,
         SPLITS=splits,
+        HAS_SINKS=sinks is not None,
     )
     return out
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+@triton.jit
+def _route_experts_kernel(
+    LOGITS,
+    WEIGHTS,
+    IDS,
+    experts,
+    stride_l,
+    TOP_K: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    SOFTMAX_AFTER: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One token: softmax over its router logits in float32, then the top k by repeated
+    arg-max (k is small), renormalised when asked; or (SOFTMAX_AFTER, gpt-oss) the top k
+    logits first, then a softmax over those alone."""
+    token = tl.program_id(0).to(tl.int64)
+    columns = tl.arange(0, BLOCK_E)
+    logits = tl.load(
+        LOGITS + token * stride_l + columns, mask=columns < experts, other=-float("inf")
+    ).to(tl.float32)
+    if SOFTMAX_AFTER:
+        probabilities = logits
+        floor = -float("inf")
+    else:
+        exponentials = tl.exp(logits - tl.max(logits, axis=0))
+        probabilities = exponentials / tl.sum(exponentials, axis=0)
+        floor = -1.0
+    picks = tl.arange(0, BLOCK_K)
+    chosen_weights = tl.zeros([BLOCK_K], dtype=tl.float32)
+    chosen_ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    remaining = tl.where(columns < experts, probabilities, floor)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(remaining, axis=0)
+        value = tl.max(remaining, axis=0)
+        chosen_weights = tl.where(picks == j, value, chosen_weights)
+        chosen_ids = tl.where(picks == j, best.to(tl.int32), chosen_ids)
+        remaining = tl.where(columns == best, floor, remaining)
+    if SOFTMAX_AFTER:  # the first pick is the largest logit
+        top = tl.max(tl.where(picks < TOP_K, chosen_weights, -float("inf")), axis=0)
+        exponentials = tl.where(picks < TOP_K, tl.exp(chosen_weights - top), 0.0)
+        chosen_weights = exponentials / tl.sum(exponentials, axis=0)
+    elif NORMALIZE:
+        chosen_weights = chosen_weights / tl.sum(tl.where(picks < TOP_K, chosen_weights, 0.0))
+    tl.store(WEIGHTS + token * TOP_K + picks, chosen_weights, mask=picks < TOP_K)
+    tl.store(IDS + token * TOP_K + picks, chosen_ids, mask=picks < TOP_K)
+
+
+def route_experts(
+    logits: torch.Tensor, top_k: int, normalize: bool, softmax_after: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, experts = logits.shape
+    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((tokens, top_k), dtype=torch.int32, device=logits.device)
+    _route_experts_kernel[(tokens,)](
+        logits,
+        weights,
+        ids,
+        experts,
+        logits.stride(0),
+        TOP_K=top_k,
+        NORMALIZE=normalize,
+        SOFTMAX_AFTER=softmax_after,
+        BLOCK_E=triton.next_power_of_2(experts),
+        BLOCK_K=triton.next_power_of_2(top_k),
+    )
+    return weights, ids
+
+
+@triton.jit
+def _load_expert_tile(
+    W,
+    SCALE,
+    expert,
+    n,
+    n_mask,
+    start,
+    in_features,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Expert `expert`'s weight rows n, columns [start, start + BLOCK_K), as stored (int8, fp8,
+    plain) or, packed two a byte (PACKED 1: int4 with a float scale per group; 2: MXFP4, e2m1
+    values with a power-of-two scale byte per 32), unpacked and scaled (one group a tile)."""
+    base = W + expert.to(tl.int64) * stride_we + n[:, None].to(tl.int64) * stride_wn
+    if PACKED == 2:
+        pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(
+            base + pairs[None, :],
+            mask=n_mask[:, None] & (pairs[None, :] < in_features // 2),
+            other=0,
+        )
+        values = tl.reshape(tl.join(packed & 0xF, (packed >> 4) & 0xF), (BLOCK_N, BLOCK_K))
+        # e2m1: sign, two exponent bits, one mantissa bit; exponent 0 is subnormal (0, 0.5).
+        exponent = ((values >> 1) & 3).to(tl.float32)
+        mantissa = (values & 1).to(tl.float32)
+        magnitude = tl.where(
+            exponent == 0, 0.5 * mantissa, (1.0 + 0.5 * mantissa) * tl.exp2(exponent - 1.0)
+        )
+        decoded = tl.where((values & 8) != 0, -magnitude, magnitude)
+        scale_bits = tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn + start // GROUP,
+            mask=n_mask,
+            other=127,
+        )
+        return decoded * tl.exp2(scale_bits.to(tl.float32) - 127.0)[:, None]
+    if PACKED == 1:
+        pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(
+            base + pairs[None, :],
+            mask=n_mask[:, None] & (pairs[None, :] < in_features // 2),
+            other=0,
+        )
+        low = (packed & 0xF).to(tl.int8)
+        high = ((packed >> 4) & 0xF).to(tl.int8)
+        low = tl.where(low > 7, low - 16, low)
+        high = tl.where(high > 7, high - 16, high)
+        values = tl.reshape(tl.join(low, high), (BLOCK_N, BLOCK_K)).to(tl.float32)
+        scale = tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn + start // GROUP,
+            mask=n_mask,
+            other=0.0,
+        )
+        return values * scale[:, None]
+    k = start + tl.arange(0, BLOCK_K)
+    return tl.load(base + k[None, :], mask=n_mask[:, None] & (k[None, :] < in_features), other=0.0)
+
+
+@triton.jit
+def _expert_matmul_kernel(
+    X,
+    W,
+    SCALE,
+    BIAS,
+    OUT,
+    ROWS,
+    BLOCK_EXPERTS,
+    row_count,
+    out_features,
+    in_features,
+    fan_out,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_o,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The grouped matmul (prefill): rows sorted by expert (`sort_by_expert`), one block of
+    BLOCK_M rows of one expert a program, so each expert's tile is read once for its rows.
+    Output row r = X[r // fan_out] @ W[expert]ᵀ, written where r belongs (no unsort)."""
+    block = tl.program_id(0)
+    expert = tl.load(BLOCK_EXPERTS + block)
+    if expert >= 0:
+        rows = tl.load(ROWS + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = rows < row_count
+        x_rows = (rows // fan_out).to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < out_features
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, in_features, BLOCK_K):
+            x = tl.load(
+                X + x_rows[:, None] * stride_x + (start + k)[None, :],
+                mask=valid[:, None] & ((start + k)[None, :] < in_features),
+                other=0.0,
+            )
+            w = _load_expert_tile(
+                W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
+                stride_se, stride_sn, PACKED, GROUP, BLOCK_N, BLOCK_K,
+            )  # fmt: skip
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        if HAS_SCALE and PACKED == 0:
+            scale = tl.load(
+                SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
+            )
+            acc = acc * scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(BIAS + expert.to(tl.int64) * out_features + n, mask=n_mask, other=0.0)
+            acc = acc + bias.to(tl.float32)[None, :]
+        tl.store(
+            OUT + rows[:, None].to(tl.int64) * stride_o + n[None, :],
+            acc.to(OUT.dtype.element_ty),
+            mask=valid[:, None] & n_mask[None, :],
+        )
+
+
+@triton.jit
+def _expert_vector_kernel(
+    X,
+    W,
+    SCALE,
+    BIAS,
+    OUT,
+    IDS,
+    out_features,
+    in_features,
+    fan_out,
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_se,
+    stride_sn,
+    stride_o,
+    HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Decode: one (token, chosen expert) row a program column, reading only that expert's
+    rows n: the bytes a decode step must read are the chosen experts', no more."""
+    row = tl.program_id(1)
+    expert = tl.load(IDS + row)
+    x_row = (row // fan_out).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < out_features
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in range(0, in_features, BLOCK_K):
+        x = tl.load(X + x_row * stride_x + start + k, mask=(start + k) < in_features, other=0.0)
+        w = _load_expert_tile(
+            W, SCALE, expert, n, n_mask, start, in_features, stride_we, stride_wn,
+            stride_se, stride_sn, PACKED, GROUP, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    if HAS_SCALE and PACKED == 0:
+        acc = acc * tl.load(
+            SCALE + expert.to(tl.int64) * stride_se + n * stride_sn, mask=n_mask, other=0.0
+        )
+    if HAS_BIAS:
+        bias = tl.load(BIAS + expert.to(tl.int64) * out_features + n, mask=n_mask, other=0.0)
+        acc = acc + bias.to(tl.float32)
+    tl.store(OUT + row.to(tl.int64) * stride_o + n, acc.to(OUT.dtype.element_ty), mask=n_mask)
+
+
+# (token, expert) rows up to which decode reads expert rows one program each; beyond, rows
+# are sorted by expert so each expert's tile is read once for all of its rows.
+EXPERT_VECTOR_MAX_ROWS = 16
+EXPERT_BLOCK_M = 16
+
+
+def sort_by_expert(
+    ids: torch.Tensor, num_experts: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Fixed-shape torch operations (stable argsort, cumulative sums, searchsorted): they run as
+    # GPU kernels without a host sync, so a CUDA graph can hold them.
+    from neuron_agent.torch_engine.kernels import reference
+
+    return reference.sort_by_expert(ids, num_experts, block)
+
+
+def expert_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    ids: torch.Tensor,
+    fan_out: int,
+    group_size: int = 128,
+    layout: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    rows = ids.numel()
+    _experts, out_features, stored_in = weight.shape
+    packed = 0
+    if weight.dtype == torch.uint8:  # int4 scales are floats, MXFP4's are exponent bytes
+        packed = 2 if scale is not None and scale.dtype == torch.uint8 else 1
+    in_features = stored_in * 2 if packed else stored_in
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    block_k = min(64, group_size) if packed else 64
+    if packed and group_size % block_k:
+        raise ValueError(f"packed experts need a group size that is a multiple of {block_k}")
+    scale_strides = (0, 0) if scale is None else (scale.stride(0), scale.stride(1))
+    common = dict(
+        HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        PACKED=packed,
+        GROUP=group_size,
+        BLOCK_K=block_k,
+    )
+    x = x.contiguous()
+    flat_ids = ids.reshape(-1)
+    scale_or_any = weight if scale is None else scale
+    bias_or_any = weight if bias is None else bias
+    if layout is None:
+        # Unpacked weights stream as the dense one-row kernel's tuned tiles do (GEMV_CONFIGS:
+        # two rows a program, a long slice of K); packed ones need one scale group a tile.
+        if packed:
+            tile = {"BLOCK_N": 32, "num_warps": 4}
+        else:
+            tuned = gemv_config(weight)
+            common["BLOCK_K"] = min(tuned["BLOCK_K"], triton.next_power_of_2(in_features))
+            # (Under the interpreter, wider tiles: its cost is per program.)
+            rows_per_program = tuned["BLOCK_N"] if weight.is_cuda else 16
+            tile = {"BLOCK_N": rows_per_program, "num_warps": tuned["num_warps"]}
+        grid = (triton.cdiv(out_features, tile["BLOCK_N"]), rows)
+        _expert_vector_kernel[grid](
+            x, weight, scale_or_any, bias_or_any, out, flat_ids,
+            out_features, in_features, fan_out, x.stride(0), weight.stride(0),
+            weight.stride(1), *scale_strides, out.stride(0), **tile, **common,
+        )  # fmt: skip
+        return out
+    sorted_rows, block_experts = layout
+    grid = (block_experts.numel(), triton.cdiv(out_features, 64))
+    _expert_matmul_kernel[grid](
+        x, weight, scale_or_any, bias_or_any, out, sorted_rows, block_experts,
+        rows, out_features, in_features, fan_out, x.stride(0), weight.stride(0),
+        weight.stride(1), *scale_strides, out.stride(0), BLOCK_M=EXPERT_BLOCK_M, BLOCK_N=64,
+        **common,
+    )  # fmt: skip
+    return out
+
+
+def experts_mlp(
+    x: torch.Tensor,
+    experts: ExpertWeights,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    grouped: bool = False,
+) -> torch.Tensor:
+    tokens, top_k = ids.shape
+    layout = None
+    if grouped or ids.numel() > EXPERT_VECTOR_MAX_ROWS:
+        layout = sort_by_expert(ids, experts.gate_up.shape[0], EXPERT_BLOCK_M)
+    group = experts.group_size
+    hidden = expert_matmul(
+        x, experts.gate_up, experts.gate_up_scale, ids, top_k, group, layout, experts.gate_up_bias
+    )
+    activated = silu_and_mul(hidden, experts.activation, experts.alpha, experts.limit)
+    out = expert_matmul(
+        activated, experts.down, experts.down_scale, ids, 1, group, layout, experts.down_bias
+    )
+    weighted = out.view(tokens, top_k, -1).float() * weights[..., None]
+    return weighted.sum(dim=1).to(x.dtype)
