@@ -1,15 +1,18 @@
 """A node dies mid-stream on a fleet with auth on: its stream ends with an error event, and every
 request after that, for its models, the pinned one and the others, answers 200 (issue 27).
 
-Three real neurons (budgets 800 / 1400 / 1400 MiB: one, two and two tiny-model copies) with
-bearer tokens, a gateway with an API key, the official SDKs with their retries off, so a
+Three real neurons (budgets 800 / 1400 / 1400 MiB: one, two and two tiny-model copies; m2,
+the one streamed from when its node dies, is the fixed-rate FAKE of the same size) with bearer
+tokens, a gateway with an API key, the official SDKs with their retries off, so a
 refusal the gateway makes reaches the test instead of being retried away. The fleet is this
 module's own: the test kills one of its neurons."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -20,11 +23,24 @@ import openai
 import pytest
 
 from cortex.config import EvictionSection, NeuronRef
-from cortex.launch import loopback_gateway, running_gateway
-from tests.fleet.conftest import NeuronProcess, start_tier_neuron
+from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, start_neuron
+from tests.fleet.conftest import NeuronProcess, tier_models
+
+PACED = str(Path(__file__).resolve().parents[1] / "fakes" / "fixed_rate_llm")
 
 API_KEY = "sk-cortex-test-key"
 BUDGETS = {"a": 800, "b": 1400, "c": 1400}
+
+
+def paced_source(folder: Path, tiny_model: Path) -> Path:
+    """The fixed-rate FAKE's source: cortex-tiny's config and tokenizer (so its memory estimate
+    is a tiny copy's), one token every 20 ms."""
+    folder.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, folder / name)
+    settings = {"first_token_s": 0.01, "token_interval_s": 0.02, "token_ids": [271, 300, 412]}
+    (folder / "fixed_rate.json").write_text(json.dumps(settings), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +48,33 @@ def neurons(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, NeuronProcess]]:
     root = tmp_path_factory.mktemp("node-loss")
+    # m2 is the fixed-rate FAKE, so that its stream is still going when its node dies however
+    # fast the real tiny model would have finished; the other three are cortex-tiny copies.
+    models = [
+        m.model_copy(
+            update={"source": str(paced_source(root / "paced", tiny_model)), "template": PACED}
+        )
+        if m.name == "m2"
+        else m
+        for m in tier_models(tiny_model, pinned_on=())
+    ]
     with ExitStack() as stack, concurrent.futures.ThreadPoolExecutor() as pool:
         futures = {
             name: pool.submit(
-                start_tier_neuron,
-                root / name,
-                name,
-                budget,
-                tiny_model,
-                pinned_on=(),
-                token=f"token-of-{name}",
+                start_neuron,
+                loopback_neuron(
+                    root / name,
+                    name,
+                    models,
+                    memory_budget_mib=[budget],
+                    token=f"token-of-{name}",
+                ),
             )
             for name, budget in BUDGETS.items()
         }
         started = {}
         for name, future in futures.items():
-            started[name] = future.result()
+            started[name] = NeuronProcess.of(future.result()).healthy(120)
             stack.callback(started[name].stop)
         yield started
 
@@ -100,11 +127,7 @@ def test_a_node_killed_mid_stream_costs_that_stream_only(
         stream = openai_client(gateway.url).chat.completions.create(
             model="m2",
             messages=[{"role": "user", "content": "The"}],
-            # Sampled, the tiny model rarely draws its end token: a stream of a thousand tokens
-            # that is still going when its node is killed.
-            temperature=1.0,
-            seed=7,
-            max_tokens=1000,
+            max_tokens=400,  # 8 s of the paced fake's tokens
             stream=True,
         )
         text = ""
@@ -117,13 +140,14 @@ def test_a_node_killed_mid_stream_costs_that_stream_only(
         assert text  # the stream had started: it ended with an error event, not a 5xx
 
         # Every request from here on answers: the dead node's models, the pinned one, others,
-        # one at a time and all at once, through both dialects.
+        # all at once while the pinned model is being restored (c's models busy, loads and
+        # evictions under way), then one at a time, through both dialects.
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda m: ask(gateway.url, m), ["m2", "m1", "m3", "pin"] * 2))
+        assert all(answers)
         for model in ("m2", "pin", "m1", "m3", "m2"):
             assert ask(gateway.url, model)
         assert ask_anthropic(gateway.url, "pin")
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda m: ask(gateway.url, m), ["m1", "m2", "m3", "pin"] * 2))
-        assert all(answers)
         # The pinned model came back on a surviving node by itself.
         assert any("pin" in n.loaded() for n in (a, c))
         log = gateway.log.read_text()
