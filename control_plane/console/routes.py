@@ -67,12 +67,7 @@ def _static(name: str) -> HTTPResponse:
     return raw(file.read_bytes(), content_type=_TYPES[suffix], headers=_HEADERS)
 
 
-@blueprint.get("")
-async def page_bare(request: Request) -> HTTPResponse:
-    return _static("index.html")
-
-
-@blueprint.get("/")
+@blueprint.get("/", strict_slashes=False)
 async def page(request: Request) -> HTTPResponse:
     return _static("index.html")
 
