@@ -121,7 +121,8 @@ class RecentErrors(logging.Handler):
     """The last `size` warnings and failed requests the gateway logged, newest last."""
 
     def __init__(self, size: int = 50) -> None:
-        super().__init__(logging.WARNING)
+        # No level: requests are logged at INFO, and `filter` picks the failed ones.
+        super().__init__(logging.NOTSET)
         self.entries: deque[dict[str, Any]] = deque(maxlen=size)
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -129,13 +130,6 @@ class RecentErrors(logging.Handler):
         if outcome is not None:  # the one line per request: errors only
             return outcome not in _QUIET_OUTCOMES
         return record.levelno >= logging.WARNING
-
-    def handle(self, record: logging.LogRecord) -> bool:
-        # Requests are logged at INFO; the handler's own level would drop them before filter.
-        if self.filter(record):
-            self.emit(record)
-            return True
-        return False
 
     def emit(self, record: logging.LogRecord) -> None:
         self.entries.append(

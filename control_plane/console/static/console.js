@@ -150,8 +150,10 @@ function draw(state) {
     cell(row, ago(model.last_used));
     const actions = document.createElement("span");
     if (state.you.admin) {
-      actions.appendChild(actionButton("Load", false, () =>
-        act("Load " + model.name, "/ui/api/models/load", { model: model.name }, false)));
+      if (!model.placements.length) {
+        actions.appendChild(actionButton("Load", false, () =>
+          act("Load " + model.name, "/ui/api/models/load", { model: model.name }, false)));
+      }
       for (const placement of model.placements) {
         actions.appendChild(actionButton("Unload from " + placement.node, true, () =>
           act(`Unload ${model.name} from ${placement.node}`, "/ui/api/models/unload",
