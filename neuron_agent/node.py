@@ -24,6 +24,7 @@ from cortex.config import EngineKind, ModelProfile, NeuronConfig
 from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
+from neuron_agent.catalogue_watch import CatalogueWatch
 from neuron_agent.errors import NodeError
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
@@ -76,6 +77,8 @@ class Node:
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
+        # models.toml re-read on SIGHUP and when it changes (catalogue_watch).
+        self.catalogue_watch = CatalogueWatch(self)
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -103,8 +106,10 @@ class Node:
         specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
         await specs
+        self.catalogue_watch.start()
 
     async def stop(self) -> None:
+        await self.catalogue_watch.stop()
         for task in self._loads.values():
             task.cancel()
         await self.supervisor.stop()
@@ -295,6 +300,7 @@ class Node:
                 ) from None
             await self._reload_after_restart()
             restarted = True
+        self.catalogue_watch.settle()  # an entry models.toml changed meanwhile applies now
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)
 
     async def _reload_after_restart(self) -> None:
@@ -463,4 +469,5 @@ class Node:
             loaded=loaded,
             catalogue=self.catalogue.entries(),
             events=self.events,
+            catalogue_reload=self.catalogue_watch.last,
         )

@@ -82,6 +82,8 @@ class ReplayFleet:
     gateway_log: Path
     neuron_log: Path
     neuron_url: str
+    models_file: Path  # the neuron's models.toml (it re-reads it when it changes)
+    neuron_pid: int
 
 
 def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
@@ -142,6 +144,8 @@ def replay_fleet(
                 gateway_log=gateway.log,
                 neuron_log=neuron.log,
                 neuron_url=neuron.url,
+                models_file=neuron.folder / "models.toml",
+                neuron_pid=neuron.process.pid,
             )
 
 
