@@ -128,7 +128,8 @@ def bench_priority(repeats: int, load: Load) -> dict[str, Any]:
             kv_cache_tokens=16384,
             max_batch_size=8,
             max_queue_size=64,
-            prefix_caching=False,  # fresh random prompts: nothing to reuse, nothing to skew
+            # As deployed: a preempted batch sequence resumes from the prefix cache. The prompts
+            # are fresh random ids, so the interactive ones find nothing to reuse.
         )
     )
     engine.start()

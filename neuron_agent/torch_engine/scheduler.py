@@ -270,7 +270,9 @@ class Engine:
         self.steps += 1
         self._drop_cancelled()
         self._admit()
-        prefilling = [s for s in self._running if s.prefilling]
+        # Interactive prompts take the step's prefill budget first (stable: arrival order within
+        # a class), so a batch sequence resuming after preemption never delays one.
+        prefilling = sorted((s for s in self._running if s.prefilling), key=_priority)
         if prefilling:
             self._prefill(prefilling)
         decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])

@@ -19,20 +19,27 @@ class Requests:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.admitted: list[str] = []
+        self.first_token: list[str] = []
         self.finished: list[str] = []
 
-    def submit(self, name: str, priority: int, max_new: int = 8) -> None:
+    def submit(self, name: str, priority: int, max_new: int = 8, prompt_tokens: int = 10) -> None:
         self.engine.submit(
             GenerationRequest(
-                prompt=[1, *range(10, 19)],  # ten tokens: one block of 16
+                prompt=[1, *range(10, 9 + prompt_tokens)],  # ten tokens: one block of 16
                 max_new_tokens=max_new,
-                emit=lambda _tokens, final: final and self.finished.append(name),
+                emit=lambda tokens, final: self._emitted(name, tokens, final),
                 fail=lambda message: self.finished.append(f"{name} failed: {message}"),
                 request_id=name,
                 admitted=lambda _cached: self.admitted.append(name),
                 priority=priority,
             )
         )
+
+    def _emitted(self, name: str, tokens: list[int], final: bool) -> None:
+        if tokens and name not in self.first_token:
+            self.first_token.append(name)
+        if final:
+            self.finished.append(name)
 
     def running(self) -> list[str]:
         return [s.request.request_id for s in self.engine._running]
@@ -98,3 +105,16 @@ def test_a_short_kv_budget_preempts_batch_sequences_before_younger_interactive_o
     while len(requests.finished) < 2:
         engine.step()
     assert requests.finished == ["interactive", "batch"]
+
+
+def test_interactive_prompts_take_the_prefill_budget_first(tiny_model: Path) -> None:
+    # Ten prompt tokens a step: the batch prompt (30) takes three steps. The interactive one,
+    # admitted behind it in the second, is prefilled first and has its token at once.
+    engine = engine_for(tiny_model, kv_cache_tokens=1024, max_batch_size=2, prefill_tokens=10)
+    requests = Requests(engine)
+    requests.submit("batch", BATCH, prompt_tokens=30)
+    engine.step()
+    requests.submit("interactive", INTERACTIVE)
+    engine.step()
+    assert requests.running() == ["batch", "interactive"]
+    assert requests.first_token == ["interactive"]
