@@ -7,9 +7,9 @@ One engine thread loops over `step()`:
      interactive request that finds no room preempts batch ones — and the longest cached
      prefix of the prompt (whole blocks, shared with other requests) is reused, blocks are
      taken for the rest;
-  3. admitted prompts are prefilled from where the reused prefix ends, in one forward pass over
-     chunks of several sequences, at most `prefill_tokens` tokens a step (a long prompt does
-     not stall decoding for long);
+  3. admitted prompts of the best class waiting (interactive before batch) are prefilled from
+     where the reused prefix ends, in one forward pass over chunks of several sequences, at
+     most `prefill_tokens` tokens a step (a long prompt does not stall decoding for long);
   4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
      replay of the CUDA graph captured for that batch size (`graphs`) — taking a new block when
      its last one is full.
@@ -270,11 +270,12 @@ class Engine:
         self.steps += 1
         self._drop_cancelled()
         self._admit()
-        # Interactive prompts take the step's prefill budget first (stable: arrival order within
-        # a class), so a batch sequence resuming after preemption never delays one.
-        prefilling = sorted((s for s in self._running if s.prefilling), key=_priority)
+        # Only the best class waiting for prefill is prefilled this step: an interactive prompt
+        # never shares its pass (and its wait for a first token) with batch prompts.
+        prefilling = [s for s in self._running if s.prefilling]
         if prefilling:
-            self._prefill(prefilling)
+            best = min(map(_priority, prefilling))
+            self._prefill([s for s in prefilling if _priority(s) == best])
         decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])
         if decoding:
             self._decode(decoding)
