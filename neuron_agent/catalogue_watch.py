@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cortex.config import ConfigError, ModelProfile, load_models_file
-from cortex.neuron_api import CatalogueReload
+from cortex.neuron_api import CatalogueReload, ModelState
 from neuron_agent.catalogue import plan_catalogue_change
 from neuron_agent.errors import NodeError
 
@@ -116,8 +116,6 @@ class CatalogueWatch:
 
     async def _retire_removed(self) -> None:
         """Unload loaded models the file no longer lists, once nothing is in flight on them."""
-        from neuron_agent.node import ModelState  # the node imports this module
-
         if self.wanted is None:
             return
         for name, entry in list(self.node.loaded.items()):

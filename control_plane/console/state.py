@@ -15,9 +15,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from control_plane.routing import FleetSnapshot, busy
+from cortex.neuron_api import RequestOutcome
 
 # Outcomes of a request that are not errors worth showing.
-_QUIET_OUTCOMES = frozenset({"ok", "cancelled"})
+_QUIET_OUTCOMES = frozenset({RequestOutcome.OK, RequestOutcome.CANCELLED})
 
 
 def model_samples(registry: CollectorRegistry) -> dict[str, dict[str, float]]:
