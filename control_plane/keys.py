@@ -242,3 +242,10 @@ class Client:
 # Set by the gateway's auth middleware for each request; None where no gateway runs (a
 # benchmark calling `generate` itself): no limits, interactive.
 client: contextvars.ContextVar[Client | None] = contextvars.ContextVar("client", default=None)
+
+
+def may_see(*names: str) -> bool:
+    """Whether the request's key may use a model by one of these names (model lists show a key
+    only what it may use; without a gateway, or without keys, everything)."""
+    found = client.get()
+    return found is None or found.caller.may_use(*names)

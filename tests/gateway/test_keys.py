@@ -226,6 +226,14 @@ def test_a_model_outside_the_keys_patterns_is_refused_in_each_dialect(
 ) -> None:
     viewer = key_of("viewer")
     assert ask(oai_for(replay_fleet, viewer), "hello", model="replay-llama3")
+    # Model lists show a key what it may use, in both dialects.
+    assert [m.id for m in oai_for(replay_fleet, viewer).models.list()] == ["replay-llama3"]
+    listed = claude_for(replay_fleet, viewer).models.list()
+    assert [m.id for m in listed.data] == ["replay-llama3"]
+    everything = {m.id for m in claude_for(replay_fleet, API_KEY).models.list().data}
+    assert {"replay-hermes", "replay-llama3", "claude-replay"} <= everything
+    with pytest.raises(openai.NotFoundError):
+        oai_for(replay_fleet, viewer).models.retrieve("replay-hermes")
     for model in ("replay-hermes", "claude-replay"):  # by name, and by an alias of it
         with pytest.raises(openai.NotFoundError) as caught:
             ask(oai_for(replay_fleet, viewer), "hello", model=model)
