@@ -1,7 +1,10 @@
 """The gateway server: Config → startup (fleet polling, metrics) → serve → graceful shutdown.
 
-Auth: client keys from cortex.toml, accepted as `x-api-key` or `Authorization: Bearer`; none
-configured → open (the embedded default binds loopback only). Keys never reach logs or metrics.
+Auth: client keys from cortex.toml (`control_plane.keys`: `[[keys]]` records with limits and a
+priority, and the plain `[gateway] api_keys`), accepted as `x-api-key` or `Authorization:
+Bearer`; none configured → open (the embedded default binds loopback only). Keys never reach
+logs or metrics; usage is counted under each key's name. The console's static files at `/ui`
+answer without a key (they hold no data); its JSON API needs one, and its actions an admin key.
 Every error is rendered in the envelope of the dialect the client spoke.
 """
 
@@ -17,6 +20,8 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from control_plane.anthropic.routes import blueprint as anthropic_routes
+from control_plane.console.routes import blueprint as console_routes
+from control_plane.console.routes import is_console_page
 from control_plane.errors import (
     AuthenticationFailed,
     CortexError,
@@ -25,8 +30,18 @@ from control_plane.errors import (
     anthropic_body,
     anthropic_status,
     openai_body,
+    openai_status,
 )
 from control_plane.fleet import Fleet
+from control_plane.keys import (
+    OPEN_CALLER,
+    PRIORITY_HEADER,
+    Client,
+    Gate,
+    KeyRing,
+    client,
+    parse_priority,
+)
 from control_plane.metrics import GatewayMetrics
 from control_plane.openai.embeddings import blueprint as embedding_routes
 from control_plane.openai.routes import blueprint as openai_routes
@@ -35,7 +50,6 @@ from control_plane.responses.routes import blueprint as responses_routes
 from control_plane.shutdown import Drain
 from cortex import logs
 from cortex.config import CortexConfig, is_loopback, split_host_port
-from cortex.secrets import KeyDigests
 
 log = logging.getLogger("cortex.gateway")
 
@@ -64,7 +78,7 @@ def render_error(request: Request, error: CortexError) -> HTTPResponse:
             status=anthropic_status(error),
             headers=error.headers(),
         )
-    return json(openai_body(error), status=error.status, headers=error.headers())
+    return json(openai_body(error), status=openai_status(error), headers=error.headers())
 
 
 def request_id_of(request: Request) -> str:
@@ -100,7 +114,9 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     app.blueprint(embedding_routes)
     app.blueprint(anthropic_routes)
     app.blueprint(responses_routes)
-    keys = KeyDigests(config.gateway.key_digests())
+    app.blueprint(console_routes)
+    keys = KeyRing(config)
+    app.ctx.gate = Gate(keys, app.ctx.metrics)
     listen_host = split_host_port(config.gateway.listen)[0]
     if not keys and not is_loopback(listen_host):
         log.warning(
@@ -140,10 +156,18 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     async def prepare(request: Request) -> HTTPResponse | None:
         # Set on every request: a keep-alive connection serves its requests in one task.
         logs.request_id.set(request_id_of(request))
-        if request.path in OPEN_PATHS or not keys:
+        if request.path in OPEN_PATHS or is_console_page(request.path):
             return None
-        if not any([keys.accepts(given) for given in credentials(request)]):
+        who = keys.identify(credentials(request)) if keys else OPEN_CALLER
+        if who is None:
             return render_error(request, AuthenticationFailed("invalid or missing API key"))
+        try:
+            asked = parse_priority(request.headers.get(PRIORITY_HEADER))
+        except CortexError as error:
+            return render_error(request, error)
+        request.ctx.caller = who
+        # Read where the request is generated (control_plane.generation), below the dialects.
+        client.set(Client(app.ctx.gate, who, asked))
         return None
 
     @app.on_response

@@ -78,6 +78,9 @@ class ChatRequest:
     # The raw prompt of a legacy completion: rendered as is, no chat template.
     raw_prompt: str | None = None
     request_id: str = ""
+    # The engine's scheduling class, smaller first: 0 interactive (the default), 1 batch. Set
+    # by the gateway from the client's key (`control_plane.keys`), not by a dialect.
+    priority: int = 0
 
 
 class FinishReason(enum.StrEnum):

@@ -5,6 +5,9 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
     ├── InvalidRequest        400  invalid_request_error   (field path in `param`)
     │   └── PromptTooLong     400  the dialect's own context-length wording
     ├── AuthenticationFailed  401  authentication_error
+    ├── PermissionDenied      403  permission_error        (an admin action, a non-admin key)
+    │   └── ModelForbidden    403 / OpenAI 404 model_not_found (outside the key's models)
+    ├── RateLimited           429  rate_limit_error        (a key's limit; Retry-After)
     ├── NotFound              404  not_found_error         (no such route)
     │   └── ModelNotFound     404  not_found_error
     ├── Overloaded            529/503  overloaded_error    (Retry-After)
@@ -68,6 +71,37 @@ class AuthenticationFailed(CortexError):
     openai_code = "invalid_api_key"
 
 
+class PermissionDenied(CortexError):
+    status = 403
+    kind = "permission_error"
+    openai_type = "invalid_request_error"
+    openai_code = "permission_denied"
+
+
+class ModelForbidden(PermissionDenied):
+    """A model outside the key's `models`: Anthropic's 403; OpenAI answers such a key 404
+    `model_not_found`, as for a model it does not have."""
+
+    openai_status = 404
+    openai_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or this API key may not use it.", "model"
+        )
+
+
+class RateLimited(CortexError):
+    status = 429
+    kind = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, limit: str, retry_after: int | None) -> None:
+        super().__init__(message, retry_after=retry_after)
+        # OpenAI's 429 says which: "requests" or "tokens".
+        self.openai_type = "tokens" if limit == "tokens" else "requests"
+
+
 class NotFound(CortexError):
     status = 404
     kind = "not_found_error"
@@ -125,6 +159,10 @@ def openai_body(error: CortexError) -> dict[str, Any]:
             "code": error.openai_code,
         }
     }
+
+
+def openai_status(error: CortexError) -> int:
+    return error.openai_status if isinstance(error, ModelForbidden) else error.status
 
 
 def anthropic_status(error: CortexError) -> int:

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from control_plane import keys
 from control_plane.canonical import (
     ChatRequest,
     Event,
@@ -36,6 +37,7 @@ from control_plane.errors import (
     UpstreamFailed,
 )
 from control_plane.fleet import Fleet
+from control_plane.keys import ENGINE_PRIORITY
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import GenerationParams
 from control_plane.output import Output
@@ -45,7 +47,7 @@ from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
-from cortex.config import EngineKind, ToolCallFormat
+from cortex.config import EngineKind, KeyPriority, ToolCallFormat
 from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
@@ -135,6 +137,7 @@ def generation_params(
         top_k=request.top_k or 0,
         top_p=request.top_p if request.top_p is not None else 1.0,
         seed=request.seed,
+        priority=request.priority,
     )
 
 
@@ -155,12 +158,36 @@ async def generate(
 ) -> AsyncGenerator[Event, None]:
     record = RequestRecord(request.request_id, api, request.model)
     logs.request_id.set(request.request_id)  # neuron calls and log lines made for it carry it
-    settings = fleet.config.gateway
+    client = keys.client.get()
     try:
+        if client is not None:  # the key's models, before anything is fetched for the model
+            client.check_model(request.model, fleet.resolve(request.model).profile.name)
         prepared = await prepare(fleet, request)
+        # Nothing beyond the key's limits reaches a node: admitted here or refused with 429.
+        ticket = client.admit(len(prepared.prompt)) if client is not None else None
     except CortexError as error:
         record.refused(metrics, error.kind)
         raise
+    if client is not None and client.priority is not KeyPriority.INTERACTIVE:
+        request = replace(request, priority=ENGINE_PRIORITY[client.priority])
+    try:
+        async for event in _generate(fleet, metrics, request, record, prepared):
+            yield event
+    finally:
+        if ticket is not None:
+            ticket.finish(
+                record.prompt_tokens, record.cached_prompt_tokens, record.completion_tokens
+            )
+
+
+async def _generate(
+    fleet: Fleet,
+    metrics: GatewayMetrics,
+    request: ChatRequest,
+    record: RequestRecord,
+    prepared: Prepared,
+) -> AsyncGenerator[Event, None]:
+    settings = fleet.config.gateway
     model, prompt = prepared.model, prepared.prompt
     record.model, record.prompt_tokens = model, len(prompt)
 

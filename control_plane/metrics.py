@@ -52,9 +52,20 @@ class RequestSeries:
             self.metrics.prefix_cache_hit_ratio.labels(model, node).set(totals[0] / totals[1])
 
 
+@dataclass
+class KeySeries:
+    """One client key's usage series, under the key's configured name (never the key)."""
+
+    requests: Counter
+    input_tokens: Counter
+    cached_input_tokens: Counter
+    output_tokens: Counter
+
+
 class GatewayMetrics:
     def __init__(self) -> None:
         self._series: dict[tuple[str, str, str], RequestSeries] = {}
+        self._key_series: dict[str, KeySeries] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         labels = ("model", "node", "api")
@@ -170,6 +181,44 @@ class GatewayMetrics:
         self.memory_free = Gauge(
             "cortex_node_memory_free_bytes", "Device memory free", ("node", "gpu"), registry=r
         )
+
+        # Per client key, by its name in cortex.toml (`unnamed` for the plain api_keys, `-` on a
+        # gateway without keys): a bounded set chosen by the operator, never a client.
+        self.key_requests = Counter(
+            "cortex_key_requests",
+            "Requests admitted and served, per client key",
+            ("key",),
+            registry=r,
+        )
+        self.key_input_tokens = Counter(
+            "cortex_key_input_tokens", "Prompt tokens, per client key", ("key",), registry=r
+        )
+        self.key_cached_input_tokens = Counter(
+            "cortex_key_cached_input_tokens",
+            "Prompt tokens read from the prefix cache, per client key",
+            ("key",),
+            registry=r,
+        )
+        self.key_output_tokens = Counter(
+            "cortex_key_output_tokens", "Generated tokens, per client key", ("key",), registry=r
+        )
+        self.key_rate_limited = Counter(
+            "cortex_key_rate_limited",
+            "Requests refused with 429 by a key's limit (requests, tokens, concurrency)",
+            ("key", "limit"),
+            registry=r,
+        )
+
+    def key_series(self, key: str) -> KeySeries:
+        series = self._key_series.get(key)
+        if series is None:
+            series = self._key_series[key] = KeySeries(
+                self.key_requests.labels(key),
+                self.key_input_tokens.labels(key),
+                self.key_cached_input_tokens.labels(key),
+                self.key_output_tokens.labels(key),
+            )
+        return series
 
     def series(self, model: str, node: str, api: str) -> RequestSeries:
         key = (model, node, api)

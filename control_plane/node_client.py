@@ -129,6 +129,9 @@ class GenerationParams:
     # Ask TensorRT-LLM for its per-request KV-cache figures (kv_cache_reused_blocks, …); only
     # for engines whose model declares the input (our torch engine reports without asking).
     return_perf_metrics: bool = False
+    # Scheduling class, smaller first (0 interactive, 1 batch): sent as the optional `priority`
+    # tensor only when not 0, so engines without that input keep serving interactive requests.
+    priority: int = 0
 
 
 # Request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same), in
@@ -144,6 +147,7 @@ _SCALARS = (
     ("runtime_top_p", "FP32", "<f"),
     ("seed", "UINT64", "<Q"),
     ("return_perf_metrics", "BOOL", "<?"),
+    ("priority", "UINT32", "<I"),
 )
 _SCALAR_TENSORS = {
     name: service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=dtype, shape=[1, 1])
@@ -181,6 +185,8 @@ def build_request(
         values.append(("seed", params.seed))
     if params.return_perf_metrics:
         values.append(("return_perf_metrics", True))
+    if params.priority:
+        values.append(("priority", params.priority))
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     ids = request.inputs.add()
     ids.name, ids.datatype = "input_ids", "INT32"

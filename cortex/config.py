@@ -164,10 +164,7 @@ class GatewaySection(_Config):
     @field_validator("api_key_sha256")
     @classmethod
     def _digests(cls, digests: tuple[str, ...]) -> tuple[str, ...]:
-        for digest in digests:
-            if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
-                raise ValueError("expected SHA-256 digests as 64 hex digits")
-        return tuple(digest.lower() for digest in digests)
+        return tuple(_sha256_digest(digest) for digest in digests)
 
     def key_digests(self) -> frozenset[str]:
         """The SHA-256 digest (hex) of every accepted key, however each was written."""
@@ -211,6 +208,85 @@ class ScalingSection(_Config):
     idle_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class KeyPriority(enum.StrEnum):
+    """A key's scheduling class: interactive requests are admitted before batch ones."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+def _sha256_digest(digest: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+        raise ValueError("expected SHA-256 digests as 64 hex digits")
+    return digest.lower()
+
+
+# The name usage of the plain [gateway] api_keys is counted under (a record may not take it).
+UNNAMED_KEY = "unnamed"
+
+
+class KeyRecord(_Config):
+    """One `[[keys]]` record: a named client key with what it may use and how much.
+
+    The key is written as itself (`key`), as its SHA-256 digest (`key_sha256`), as a file that
+    holds it (`key_file`) or as an environment variable's name (`key_env`): exactly one. Usage
+    is counted under `name`; the key itself never reaches a log or a metric."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$", max_length=64)]
+    key: str | None = Field(default=None, repr=False)
+    key_sha256: str | None = None
+    key_file: str | None = None
+    key_env: str | None = None
+    # Shell-style patterns of the models (catalogue names or the names clients ask for) this
+    # key may use.
+    models: tuple[str, ...] = ("*",)
+    # Requests and tokens (prompt + output) per rolling minute, requests at once; unset: none.
+    rpm: Annotated[int, Field(gt=0)] | None = None
+    tpm: Annotated[int, Field(gt=0)] | None = None
+    max_concurrent: Annotated[int, Field(gt=0)] | None = None
+    priority: KeyPriority = KeyPriority.INTERACTIVE
+    # May load, unload, pin and unpin models from the console and its API.
+    admin: bool = False
+
+    _key_file_beside = field_validator("key_file", mode="before")(_secret_file_beside_config)
+    _key_env = field_validator("key_env")(_env_is_set)
+    _key_file = field_validator("key_file")(_file_is_readable)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digest(cls, digest: str | None) -> str | None:
+        return None if digest is None else _sha256_digest(digest)
+
+    @field_validator("name")
+    @classmethod
+    def _not_unnamed(cls, name: str) -> str:
+        if name == UNNAMED_KEY:
+            raise ValueError(f"{UNNAMED_KEY!r} is the name usage of [gateway] api_keys goes under")
+        return name
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, models: tuple[str, ...]) -> tuple[str, ...]:
+        if not models or any(not pattern.strip() for pattern in models):
+            raise ValueError("expected at least one model name or pattern such as 'qwen-*'")
+        return models
+
+    @model_validator(mode="after")
+    def _one_spelling(self) -> KeyRecord:
+        spellings = [self.key, self.key_sha256, self.key_file, self.key_env]
+        if sum(spelling is not None for spelling in spellings) != 1:
+            raise ValueError("set exactly one of key, key_sha256, key_file and key_env")
+        if self.key is not None and not self.key.strip():
+            raise ValueError("the key is empty")
+        return self
+
+    def digest(self) -> str:
+        """The key's SHA-256 digest (hex), however it was written."""
+        if self.key_sha256 is not None:
+            return self.key_sha256
+        return sha256_hex(read_secret(self.key, self.key_env, self.key_file) or "")
+
+
 class NeuronRef(_Token):
     name: str
     endpoint: str
@@ -234,6 +310,29 @@ class CortexConfig(_Config):
     eviction: EvictionSection = EvictionSection()
     scaling: ScalingSection = ScalingSection()
     neurons: tuple[NeuronRef, ...] = ()
+    # Named client keys with limits, model patterns and a priority class ([[keys]]); the plain
+    # [gateway] api_keys lists stay accepted as unnamed, unlimited, interactive keys.
+    keys: tuple[KeyRecord, ...] = ()
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_keys(
+        cls, keys: tuple[KeyRecord, ...], info: ValidationInfo
+    ) -> tuple[KeyRecord, ...]:
+        names: set[str] = set()
+        gateway = info.data.get("gateway")
+        plain = gateway.key_digests() if isinstance(gateway, GatewaySection) else frozenset()
+        digests: set[str] = set()
+        for record in keys:
+            if record.digest() in plain:
+                raise ValueError(f"key {record.name!r} is also listed in [gateway] api_keys")
+            if record.name in names:
+                raise ValueError(f"key name {record.name!r} is used twice")
+            if record.digest() in digests:
+                raise ValueError(f"key {record.name!r} has the same secret as an earlier key")
+            names.add(record.name)
+            digests.add(record.digest())
+        return keys
 
     @field_validator("neurons")
     @classmethod

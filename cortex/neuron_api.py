@@ -137,6 +137,20 @@ class TritonInfo(_Wire):
     last_error: str | None = None
 
 
+class CatalogueReload(_Wire):
+    """The last time the neuron re-read models.toml (SIGHUP or the file changing)."""
+
+    at: float
+    ok: bool
+    # Why the file was refused (file:line: key: problem); the old catalogue is still served.
+    error: str | None = None
+    added: list[str] = []
+    updated: list[str] = []
+    removed: list[str] = []
+    # Loaded models whose entry changed or went: applied once each is unloaded.
+    deferred: list[str] = []
+
+
 class NeuronStatus(_Wire):
     name: str
     triton: TritonInfo
@@ -148,6 +162,7 @@ class NeuronStatus(_Wire):
     # Host memory for sleeping models: the budget, and what the sleeping ones hold.
     host_memory_budget_bytes: int = 0
     host_memory_asleep_bytes: int = 0
+    catalogue_reload: CatalogueReload | None = None
 
 
 class LoadRequest(BaseModel):

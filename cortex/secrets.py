@@ -109,11 +109,16 @@ class KeyDigests:
         return bool(self._digests)
 
     def accepts(self, offered: str) -> bool:
+        return self.match(offered) is not None
+
+    def match(self, offered: str) -> str | None:
+        """The digest (hex) the offered key matches, or None; every digest is compared."""
         candidate = hashlib.sha256(offered.encode()).digest()
-        matched = False
+        matched: bytes | None = None
         for digest in self._digests:
-            matched |= hmac.compare_digest(candidate, digest)
-        return matched
+            if hmac.compare_digest(candidate, digest):
+                matched = digest
+        return None if matched is None else matched.hex()
 
 
 def secret_matches(offered: str, expected: str) -> bool:

@@ -16,8 +16,10 @@ model 404, won't fit 409, Triton failure 502. Nothing a client sends can crash t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -70,6 +72,12 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
     @app.before_server_start
     async def start(app: Sanic) -> None:
         await node.start()
+        # SIGHUP re-reads models.toml (only where this server owns the process's signals).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP,
+                lambda: asyncio.ensure_future(node.catalogue_watch.reload("SIGHUP")),
+            )
 
     @app.before_server_stop
     async def stop(app: Sanic) -> None:

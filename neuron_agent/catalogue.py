@@ -8,9 +8,11 @@ out); `Catalogue` reads each checkpoint's shape once and keeps it.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from cortex.config import EngineKind, KVCacheDtype, ModelProfile, NeuronConfig
+from cortex.config import EngineKind, KVCacheDtype, ModelProfile, ModelsFile, NeuronConfig
 from cortex.neuron_api import CatalogueEntry, TokenizerFiles
 from cortex.tokenizer_files import cached_gguf_tokenizer
 from neuron_agent.engines.llamacpp.gguf_info import GgufError, GgufInfo, read_info
@@ -72,18 +74,69 @@ def context_length(profile: ModelProfile, spec: ModelSpec | GgufInfo | None) -> 
     return min(context, profile.context_length or context)
 
 
+@dataclass(frozen=True)
+class CatalogueChange:
+    """What a re-read models.toml changed now, and what waits for its model to be unloaded."""
+
+    added: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    # Loaded (or loading) models whose entry changed or went: kept as they are until unloaded.
+    deferred: tuple[str, ...] = ()
+
+
+def plan_catalogue_change(
+    current: Mapping[str, ModelProfile],
+    wanted: Mapping[str, ModelProfile],
+    loaded: Collection[str],
+) -> tuple[dict[str, ModelProfile], CatalogueChange]:
+    """The catalogue to serve now, moving from `current` towards `wanted`: new entries appear,
+    entries of models not loaded are updated or removed, and a loaded model keeps the entry it
+    was loaded with (a stream is never cut, a running engine never re-described) until it is
+    unloaded. Pure: the node applies the result."""
+    profiles: dict[str, ModelProfile] = {}
+    added, updated, removed, deferred = [], [], [], []
+    for name, profile in current.items():
+        if name in loaded:
+            profiles[name] = profile
+            if wanted.get(name) != profile:
+                deferred.append(name)
+        elif name not in wanted:
+            removed.append(name)
+        else:
+            profiles[name] = wanted[name]
+            if wanted[name] != profile:
+                updated.append(name)
+    for name, profile in wanted.items():
+        if name not in current:
+            profiles[name] = profile
+            added.append(name)
+    change = CatalogueChange(tuple(added), tuple(updated), tuple(removed), tuple(deferred))
+    return profiles, change
+
+
 class Catalogue:
     """The models this node may serve (those whose `neurons` list names it, or has none)."""
 
     def __init__(self, config: NeuronConfig, has_gpu: bool) -> None:
         self.config = config
         self.has_gpu = has_gpu
-        name = config.neuron.name
-        self.profiles = {
-            p.name: p for p in config.models.models if not p.neurons or name in p.neurons
-        }
+        self.profiles = self.profiles_for(config.models)
         self._specs: dict[str, ModelSpec | None] = {}
         self._gguf: dict[str, GgufInfo | None] = {}
+
+    def profiles_for(self, models: ModelsFile) -> dict[str, ModelProfile]:
+        name = self.config.neuron.name
+        return {p.name: p for p in models.models if not p.neurons or name in p.neurons}
+
+    def replace(self, profiles: Mapping[str, ModelProfile]) -> None:
+        """Serve `profiles` from now on (in place: the node holds this mapping); checkpoint
+        shapes are read again for entries that changed."""
+        for name, profile in list(self.profiles.items()):
+            if profiles.get(name) != profile:
+                self._specs.pop(name, None)
+        self.profiles.clear()
+        self.profiles.update(profiles)
 
     def source_of(self, profile: ModelProfile) -> Path:
         return self.config.resolve(profile.source)

@@ -31,6 +31,7 @@ from cortex.neuron_api import (
 )
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
+from neuron_agent.catalogue_watch import CatalogueWatch
 from neuron_agent.engines.llamacpp.gguf_info import GgufError, read_info
 from neuron_agent.errors import (
     CannotSleep,
@@ -93,6 +94,8 @@ class Node:
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
         self._residency_locks: dict[str, asyncio.Lock] = {}
         self._watcher: asyncio.Task[None] | None = None
+        # models.toml re-read on SIGHUP and when it changes (catalogue_watch).
+        self.catalogue_watch = CatalogueWatch(self)
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -121,8 +124,10 @@ class Node:
         await self.supervisor.start()
         await specs
         self._watcher = asyncio.create_task(self._watch_engines())
+        self.catalogue_watch.start()
 
     async def stop(self) -> None:
+        await self.catalogue_watch.stop()
         if self._watcher is not None:
             self._watcher.cancel()
         for task in self._loads.values():
@@ -336,6 +341,7 @@ class Node:
                 ) from None
             await self._reload_after_restart()
             restarted = True
+        self.catalogue_watch.settle()  # an entry models.toml changed meanwhile applies now
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)
 
     # ------------------------------------------------------------------ sleep / wake
@@ -636,6 +642,7 @@ class Node:
             loaded=loaded,
             catalogue=self.catalogue.entries(),
             events=self.events,
+            catalogue_reload=self.catalogue_watch.last,
             host_memory_budget_bytes=self.host_memory_budget,
             host_memory_asleep_bytes=self._host_asleep(),
         )

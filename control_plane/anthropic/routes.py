@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, empty, json
 
-from control_plane import wire
+from control_plane import keys, wire
 from control_plane.anthropic import translate
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest, field_path
 from control_plane.canonical import Event
@@ -100,10 +100,16 @@ def model_infos(request: Request) -> list[dict[str, Any]]:
     """Every model, then every alias that is a plain name (not a pattern such as `claude-*`):
     Claude Code's model discovery keeps only ids that contain "claude"."""
     catalogue = sorted(request.app.ctx.fleet.snapshot().catalogue().items())
-    infos = [model_info(name, name, entry.context_length) for name, entry in catalogue]
+    infos = [
+        model_info(name, name, entry.context_length)
+        for name, entry in catalogue
+        if keys.may_see(name)
+    ]
     seen = {name for name, _ in catalogue}
     for name, entry in catalogue:
         for alias in entry.profile.aliases:
+            if not keys.may_see(alias, name):
+                continue
             if alias not in seen and not any(c in alias for c in "*?["):
                 seen.add(alias)
                 infos.append(model_info(alias, f"{alias} ({name})", entry.context_length))

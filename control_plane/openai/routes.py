@@ -10,10 +10,10 @@ from pydantic import BaseModel
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from control_plane import wire
+from control_plane import keys, wire
 from control_plane.anthropic import routes as anthropic_routes
 from control_plane.canonical import Event, Finished, TextDelta, Waiting
-from control_plane.errors import CortexError, openai_body
+from control_plane.errors import CortexError, ModelForbidden, openai_body
 from control_plane.generation import collect, generate
 from control_plane.hosted_tools import note_dropped, tag_response
 from control_plane.openai import translate
@@ -39,6 +39,8 @@ def model_list(request: Request) -> list[dict[str, Any]]:
     snapshot = fleet.snapshot()
     models = []
     for name, entry in sorted(snapshot.catalogue().items()):
+        if not keys.may_see(name):
+            continue
         models.append(
             {
                 "id": name,
@@ -66,6 +68,8 @@ async def list_models(request: Request) -> HTTPResponse:
 @blueprint.get("/models/<model_id:path>")
 async def get_model(request: Request, model_id: str) -> HTTPResponse:
     entry = request.app.ctx.fleet.resolve(model_id)
+    if not keys.may_see(model_id, entry.profile.name):
+        raise ModelForbidden(model_id)
     if "anthropic-version" in request.headers:
         return json(anthropic_routes.model_info(model_id, model_id, entry.context_length))
     return json({"id": model_id, "object": "model", "created": 0, "owned_by": "cortex"})

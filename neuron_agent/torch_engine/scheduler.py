@@ -2,18 +2,20 @@
 
 One engine thread loops over `step()`:
   1. requests cancelled by their client (or the gateway) leave, freeing their blocks at once;
-  2. waiting requests are admitted in arrival order while the batch has room and the KV pool can
-     hold their prompt: the longest cached prefix of the prompt (whole blocks, shared with
-     other requests) is reused, blocks are taken for the rest;
-  3. admitted prompts are prefilled from where the reused prefix ends, in one forward pass over
-     chunks of several sequences, at most `prefill_tokens` tokens a step (a long prompt does
-     not stall decoding for long);
+  2. waiting requests are admitted in priority order (interactive before batch; arrival order
+     within a class) while the batch has room and the KV pool can hold their prompt — an
+     interactive request that finds no room preempts batch ones — and the longest cached
+     prefix of the prompt (whole blocks, shared with other requests) is reused, blocks are
+     taken for the rest;
+  3. admitted prompts of the best class waiting (interactive before batch) are prefilled from
+     where the reused prefix ends, in one forward pass over chunks of several sequences, at
+     most `prefill_tokens` tokens a step (a long prompt does not stall decoding for long);
   4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
      replay of the CUDA graph captured for that batch size (`graphs`) — taking a new block when
      its last one is full.
 Blocks for generated tokens are taken as sequences grow, not reserved for `max_new_tokens` at
 admission: agents ask for far more (Claude Code: 32,000) than they use. When the pool runs dry
-the youngest running sequence is preempted — its blocks released (registered ones stay cached),
+the youngest running sequence of the lowest class is preempted — its blocks released (registered ones stay cached),
 itself put back at the front of the queue — and later resumes by recomputing its prompt and
 generated tokens, which mostly come back from the prefix cache. Its client sees only a pause.
 Requests beyond the queue limit, or larger than the whole KV budget, are rejected with a clear
@@ -61,6 +63,8 @@ class GenerationRequest:
     # admitted(cached_prompt_tokens): called once, from the engine thread, when the request
     # first joins the batch, with how many prompt tokens it reuses from the prefix cache.
     admitted: Callable[[int], None] | None = None
+    # Scheduling class, smaller first: 0 interactive, 1 batch (the gateway's key classes).
+    priority: int = 0
 
 
 @dataclass(eq=False)  # identity: the loop asks `in self._running` per sequence per step
@@ -85,6 +89,10 @@ class _Sequence:
     @property
     def prefilling(self) -> bool:
         return self.cached < self.prefill_target
+
+
+def _priority(sequence: _Sequence) -> int:
+    return sequence.request.priority
 
 
 class Engine:
@@ -304,9 +312,12 @@ class Engine:
         self.steps += 1
         self._drop_cancelled()
         self._admit()
+        # Only the best class waiting for prefill is prefilled this step: an interactive prompt
+        # never shares its pass (and its wait for a first token) with batch prompts.
         prefilling = [s for s in self._running if s.prefilling]
         if prefilling:
-            self._prefill(prefilling)
+            best = min(map(_priority, prefilling))
+            self._prefill([s for s in prefilling if _priority(s) == best])
         decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])
         if decoding:
             self._decode(decoding)
@@ -323,18 +334,28 @@ class Engine:
             sequence.request.emit([], True)
 
     def _admit(self) -> None:
+        """Waiting sequences join in priority order (arrival order within a class). One that
+        finds no room (batch full, or too few blocks) makes room by preempting running
+        sequences of a lower class, youngest first; otherwise it waits, and so do those after
+        it (first come, first served within its class)."""
         admitted: list[_Sequence] = []
-        with self._lock:
-            while self._waiting and len(self._running) < self.max_batch_size:
-                sequence = self._waiting[0]
-                if not self._place(sequence):
-                    break  # first come, first served: wait for blocks to come back
-                self._waiting.popleft()
-                self._running.append(sequence)
-                if sequence.reused is None:
-                    sequence.reused = sequence.cached
-                    self.prefix_hit_tokens += sequence.cached
-                    admitted.append(sequence)
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    break
+                sequence = min(self._waiting, key=_priority)  # the first of the best class
+                if len(self._running) < self.max_batch_size and self._place(sequence):
+                    self._waiting.remove(sequence)
+                    self._running.append(sequence)
+                    if sequence.reused is None:
+                        sequence.reused = sequence.cached
+                        self.prefix_hit_tokens += sequence.cached
+                        admitted.append(sequence)
+                    continue
+                victim = self._victim(below=sequence.request.priority)
+            if victim is None:
+                break
+            self._preempt(victim)
         for sequence in admitted:
             if sequence.request.admitted is not None:
                 sequence.request.admitted(sequence.cached)
@@ -364,13 +385,19 @@ class Engine:
             if sequence not in self._running:
                 continue  # preempted to make room for an older one
             while not self.pool.grow(sequence.blocks, len(sequence.tokens)):
-                victim = self._running[-1]
+                victim = self._victim() or self._running[-1]
                 self._preempt(victim)
                 if victim is sequence:
                     break
             else:
                 ready.append(sequence)
         return [s for s in ready if s in self._running]
+
+    def _victim(self, below: int | None = None) -> _Sequence | None:
+        """The running sequence to preempt first: of the lowest class (the largest priority
+        number), the youngest; with `below`, only one of a lower class than that."""
+        candidates = [s for s in reversed(self._running) if below is None or _priority(s) > below]
+        return max(candidates, key=_priority) if candidates else None
 
     def _preempt(self, sequence: _Sequence) -> None:
         """Back to the front of the queue, its blocks released (full ones stay cached): it

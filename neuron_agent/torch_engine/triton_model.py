@@ -144,6 +144,7 @@ class TritonPythonModel:
             stop_sequences=_stop_sequences(request),
             stream=bool(_scalar(request, "streaming", True)),
             request_id=request.request_id(),
+            priority=int(_scalar(request, "priority", 0)),
         )
 
     def finalize(self) -> None:

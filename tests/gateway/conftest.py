@@ -16,12 +16,21 @@ import openai
 import pytest
 
 from control_plane.prompting import ModelTokenizer
-from cortex.config import ModelProfile, ToolCallFormat
+from cortex.config import KeyRecord, ModelProfile, ToolCallFormat
 from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
 from cortex.neuron_api import TokenizerFiles
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 API_KEY = "sk-test-cortex"
+# Named keys ([[keys]]) beside the plain API_KEY, for tests/gateway/test_keys.py and the console.
+KEYS: dict[str, dict[str, object]] = {
+    "admin": {"key": "sk-admin", "admin": True},
+    "viewer": {"key": "sk-viewer", "models": ["replay-llama3"]},
+    "two-a-minute": {"key": "sk-rpm", "rpm": 2},
+    "few-tokens": {"key": "sk-tpm", "tpm": 300},
+    "one-at-a-time": {"key": "sk-single", "max_concurrent": 1},
+    "background": {"key": "sk-batch", "priority": "batch"},
+}
 CONTEXT_LENGTH = 2048
 REQUEST_TIMEOUT_S = 2.0
 PING_INTERVAL_S = 0.3
@@ -42,6 +51,7 @@ RULES: list[dict[str, object]] = [
     {"when": "<tool_response>", "reply": "The tool answered: {turn}"},
     {"when": "count with a stop", "reply": "one two three STOP four five"},
     {"when": "echo the prompt", "reply": "{turn}"},
+    {"when": "which priority", "reply": "served as {priority}"},
     {"when": "take your time", "reply": "Ready now.", "first_delay_s": 1.0},
     {"when": "leave before the answer", "reply": "Nobody is listening.", "first_delay_s": 1.0},
     {"when": "never finish", "reply": "Too late.", "first_delay_s": 4.0},
@@ -73,6 +83,8 @@ class ReplayFleet:
     gateway_log: Path
     neuron_log: Path
     neuron_url: str
+    models_file: Path  # the neuron's models.toml (it re-reads it when it changes)
+    neuron_pid: int
 
 
 def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
@@ -120,6 +132,8 @@ def replay_fleet(
             request_timeout_s=REQUEST_TIMEOUT_S,
             ping_interval_s=PING_INTERVAL_S,
         )
+        records = tuple(KeyRecord(name=name, **record) for name, record in KEYS.items())  # type: ignore[arg-type]
+        config = config.model_copy(update={"keys": records})
         with running_gateway(folder / "cortex.toml", config) as gateway:
             yield ReplayFleet(
                 root_url=gateway.url,
@@ -131,6 +145,8 @@ def replay_fleet(
                 gateway_log=gateway.log,
                 neuron_log=neuron.log,
                 neuron_url=neuron.url,
+                models_file=neuron.folder / "models.toml",
+                neuron_pid=neuron.process.pid,
             )
 
 

@@ -15,8 +15,9 @@ The prompt's ids are decoded and the text after the last `turn_marker` (the late
 tool results included) is matched against each rule's `when`; the first rule whose `when` it
 contains answers. A rule's answer is `reply` (text, encoded with the model's tokenizer, so tags
 such as `<tool_call>` are the single tokens a real model emits; `{turn}` is replaced with that
-latest turn) or `reply_ids`. Optional: `first_delay_s` (a long prefill), `delay_s` (between
-tokens), `fail_after` + `error` (the engine fails after that many tokens; `error_kind`, a
+latest turn, `{priority}` with the request's `priority` tensor as the gateway's class name) or
+`reply_ids`. Optional: `first_delay_s` (a long prefill), `delay_s` (between tokens),
+`fail_after` + `error` (the engine fails after that many tokens; `error_kind`, a
 `cortex.engine_errors` kind, goes in front of the message as the engines send it).
 
 A request that Triton reports cancelled (its client went away) adds its latest turn as a line to
@@ -66,9 +67,11 @@ class TritonPythonModel:
             if lengths is not None:
                 prompt = prompt[: int(lengths[0])]
             max_tokens = 16 if limit is None else int(limit[0])
+            priority = _input(request, "priority")
+            level = "batch" if priority is not None and int(priority[0]) else "interactive"
             # Decoupled: answer from a thread so requests overlap like a batching engine's.
             threading.Thread(
-                target=self._replay, args=(prompt, max_tokens, sender), daemon=True
+                target=self._replay, args=(prompt, max_tokens, sender, level), daemon=True
             ).start()
         return None
 
@@ -81,13 +84,14 @@ class TritonPythonModel:
                 return rule, turn
         return {"reply": ""}, turn
 
-    def _replay(self, prompt: list[int], max_tokens: int, sender: Any) -> None:
+    def _replay(self, prompt: list[int], max_tokens: int, sender: Any, level: str) -> None:
         try:
             rule, turn = self._choose(prompt)
             if "reply_ids" in rule:
                 reply = [int(t) for t in rule["reply_ids"]]
             else:
                 text = str(rule.get("reply", "")).replace("{turn}", turn)
+                text = text.replace("{priority}", level)
                 reply = self.tokenizer.encode(text, add_special_tokens=False).ids
             time.sleep(float(rule.get("first_delay_s", 0)))
             for count, token in enumerate(reply[:max_tokens]):
