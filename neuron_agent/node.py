@@ -221,6 +221,8 @@ class Node:
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
         stats_path = self.stats_dir / f"{name}.json"
+        # The torch engine's guided decoding builds its masks from the gateway's tokenizer.
+        tokenizer_dir = await asyncio.to_thread(self.catalogue.tokenizer_folder, profile)
         try:
             files = render(
                 profile,
@@ -228,6 +230,7 @@ class Node:
                 devices,
                 self.inventory.has_gpu,
                 stats_path,
+                tokenizer_dir,
             )
         except (RepositoryError, OSError) as error:
             raise NodeError(

@@ -31,7 +31,12 @@ def fill(template: str, values: dict[str, str], source: str) -> str:
 
 
 def torch_parameters(
-    profile: ModelProfile, checkpoint: Path, gpus: list[int], has_gpu: bool, stats_path: Path
+    profile: ModelProfile,
+    checkpoint: Path,
+    gpus: list[int],
+    has_gpu: bool,
+    stats_path: Path,
+    tokenizer_dir: Path | None = None,
 ) -> dict[str, str]:
     device = f"cuda:{gpus[0]}" if has_gpu and gpus else "cpu"
     return {
@@ -52,6 +57,7 @@ def torch_parameters(
         "stats_path": str(stats_path),
         "tp": str(profile.tp),
         "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",
+        "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir is not None else "",
     }
 
 
@@ -70,12 +76,17 @@ def trtllm_parameters(profile: ModelProfile, engine_dir: Path, gpus: list[int]) 
 
 
 def render(
-    profile: ModelProfile, source: Path, gpus: list[int], has_gpu: bool, stats_path: Path
+    profile: ModelProfile,
+    source: Path,
+    gpus: list[int],
+    has_gpu: bool,
+    stats_path: Path,
+    tokenizer_dir: Path | None = None,
 ) -> dict[str, bytes]:
     """The files of the model's Triton directory, relative path → contents."""
     if profile.engine is EngineKind.TORCH:
         template_dir = TEMPLATES_DIR / "torch_llm"
-        values = torch_parameters(profile, source, gpus, has_gpu, stats_path)
+        values = torch_parameters(profile, source, gpus, has_gpu, stats_path, tokenizer_dir)
     else:
         template_dir = TEMPLATES_DIR / "tensorrt_llm"
         values = trtllm_parameters(profile, source, gpus)

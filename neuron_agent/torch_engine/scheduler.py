@@ -26,12 +26,14 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
 from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
+from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
@@ -60,6 +62,14 @@ class GenerationRequest:
     # admitted(cached_prompt_tokens): called once, from the engine thread, when the request
     # first joins the batch, with how many prompt tokens it reuses from the prefix cache.
     admitted: Callable[[int], None] | None = None
+    # Only tokens this grammar allows (guided.py); None: any token.
+    guide: Guide | None = None
+
+
+@dataclass(frozen=True)
+class _Masks:
+    pending: Future[None]
+    rows: list[int]
 
 
 @dataclass(eq=False)  # identity: the loop asks `in self._running` per sequence per step
@@ -73,6 +83,7 @@ class _Sequence:
     generator: torch.Generator | None = None
     keys: list[BlockKey] = field(default_factory=list)  # prefix keys of its full blocks
     reused: int | None = None  # prompt tokens from the prefix cache at first admission
+    matcher: Matcher | None = None  # follows the generated tokens through the request's guide
 
     @property
     def prefill_target(self) -> int:
@@ -96,6 +107,7 @@ class Engine:
         prefill_tokens: int = 512,
         on_change: Callable[[int, int], None] | None = None,
         cuda_graphs: bool = True,
+        guides: Guides | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -114,6 +126,8 @@ class Engine:
             graphs=cuda_graphs,
         )
         self._host = HostCopy(max_batch_size, self.device)
+        self.guides = guides
+        self._guided: GuidedBatch | None = None  # made with the first guided request
         self.context_length = model.spec.context_length
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -155,6 +169,12 @@ class Engine:
             )
         sequence = _Sequence(request, [], list(request.prompt))
         sequence.generator = make_generator(request.sampling, self.device)
+        if request.guide is not None:
+            if self.guides is None:
+                raise RequestRejected("guided_decoding_guide: this engine has no grammar support")
+            sequence.matcher = self.guides.matcher(request.guide)
+            if self._guided is None:
+                self._guided = GuidedBatch(self.max_batch_size, self.model.spec.vocab_size)
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
                 raise RequestRejected(
@@ -184,6 +204,8 @@ class Engine:
             sequence.request.fail("the model is being unloaded")
         self._waiting.clear()
         self._running.clear()
+        if self._guided is not None:
+            self._guided.close()
 
     def abort(self, message: str) -> None:
         """Fail every request now, and every later one, with `message`; the loop ends. Called
@@ -388,6 +410,7 @@ class Engine:
             chunks=chunks,
         )
         rows = torch.tensor([row for _, row in finishing], dtype=torch.long, device=device)
+        masks = self._start_masks([s for s, _ in finishing])
         logits = self.model(
             torch.tensor(tokens, dtype=torch.long, device=device), batch, self.pool.layers, rows
         )
@@ -395,10 +418,11 @@ class Engine:
             sequence.cached = stop
             self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, stop)
         if finishing:
-            self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1))
+            self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1), masks)
 
     def _decode(self, sequences: list[_Sequence]) -> None:
         lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
+        masks = self._start_masks(sequences)
         logits, greedy = self.decoder.run(
             tokens=[s.tokens[-1] for s in sequences],
             positions=[n - 1 for n in lengths],
@@ -410,11 +434,29 @@ class Engine:
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.cached = length
             self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, length)
-        self._sample_and_accept(sequences, logits, greedy)
+        self._sample_and_accept(sequences, logits, greedy, masks)
+
+    def _start_masks(self, sequences: list[_Sequence]) -> _Masks | None:
+        """Start computing the guided rows' token masks (on llguidance's threads, while the
+        forward pass that follows runs); None when no row is guided."""
+        guided = [(s.matcher, row) for row, s in enumerate(sequences) if s.matcher is not None]
+        if not guided or self._guided is None:
+            return None
+        pending = self._guided.start(guided)
+        return None if pending is None else _Masks(pending, [row for _, row in guided])
 
     def _sample_and_accept(
-        self, sequences: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor
+        self,
+        sequences: list[_Sequence],
+        logits: torch.Tensor,
+        greedy: torch.Tensor,
+        masks: _Masks | None = None,
     ) -> None:
+        if masks is not None and self._guided is not None:
+            logits = self._guided.apply(masks.pending, masks.rows, logits)
+            rows = torch.tensor(masks.rows, dtype=torch.long, device=logits.device)
+            greedy = greedy.clone()
+            greedy[rows] = logits[rows].argmax(dim=-1)
         chosen = sample_batch(
             logits,
             greedy,
@@ -429,6 +471,10 @@ class Engine:
     def _accept(self, sequence: _Sequence, token: int) -> None:
         request = sequence.request
         finished = token in request.end_ids
+        matcher = sequence.matcher
+        if matcher is not None and not finished and self.guides is not None:
+            # The grammar ends the answer with any of the tokenizer's end tokens it allowed.
+            finished = token in self.guides.eos_ids or not matcher.consume_token(token)
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
@@ -438,6 +484,8 @@ class Engine:
                 for stop in request.stop_sequences
                 if stop
             )
+            # A grammar that can take nothing more (a regex matched whole) ends the answer.
+            finished = finished or (matcher is not None and matcher.is_stopped())
         else:
             # The end token is not part of the output (as TensorRT-LLM reports it), but the
             # sequence must still look decoded for bookkeeping.

@@ -23,6 +23,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from neuron_agent.torch_engine.errors import EngineError
+from neuron_agent.torch_engine.guided import Guide, GuideType
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
     build_engine,
@@ -56,6 +57,36 @@ def _stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
             sequences.append(tuple(ids[start:end]))
         start = end
     return tuple(sequences)
+
+
+def _text(request: Any, name: str) -> str | None:
+    """A STRING [1] input as text (Triton sends BYTES), or None when absent or empty."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size == 0:
+        return None
+    value = values[0]
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return text or None
+
+
+def _guide(request: Any) -> Guide | None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide."""
+    kind = _text(request, "guided_decoding_guide_type")
+    if kind is None:
+        return None
+    try:
+        guide_type = GuideType(kind)
+    except ValueError:
+        raise EngineError(
+            f"guided_decoding_guide_type must be one of {', '.join(GuideType)}, not {kind!r}"
+        ) from None
+    guide = _text(request, "guided_decoding_guide") or ""
+    if not guide and guide_type is not GuideType.JSON:
+        raise EngineError(f"guided_decoding_guide is required for {guide_type}")
+    return Guide(guide_type, guide)
 
 
 def _write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
@@ -201,6 +232,9 @@ class TritonPythonModel:
             ),
             # The stub's command line names this file; the neuron finds the ranks by it too.
             label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
+            tokenizer_dir=Path(parameters["tokenizer_dir"])
+            if parameters.get("tokenizer_dir")
+            else None,
         )
         # The engine thread wants the GIL back as soon as each step's GPU wait ends; with the
         # default 5 ms switch interval the response thread kept it for milliseconds per step.
@@ -270,6 +304,7 @@ class TritonPythonModel:
             stop_sequences=_stop_sequences(request),
             stream=bool(_scalar(request, "streaming", True)),
             request_id=request.request_id(),
+            guide=_guide(request),
         )
 
     def finalize(self) -> None:

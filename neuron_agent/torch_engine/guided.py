@@ -1,0 +1,190 @@
+"""Guided decoding: the next token restricted to those a grammar allows, with llguidance.
+
+A request names its guide through TensorRT-LLM's tensors, `guided_decoding_guide_type` (one of
+`GuideType`) and `guided_decoding_guide` (the schema, regex or grammar text), so one gateway
+request drives this engine and TensorRT-LLM's alike. Each guide is compiled once per engine
+(the engine has one tokenizer) and cached; a request gets a copy of the compiled matcher, which
+follows its tokens.
+
+Each step, the masks of a batch's guided rows are computed on the CPU by llguidance's own
+threads while the forward pass runs (`GuidedBatch.start` before it, `wait` after), then applied
+to the float32 logits before sampling: outside any CUDA graph, which captures the forward only.
+
+The tokenizer is the model's `tokenizer.json`, the same file the gateway tokenizes with; it is
+read the first time a guided request arrives, so a model that never sees one pays nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import llguidance
+import llguidance.torch
+import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
+
+from neuron_agent.torch_engine.errors import RequestRejected
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+
+Matcher = llguidance.LLMatcher
+
+
+class GuideType(enum.StrEnum):
+    """TensorRT-LLM's guide types (`guided_decoding_guide_type`)."""
+
+    JSON = "json"  # any JSON value (an object, as OpenAI's json_object asks)
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    EBNF_GRAMMAR = "ebnf_grammar"  # GBNF, as llama.cpp and xgrammar write it
+    LARK_GRAMMAR = "lark_grammar"  # llguidance's own grammar language (also TensorRT-LLM's)
+
+
+# Compact JSON: no whitespace of the model's choosing (a small model can loop on newlines).
+_JSON_OPTIONS: JsonCompileOptions = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+}
+
+
+def grammar_for(guide_type: GuideType, guide: str) -> str:
+    """The llguidance grammar for a guide; raises ValueError naming what is wrong."""
+    if guide_type is GuideType.JSON:
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
+    if guide_type is GuideType.JSON_SCHEMA:
+        return llguidance.LLMatcher.grammar_from_json_schema(guide, _JSON_OPTIONS)
+    if guide_type is GuideType.REGEX:
+        return llguidance.LLMatcher.grammar_from_regex(guide)
+    if guide_type is GuideType.EBNF_GRAMMAR:
+        return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(guide))
+    return llguidance.LLMatcher.grammar_from_lark(guide)
+
+
+def validate(guide_type: GuideType, guide: str) -> str | None:
+    """Why a guide cannot be compiled, or None: the gateway's check before it sends one."""
+    try:
+        grammar = grammar_for(guide_type, guide)
+    except (ValueError, RuntimeError) as error:
+        return str(error)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    return messages[0] if is_error else None
+
+
+@dataclass(frozen=True)
+class Guide:
+    type: GuideType
+    text: str
+
+
+class Guides:
+    """The engine's grammar compiler: its tokenizer (read once, when first needed) and its
+    compiled guides, least recently used dropped past `capacity`."""
+
+    def __init__(
+        self,
+        tokenizer_dir: Path | None,
+        vocab_size: int,
+        eos_ids: frozenset[int],
+        capacity: int = 64,
+    ) -> None:
+        self._tokenizer_dir = tokenizer_dir
+        self._vocab_size = vocab_size
+        self.eos_ids = eos_ids
+        self._eos_ids = sorted(eos_ids)
+        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._compiled: OrderedDict[Guide, llguidance.LLMatcher] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self.compilations = 0
+
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        if self._tokenizer is None:
+            path = None if self._tokenizer_dir is None else self._tokenizer_dir / "tokenizer.json"
+            if path is None or not path.exists():
+                raise RequestRejected(
+                    "guided_decoding_guide: this model has no tokenizer.json to build a "
+                    "grammar's token masks from"
+                )
+            self._tokenizer = llguidance.LLTokenizer(
+                path.read_text(encoding="utf-8"),
+                n_vocab=self._vocab_size,
+                eos_token=self._eos_ids or None,
+            )
+        return self._tokenizer
+
+    def matcher(self, guide: Guide) -> llguidance.LLMatcher:
+        """A fresh matcher for one request; raises RequestRejected naming the tensor when the
+        guide does not compile."""
+        with self._lock:
+            compiled = self._compiled.get(guide)
+            if compiled is not None:
+                self._compiled.move_to_end(guide)
+                return compiled.deep_copy()
+            tokenizer = self.tokenizer()
+            try:
+                grammar = grammar_for(guide.type, guide.text)
+            except (ValueError, RuntimeError) as error:
+                raise RequestRejected(f"guided_decoding_guide: {error}") from None
+            compiled = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            if compiled.is_error():
+                raise RequestRejected(f"guided_decoding_guide: {compiled.get_error()}")
+            self.compilations += 1
+            self._compiled[guide] = compiled
+            if len(self._compiled) > self._capacity:
+                self._compiled.popitem(last=False)
+            return compiled.deep_copy()
+
+
+class GuidedBatch:
+    """Per-step masks for the guided rows of a batch, computed off the engine thread."""
+
+    def __init__(self, max_rows: int, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._bitmask = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)
+        self._executor = llguidance.LLExecutor()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-guides")
+        self._bits = torch.arange(32, dtype=torch.int32)
+
+    def start(self, matchers: list[tuple[llguidance.LLMatcher, int]]) -> Future[None] | None:
+        """Begin the masks of [(matcher, row)] (the rows a batch's guided sequences have); None
+        when no row is guided."""
+        if not matchers:
+            return None
+        return self._thread.submit(
+            llguidance.torch.fill_next_token_bitmask_par, self._executor, matchers, self._bitmask
+        )
+
+    def apply(self, pending: Future[None], rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Wait for the masks, then logits [batch, vocab] with the disallowed tokens of `rows`
+        at -inf (a new tensor: the CUDA graph's output buffer is left alone)."""
+        pending.result()
+        index = torch.tensor(rows, dtype=torch.long)
+        allowed = token_mask(self._bitmask[index], logits.shape[-1], self._bits)
+        masked = logits.clone()
+        device_rows = index.to(logits.device, non_blocking=True)
+        masked[device_rows] = logits[device_rows].masked_fill(
+            ~allowed.to(logits.device, non_blocking=True), float("-inf")
+        )
+        return masked
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+def token_mask(bitmask: torch.Tensor, vocab_size: int, bits: torch.Tensor) -> torch.Tensor:
+    """llguidance's int32 bitmask [rows, words] (bit j of word i allows token 32·i + j) as a bool
+    mask [rows, vocab_size]; tokens past the tokenizer's bitmask are disallowed."""
+    unpacked = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)
+    if unpacked.shape[1] >= vocab_size:
+        return unpacked[:, :vocab_size]
+    padding = torch.zeros(bitmask.shape[0], vocab_size - unpacked.shape[1], dtype=torch.bool)
+    return torch.cat([unpacked, padding], dim=1)
