@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.errors import InvalidRequest
+from cortex.guides import GuideType
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,23 @@ class Tool:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The call's arguments are constrained to `parameters` (OpenAI / Anthropic `strict`); the
+    # request field that asked, for the 400 when the model's engine cannot constrain.
+    strict_field: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the answer's text must be (a JSON schema, any JSON object, a regex, a grammar), and
+    the request field that asked for it (a refusal names it)."""
+
+    type: GuideType
+    text: str
+    field: str
+
+    @property
+    def is_json(self) -> bool:
+        return self.type in (GuideType.JSON, GuideType.JSON_SCHEMA)
 
 
 class ToolChoice(enum.StrEnum):
@@ -72,12 +90,18 @@ class ChatRequest:
     tool_choice: ToolChoice = ToolChoice.AUTO
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
-    json_mode: bool = False
+    output_format: OutputFormat | None = None
     # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
     continue_final: bool = False
     # The raw prompt of a legacy completion: rendered as is, no chat template.
     raw_prompt: str | None = None
     request_id: str = ""
+
+    @property
+    def json_mode(self) -> bool:
+        """The answer must be JSON: the prompt says so too (the constraint alone leaves a model
+        writing JSON it did not mean to)."""
+        return self.output_format is not None and self.output_format.is_json
 
 
 class FinishReason(enum.StrEnum):

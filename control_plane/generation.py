@@ -42,6 +42,7 @@ from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
+from control_plane.structured import Guide, check, guide_for
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.config import EngineKind
@@ -88,6 +89,7 @@ class Prepared:
     tokenizer: ModelTokenizer
     prompt: list[int]
     max_tokens: int
+    guide: Guide | None = None
 
     @property
     def model(self) -> str:
@@ -95,8 +97,11 @@ class Prepared:
 
 
 async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
-    """Resolve the model and render the prompt."""
+    """Resolve the model, check its engine can honour the request's guide, render the prompt."""
     entry = fleet.resolve(request.model)
+    guide = guide_for(request, entry.profile.tool_call_format.value)
+    if guide is not None:
+        check(guide, entry.profile.engine, entry.profile.name)
     tokenizer = await fleet.tokenizer(entry.profile.name)
     prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
@@ -105,11 +110,11 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     room = context - len(prompt)
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-    return Prepared(entry, tokenizer, prompt, min(request.max_tokens or room, room))
+    return Prepared(entry, tokenizer, prompt, min(request.max_tokens or room, room), guide)
 
 
 def generation_params(
-    tokenizer: ModelTokenizer, request: ChatRequest, max_tokens: int
+    tokenizer: ModelTokenizer, request: ChatRequest, max_tokens: int, guide: Guide | None = None
 ) -> GenerationParams:
     """What the engine is asked for besides the prompt (benchmarks send the same)."""
     return GenerationParams(
@@ -120,6 +125,8 @@ def generation_params(
         top_k=request.top_k or 0,
         top_p=request.top_p if request.top_p is not None else 1.0,
         seed=request.seed,
+        guide_type=None if guide is None else guide.type.value,
+        guide=None if guide is None else guide.text,
     )
 
 
@@ -234,7 +241,7 @@ async def _stream(
     settings = fleet.config.gateway
     model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
     series = metrics.series(model, node, record.api)
-    params = generation_params(tokenizer, request, max_tokens=prepared.max_tokens)
+    params = generation_params(tokenizer, request, prepared.max_tokens, prepared.guide)
     output = Output(
         tokenizer.stream_decoder(),
         StopMatcher(request.stop),

@@ -117,6 +117,10 @@ class GenerationParams:
     # Ask TensorRT-LLM for its per-request KV-cache figures (kv_cache_reused_blocks, …); only
     # for engines whose model declares the input (our torch engine reports without asking).
     return_perf_metrics: bool = False
+    # TensorRT-LLM's guided decoding (cortex/guides.py names the types): decode under a JSON
+    # schema, regex or grammar.
+    guide_type: str | None = None
+    guide: str | None = None
 
 
 # Request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same), in
@@ -176,6 +180,17 @@ def build_request(
     request.inputs.extend(_SCALAR_TENSORS[name] for name, _ in values)
     contents = [struct.pack(f"<{len(prompt)}i", *prompt)]
     contents.extend(_SCALAR_FORMATS[name].pack(value) for name, value in values)
+    if params.guide_type is not None:
+        for name, text in (
+            ("guided_decoding_guide_type", params.guide_type),
+            ("guided_decoding_guide", params.guide or ""),
+        ):
+            tensor = request.inputs.add()
+            tensor.name, tensor.datatype = name, "BYTES"
+            tensor.shape.extend((1, 1))
+            data = text.encode("utf-8")
+            # Triton's raw BYTES: each element's length (uint32, little-endian), then its bytes.
+            contents.append(struct.pack("<I", len(data)) + data)
     request.raw_input_contents.extend(contents)
     return request
 

@@ -22,6 +22,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import InvalidRequest
 from control_plane.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from control_plane.structured import output_format
 
 FINISH_REASONS = {
     FinishReason.STOP: "stop",
@@ -74,12 +75,16 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
             )
         )
     tools = tuple(
-        Tool(t.function.name, t.function.description, t.function.parameters)
-        for t in body.tools or []
+        Tool(
+            t.function.name,
+            t.function.description,
+            t.function.parameters,
+            f"tools[{index}].function.strict" if t.function.strict else None,
+        )
+        for index, t in enumerate(body.tools or [])
     )
     choice, named, tools = _tool_choice(body.tool_choice, tools)
     tools = offered_tools(tools, choice, named)
-    response_format = (body.response_format or {}).get("type")
     return ChatRequest(
         model=body.model,
         messages=tuple(messages),
@@ -93,7 +98,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         tool_choice=choice,
         tool_choice_name=named,
         parallel_tool_calls=body.parallel_tool_calls,
-        json_mode=response_format in ("json_object", "json_schema"),
+        output_format=output_format(body.response_format, "response_format"),
         request_id=request_id,
     )
 
@@ -139,6 +144,7 @@ def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
         top_p=body.top_p,
         seed=body.seed,
         stop=_stops(body.stop),
+        output_format=output_format(body.response_format, "response_format"),
         request_id=request_id,
     )
 

@@ -21,6 +21,7 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    OutputFormat,
     Tool,
     ToolCall,
     ToolChoice,
@@ -45,6 +46,7 @@ from control_plane.responses.protocol import (
     ResponsesRequest,
     ToolParam,
 )
+from control_plane.structured import output_format
 
 EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
@@ -184,7 +186,12 @@ def _tool(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
     if isinstance(tool, FunctionTool | CustomTool):
         name = qualified(namespace, tool.name) if namespace else tool.name
         if isinstance(tool, FunctionTool):
-            return Tool(name, tool.description or "", tool.parameters or EMPTY_SCHEMA)
+            return Tool(
+                name,
+                tool.description or "",
+                tool.parameters or EMPTY_SCHEMA,
+                f"{path}.strict" if tool.strict else None,
+            )
         return Tool(name, _custom_description(tool), CUSTOM_SCHEMA)
     raise InvalidRequest(
         f"tool type {tool.type!r} is not supported: cortex serves only tools the client runs, "
@@ -256,9 +263,8 @@ def _tool_choice(
     )
 
 
-def _json_mode(body: ResponsesRequest | InputTokensRequest) -> bool:
-    kind = ((body.text.format if body.text else None) or {}).get("type")
-    return kind in ("json_object", "json_schema")
+def _output_format(body: ResponsesRequest | InputTokensRequest) -> OutputFormat | None:
+    return output_format(body.text.format if body.text else None, "text.format")
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -291,7 +297,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
         tool_choice=choice,
         tool_choice_name=named,
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        json_mode=_json_mode(body),
+        output_format=_output_format(body),
         request_id=request_id,
         **generation,
     )

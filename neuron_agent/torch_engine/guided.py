@@ -10,73 +10,27 @@ Each step, the masks of a batch's guided rows are computed on the CPU by llguida
 threads while the forward pass runs (`GuidedBatch.start` before it, `wait` after), then applied
 to the float32 logits before sampling: outside any CUDA graph, which captures the forward only.
 
-The tokenizer is the model's `tokenizer.json`, the same file the gateway tokenizes with; it is
+The guide types and their grammars are shared with the gateway (`cortex/guides.py`). The
+tokenizer is the model's `tokenizer.json`, the same file the gateway tokenizes with; it is
 read the first time a guided request arrives, so a model that never sees one pays nothing.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import llguidance
 import llguidance.torch
 import torch
-from llguidance.gbnf_to_lark import gbnf_to_lark
 
+from cortex.guides import GuideType, grammar_for
 from neuron_agent.torch_engine.errors import RequestRejected
 
-if TYPE_CHECKING:
-    from llguidance._lib import JsonCompileOptions
-
-
 Matcher = llguidance.LLMatcher
-
-
-class GuideType(enum.StrEnum):
-    """TensorRT-LLM's guide types (`guided_decoding_guide_type`)."""
-
-    JSON = "json"  # any JSON value (an object, as OpenAI's json_object asks)
-    JSON_SCHEMA = "json_schema"
-    REGEX = "regex"
-    EBNF_GRAMMAR = "ebnf_grammar"  # GBNF, as llama.cpp and xgrammar write it
-    LARK_GRAMMAR = "lark_grammar"  # llguidance's own grammar language (also TensorRT-LLM's)
-
-
-# Compact JSON: no whitespace of the model's choosing (a small model can loop on newlines).
-_JSON_OPTIONS: JsonCompileOptions = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-
-
-def grammar_for(guide_type: GuideType, guide: str) -> str:
-    """The llguidance grammar for a guide; raises ValueError naming what is wrong."""
-    if guide_type is GuideType.JSON:
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, _JSON_OPTIONS)
-    if guide_type is GuideType.JSON_SCHEMA:
-        return llguidance.LLMatcher.grammar_from_json_schema(guide, _JSON_OPTIONS)
-    if guide_type is GuideType.REGEX:
-        return llguidance.LLMatcher.grammar_from_regex(guide)
-    if guide_type is GuideType.EBNF_GRAMMAR:
-        return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(guide))
-    return llguidance.LLMatcher.grammar_from_lark(guide)
-
-
-def validate(guide_type: GuideType, guide: str) -> str | None:
-    """Why a guide cannot be compiled, or None: the gateway's check before it sends one."""
-    try:
-        grammar = grammar_for(guide_type, guide)
-    except (ValueError, RuntimeError) as error:
-        return str(error)
-    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
-    return messages[0] if is_error else None
 
 
 @dataclass(frozen=True)

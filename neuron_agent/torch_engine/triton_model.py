@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cortex.guides import GuideType
 from neuron_agent.torch_engine.errors import EngineError
-from neuron_agent.torch_engine.guided import Guide, GuideType
+from neuron_agent.torch_engine.guided import Guide
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
     build_engine,

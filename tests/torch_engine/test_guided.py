@@ -13,8 +13,9 @@ import jsonschema
 import pytest
 from transformers import AutoTokenizer
 
+from cortex.guides import GuideType, problem
 from neuron_agent.torch_engine.errors import RequestRejected
-from neuron_agent.torch_engine.guided import Guide, GuideType, validate
+from neuron_agent.torch_engine.guided import Guide
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -190,5 +191,5 @@ def test_a_bad_guide_is_refused_naming_the_tensor(engine, tokenizer) -> None:  #
         submit(engine, prompt(tokenizer, "x"), Guide(GuideType.REGEX, "[a-"))
     with pytest.raises(RequestRejected, match="guided_decoding_guide"):
         submit(engine, prompt(tokenizer, "x"), Guide(GuideType.JSON_SCHEMA, '{"type": 5}'))
-    assert validate(GuideType.REGEX, "[a-") is not None
-    assert validate(GuideType.JSON_SCHEMA, json.dumps(SCHEMAS[1])) is None
+    assert problem(GuideType.REGEX, "[a-") is not None
+    assert problem(GuideType.JSON_SCHEMA, json.dumps(SCHEMAS[1])) is None
