@@ -43,7 +43,7 @@ from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
 from control_plane.structured import Guide, check, guide_for
-from control_plane.tool_calls import parser_for
+from control_plane.tool_calls import CLOSE, OPEN, parser_for
 from cortex import logs
 from cortex.config import EngineKind
 from cortex.neuron_api import CatalogueEntry
@@ -99,10 +99,11 @@ class Prepared:
 async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     """Resolve the model, check its engine can honour the request's guide, render the prompt."""
     entry = fleet.resolve(request.model)
-    guide = guide_for(request, entry.profile.tool_call_format.value)
+    tokenizer = await fleet.tokenizer(entry.profile.name)
+    tags = frozenset(tag for tag in (OPEN, CLOSE) if tokenizer.is_token(tag))
+    guide = guide_for(request, entry.profile.tool_call_format.value, tags)
     if guide is not None:
         check(guide, entry.profile.engine, entry.profile.name)
-    tokenizer = await fleet.tokenizer(entry.profile.name)
     prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
     if len(prompt) >= context:

@@ -93,6 +93,10 @@ class ModelTokenizer:
         encoded = self.backend.encode_batch([str(text)], add_special_tokens=False)[0]
         return list(encoded.ids)
 
+    def is_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (a tool-call tag, say)."""
+        return self.backend.token_to_id(text) is not None
+
     def decode(self, ids: list[int]) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=True))
 

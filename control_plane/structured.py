@@ -84,8 +84,12 @@ def output_format(value: Any, field: str) -> OutputFormat | None:
     )
 
 
-def guide_for(request: ChatRequest, tool_call_format: str) -> Guide | None:
-    """The guide for a request on a model with this tool-call format; None: decode freely."""
+def guide_for(
+    request: ChatRequest, tool_call_format: str, tag_tokens: frozenset[str] = frozenset()
+) -> Guide | None:
+    """The guide for a request on a model with this tool-call format; None: decode freely.
+    `tag_tokens`: the call tags that are tokens of the model's vocabulary (the grammar asks for
+    the token the model was trained to write, not the tag spelled out in other tokens)."""
     strict = [tool for tool in request.tools if tool.strict_field]
     output = request.output_format
     if not strict:
@@ -95,7 +99,7 @@ def guide_for(request: ChatRequest, tool_call_format: str) -> Guide | None:
         raise InvalidRequest(
             f"{field}: model {request.model!r} has no tool-call format to constrain", field
         )
-    calls = _calls(request.tools, tool_call_format, request.parallel_tool_calls)
+    calls = _calls(request.tools, tool_call_format, request.parallel_tool_calls, tag_tokens)
     if request.tool_choice in (ToolChoice.REQUIRED, ToolChoice.NAMED):
         start = "start: calls"
     else:
@@ -126,7 +130,9 @@ def _schema(schema: dict[str, Any]) -> dict[str, Any]:
     return {**(schema or {"type": "object"}), "x-guidance": JSON_OPTIONS}
 
 
-def _calls(tools: tuple[Tool, ...], tool_call_format: str, parallel: bool) -> list[str]:
+def _calls(
+    tools: tuple[Tool, ...], tool_call_format: str, parallel: bool, tag_tokens: frozenset[str]
+) -> list[str]:
     """Lark rules `calls` and one rule per tool: the model's call syntax around a JSON object of
     the tool's name and its arguments (strict tools' schema; any object for the others)."""
     key = "parameters" if tool_call_format == "llama3_json" else "arguments"
@@ -147,7 +153,9 @@ def _calls(tools: tuple[Tool, ...], tool_call_format: str, parallel: bool) -> li
         call = f"call: {one}"
         calls = 'calls: call (";" call)*' if parallel else "calls: call"
     else:
-        call = f"call: {json.dumps(OPEN + chr(10))} ({one}) {json.dumps(chr(10) + CLOSE)}"
+        # A tag that is a token is named as one (`<tool_call>` in Lark is the token itself).
+        opening, closing = (tag if tag in tag_tokens else json.dumps(tag) for tag in (OPEN, CLOSE))
+        call = f'call: {opening} "\\n" ({one}) "\\n" {closing}'
         calls = 'calls: call ("\\n" call)*' if parallel else "calls: call"
     return [calls, call, *rules]
 

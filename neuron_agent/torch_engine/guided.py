@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llguidance
-import llguidance.torch
 import torch
 
 from cortex.guides import GuideType, grammar_for
@@ -103,7 +102,9 @@ class GuidedBatch:
 
     def __init__(self, max_rows: int, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self._bitmask = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)
+        # llguidance's layout: bit j of int32 word i allows token 32·i + j. (Its llguidance.torch
+        # helpers are not used: importing them runs torch.compile, which fails in Triton's stub.)
+        self._bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
         self._executor = llguidance.LLExecutor()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-guides")
         self._bits = torch.arange(32, dtype=torch.int32)
@@ -113,8 +114,13 @@ class GuidedBatch:
         when no row is guided."""
         if not matchers:
             return None
+        words = self._bitmask.shape[1]
         return self._thread.submit(
-            llguidance.torch.fill_next_token_bitmask_par, self._executor, matchers, self._bitmask
+            self._executor.unsafe_compute_mask_ptr,
+            matchers,
+            self._bitmask.data_ptr(),
+            words * 4,
+            self._bitmask.shape[0],
         )
 
     def apply(self, pending: Future[None], rows: list[int], logits: torch.Tensor) -> torch.Tensor:

@@ -474,7 +474,12 @@ class Engine:
         matcher = sequence.matcher
         if matcher is not None and not finished and self.guides is not None:
             # The grammar ends the answer with any of the tokenizer's end tokens it allowed.
-            finished = token in self.guides.eos_ids or not matcher.consume_token(token)
+            finished = token in self.guides.eos_ids
+            if not finished and not matcher.consume_token(token):
+                # The mask allowed a token the matcher then refused (llguidance did so for a
+                # tag spelled out while the vocabulary has it as a token): end the answer here.
+                log.warning("guided request %s: %s", request.request_id, matcher.get_error())
+                finished = True
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
