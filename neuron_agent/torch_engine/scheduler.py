@@ -37,10 +37,13 @@ from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
+    MAX_TOP_LOGPROBS,
     HostCopy,
     SamplingParams,
+    TokenLogprob,
     make_generator,
     sample_batch,
+    token_logprobs,
 )
 
 log = logging.getLogger("cortex.engine")
@@ -64,6 +67,10 @@ class GenerationRequest:
     admitted: Callable[[int], None] | None = None
     # Only tokens this grammar allows (guided.py); None: any token.
     guide: Guide | None = None
+    # Each token's logprob and this many top alternatives (0–20); None: no logprobs. They are
+    # handed to `logprobs(entries)` just before the `emit` of the same tokens.
+    top_logprobs: int | None = None
+    logprobs: Callable[[list[TokenLogprob]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class _Sequence:
     cached: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     keys: list[BlockKey] = field(default_factory=list)  # prefix keys of its full blocks
     reused: int | None = None  # prompt tokens from the prefix cache at first admission
@@ -159,6 +167,8 @@ class Engine:
             )
         if request.max_new_tokens < 1:
             raise RequestRejected("request_output_len must be at least 1")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestRejected(f"top_log_probs must be 0 to {MAX_TOP_LOGPROBS}")
         max_new = min(request.max_new_tokens, self.context_length - prompt_length)
         request.max_new_tokens = max_new
         needed = prompt_length + max_new
@@ -452,6 +462,7 @@ class Engine:
         greedy: torch.Tensor,
         masks: _Masks | None = None,
     ) -> None:
+        raw = logits
         if masks is not None and self._guided is not None:
             logits = self._guided.apply(masks.pending, masks.rows, logits)
             rows = torch.tensor(masks.rows, dtype=torch.long, device=logits.device)
@@ -463,6 +474,13 @@ class Engine:
             [s.request.sampling for s in sequences],
             [s.generator for s in sequences],
         )
+        asking = [row for row, s in enumerate(sequences) if s.request.top_logprobs is not None]
+        if asking:
+            entries = token_logprobs(
+                raw, chosen, asking, [sequences[row].request.top_logprobs or 0 for row in asking]
+            )
+            for row, entry in zip(asking, entries, strict=True):
+                sequences[row].unsent_logprobs.append(entry)
         for sequence, token in zip(sequences, self._host.tolist(chosen), strict=True):
             self._accept(sequence, token)
 
@@ -500,7 +518,13 @@ class Engine:
                 if sequence in self._running:
                     self._running.remove(sequence)
             self.pool.release(sequence.blocks)
+        logprobs = sequence.unsent_logprobs
+        if logprobs and len(logprobs) > len(sequence.unsent):
+            logprobs.pop()  # the end token's: it is not part of the output
         if request.stream or finished:
             out, sequence.unsent = sequence.unsent, []
+            if logprobs and request.logprobs is not None:
+                sequence.unsent_logprobs = []
+                request.logprobs(logprobs)
             if out or finished:
                 request.emit(out, finished)

@@ -31,7 +31,7 @@ from neuron_agent.torch_engine.loader import (
     close_engine,
     rank_devices,
 )
-from neuron_agent.torch_engine.sampling import SamplingParams
+from neuron_agent.torch_engine.sampling import SamplingParams, TokenLogprob
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 log = logging.getLogger("cortex.engine")
@@ -108,6 +108,7 @@ def _write_stats(path: Path, running: int, waiting: int, failed: str | None = No
 class _Outgoing:
     cached_prompt_tokens: int | None = None  # said once, in a response of its own, first
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked
     final: bool = False
     error: str | None = None
 
@@ -134,6 +135,12 @@ class ResponseWriter:
             outgoing.tokens.extend(tokens)
             outgoing.final = outgoing.final or final
             self._wake.notify()
+
+    def logprobs(self, sender: Any, entries: list[TokenLogprob]) -> None:
+        """The logprobs of the tokens the next `tokens` call brings (the engine calls both
+        from its thread, in that order)."""
+        with self._wake:
+            self._waiting.setdefault(sender, _Outgoing()).logprobs.extend(entries)
 
     def admitted(self, sender: Any, cached_prompt_tokens: int) -> None:
         with self._wake:
@@ -183,12 +190,13 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
             )
         if outgoing.tokens or (outgoing.final and outgoing.error is None):
             tokens = outgoing.tokens
-            response = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
-                    pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-                ]
-            )
+            tensors = [
+                pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+                pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+            ]
+            if outgoing.logprobs:
+                tensors.extend(_logprob_tensors(outgoing.logprobs))
+            response = pb_utils.InferenceResponse(output_tensors=tensors)
             final = outgoing.final and outgoing.error is None
             sender.send(
                 response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
@@ -200,6 +208,25 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
             )
     except Exception:  # the client is gone; the engine drops it on the next step
         log.debug("response not delivered", exc_info=True)
+
+
+def _logprob_tensors(entries: list[TokenLogprob]) -> list[Any]:
+    """TensorRT-LLM's output_log_probs [beams, tokens], and ours for the alternatives:
+    output_top_logprob_ids / output_top_logprobs [tokens, k]."""
+    top = len(entries[0].top_ids)
+    return [
+        pb_utils.Tensor(
+            "output_log_probs", np.array([[[e.logprob for e in entries]]], dtype=np.float32)
+        ),
+        pb_utils.Tensor(
+            "output_top_logprob_ids",
+            np.array([[e.top_ids for e in entries]], dtype=np.int32).reshape(1, -1, top),
+        ),
+        pb_utils.Tensor(
+            "output_top_logprobs",
+            np.array([[e.top_logprobs for e in entries]], dtype=np.float32).reshape(1, -1, top),
+        ),
+    ]
 
 
 class TritonPythonModel:
@@ -292,6 +319,9 @@ class TritonPythonModel:
         )
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise EngineError("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")
+        top_logprobs = None
+        if _scalar(request, "return_log_probs", False):
+            top_logprobs = int(_scalar(request, "num_top_logprobs", 0))
 
         return GenerationRequest(
             prompt=ids,
@@ -306,6 +336,10 @@ class TritonPythonModel:
             stream=bool(_scalar(request, "streaming", True)),
             request_id=request.request_id(),
             guide=_guide(request),
+            top_logprobs=top_logprobs,
+            logprobs=None
+            if top_logprobs is None
+            else lambda entries: self.writer.logprobs(sender, entries),
         )
 
     def finalize(self) -> None:
