@@ -91,6 +91,8 @@ class ChatRequest:
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
     output_format: OutputFormat | None = None
+    # Each token's logprob with this many alternatives (0–20); None: no logprobs.
+    top_logprobs: int | None = None
     # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
     continue_final: bool = False
     # The raw prompt of a legacy completion: rendered as is, no chat template.
@@ -144,8 +146,27 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text, its log-probability under the model and, when asked, the most
+    likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The logprobs of the tokens since the previous delta (when the request asked for them):
+    # text held back by a stop string or a tool call is counted with the next delta.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,10 @@ from control_plane.canonical import (
     Finished,
     Started,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     ToolCallStart,
+    TopLogprob,
     Waiting,
 )
 from control_plane.errors import (
@@ -36,7 +38,7 @@ from control_plane.errors import (
 )
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
-from control_plane.node_client import GenerationParams
+from control_plane.node_client import GenerationParams, TokenLogprobs
 from control_plane.output import Output
 from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
@@ -126,6 +128,7 @@ def generation_params(
         top_k=request.top_k or 0,
         top_p=request.top_p if request.top_p is not None else 1.0,
         seed=request.seed,
+        top_logprobs=request.top_logprobs,
         guide_type=None if guide is None else guide.type.value,
         guide=None if guide is None else guide.text,
     )
@@ -257,6 +260,7 @@ async def _stream(
     if prepared.entry.profile.engine is EngineKind.TRTLLM:
         params = replace(params, return_perf_metrics=True)  # its prefix-cache reuse
     retry: _Retry | None = None
+    pending: list[TokenLogprob] = []  # logprobs for the next text delta
     announced = False  # generate() passes on the first Started of all attempts only
     series.in_flight.inc()
     try:
@@ -281,7 +285,12 @@ async def _stream(
                         if tokens and record.first_token_at is None:
                             record.first_token_at = time.monotonic()
                             series.ttft.observe(record.first_token_at - record.started)
+                        if request.top_logprobs is not None:
+                            taken = stream.take_logprobs(len(tokens))
+                            pending.extend(_logprobs(tokenizer, tokens, taken))
                         for event in output.feed(tokens):
+                            if pending and isinstance(event, TextDelta):
+                                event, pending = replace(event, logprobs=tuple(pending)), []
                             yield event
                         if output.done:
                             break
@@ -289,6 +298,12 @@ async def _stream(
                 await stream.aclose()
         record.outcome = "ok"
         for event in output.finish():
+            if pending and isinstance(event, TextDelta | Finished):
+                if isinstance(event, Finished):
+                    yield TextDelta("", tuple(pending))
+                else:
+                    event = replace(event, logprobs=tuple(pending))
+                pending = []
             yield event
     except (GeneratorExit, asyncio.CancelledError):
         record.outcome = "cancelled"
@@ -313,6 +328,19 @@ async def _stream(
         yield retry
 
 
+def _logprobs(
+    tokenizer: ModelTokenizer, tokens: list[int], entries: list[TokenLogprobs]
+) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            tokenizer.decode([token]),
+            value,
+            tuple(TopLogprob(tokenizer.decode([top]), logprob) for top, logprob in tops),
+        )
+        for token, (value, tops) in zip(tokens, entries, strict=False)
+    ]
+
+
 def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bool:
     """Before the first token, a failed node or a model that left it is worth another try."""
     return (
@@ -322,14 +350,19 @@ def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bo
     )
 
 
-async def collect(events: AsyncIterator[Event]) -> tuple[str, list[tuple[str, str, str]], Finished]:
-    """A whole answer: (text, [(call id, name, arguments)], finish) for non-streaming replies."""
+async def collect(
+    events: AsyncIterator[Event], logprobs: list[TokenLogprob] | None = None
+) -> tuple[str, list[tuple[str, str, str]], Finished]:
+    """A whole answer: (text, [(call id, name, arguments)], finish) for non-streaming replies;
+    the tokens' logprobs are added to `logprobs` when given."""
     text: list[str] = []
     calls: dict[int, list[str]] = {}
     finished: Finished | None = None
     async for event in events:
         if isinstance(event, TextDelta):
             text.append(event.text)
+            if logprobs is not None:
+                logprobs.extend(event.logprobs)
         elif isinstance(event, ToolCallStart):
             calls[event.index] = [event.id, event.name, ""]
         elif isinstance(event, ToolCallDelta):

@@ -12,7 +12,7 @@ from sanic.response import HTTPResponse, json
 
 from control_plane import wire
 from control_plane.anthropic import routes as anthropic_routes
-from control_plane.canonical import Event, Finished, TextDelta, Waiting
+from control_plane.canonical import Event, Finished, TextDelta, TokenLogprob, Waiting
 from control_plane.errors import CortexError, openai_body
 from control_plane.generation import collect, generate
 from control_plane.openai import translate
@@ -77,8 +77,11 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:
-            text, calls, finished = await collect(events)
-            return json(translate.chat_completion(request_id, body.model, text, calls, finished))
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, calls, finished = await collect(events, logprobs)
+            return json(
+                translate.chat_completion(request_id, body.model, text, calls, finished, logprobs)
+            )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         encoder = translate.ChunkEncoder(request_id, body.model, include_usage)
         await _stream(request, events, encoder.start(), encoder.event)
@@ -91,7 +94,14 @@ async def completions(request: Request) -> HTTPResponse | None:
     request_id = f"cmpl-{request.ctx.request_id}"
     chat = translate.completion_request(body, request.ctx.request_id)
 
+    offset = 0  # of the next token's text in the whole completion
+
     def chunk(event: Event) -> bytes:
+        nonlocal offset
+        if isinstance(event, TextDelta) and event.logprobs:
+            logprobs = translate.completion_logprobs(list(event.logprobs), offset)
+            offset += sum(len(entry.token) for entry in event.logprobs)
+            return translate.completion_chunk(request_id, body.model, event.text, None, logprobs)
         if isinstance(event, TextDelta) and event.text:
             return translate.completion_chunk(request_id, body.model, event.text, None)
         if isinstance(event, Finished):
@@ -102,8 +112,9 @@ async def completions(request: Request) -> HTTPResponse | None:
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:
-            text, _calls, finished = await collect(events)
-            return json(translate.completion_body(request_id, body.model, text, finished))
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, _calls, finished = await collect(events, logprobs)
+            return json(translate.completion_body(request_id, body.model, text, finished, logprobs))
         await _stream(request, events, b"", chunk)
     return None
 

@@ -12,6 +12,7 @@ from control_plane.canonical import (
     FinishReason,
     Message,
     TextDelta,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -99,8 +100,47 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         tool_choice_name=named,
         parallel_tool_calls=body.parallel_tool_calls,
         output_format=output_format(body.response_format, "response_format"),
+        top_logprobs=_top_logprobs(body),
         request_id=request_id,
     )
+
+
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return body.top_logprobs or 0
+
+
+def logprobs_content(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat's (and Responses') per-token logprobs."""
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "bytes": list(entry.token.encode()),
+            "top_logprobs": [
+                {"token": top.token, "logprob": top.logprob, "bytes": list(top.token.encode())}
+                for top in entry.top
+            ],
+        }
+        for entry in entries
+    ]
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """Completions' older shape: parallel lists, the alternatives as {token: logprob}."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{top.token: top.logprob for top in entry.top} for entry in entries],
+        "text_offset": offsets,
+    }
 
 
 def _tool_choice(
@@ -145,6 +185,7 @@ def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
         seed=body.seed,
         stop=_stops(body.stop),
         output_format=output_format(body.response_format, "response_format"),
+        top_logprobs=body.logprobs,
         request_id=request_id,
     )
 
@@ -165,7 +206,12 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def chat_completion(
-    request_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+    request_id: str,
+    model: str,
+    text: str,
+    calls: list[tuple[str, str, str]],
+    finished: Finished,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
@@ -188,7 +234,9 @@ def chat_completion(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
+                "logprobs": None
+                if logprobs is None
+                else {"content": logprobs_content(logprobs), "refusal": None},
                 "finish_reason": FINISH_REASONS[finished.reason],
             }
         ],
@@ -246,6 +294,18 @@ class ChunkEncoder:
 
     def event(self, event: object) -> bytes:
         if isinstance(event, TextDelta):
+            if event.logprobs:
+                logprobs = {"content": logprobs_content(list(event.logprobs)), "refusal": None}
+                return self._chunk(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"content": event.text},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             if not event.text:
                 return b""
             return self._text_head + json.dumps(event.text).encode() + self._text_tail
@@ -296,7 +356,13 @@ class ChunkEncoder:
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-def completion_body(request_id: str, model: str, text: str, finished: Finished) -> dict[str, Any]:
+def completion_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finished: Finished,
+    logprobs: list[TokenLogprob] | None = None,
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
@@ -306,7 +372,7 @@ def completion_body(request_id: str, model: str, text: str, finished: Finished) 
             {
                 "index": 0,
                 "text": text,
-                "logprobs": None,
+                "logprobs": None if logprobs is None else completion_logprobs(logprobs),
                 "finish_reason": FINISH_REASONS[finished.reason],
             }
         ],
@@ -314,12 +380,18 @@ def completion_body(request_id: str, model: str, text: str, finished: Finished) 
     }
 
 
-def completion_chunk(request_id: str, model: str, text: str, finish: str | None) -> bytes:
+def completion_chunk(
+    request_id: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> bytes:
     body = {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

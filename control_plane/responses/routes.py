@@ -12,6 +12,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from control_plane import wire
+from control_plane.canonical import TokenLogprob
 from control_plane.errors import NotFound
 from control_plane.generation import collect, count_prompt_tokens, generate
 from control_plane.responses import translate
@@ -39,7 +40,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
         if not body.stream:
-            text, calls, finished = await collect(events)
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, calls, finished = await collect(events, logprobs)
             return json(
                 translate.response_body(
                     response_id,
@@ -51,6 +53,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
                     calls,
                     finished,
                     names,
+                    logprobs,
                 )
             )
         encoder = ResponseStreamEncoder(

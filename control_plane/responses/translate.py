@@ -22,6 +22,7 @@ from control_plane.canonical import (
     FinishReason,
     Message,
     OutputFormat,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolChoice,
@@ -29,7 +30,7 @@ from control_plane.canonical import (
     offered_tools,
 )
 from control_plane.errors import InvalidRequest
-from control_plane.openai.translate import call_id_for
+from control_plane.openai.translate import call_id_for, logprobs_content
 from control_plane.responses.protocol import (
     CustomTool,
     CustomToolCallItem,
@@ -267,6 +268,15 @@ def _output_format(body: ResponsesRequest | InputTokensRequest) -> OutputFormat 
     return output_format(body.text.format if body.text else None, "text.format")
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _top_logprobs(body: ResponsesRequest) -> int | None:
+    if body.top_logprobs is None and LOGPROBS_INCLUDE not in (body.include or []):
+        return None
+    return body.top_logprobs or 0
+
+
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -289,6 +299,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
             "top_k": body.top_k,
             "seed": body.seed,
             "stop": _stops(body.stop),
+            "top_logprobs": _top_logprobs(body),
         }
     return ChatRequest(
         model=body.model,
@@ -341,8 +352,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": []}
+def text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs_content(logprobs)
+    return part
 
 
 def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -415,10 +429,11 @@ def response_body(
     calls: list[tuple[str, str, str]],
     finished: Finished,
     names: CallNames | None = None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     """A whole answer: its text as one message item, then one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
-    output = [message_item(message_id, [text_part(text)], status)] if text else []
+    output = [message_item(message_id, [text_part(text, logprobs)], status)] if text else []
     output.extend(
         call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls

@@ -213,18 +213,18 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
 def _logprob_tensors(entries: list[TokenLogprob]) -> list[Any]:
     """TensorRT-LLM's output_log_probs [beams, tokens], and ours for the alternatives:
     output_top_logprob_ids / output_top_logprobs [tokens, k]."""
-    top = len(entries[0].top_ids)
+    shape = (1, len(entries), len(entries[0].top_ids))
     return [
         pb_utils.Tensor(
             "output_log_probs", np.array([[[e.logprob for e in entries]]], dtype=np.float32)
         ),
         pb_utils.Tensor(
             "output_top_logprob_ids",
-            np.array([[e.top_ids for e in entries]], dtype=np.int32).reshape(1, -1, top),
+            np.array([e.top_ids for e in entries], dtype=np.int32).reshape(shape),
         ),
         pb_utils.Tensor(
             "output_top_logprobs",
-            np.array([[e.top_logprobs for e in entries]], dtype=np.float32).reshape(1, -1, top),
+            np.array([e.top_logprobs for e in entries], dtype=np.float32).reshape(shape),
         ),
     ]
 
