@@ -14,6 +14,7 @@ from control_plane import wire
 from control_plane.anthropic import routes as anthropic_routes
 from control_plane.canonical import Event, Finished, TextDelta, TokenLogprob, Waiting
 from control_plane.errors import CortexError, openai_body
+from control_plane.fields import Dialect, refuse_unhonoured
 from control_plane.generation import collect, generate
 from control_plane.openai import translate
 from control_plane.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -72,6 +73,7 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
 @blueprint.post("/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, request)
+    refuse_unhonoured(Dialect.CHAT, request.json)
     request_id = f"chatcmpl-{request.ctx.request_id}"
     chat = translate.chat_request(body, request.ctx.request_id)
     with request.app.ctx.drain.hold():
@@ -91,6 +93,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
 @blueprint.post("/completions")
 async def completions(request: Request) -> HTTPResponse | None:
     body: CompletionRequest = parse_body(CompletionRequest, request)
+    refuse_unhonoured(Dialect.COMPLETIONS, request.json)
     request_id = f"cmpl-{request.ctx.request_id}"
     chat = translate.completion_request(body, request.ctx.request_id)
 

@@ -14,6 +14,7 @@ from sanic.response import HTTPResponse, json
 from control_plane import wire
 from control_plane.canonical import TokenLogprob
 from control_plane.errors import NotFound
+from control_plane.fields import Dialect, refuse_unhonoured
 from control_plane.generation import collect, count_prompt_tokens, generate
 from control_plane.responses import translate
 from control_plane.responses.protocol import InputTokensRequest, ResponsesRequest, field_path
@@ -31,6 +32,7 @@ def parse_body(model: type[BaseModel], request: Request) -> Any:
 @blueprint.post("/responses")
 async def create_response(request: Request) -> HTTPResponse | None:
     body: ResponsesRequest = parse_body(ResponsesRequest, request)
+    refuse_unhonoured(Dialect.RESPONSES, request.json)
     chat = translate.chat_request(body, request.ctx.request_id)
     response_id = f"resp_{request.ctx.request_id}"
     message_id = f"msg_{request.ctx.request_id}"
