@@ -127,7 +127,9 @@ def generation_params(
         temperature=request.temperature if request.temperature is not None else 0.0,
         top_k=request.top_k or 0,
         top_p=request.top_p if request.top_p is not None else 1.0,
-        seed=request.seed,
+        # Triton's seed is a uint64; clients send any integer (OpenAI's are int64): the same
+        # seed still gives the same tokens, and none fails the request.
+        seed=None if request.seed is None else request.seed % 2**64,
         top_logprobs=request.top_logprobs,
         guide_type=None if guide is None else guide.type.value,
         guide=None if guide is None else guide.text,
