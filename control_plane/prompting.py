@@ -176,7 +176,8 @@ def fold_system_messages(request: ChatRequest) -> list[Message]:
 
 
 def _instructions(request: ChatRequest) -> list[str]:
-    """What the request asks for that the model can only be told (no constrained decoding)."""
+    """What the request asks for that the model is also told: JSON (which the engine's guide
+    enforces, but a model not told writes JSON it did not mean), a tool call."""
     wanted = []
     if request.json_mode:
         wanted.append(JSON_MODE_INSTRUCTION)
