@@ -44,7 +44,7 @@ from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
-from control_plane.structured import Guide, check, guide_for
+from control_plane.structured import Guide, check, check_logprobs, guide_for
 from control_plane.tool_calls import CLOSE, OPEN, parser_for
 from cortex import logs
 from cortex.config import EngineKind
@@ -106,6 +106,7 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     guide = guide_for(request, entry.profile.tool_call_format.value, tags)
     if guide is not None:
         check(guide, entry.profile.engine, entry.profile.name)
+    check_logprobs(request, entry.profile.engine, entry.profile.name)
     prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
     if len(prompt) >= context:

@@ -26,6 +26,9 @@ from cortex.guides import JSON_OPTIONS, GuideType, problem
 # TensorRT-LLM template leaves its guided_decoding_backend unset, and the llama.cpp engine does
 # not take guides yet: a guide for either is refused, never dropped.
 GUIDED_ENGINES = frozenset({EngineKind.TORCH})
+# Engines that return each token's logprob with its alternatives (the torch engine's
+# output_top_logprob_ids / output_top_logprobs; TensorRT-LLM's template has no alternatives).
+LOGPROB_ENGINES = frozenset({EngineKind.TORCH})
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,15 @@ def check(guide: Guide, engine: EngineKind, model: str) -> None:
     reason = _problem(guide.type, guide.text)
     if reason is not None:
         raise InvalidRequest(f"{guide.field}: {reason.splitlines()[0]}", guide.field)
+
+
+def check_logprobs(request: ChatRequest, engine: EngineKind, model: str) -> None:
+    if request.top_logprobs is not None and engine not in LOGPROB_ENGINES:
+        raise InvalidRequest(
+            f"logprobs: model {model!r} runs on the {engine.value} engine, which does not "
+            "report them",
+            "logprobs",
+        )
 
 
 @lru_cache(maxsize=256)

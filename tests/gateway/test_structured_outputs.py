@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import anthropic
@@ -16,7 +17,7 @@ import pytest
 
 from control_plane.canonical import ChatRequest, Message, OutputFormat
 from control_plane.errors import InvalidRequest
-from control_plane.structured import check, guide_for
+from control_plane.structured import check, check_logprobs, guide_for
 from cortex.config import EngineKind
 from cortex.guides import GuideType
 from tests.conftest import Embedded
@@ -256,3 +257,7 @@ def test_an_engine_that_cannot_constrain_refuses_naming_the_field(engine: Engine
     with pytest.raises(InvalidRequest) as raised:
         check(guide, engine, MODEL)
     assert raised.value.param == "text.format"
+    check_logprobs(replace(request, top_logprobs=3), EngineKind.TORCH, MODEL)
+    with pytest.raises(InvalidRequest) as raised:
+        check_logprobs(replace(request, top_logprobs=3), engine, MODEL)
+    assert raised.value.param == "logprobs"
