@@ -40,6 +40,11 @@ def tritonclient_request(
         inputs.append(tensor("seed", np.array([[params.seed]], dtype=np.uint64), "UINT64"))
     if params.return_perf_metrics:
         inputs.append(tensor("return_perf_metrics", np.array([[True]], dtype=bool), "BOOL"))
+    if params.top_logprobs is not None:
+        inputs.append(tensor("return_log_probs", np.array([[True]], dtype=bool), "BOOL"))
+        inputs.append(
+            tensor("num_top_logprobs", np.array([[params.top_logprobs]], dtype=np.int32), "INT32")
+        )
     if params.guide_type is not None:
         for name, text in (
             ("guided_decoding_guide_type", params.guide_type),
@@ -79,6 +84,7 @@ def tritonclient_request(
             max_tokens=8,
             end_ids=(2,),
             pad_id=0,
+            top_logprobs=20,
             guide_type="json_schema",
             guide='{"type": "object", "properties": {"é": {"enum": ["ü"]}}}',
         ),
