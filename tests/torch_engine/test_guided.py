@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from pathlib import Path
 
 import jsonschema
@@ -19,6 +18,7 @@ from neuron_agent.torch_engine.guided import Guide
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
+from tests.torch_engine.test_engine import Collector
 
 SCHEMAS = [
     {
@@ -52,23 +52,6 @@ SCHEMAS = [
         ]
     },
 ]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-        self.error: str | None = None
-        self.ended = False  # by an end token or the grammar, not by max_new_tokens
-
-    def emit(self, tokens: list[int], final: bool) -> None:
-        self.tokens.extend(tokens)
-        if final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
 
 
 @pytest.fixture(scope="module")
