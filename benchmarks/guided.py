@@ -227,6 +227,41 @@ def cost(engine: Engine, tokenizer: Any, batch: int, tokens: int, repeats: int) 
     }
 
 
+def mask_cost(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
+    """The constraint's own CPU work per decode step, without the model: for `batch` guided
+    rows, llguidance's masks (its threads) and their application to float32 logits, while
+    each row's matcher follows the tokens of a document its schema accepts."""
+    from neuron_agent.torch_engine.guided import GuidedBatch, Guides
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = len(tokenizer)
+    guides = Guides(folder, vocab, frozenset({tokenizer.eos_token_id}))
+    guide = Guide(GuideType.JSON_SCHEMA, json.dumps(LIST_SCHEMA))
+    document = json.dumps(
+        {"title": "Trip", "items": [{"name": f"item {n}", "count": n} for n in range(12)]},
+        separators=(", ", ": "),
+    )
+    tokens = tokenizer.encode(document, add_special_tokens=False)
+    masks = GuidedBatch(batch, vocab)
+    logits = torch.zeros(batch, vocab)
+    per_step: list[float] = []
+    for _ in range(repeats):
+        matchers = [guides.matcher(guide) for _ in range(batch)]
+        started = time.perf_counter()
+        steps = 0
+        for token in tokens:
+            pending = masks.start([(matcher, row) for row, matcher in enumerate(matchers)])
+            assert pending is not None
+            masks.apply(pending, list(range(batch)), logits)
+            for matcher in matchers:
+                if not matcher.consume_token(token):
+                    raise RuntimeError(matcher.get_error())
+            steps += 1
+        per_step.append((time.perf_counter() - started) / steps * 1000)
+    masks.close()
+    return {"batch": batch, "steps": len(tokens), "ms_per_step": per_step}
+
+
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
@@ -281,10 +316,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-new", type=int, default=160, help="tokens per validity answer")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/guided_cpu.json"))
+    parser.add_argument(
+        "--only-masks",
+        action="store_true",
+        help="only the constraint's own CPU work per step (no model; seconds)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.batches, args.tokens, args.repeats, args.max_new = [1, 4], 8, 1, 24
     folder = ensure_smollm2()
+    if args.only_masks:
+        rows = [mask_cost(folder, batch, 5) for batch in args.batches]
+        for row in rows:
+            print(
+                f"batch {row['batch']:>2}: masks {[round(x, 2) for x in row['ms_per_step']]} ms/step"
+            )
+        report = {"machine": machine(), "background_cores": background_cores(), "masks": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        return
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.set_grad_enabled(False)
     engine = build_engine(

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import llguidance
+import numpy as np
 import torch
 
 from cortex.guides import GuideType, grammar_for
@@ -107,7 +108,6 @@ class GuidedBatch:
         self._bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
         self._executor = llguidance.LLExecutor()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cortex-guides")
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     def start(self, matchers: list[tuple[llguidance.LLMatcher, int]]) -> Future[None] | None:
         """Begin the masks of [(matcher, row)] (the rows a batch's guided sequences have); None
@@ -125,26 +125,46 @@ class GuidedBatch:
 
     def apply(self, pending: Future[None], rows: list[int], logits: torch.Tensor) -> torch.Tensor:
         """Wait for the masks, then logits [batch, vocab] with the disallowed tokens of `rows`
-        at -inf (a new tensor: the CUDA graph's output buffer is left alone)."""
+        at -inf, in one pass into a new tensor (the CUDA graph's output buffer is left alone).
+        The packed masks cross to the device, 1/32 of the bool mask's size, and are unpacked
+        there."""
         pending.result()
-        index = torch.tensor(rows, dtype=torch.long)
-        allowed = token_mask(self._bitmask[index], logits.shape[-1], self._bits)
-        masked = logits.clone()
-        device_rows = index.to(logits.device, non_blocking=True)
-        masked[device_rows] = logits[device_rows].masked_fill(
-            ~allowed.to(logits.device, non_blocking=True), float("-inf")
-        )
-        return masked
+        vocab = logits.shape[-1]
+        bitmask = self._bitmask[torch.tensor(rows, dtype=torch.long)]
+        if logits.device.type == "cpu":
+            allowed = token_mask(bitmask, vocab)
+        else:
+            allowed = unpack_on_device(bitmask.to(logits.device, non_blocking=True), vocab)
+        if len(rows) == logits.shape[0]:
+            return logits.masked_fill(~allowed, float("-inf"))
+        disallowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        disallowed[torch.tensor(rows, dtype=torch.long, device=logits.device)] = ~allowed
+        return logits.masked_fill(disallowed, float("-inf"))
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
 
 
-def token_mask(bitmask: torch.Tensor, vocab_size: int, bits: torch.Tensor) -> torch.Tensor:
+def token_mask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """llguidance's int32 bitmask [rows, words] (bit j of word i allows token 32·i + j) as a bool
-    mask [rows, vocab_size]; tokens past the tokenizer's bitmask are disallowed."""
+    mask [rows, vocab_size]; tokens past the tokenizer's bitmask are disallowed. On the CPU,
+    NumPy unpacks the little-endian words' bytes in one pass, without torch's 32 int32 copies."""
+    as_bytes = bitmask.contiguous().numpy().view(np.uint8)
+    unpacked = torch.from_numpy(np.unpackbits(as_bytes, axis=-1, bitorder="little")).bool()
+    return _fit(unpacked, vocab_size)
+
+
+def unpack_on_device(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`token_mask` with torch's shifts, where the bitmask is (a GPU)."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     unpacked = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().reshape(bitmask.shape[0], -1)
+    return _fit(unpacked, vocab_size)
+
+
+def _fit(unpacked: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if unpacked.shape[1] >= vocab_size:
         return unpacked[:, :vocab_size]
-    padding = torch.zeros(bitmask.shape[0], vocab_size - unpacked.shape[1], dtype=torch.bool)
+    padding = torch.zeros(
+        unpacked.shape[0], vocab_size - unpacked.shape[1], dtype=torch.bool, device=unpacked.device
+    )
     return torch.cat([unpacked, padding], dim=1)

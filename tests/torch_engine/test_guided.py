@@ -10,11 +10,12 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from cortex.guides import GuideType, problem
 from neuron_agent.torch_engine.errors import RequestRejected
-from neuron_agent.torch_engine.guided import Guide
+from neuron_agent.torch_engine.guided import Guide, token_mask, unpack_on_device
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -176,3 +177,13 @@ def test_a_bad_guide_is_refused_naming_the_tensor(engine, tokenizer) -> None:  #
         submit(engine, prompt(tokenizer, "x"), Guide(GuideType.JSON_SCHEMA, '{"type": 5}'))
     assert problem(GuideType.REGEX, "[a-") is not None
     assert problem(GuideType.JSON_SCHEMA, json.dumps(SCHEMAS[1])) is None
+
+
+def test_the_cpu_and_device_unpackings_agree() -> None:
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32)
+    shifted = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool()
+    expected = shifted.reshape(3, -1)
+    for vocab in (150, 160, 170):
+        assert torch.equal(token_mask(bitmask, vocab), unpack_on_device(bitmask, vocab))
+        assert torch.equal(token_mask(bitmask, vocab)[:, :150], expected[:, :150])
+    assert not token_mask(bitmask, 170)[:, 160:].any()
