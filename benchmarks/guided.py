@@ -292,18 +292,30 @@ def validity(engine: Engine, tokenizer: Any, max_new: int, limit: int) -> dict[s
             collectors.append(submit(engine, prompt_ids(tokenizer, text), guide, max_new))
         if engine._thread is None:
             engine.start()
-        valid = 0
+        valid = finished_valid = cut = 0
         failures: list[str] = []
         for (_noun, schema), collector in zip(cases, collectors, strict=True):
             collector.done.wait(3600)
             answer = tokenizer.decode(collector.tokens, skip_special_tokens=True)
+            # An answer that used every token it was allowed was cut, whatever it says.
+            was_cut = len(collector.tokens) >= max_new
+            cut += was_cut
             try:
                 value = json.loads(answer) if mode == "guided" else extract_json(answer)
                 jsonschema.validate(value, schema, format_checker=checker)
                 valid += 1
+                finished_valid += not was_cut
             except (ValueError, jsonschema.ValidationError) as error:
-                failures.append(f"{type(error).__name__}: {str(error)[:80]}")
-        result[mode] = {"valid": valid, "rate": valid / len(cases), "failures": failures[:5]}
+                cause = "cut by max_new: " if was_cut else ""
+                failures.append(f"{cause}{type(error).__name__}: {str(error)[:80]}")
+        finished = len(cases) - cut
+        result[mode] = {
+            "valid": valid,
+            "rate": valid / len(cases),
+            "cut_by_max_new": cut,
+            "valid_of_finished": f"{finished_valid}/{finished}",
+            "failures": failures[:8],
+        }
     return result
 
 
@@ -321,6 +333,7 @@ def main() -> None:
         action="store_true",
         help="only the constraint's own CPU work per step (no model; seconds)",
     )
+    parser.add_argument("--only-validity", action="store_true", help="skip the step costs")
     args = parser.parse_args()
     if args.quick:
         args.batches, args.tokens, args.repeats, args.max_new = [1, 4], 8, 1, 24
@@ -347,7 +360,11 @@ def main() -> None:
         )
     )
     report: dict[str, Any] = {"machine": machine(), "background_cores": background_cores()}
-    report["cost"] = [cost(engine, tokenizer, b, args.tokens, args.repeats) for b in args.batches]
+    report["cost"] = (
+        []
+        if args.only_validity
+        else [cost(engine, tokenizer, b, args.tokens, args.repeats) for b in args.batches]
+    )
     for row in report["cost"]:
         print(
             f"batch {row['batch']:>2}: free {row['free_median_ms']:.1f} ms/step, guided "
@@ -360,10 +377,12 @@ def main() -> None:
     report["validity"] = validity(engine, tokenizer, args.max_new, 10 if args.quick else 50)
     engine.stop()
     valid = report["validity"]
-    print(
-        f"schema validity over {valid['schemas']} schemas: free {valid['free']['valid']}, "
-        f"guided {valid['guided']['valid']}"
-    )
+    for mode in ("free", "guided"):
+        row = valid[mode]
+        print(
+            f"{mode}: {row['valid']}/{valid['schemas']} valid, {row['cut_by_max_new']} cut by "
+            f"max_new, valid of those finished {row['valid_of_finished']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
