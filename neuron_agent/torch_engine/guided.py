@@ -101,8 +101,11 @@ class Guides:
 class GuidedBatch:
     """Per-step masks for the guided rows of a batch, computed off the engine thread."""
 
-    def __init__(self, max_rows: int, vocab_size: int) -> None:
+    def __init__(
+        self, max_rows: int, vocab_size: int, eos_ids: frozenset[int] = frozenset()
+    ) -> None:
         self.vocab_size = vocab_size
+        self._eos = sorted(i for i in eos_ids if i < vocab_size)
         # llguidance's layout: bit j of int32 word i allows token 32·i + j. (Its llguidance.torch
         # helpers are not used: importing them runs torch.compile, which fails in Triton's stub.)
         self._bitmask = torch.full((max_rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
@@ -135,6 +138,11 @@ class GuidedBatch:
             allowed = token_mask(bitmask, vocab)
         else:
             allowed = unpack_on_device(bitmask.to(logits.device, non_blocking=True), vocab)
+        if self._eos:
+            # A matcher in error allows nothing: it may still end (sampling all -inf would fail
+            # the whole batch's step).
+            stuck = ~allowed.any(dim=1, keepdim=True)
+            allowed[:, self._eos] |= stuck
         if len(rows) == logits.shape[0]:
             return logits.masked_fill(~allowed, float("-inf"))
         disallowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)

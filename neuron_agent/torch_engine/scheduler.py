@@ -184,7 +184,9 @@ class Engine:
                 raise RequestRejected("guided_decoding_guide: this engine has no grammar support")
             sequence.matcher = self.guides.matcher(request.guide)
             if self._guided is None:
-                self._guided = GuidedBatch(self.max_batch_size, self.model.spec.vocab_size)
+                self._guided = GuidedBatch(
+                    self.max_batch_size, self.model.spec.vocab_size, self.guides.eos_ids
+                )
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
                 raise RequestRejected(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import Future
 from pathlib import Path
 
 import jsonschema
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from cortex.guides import GuideType, problem
 from neuron_agent.torch_engine.errors import RequestRejected
-from neuron_agent.torch_engine.guided import Guide, token_mask, unpack_on_device
+from neuron_agent.torch_engine.guided import Guide, GuidedBatch, token_mask, unpack_on_device
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -187,3 +188,15 @@ def test_the_cpu_and_device_unpackings_agree() -> None:
         assert torch.equal(token_mask(bitmask, vocab), unpack_on_device(bitmask, vocab))
         assert torch.equal(token_mask(bitmask, vocab)[:, :150], expected[:, :150])
     assert not token_mask(bitmask, 170)[:, 160:].any()
+
+
+def test_a_row_whose_mask_allows_nothing_may_still_end() -> None:
+    masks = GuidedBatch(2, 100, frozenset({2, 7}))
+    masks._bitmask[0] = 0  # a matcher in error
+    masks._bitmask[1] = -1
+    done: Future[None] = Future()
+    done.set_result(None)
+    out = masks.apply(done, [0, 1], torch.zeros(2, 100))
+    assert (out[0] > float("-inf")).nonzero().flatten().tolist() == [2, 7]
+    assert bool((out[1] > float("-inf")).all())
+    masks.close()
