@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control_plane.errors import InvalidRequest
+from cortex.guides import GuideType
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,23 @@ class Tool:
     name: str
     description: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+    # The call's arguments are constrained to `parameters` (OpenAI / Anthropic `strict`); the
+    # request field that asked, for the 400 when the model's engine cannot constrain.
+    strict_field: str | None = None
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """What the answer's text must be (a JSON schema, any JSON object, a regex, a grammar), and
+    the request field that asked for it (a refusal names it)."""
+
+    type: GuideType
+    text: str
+    field: str
+
+    @property
+    def is_json(self) -> bool:
+        return self.type in (GuideType.JSON, GuideType.JSON_SCHEMA)
 
 
 class ToolChoice(enum.StrEnum):
@@ -72,7 +90,9 @@ class ChatRequest:
     tool_choice: ToolChoice = ToolChoice.AUTO
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True
-    json_mode: bool = False
+    output_format: OutputFormat | None = None
+    # Each token's logprob with this many alternatives (0–20); None: no logprobs.
+    top_logprobs: int | None = None
     # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
     continue_final: bool = False
     # The raw prompt of a legacy completion: rendered as is, no chat template.
@@ -81,6 +101,12 @@ class ChatRequest:
     # The engine's scheduling class, smaller first: 0 interactive (the default), 1 batch. Set
     # by the gateway from the client's key (`control_plane.keys`), not by a dialect.
     priority: int = 0
+
+    @property
+    def json_mode(self) -> bool:
+        """The answer must be JSON: the prompt says so too (the constraint alone leaves a model
+        writing JSON it did not mean to)."""
+        return self.output_format is not None and self.output_format.is_json
 
 
 class FinishReason(enum.StrEnum):
@@ -123,8 +149,27 @@ class Waiting:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text, its log-probability under the model and, when asked, the most
+    likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    # The logprobs of the tokens since the previous delta (when the request asked for them):
+    # text held back by a stop string or a tool call is counted with the next delta.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ from control_plane.canonical import (
     Finished,
     Started,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
     ToolCallStart,
+    TopLogprob,
     Waiting,
 )
 from control_plane.errors import (
@@ -39,13 +41,14 @@ from control_plane.errors import (
 from control_plane.fleet import Fleet
 from control_plane.keys import ENGINE_PRIORITY
 from control_plane.metrics import GatewayMetrics
-from control_plane.node_client import GenerationParams
+from control_plane.node_client import GenerationParams, TokenLogprobs
 from control_plane.output import Output
 from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
 from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
-from control_plane.tool_calls import parser_for
+from control_plane.structured import Guide, check, check_logprobs, guide_for
+from control_plane.tool_calls import CLOSE, OPEN, parser_for
 from cortex import logs
 from cortex.config import EngineKind, KeyPriority, ToolCallFormat
 from cortex.neuron_api import CatalogueEntry, RequestOutcome
@@ -94,6 +97,7 @@ class Prepared:
     tokenizer: ModelTokenizer
     prompt: list[int]
     max_tokens: int
+    guide: Guide | None = None
 
     @property
     def model(self) -> str:
@@ -112,9 +116,14 @@ def chat_model(fleet: Fleet, requested: str) -> CatalogueEntry:
 
 
 async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
-    """Resolve the model and render the prompt."""
+    """Resolve the model, check its engine can honour the request's guide, render the prompt."""
     entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
+    tags = frozenset(tag for tag in (OPEN, CLOSE) if tokenizer.is_token(tag))
+    guide = guide_for(request, entry.profile.tool_call_format.value, tags)
+    if guide is not None:
+        check(guide, entry.profile.engine, entry.profile.name)
+    check_logprobs(request, entry.profile.engine, entry.profile.name)
     prompt = await render(tokenizer, request, _harmony(entry))
     context = min(tokenizer.context_length, entry.context_length)
     if len(prompt) >= context:
@@ -122,11 +131,11 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     room = context - len(prompt)
     if request.max_tokens is not None and request.max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", param="max_tokens")
-    return Prepared(entry, tokenizer, prompt, min(request.max_tokens or room, room))
+    return Prepared(entry, tokenizer, prompt, min(request.max_tokens or room, room), guide)
 
 
 def generation_params(
-    tokenizer: ModelTokenizer, request: ChatRequest, max_tokens: int
+    tokenizer: ModelTokenizer, request: ChatRequest, max_tokens: int, guide: Guide | None = None
 ) -> GenerationParams:
     """What the engine is asked for besides the prompt (benchmarks send the same)."""
     return GenerationParams(
@@ -136,7 +145,12 @@ def generation_params(
         temperature=request.temperature if request.temperature is not None else 0.0,
         top_k=request.top_k or 0,
         top_p=request.top_p if request.top_p is not None else 1.0,
-        seed=request.seed,
+        # Triton's seed is a uint64; clients send any integer (OpenAI's are int64): the same
+        # seed still gives the same tokens, and none fails the request.
+        seed=None if request.seed is None else request.seed % 2**64,
+        top_logprobs=request.top_logprobs,
+        guide_type=None if guide is None else guide.type.value,
+        guide=None if guide is None else guide.text,
         priority=request.priority,
     )
 
@@ -280,7 +294,7 @@ async def _stream(
     settings = fleet.config.gateway
     model, prompt, tokenizer = prepared.model, prepared.prompt, prepared.tokenizer
     series = metrics.series(model, node, record.api)
-    params = generation_params(tokenizer, request, max_tokens=prepared.max_tokens)
+    params = generation_params(tokenizer, request, prepared.max_tokens, prepared.guide)
     output = Output(
         tokenizer.stream_decoder(),
         StopMatcher(request.stop),
@@ -296,6 +310,7 @@ async def _stream(
     if prepared.entry.profile.engine is EngineKind.TRTLLM:
         params = replace(params, return_perf_metrics=True)  # its prefix-cache reuse
     retry: _Retry | None = None
+    pending: list[TokenLogprob] = []  # logprobs for the next text delta
     announced = False  # generate() passes on the first Started of all attempts only
     series.in_flight.inc()
     try:
@@ -320,7 +335,12 @@ async def _stream(
                         if tokens and record.first_token_at is None:
                             record.first_token_at = time.monotonic()
                             series.ttft.observe(record.first_token_at - record.started)
+                        if request.top_logprobs is not None:
+                            taken = stream.take_logprobs(len(tokens))
+                            pending.extend(_logprobs(tokenizer, tokens, taken))
                         for event in output.feed(tokens):
+                            if pending and isinstance(event, TextDelta):
+                                event, pending = replace(event, logprobs=tuple(pending)), []
                             yield event
                         if output.done:
                             break
@@ -328,6 +348,12 @@ async def _stream(
                 await stream.aclose()
         record.outcome = RequestOutcome.OK
         for event in output.finish():
+            if pending and isinstance(event, TextDelta | Finished):
+                if isinstance(event, Finished):
+                    yield TextDelta("", tuple(pending))
+                else:
+                    event = replace(event, logprobs=tuple(pending))
+                pending = []
             yield event
     except (GeneratorExit, asyncio.CancelledError):
         record.outcome = RequestOutcome.CANCELLED
@@ -352,6 +378,19 @@ async def _stream(
         yield retry
 
 
+def _logprobs(
+    tokenizer: ModelTokenizer, tokens: list[int], entries: list[TokenLogprobs]
+) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            tokenizer.decode([token]),
+            value,
+            tuple(TopLogprob(tokenizer.decode([top]), logprob) for top, logprob in tops),
+        )
+        for token, (value, tops) in zip(tokens, entries, strict=False)
+    ]
+
+
 def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bool:
     """Before the first token, a failed node or a model that left it is worth another try."""
     return (
@@ -361,14 +400,19 @@ def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bo
     )
 
 
-async def collect(events: AsyncIterator[Event]) -> tuple[str, list[tuple[str, str, str]], Finished]:
-    """A whole answer: (text, [(call id, name, arguments)], finish) for non-streaming replies."""
+async def collect(
+    events: AsyncIterator[Event], logprobs: list[TokenLogprob] | None = None
+) -> tuple[str, list[tuple[str, str, str]], Finished]:
+    """A whole answer: (text, [(call id, name, arguments)], finish) for non-streaming replies;
+    the tokens' logprobs are added to `logprobs` when given."""
     text: list[str] = []
     calls: dict[int, list[str]] = {}
     finished: Finished | None = None
     async for event in events:
         if isinstance(event, TextDelta):
             text.append(event.text)
+            if logprobs is not None:
+                logprobs.extend(event.logprobs)
         elif isinstance(event, ToolCallStart):
             calls[event.index] = [event.id, event.name, ""]
         elif isinstance(event, ToolCallDelta):

@@ -132,6 +132,13 @@ class GenerationParams:
     # Scheduling class, smaller first (0 interactive, 1 batch): sent as the optional `priority`
     # tensor only when not 0, so engines without that input keep serving interactive requests.
     priority: int = 0
+    # TensorRT-LLM's guided decoding (cortex/guides.py names the types): decode under a JSON
+    # schema, regex or grammar.
+    guide_type: str | None = None
+    guide: str | None = None
+    # Each token's logprob and this many alternatives (TensorRT-LLM's return_log_probs; the
+    # alternatives are the torch engine's); None: none.
+    top_logprobs: int | None = None
 
 
 # Request tensors of TensorRT-LLM's `tensorrt_llm` model (our torch engine takes the same), in
@@ -148,6 +155,8 @@ _SCALARS = (
     ("seed", "UINT64", "<Q"),
     ("return_perf_metrics", "BOOL", "<?"),
     ("priority", "UINT32", "<I"),
+    ("return_log_probs", "BOOL", "<?"),
+    ("num_top_logprobs", "INT32", "<i"),
 )
 _SCALAR_TENSORS = {
     name: service_pb2.ModelInferRequest.InferInputTensor(name=name, datatype=dtype, shape=[1, 1])
@@ -187,6 +196,9 @@ def build_request(
         values.append(("return_perf_metrics", True))
     if params.priority:
         values.append(("priority", params.priority))
+    if params.top_logprobs is not None:
+        values.append(("return_log_probs", True))
+        values.append(("num_top_logprobs", params.top_logprobs))
     request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     ids = request.inputs.add()
     ids.name, ids.datatype = "input_ids", "INT32"
@@ -194,6 +206,17 @@ def build_request(
     request.inputs.extend(_SCALAR_TENSORS[name] for name, _ in values)
     contents = [struct.pack(f"<{len(prompt)}i", *prompt)]
     contents.extend(_SCALAR_FORMATS[name].pack(value) for name, value in values)
+    if params.guide_type is not None:
+        for name, text in (
+            ("guided_decoding_guide_type", params.guide_type),
+            ("guided_decoding_guide", params.guide or ""),
+        ):
+            tensor = request.inputs.add()
+            tensor.name, tensor.datatype = name, "BYTES"
+            tensor.shape.extend((1, 1))
+            data = text.encode("utf-8")
+            # Triton's raw BYTES: each element's length (uint32, little-endian), then its bytes.
+            contents.append(struct.pack("<I", len(data)) + data)
     request.raw_input_contents.extend(contents)
     return request
 
@@ -207,6 +230,46 @@ def output_ids(response: service_pb2.ModelInferResponse) -> list[int]:
                 return (raw.cast("q") if output.datatype == "INT64" else raw.cast("i")).tolist()
             return list(output.contents.int_contents or output.contents.int64_contents)
     return []
+
+
+def _floats(response: service_pb2.ModelInferResponse, name: str) -> list[float] | None:
+    for index, output in enumerate(response.outputs):
+        if output.name == name:
+            if index < len(response.raw_output_contents):
+                raw = memoryview(response.raw_output_contents[index]).cast("f")
+                return [float(value) for value in raw.tolist()]
+            return list(output.contents.fp32_contents)
+    return None
+
+
+def _ints(response: service_pb2.ModelInferResponse, name: str) -> list[int]:
+    for index, output in enumerate(response.outputs):
+        if output.name == name:
+            if index < len(response.raw_output_contents):
+                return memoryview(response.raw_output_contents[index]).cast("i").tolist()
+            return list(output.contents.int_contents)
+    return []
+
+
+TokenLogprobs = tuple[float, list[tuple[int, float]]]  # (logprob, [(top id, its logprob)])
+
+
+def token_logprobs(response: service_pb2.ModelInferResponse) -> list[TokenLogprobs]:
+    """One entry per token of `output_ids`: its logprob (`output_log_probs`) and the top
+    alternatives (`output_top_logprob_ids` / `output_top_logprobs`, [tokens, k])."""
+    chosen = _floats(response, "output_log_probs")
+    if not chosen:
+        return []
+    top_values = _floats(response, "output_top_logprobs") or []
+    top_ids = _ints(response, "output_top_logprob_ids")
+    k = len(top_ids) // len(chosen)
+    return [
+        (
+            value,
+            list(zip(top_ids[i * k : (i + 1) * k], top_values[i * k : (i + 1) * k], strict=True)),
+        )
+        for i, value in enumerate(chosen)
+    ]
 
 
 def cached_prompt_tokens(response: service_pb2.ModelInferResponse) -> int | None:
@@ -341,6 +404,13 @@ class Generation:
         # Prompt tokens from the engine's prefix cache, once a response has said (the torch
         # engine's first response does, before any token); None until then.
         self.cached_prompt_tokens: int | None = None
+        # Logprobs of the tokens read so far and not yet taken (`take_logprobs`).
+        self._logprobs: list[TokenLogprobs] = []
+
+    def take_logprobs(self, count: int) -> list[TokenLogprobs]:
+        """The logprobs of the next `count` tokens handed out (the reader may be ahead)."""
+        taken, self._logprobs = self._logprobs[:count], self._logprobs[count:]
+        return taken
 
     def __aiter__(self) -> Generation:
         return self
@@ -372,7 +442,10 @@ class Generation:
             self._finished = True
         if self.cached_prompt_tokens is None and result.outputs:
             self.cached_prompt_tokens = cached_prompt_tokens(result)
-        return output_ids(result)
+        tokens = output_ids(result)
+        if tokens and len(result.outputs) > 2:
+            self._logprobs.extend(token_logprobs(result))
+        return tokens
 
     async def aclose(self) -> None:
         # Only a generation still running is cancelled. After the engine's final response the

@@ -120,6 +120,10 @@ class ModelTokenizer:
         encoded = self.backend.encode_batch([str(text)], add_special_tokens=False)[0]
         return list(encoded.ids)
 
+    def is_token(self, text: str) -> bool:
+        """Whether `text` is one token of the vocabulary (a tool-call tag, say)."""
+        return self.backend.token_to_id(text) is not None
+
     def decode(self, ids: list[int]) -> str:
         return str(self.backend.decode(ids, skip_special_tokens=True))
 
@@ -199,7 +203,8 @@ def fold_system_messages(request: ChatRequest) -> list[Message]:
 
 
 def _instructions(request: ChatRequest) -> list[str]:
-    """What the request asks for that the model can only be told (no constrained decoding)."""
+    """What the request asks for that the model is also told: JSON (which the engine's guide
+    enforces, but a model not told writes JSON it did not mean), a tool call."""
     wanted = []
     if request.json_mode:
         wanted.append(JSON_MODE_INSTRUCTION)

@@ -271,6 +271,8 @@ class Node:
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
         stats_path = self.stats_dir / f"{name}.json"
+        # The torch engine's guided decoding builds its masks from the gateway's tokenizer.
+        tokenizer_dir = await asyncio.to_thread(self.catalogue.tokenizer_folder, profile)
         try:
             files = render(
                 profile,
@@ -278,7 +280,8 @@ class Node:
                 devices,
                 self.inventory.has_gpu,
                 stats_path,
-                self.catalogue.context_length(profile),
+                context_length=self.catalogue.context_length(profile),
+                tokenizer_dir=tokenizer_dir,
             )
         except (RepositoryError, OSError) as error:
             raise RepositoryError(

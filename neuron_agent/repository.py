@@ -28,7 +28,12 @@ def fill(template: str, values: dict[str, str], source: str) -> str:
 
 
 def torch_parameters(
-    profile: ModelProfile, checkpoint: Path, gpus: list[int], has_gpu: bool, stats_path: Path
+    profile: ModelProfile,
+    checkpoint: Path,
+    gpus: list[int],
+    has_gpu: bool,
+    stats_path: Path,
+    tokenizer_dir: Path | None = None,
 ) -> dict[str, str]:
     device = f"cuda:{gpus[0]}" if has_gpu and gpus else "cpu"
     return {
@@ -49,6 +54,7 @@ def torch_parameters(
         "stats_path": str(stats_path),
         "tp": str(profile.tp),
         "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",
+        "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir is not None else "",
     }
 
 
@@ -97,12 +103,13 @@ def render(
     has_gpu: bool,
     stats_path: Path,
     context_length: int = 0,
+    tokenizer_dir: Path | None = None,
 ) -> dict[str, bytes]:
     """The files of the model's Triton directory, relative path → contents. `context_length`:
     the catalogue's (llamacpp; 0 leaves it to the file)."""
     if profile.engine is EngineKind.TORCH:
         template_dir = TEMPLATES_DIR / "torch_llm"
-        values = torch_parameters(profile, source, gpus, has_gpu, stats_path)
+        values = torch_parameters(profile, source, gpus, has_gpu, stats_path, tokenizer_dir)
     elif profile.engine is EngineKind.LLAMACPP:
         template_dir = TEMPLATES_DIR / "llamacpp_llm"
         values = llamacpp_parameters(profile, source, context_length, gpus, has_gpu, stats_path)

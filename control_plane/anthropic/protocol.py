@@ -121,6 +121,7 @@ class ToolParam(_Lenient):
     # Absent on server tools (`web_search_20250305`, `bash_20250124`, …).
     input_schema: dict[str, Any] | None = None
     type: str | None = None
+    strict: bool | None = None
 
 
 class ToolChoiceParam(_Lenient):
@@ -146,6 +147,8 @@ class Conversation(_Lenient):
     # Accepted; the models served here have no thinking budget to honour.
     thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
+    # The structured-outputs beta's spelling of output_config.format.
+    output_format: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 
     @field_validator("system", mode="before")

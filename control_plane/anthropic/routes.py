@@ -20,6 +20,7 @@ from control_plane.anthropic import translate
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest, field_path
 from control_plane.canonical import Event
 from control_plane.errors import CortexError, InvalidRequest, anthropic_body
+from control_plane.fields import Dialect, refuse_unhonoured
 from control_plane.generation import collect, count_prompt_tokens, generate
 
 blueprint = Blueprint("anthropic")
@@ -38,6 +39,7 @@ def anthropic_request_id(request: Request) -> str:
 @blueprint.post("/v1/messages")
 async def messages(request: Request) -> HTTPResponse | None:
     body: MessagesRequest = parse_body(MessagesRequest, request)
+    refuse_unhonoured(Dialect.MESSAGES, request.json)
     if body.metadata and body.metadata.get("user_id"):
         log.debug("request %s for user %s", request.ctx.request_id, body.metadata["user_id"])
     message_id = f"msg_{request.ctx.request_id}"

@@ -39,6 +39,7 @@ from control_plane.canonical import (
     offered_tools,
 )
 from control_plane.errors import InvalidRequest
+from control_plane.structured import output_format
 
 BILLING_HEADER = "x-anthropic-billing-header"
 STOP_REASONS = {
@@ -163,8 +164,13 @@ def _merge_same_role(messages: list[Message]) -> list[Message]:
 def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
     # Server tools (web search, code execution, …) cannot run here: they are left out.
     return tuple(
-        Tool(tool.name, tool.description, tool.input_schema or EMPTY_SCHEMA)
-        for tool in tools or []
+        Tool(
+            tool.name,
+            tool.description,
+            tool.input_schema or EMPTY_SCHEMA,
+            f"tools.{index}.strict" if tool.strict else None,
+        )
+        for index, tool in enumerate(tools or [])
         if tool.input_schema is not None or tool.type in (None, "custom")
     )
 
@@ -185,7 +191,12 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
         named = body.tool_choice.name if choice is ToolChoice.NAMED else None
         parallel = not body.tool_choice.disable_parallel_tool_use
     tools = offered_tools(_tools(body.tools), choice, named)
-    output_format = (body.output_config or {}).get("format") or {}
+    if body.output_format is not None:
+        answer_format = output_format(body.output_format, "output_format")
+    else:
+        answer_format = output_format(
+            (body.output_config or {}).get("format"), "output_config.format"
+        )
     if (
         messages
         and messages[-1].role == "assistant"
@@ -209,7 +220,7 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
         tool_choice=choice,
         tool_choice_name=named,
         parallel_tool_calls=parallel,
-        json_mode=isinstance(output_format, dict) and output_format.get("type") == "json_schema",
+        output_format=answer_format,
         continue_final=last is not None and last.role == "assistant" and not last.tool_calls,
         request_id=request_id,
         **generation,

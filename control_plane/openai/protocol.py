@@ -34,6 +34,7 @@ class FunctionSpec(_Lenient):
     name: str
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=dict)
+    strict: bool | None = None
 
 
 class ToolSpec(_Lenient):
@@ -65,6 +66,8 @@ class ChatCompletionRequest(_Lenient):
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(_Lenient):
@@ -78,3 +81,6 @@ class CompletionRequest(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    # Not OpenAI's for completions, but vLLM's and llama.cpp's: the same as Chat's.
+    response_format: dict[str, Any] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)

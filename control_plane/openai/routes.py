@@ -12,8 +12,9 @@ from sanic.response import HTTPResponse, json
 
 from control_plane import keys, wire
 from control_plane.anthropic import routes as anthropic_routes
-from control_plane.canonical import Event, Finished, TextDelta, Waiting
+from control_plane.canonical import Event, Finished, TextDelta, TokenLogprob, Waiting
 from control_plane.errors import CortexError, ModelForbidden, openai_body
+from control_plane.fields import Dialect, refuse_unhonoured
 from control_plane.generation import collect, generate
 from control_plane.hosted_tools import note_dropped, tag_response
 from control_plane.openai import translate
@@ -78,14 +79,18 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse:
 @blueprint.post("/chat/completions")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, request)
+    refuse_unhonoured(Dialect.CHAT, request.json)
     request_id = f"chatcmpl-{request.ctx.request_id}"
     chat = translate.chat_request(body, request.ctx.request_id)
     note_dropped(request, translate.hosted_tools(body))
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:
-            text, calls, finished = await collect(events)
-            return json(translate.chat_completion(request_id, body.model, text, calls, finished))
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, calls, finished = await collect(events, logprobs)
+            return json(
+                translate.chat_completion(request_id, body.model, text, calls, finished, logprobs)
+            )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         encoder = translate.ChunkEncoder(request_id, body.model, include_usage)
         await _stream(request, events, encoder.start(), encoder.event)
@@ -95,10 +100,18 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
 @blueprint.post("/completions")
 async def completions(request: Request) -> HTTPResponse | None:
     body: CompletionRequest = parse_body(CompletionRequest, request)
+    refuse_unhonoured(Dialect.COMPLETIONS, request.json)
     request_id = f"cmpl-{request.ctx.request_id}"
     chat = translate.completion_request(body, request.ctx.request_id)
 
+    offset = 0  # of the next token's text in the whole completion
+
     def chunk(event: Event) -> bytes:
+        nonlocal offset
+        if isinstance(event, TextDelta) and event.logprobs:
+            logprobs = translate.completion_logprobs(list(event.logprobs), offset)
+            offset += sum(len(entry.token) for entry in event.logprobs)
+            return translate.completion_chunk(request_id, body.model, event.text, None, logprobs)
         if isinstance(event, TextDelta) and event.text:
             return translate.completion_chunk(request_id, body.model, event.text, None)
         if isinstance(event, Finished):
@@ -109,8 +122,9 @@ async def completions(request: Request) -> HTTPResponse | None:
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:
-            text, _calls, finished = await collect(events)
-            return json(translate.completion_body(request_id, body.model, text, finished))
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, _calls, finished = await collect(events, logprobs)
+            return json(translate.completion_body(request_id, body.model, text, finished, logprobs))
         await _stream(request, events, b"", chunk)
     return None
 

@@ -12,6 +12,7 @@ from control_plane.canonical import (
     FinishReason,
     Message,
     TextDelta,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -28,6 +29,7 @@ from control_plane.openai.protocol import (
     CompletionRequest,
     ToolSpec,
 )
+from control_plane.structured import output_format
 
 FINISH_REASONS = {
     FinishReason.STOP: "stop",
@@ -81,7 +83,6 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         )
     choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))
     tools = offered_tools(tools, choice, named)
-    response_format = (body.response_format or {}).get("type")
     return ChatRequest(
         model=body.model,
         messages=tuple(messages),
@@ -95,7 +96,8 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         tool_choice=choice,
         tool_choice_name=named,
         parallel_tool_calls=body.parallel_tool_calls,
-        json_mode=response_format in ("json_object", "json_schema"),
+        output_format=output_format(body.response_format, "response_format"),
+        top_logprobs=_top_logprobs(body),
         request_id=request_id,
     )
 
@@ -117,13 +119,52 @@ def _tools(tools: list[ToolSpec] | None) -> tuple[Tool, ...]:
                 "a function tool needs its `function`", param=f"tools[{index}].function"
             )
         spec = tool.function
-        offered.append(Tool(spec.name, spec.description, spec.parameters))
+        strict = f"tools[{index}].function.strict" if spec.strict else None
+        offered.append(Tool(spec.name, spec.description, spec.parameters, strict))
     return tuple(offered)
 
 
 def hosted_tools(body: ChatCompletionRequest) -> list[str]:
     """The hosted tool types the request offers, which the model does not see."""
     return [tool.type for tool in body.tools or [] if is_hosted(tool.type)]
+
+
+def _top_logprobs(body: ChatCompletionRequest) -> int | None:
+    if not body.logprobs:
+        if body.top_logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return body.top_logprobs or 0
+
+
+def logprobs_content(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """Chat's (and Responses') per-token logprobs."""
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "bytes": list(entry.token.encode()),
+            "top_logprobs": [
+                {"token": top.token, "logprob": top.logprob, "bytes": list(top.token.encode())}
+                for top in entry.top
+            ],
+        }
+        for entry in entries
+    ]
+
+
+def completion_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """Completions' older shape: parallel lists, the alternatives as {token: logprob}."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [{top.token: top.logprob for top in entry.top} for entry in entries],
+        "text_offset": offsets,
+    }
 
 
 def _tool_choice(
@@ -173,6 +214,8 @@ def completion_request(body: CompletionRequest, request_id: str) -> ChatRequest:
         top_p=body.top_p,
         seed=body.seed,
         stop=_stops(body.stop),
+        output_format=output_format(body.response_format, "response_format"),
+        top_logprobs=body.logprobs,
         request_id=request_id,
     )
 
@@ -193,7 +236,12 @@ def usage_body(usage: Usage) -> dict[str, Any]:
 
 
 def chat_completion(
-    request_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+    request_id: str,
+    model: str,
+    text: str,
+    calls: list[tuple[str, str, str]],
+    finished: Finished,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
@@ -216,7 +264,9 @@ def chat_completion(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
+                "logprobs": None
+                if logprobs is None
+                else {"content": logprobs_content(logprobs), "refusal": None},
                 "finish_reason": FINISH_REASONS[finished.reason],
             }
         ],
@@ -274,6 +324,18 @@ class ChunkEncoder:
 
     def event(self, event: object) -> bytes:
         if isinstance(event, TextDelta):
+            if event.logprobs:
+                logprobs = {"content": logprobs_content(list(event.logprobs)), "refusal": None}
+                return self._chunk(
+                    [
+                        {
+                            "index": 0,
+                            "delta": {"content": event.text},
+                            "logprobs": logprobs,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
             if not event.text:
                 return b""
             return self._text_head + json.dumps(event.text).encode() + self._text_tail
@@ -324,7 +386,13 @@ class ChunkEncoder:
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-def completion_body(request_id: str, model: str, text: str, finished: Finished) -> dict[str, Any]:
+def completion_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finished: Finished,
+    logprobs: list[TokenLogprob] | None = None,
+) -> dict[str, Any]:
     return {
         "id": request_id,
         "object": "text_completion",
@@ -334,7 +402,7 @@ def completion_body(request_id: str, model: str, text: str, finished: Finished) 
             {
                 "index": 0,
                 "text": text,
-                "logprobs": None,
+                "logprobs": None if logprobs is None else completion_logprobs(logprobs),
                 "finish_reason": FINISH_REASONS[finished.reason],
             }
         ],
@@ -342,12 +410,18 @@ def completion_body(request_id: str, model: str, text: str, finished: Finished) 
     }
 
 
-def completion_chunk(request_id: str, model: str, text: str, finish: str | None) -> bytes:
+def completion_chunk(
+    request_id: str,
+    model: str,
+    text: str,
+    finish: str | None,
+    logprobs: dict[str, Any] | None = None,
+) -> bytes:
     body = {
         "id": request_id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"

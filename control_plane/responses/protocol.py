@@ -191,6 +191,9 @@ class ResponsesRequest(_Lenient):
     stop: str | list[str] | None = None
     text: TextConfig | None = None
     stream: bool | None = None
+    # Logprobs come with `include: ["message.output_text.logprobs"]` or a `top_logprobs`.
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # cortex keeps no responses: `store` is accepted and answered with `"store": false`.
     store: bool | None = None
     # Server-side state cortex does not keep; refused with a 400 naming the field when set.

@@ -12,7 +12,9 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from control_plane import wire
+from control_plane.canonical import TokenLogprob
 from control_plane.errors import NotFound
+from control_plane.fields import Dialect, refuse_unhonoured
 from control_plane.generation import collect, count_prompt_tokens, generate
 from control_plane.hosted_tools import note_dropped, tag_response
 from control_plane.responses import translate
@@ -32,6 +34,7 @@ def parse_body(model: type[BaseModel], request: Request) -> Any:
 @blueprint.post("/responses")
 async def create_response(request: Request) -> HTTPResponse | None:
     body: ResponsesRequest = parse_body(ResponsesRequest, request)
+    refuse_unhonoured(Dialect.RESPONSES, request.json)
     chat = translate.chat_request(body, request.ctx.request_id)
     note_dropped(request, translate.hosted_tools(body))
     response_id = f"resp_{request.ctx.request_id}"
@@ -42,7 +45,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
         if not body.stream:
-            text, calls, finished = await collect(events)
+            logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
+            text, calls, finished = await collect(events, logprobs)
             return json(
                 translate.response_body(
                     response_id,
@@ -54,6 +58,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
                     calls,
                     finished,
                     names,
+                    logprobs,
                 )
             )
         encoder = ResponseStreamEncoder(

@@ -33,6 +33,7 @@ from control_plane.canonical import (
     Waiting,
 )
 from control_plane.errors import CortexError, Overloaded
+from control_plane.openai.translate import logprobs_content
 from control_plane.responses.translate import (
     CallNames,
     call_item,
@@ -85,6 +86,7 @@ class ResponseStreamEncoder:
         self.output: list[dict[str, Any]] = []  # finished items, in output order
         self.open: str | None = None  # the open item's type ("message", "function_call", …)
         self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []  # the open message's, when asked for
         self.call: list[str] = []  # the open call: neutral id, name, arguments so far
         self.call_id = ""  # the open call's item id
         self.messages = 0  # message items so far (a second text run after a call needs an id)
@@ -122,6 +124,12 @@ class ResponseStreamEncoder:
                 return b""
             out = b"" if self.open == "message" else self._open_message()
             self.text.append(event.text)
+            if event.logprobs:
+                entries = logprobs_content(list(event.logprobs))
+                self.logprobs.extend(entries)
+                part = {"item_id": self._item_id(), "output_index": len(self.output)}
+                fields = {**part, "content_index": 0, "delta": event.text, "logprobs": entries}
+                return out + self._event("response.output_text.delta", fields)
             return out + self._text_delta(event.text)
         if isinstance(event, ToolCallDelta):
             if not event.arguments:
@@ -192,6 +200,7 @@ class ResponseStreamEncoder:
         self.open = "message"
         self.messages += 1
         self.text = []
+        self.logprobs = []
         item_id, index = self._item_id(), len(self.output)
         self._delta_head = (
             b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
@@ -230,7 +239,9 @@ class ResponseStreamEncoder:
             part = {"item_id": item_id, "output_index": index, "content_index": 0}
             item = message_item(item_id, [text_part(text)], "completed")
             out = (
-                self._event("response.output_text.done", {**part, "text": text, "logprobs": []})
+                self._event(
+                    "response.output_text.done", {**part, "text": text, "logprobs": self.logprobs}
+                )
                 + self._event("response.content_part.done", {**part, "part": text_part(text)})
                 + self._event("response.output_item.done", {"output_index": index, "item": item})
             )

@@ -21,6 +21,8 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    OutputFormat,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolChoice,
@@ -29,7 +31,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import InvalidRequest
 from control_plane.hosted_tools import is_hosted
-from control_plane.openai.translate import call_id_for
+from control_plane.openai.translate import call_id_for, logprobs_content
 from control_plane.responses.protocol import (
     CustomTool,
     CustomToolCallItem,
@@ -46,6 +48,7 @@ from control_plane.responses.protocol import (
     ResponsesRequest,
     ToolParam,
 )
+from control_plane.structured import output_format
 
 EMPTY_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
 TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
@@ -185,7 +188,12 @@ def _tool(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
     if isinstance(tool, FunctionTool | CustomTool):
         name = qualified(namespace, tool.name) if namespace else tool.name
         if isinstance(tool, FunctionTool):
-            return Tool(name, tool.description or "", tool.parameters or EMPTY_SCHEMA)
+            return Tool(
+                name,
+                tool.description or "",
+                tool.parameters or EMPTY_SCHEMA,
+                f"{path}.strict" if tool.strict else None,
+            )
         return Tool(name, _custom_description(tool), CUSTOM_SCHEMA)
     raise InvalidRequest(
         f"tool type {tool.type!r} is not supported: cortex serves only tools the client runs, "
@@ -274,9 +282,17 @@ def _tool_choice(
     )
 
 
-def _json_mode(body: ResponsesRequest | InputTokensRequest) -> bool:
-    kind = ((body.text.format if body.text else None) or {}).get("type")
-    return kind in ("json_object", "json_schema")
+def _output_format(body: ResponsesRequest | InputTokensRequest) -> OutputFormat | None:
+    return output_format(body.text.format if body.text else None, "text.format")
+
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
+def _top_logprobs(body: ResponsesRequest) -> int | None:
+    if body.top_logprobs is None and LOGPROBS_INCLUDE not in (body.include or []):
+        return None
+    return body.top_logprobs or 0
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -301,6 +317,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
             "top_k": body.top_k,
             "seed": body.seed,
             "stop": _stops(body.stop),
+            "top_logprobs": _top_logprobs(body),
         }
     return ChatRequest(
         model=body.model,
@@ -309,7 +326,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
         tool_choice=choice,
         tool_choice_name=named,
         parallel_tool_calls=body.parallel_tool_calls is not False,
-        json_mode=_json_mode(body),
+        output_format=_output_format(body),
         request_id=request_id,
         **generation,
     )
@@ -353,8 +370,11 @@ def usage_body(usage: Usage) -> dict[str, Any]:
     }
 
 
-def text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": []}
+def text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+    if logprobs is not None:
+        part["logprobs"] = logprobs_content(logprobs)
+    return part
 
 
 def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -427,10 +447,11 @@ def response_body(
     calls: list[tuple[str, str, str]],
     finished: Finished,
     names: CallNames | None = None,
+    logprobs: list[TokenLogprob] | None = None,
 ) -> dict[str, Any]:
     """A whole answer: its text as one message item, then one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
-    output = [message_item(message_id, [text_part(text)], status)] if text else []
+    output = [message_item(message_id, [text_part(text, logprobs)], status)] if text else []
     output.extend(
         call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls

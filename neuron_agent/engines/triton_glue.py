@@ -123,6 +123,8 @@ def write_stats(path: Path, running: int, waiting: int, failed: str | None = Non
 class _Outgoing:
     cached_prompt_tokens: int | None = None  # said once, in a response of its own, first
     tokens: list[int] = field(default_factory=list)
+    # One per token, when asked (an engine's TokenLogprob: logprob, top_ids, top_logprobs).
+    logprobs: list[Any] = field(default_factory=list)
     final: bool = False
     error: str | None = None
     tensors: list[Any] | None = None  # a whole final response (embeddings)
@@ -150,6 +152,12 @@ class ResponseWriter:
             outgoing.tokens.extend(tokens)
             outgoing.final = outgoing.final or final
             self._wake.notify()
+
+    def logprobs(self, sender: Any, entries: list[Any]) -> None:
+        """The logprobs of the tokens the next `tokens` call brings (the engine calls both
+        from its thread, in that order)."""
+        with self._wake:
+            self._waiting.setdefault(sender, _Outgoing()).logprobs.extend(entries)
 
     def admitted(self, sender: Any, cached_prompt_tokens: int) -> None:
         with self._wake:
@@ -213,12 +221,13 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
             return
         if outgoing.tokens or (outgoing.final and outgoing.error is None):
             tokens = outgoing.tokens
-            response = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
-                    pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-                ]
-            )
+            tensors = [
+                pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
+                pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
+            ]
+            if outgoing.logprobs:
+                tensors.extend(_logprob_tensors(outgoing.logprobs))
+            response = pb_utils.InferenceResponse(output_tensors=tensors)
             final = outgoing.final and outgoing.error is None
             sender.send(response, flags=final_flag if final else 0)
         if outgoing.error is not None:
@@ -228,3 +237,22 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
             )
     except Exception:  # the client is gone; the engine drops it on the next step
         log.debug("response not delivered", exc_info=True)
+
+
+def _logprob_tensors(entries: list[Any]) -> list[Any]:
+    """TensorRT-LLM's output_log_probs [beams, tokens], and ours for the alternatives:
+    output_top_logprob_ids / output_top_logprobs [tokens, k]."""
+    shape = (1, len(entries), len(entries[0].top_ids))
+    return [
+        pb_utils.Tensor(
+            "output_log_probs", np.array([[[e.logprob for e in entries]]], dtype=np.float32)
+        ),
+        pb_utils.Tensor(
+            "output_top_logprob_ids",
+            np.array([e.top_ids for e in entries], dtype=np.int32).reshape(shape),
+        ),
+        pb_utils.Tensor(
+            "output_top_logprobs",
+            np.array([e.top_logprobs for e in entries], dtype=np.float32).reshape(shape),
+        ),
+    ]

@@ -15,6 +15,7 @@ import torch
 
 from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec, read_tensors
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
+from neuron_agent.torch_engine.guided import Guides
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import LlamaModel, preload_attention
 from neuron_agent.torch_engine.parallel import Shard, check_shardable
@@ -44,6 +45,8 @@ class EngineOptions:
     devices: tuple[str, ...] = ()
     # Shown on the other ranks' command lines: the neuron finds a model's processes by it.
     label: str = ""
+    # The model's tokenizer.json folder (the gateway's tokenizer): guided decoding's masks.
+    tokenizer_dir: Path | None = None
 
     def device_of(self, rank: int) -> torch.device:
         if not self.devices:
@@ -164,6 +167,9 @@ def new_engine(
         options.max_queue_size,
         prefill_tokens,
         cuda_graphs=cuda_graphs,
+        guides=Guides(
+            options.tokenizer_dir, model.spec.vocab_size, frozenset(model.spec.eos_token_ids)
+        ),
     )
 
 

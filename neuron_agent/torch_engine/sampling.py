@@ -73,6 +73,38 @@ def sample_batch(
     return chosen
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the most the engine reports
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model (log-softmax of its raw logits, before
+    temperature, top-k/p or a guide's mask), and the `top` most likely tokens' ids and theirs."""
+
+    logprob: float
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
+
+
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, rows: list[int], tops: list[int]
+) -> list[TokenLogprob]:
+    """For each of `rows` of logits [batch, vocab]: the chosen token's logprob and its row's
+    `tops[i]` best (one log-softmax over the rows that asked; one copy to the host)."""
+    index = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)
+    picked = logprobs.gather(1, chosen[index].view(-1, 1)).view(-1).tolist()
+    most = max(tops)
+    if most == 0:
+        return [TokenLogprob(value) for value in picked]
+    values, ids = torch.topk(logprobs, most, dim=-1)
+    values_list, ids_list = values.tolist(), ids.tolist()
+    return [
+        TokenLogprob(value, tuple(ids_list[i][:top]), tuple(values_list[i][:top]))
+        for i, (value, top) in enumerate(zip(picked, tops, strict=True))
+    ]
+
+
 class HostCopy:
     """Device tokens → a Python list through a pinned buffer, waiting on a CUDA event.
 

@@ -28,6 +28,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -35,13 +36,17 @@ import torch
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
+from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
+    MAX_TOP_LOGPROBS,
     HostCopy,
     SamplingParams,
+    TokenLogprob,
     make_generator,
     sample_batch,
+    token_logprobs,
 )
 
 log = logging.getLogger("cortex.engine")
@@ -65,6 +70,18 @@ class GenerationRequest:
     admitted: Callable[[int], None] | None = None
     # Scheduling class, smaller first: 0 interactive, 1 batch (the gateway's key classes).
     priority: int = 0
+    # Only tokens this grammar allows (guided.py); None: any token.
+    guide: Guide | None = None
+    # Each token's logprob and this many top alternatives (0–20); None: no logprobs. They are
+    # handed to `logprobs(entries)` just before the `emit` of the same tokens.
+    top_logprobs: int | None = None
+    logprobs: Callable[[list[TokenLogprob]], None] | None = None
+
+
+@dataclass(frozen=True)
+class _Masks:
+    pending: Future[None]
+    rows: list[int]
 
 
 @dataclass(eq=False)  # identity: the loop asks `in self._running` per sequence per step
@@ -75,9 +92,11 @@ class _Sequence:
     cached: int = 0  # tokens whose keys/values are in the cache
     generated: list[int] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     keys: list[BlockKey] = field(default_factory=list)  # prefix keys of its full blocks
     reused: int | None = None  # prompt tokens from the prefix cache at first admission
+    matcher: Matcher | None = None  # follows the generated tokens through the request's guide
 
     @property
     def prefill_target(self) -> int:
@@ -105,6 +124,7 @@ class Engine:
         prefill_tokens: int = 512,
         on_change: Callable[[int, int], None] | None = None,
         cuda_graphs: bool = True,
+        guides: Guides | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -123,6 +143,8 @@ class Engine:
             graphs=cuda_graphs,
         )
         self._host = HostCopy(max_batch_size, self.device)
+        self.guides = guides
+        self._guided: GuidedBatch | None = None  # made with the first guided request
         self.context_length = model.spec.context_length
         self._cuda_graphs = cuda_graphs
         self._table_width = context_blocks
@@ -162,6 +184,8 @@ class Engine:
             )
         if request.max_new_tokens < 1:
             raise RequestRejected("request_output_len must be at least 1")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestRejected(f"top_log_probs must be 0 to {MAX_TOP_LOGPROBS}")
         max_new = min(request.max_new_tokens, self.context_length - prompt_length)
         request.max_new_tokens = max_new
         needed = prompt_length + max_new
@@ -172,6 +196,14 @@ class Engine:
             )
         sequence = _Sequence(request, [], list(request.prompt))
         sequence.generator = make_generator(request.sampling, self.device)
+        if request.guide is not None:
+            if self.guides is None:
+                raise RequestRejected("guided_decoding_guide: this engine has no grammar support")
+            sequence.matcher = self.guides.matcher(request.guide)
+            if self._guided is None:
+                self._guided = GuidedBatch(
+                    self.max_batch_size, self.model.spec.vocab_size, self.guides.eos_ids
+                )
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
                 raise QueueFull(
@@ -231,6 +263,8 @@ class Engine:
             )
         self._waiting.clear()
         self._running.clear()
+        if self._guided is not None:
+            self._guided.close()
 
     def abort(self, message: str) -> None:
         """Fail every request now, and every later one, with `message`; the loop ends. Called
@@ -457,6 +491,7 @@ class Engine:
             chunks=chunks,
         )
         rows = torch.tensor([row for _, row in finishing], dtype=torch.long, device=device)
+        masks = self._start_masks([s for s, _ in finishing])
         logits = self.model(
             torch.tensor(tokens, dtype=torch.long, device=device), batch, self.pool.layers, rows
         )
@@ -464,10 +499,11 @@ class Engine:
             sequence.cached = stop
             self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, stop)
         if finishing:
-            self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1))
+            self._sample_and_accept([s for s, _ in finishing], logits, logits.argmax(dim=-1), masks)
 
     def _decode(self, sequences: list[_Sequence]) -> None:
         lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
+        masks = self._start_masks(sequences)
         logits, greedy = self.decoder.run(
             tokens=[s.tokens[-1] for s in sequences],
             positions=[n - 1 for n in lengths],
@@ -479,17 +515,43 @@ class Engine:
         for sequence, length in zip(sequences, lengths, strict=True):
             sequence.cached = length
             self.pool.commit(sequence.blocks, sequence.keys, sequence.tokens, length)
-        self._sample_and_accept(sequences, logits, greedy)
+        self._sample_and_accept(sequences, logits, greedy, masks)
+
+    def _start_masks(self, sequences: list[_Sequence]) -> _Masks | None:
+        """Start computing the guided rows' token masks (on llguidance's threads, while the
+        forward pass that follows runs); None when no row is guided."""
+        guided = [(s.matcher, row) for row, s in enumerate(sequences) if s.matcher is not None]
+        if not guided or self._guided is None:
+            return None
+        pending = self._guided.start(guided)
+        return None if pending is None else _Masks(pending, [row for _, row in guided])
 
     def _sample_and_accept(
-        self, sequences: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor
+        self,
+        sequences: list[_Sequence],
+        logits: torch.Tensor,
+        greedy: torch.Tensor,
+        masks: _Masks | None = None,
     ) -> None:
+        raw = logits
+        if masks is not None and self._guided is not None:
+            logits = self._guided.apply(masks.pending, masks.rows, logits)
+            rows = torch.tensor(masks.rows, dtype=torch.long, device=logits.device)
+            greedy = greedy.clone()
+            greedy[rows] = logits[rows].argmax(dim=-1)
         chosen = sample_batch(
             logits,
             greedy,
             [s.request.sampling for s in sequences],
             [s.generator for s in sequences],
         )
+        asking = [row for row, s in enumerate(sequences) if s.request.top_logprobs is not None]
+        if asking:
+            entries = token_logprobs(
+                raw, chosen, asking, [sequences[row].request.top_logprobs or 0 for row in asking]
+            )
+            for row, entry in zip(asking, entries, strict=True):
+                sequences[row].unsent_logprobs.append(entry)
         for sequence, token in zip(sequences, self._host.tolist(chosen), strict=True):
             self._accept(sequence, token)
 
@@ -498,6 +560,15 @@ class Engine:
     def _accept(self, sequence: _Sequence, token: int) -> None:
         request = sequence.request
         finished = token in request.end_ids
+        matcher = sequence.matcher
+        if matcher is not None and not finished and self.guides is not None:
+            # The grammar ends the answer with any of the tokenizer's end tokens it allowed.
+            finished = token in self.guides.eos_ids
+            if not finished and not matcher.consume_token(token):
+                # The mask allowed a token the matcher then refused (llguidance did so for a
+                # tag spelled out while the vocabulary has it as a token): end the answer here.
+                log.warning("guided request %s: %s", request.request_id, matcher.get_error())
+                finished = True
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
@@ -507,6 +578,8 @@ class Engine:
                 for stop in request.stop_sequences
                 if stop
             )
+            # A grammar that can take nothing more (a regex matched whole) ends the answer.
+            finished = finished or (matcher is not None and matcher.is_stopped())
         else:
             # The end token is not part of the output (as TensorRT-LLM reports it), but the
             # sequence must still look decoded for bookkeeping.
@@ -516,7 +589,13 @@ class Engine:
                 if sequence in self._running:
                     self._running.remove(sequence)
             self.pool.release(sequence.blocks)
+        logprobs = sequence.unsent_logprobs
+        if logprobs and len(logprobs) > len(sequence.unsent):
+            logprobs.pop()  # the end token's: it is not part of the output
         if request.stream or finished:
             out, sequence.unsent = sequence.unsent, []
+            if logprobs and request.logprobs is not None:
+                sequence.unsent_logprobs = []
+                request.logprobs(logprobs)
             if out or finished:
                 request.emit(out, finished)

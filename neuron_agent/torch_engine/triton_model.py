@@ -21,11 +21,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from cortex.guides import GuideType
 from neuron_agent.engines.triton_glue import ResponseWriter
 from neuron_agent.engines.triton_glue import scalar as _scalar
 from neuron_agent.engines.triton_glue import stop_sequences as _stop_sequences
 from neuron_agent.engines.triton_glue import write_stats as _write_stats
 from neuron_agent.torch_engine.errors import EngineError
+from neuron_agent.torch_engine.guided import Guide
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
     build_engine,
@@ -37,6 +39,36 @@ from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 log = logging.getLogger("cortex.engine")
+
+
+def _text(request: Any, name: str) -> str | None:
+    """A STRING [1] input as text (Triton sends BYTES), or None when absent or empty."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size == 0:
+        return None
+    value = values[0]
+    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return text or None
+
+
+def _guide(request: Any) -> Guide | None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide."""
+    kind = _text(request, "guided_decoding_guide_type")
+    if kind is None:
+        return None
+    try:
+        guide_type = GuideType(kind)
+    except ValueError:
+        raise EngineError(
+            f"guided_decoding_guide_type must be one of {', '.join(GuideType)}, not {kind!r}"
+        ) from None
+    guide = _text(request, "guided_decoding_guide") or ""
+    if not guide and guide_type is not GuideType.JSON:
+        raise EngineError(f"guided_decoding_guide is required for {guide_type}")
+    return Guide(guide_type, guide)
 
 
 class TritonPythonModel:
@@ -71,6 +103,9 @@ class TritonPythonModel:
             ),
             # The stub's command line names this file; the neuron finds the ranks by it too.
             label=str(Path(args["model_repository"]) / args["model_version"] / "model.py"),
+            tokenizer_dir=Path(parameters["tokenizer_dir"])
+            if parameters.get("tokenizer_dir")
+            else None,
         )
         # The engine thread wants the GIL back as soon as each step's GPU wait ends; with the
         # default 5 ms switch interval the response thread kept it for milliseconds per step.
@@ -131,6 +166,9 @@ class TritonPythonModel:
         )
         if sampling.temperature < 0 or not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
             raise EngineError("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")
+        top_logprobs = None
+        if _scalar(request, "return_log_probs", False):
+            top_logprobs = int(_scalar(request, "num_top_logprobs", 0))
 
         return GenerationRequest(
             prompt=ids,
@@ -145,6 +183,11 @@ class TritonPythonModel:
             stream=bool(_scalar(request, "streaming", True)),
             request_id=request.request_id(),
             priority=int(_scalar(request, "priority", 0)),
+            guide=_guide(request),
+            top_logprobs=top_logprobs,
+            logprobs=None
+            if top_logprobs is None
+            else lambda entries: self.writer.logprobs(sender, entries),
         )
 
     def finalize(self) -> None:

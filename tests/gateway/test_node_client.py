@@ -40,6 +40,17 @@ def tritonclient_request(
         inputs.append(tensor("seed", np.array([[params.seed]], dtype=np.uint64), "UINT64"))
     if params.return_perf_metrics:
         inputs.append(tensor("return_perf_metrics", np.array([[True]], dtype=bool), "BOOL"))
+    if params.top_logprobs is not None:
+        inputs.append(tensor("return_log_probs", np.array([[True]], dtype=bool), "BOOL"))
+        inputs.append(
+            tensor("num_top_logprobs", np.array([[params.top_logprobs]], dtype=np.int32), "INT32")
+        )
+    if params.guide_type is not None:
+        for name, text in (
+            ("guided_decoding_guide_type", params.guide_type),
+            ("guided_decoding_guide", params.guide or ""),
+        ):
+            inputs.append(tensor(name, np.array([[text.encode()]], dtype=np.object_), "BYTES"))
     return _get_inference_request(
         model_name=model,
         inputs=inputs,
@@ -69,6 +80,14 @@ def tritonclient_request(
             seed=2**63,
         ),
         GenerationParams(max_tokens=8, end_ids=(2,), pad_id=0, return_perf_metrics=True),
+        GenerationParams(
+            max_tokens=8,
+            end_ids=(2,),
+            pad_id=0,
+            top_logprobs=20,
+            guide_type="json_schema",
+            guide='{"type": "object", "properties": {"é": {"enum": ["ü"]}}}',
+        ),
     ],
 )
 def test_the_request_is_what_tritonclient_builds(params: GenerationParams) -> None:
