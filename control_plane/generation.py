@@ -98,8 +98,11 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     """Resolve the model and render the prompt."""
     entry = fleet.resolve(request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
-    prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
+    fewest = tokenizer.fewest_tokens(request)
+    if fewest >= context:  # cannot fit whatever the tokenizer makes of it: do not tokenize
+        raise PromptTooLong(fewest, context, request.max_tokens, at_least=True)
+    prompt = await render(tokenizer, request)
     if len(prompt) >= context:
         raise PromptTooLong(len(prompt), context, request.max_tokens)
     room = context - len(prompt)

@@ -69,6 +69,15 @@ class ModelTokenizer:
         self.backend.no_truncation()
         # transformers sets this before every encode it does; `render` encodes directly.
         self.backend.encode_special_tokens = bool(self.tokenizer.split_special_tokens)
+        # No token stands for more characters than its own spelling has (byte-level and
+        # byte-fallback spellings only ever overstate it), added tokens included.
+        self.longest_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1) or 1
+
+    def fewest_tokens(self, request: ChatRequest) -> int:
+        """A lower bound on the prompt's token count, from its characters alone: each token
+        covers at most `longest_token_chars` of them. Costs microseconds where tokenizing a
+        20 MB prompt costs half a minute, so a prompt that cannot fit is refused before that."""
+        return -(-prompt_chars(request) // self.longest_token_chars)
 
     def render(self, request: ChatRequest) -> list[int]:
         """The prompt's token ids: the chat template over messages and tools."""
@@ -98,6 +107,22 @@ class ModelTokenizer:
 
     def stream_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
+
+
+def prompt_chars(request: ChatRequest) -> int:
+    """Characters of the request's own text that reach the prompt as they are: messages' text,
+    tool names and descriptions (the template adds markup around them). Tool-call arguments are
+    left out: templates re-serialize them, possibly shorter. A template that drops a message's
+    text would make this an overstatement; the templates cortex serves do not."""
+    if request.raw_prompt is not None:
+        return len(request.raw_prompt)
+    size = 0
+    for message in request.messages:
+        size += len(message.content)
+        size += sum(len(call.name) for call in message.tool_calls)
+    for tool in request.tools:
+        size += len(tool.name) + len(tool.description)
+    return size
 
 
 def template_inputs(request: ChatRequest) -> tuple[list[dict[str, Any]], list[Any] | None, bool]:
