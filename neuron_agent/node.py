@@ -123,7 +123,7 @@ class Node:
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
         """Devices for the model, or NodeError 409 with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
-        host = psutil.virtual_memory().available if not devices else 0
+        host = psutil.virtual_memory().available
         return place(profile, estimate, devices, wanted, host)
 
     def _stub_processes(self, name: str) -> list[psutil.Process]:

@@ -194,6 +194,7 @@ class TritonPythonModel:
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
             kv_cache_dtype=parameters.get("kv_cache_dtype", "auto"),
+            host_kv_cache_bytes=int(parameters.get("host_kv_cache_bytes", "0") or "0"),
             batch_invariant=parameters.get("batch_invariant", "false") == "true",
             tp=int(parameters.get("tp", "1") or "1"),
             devices=rank_devices(
