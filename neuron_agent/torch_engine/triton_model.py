@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,30 @@ def _send(sender: Any, outgoing: _Outgoing) -> None:
         log.debug("response not delivered", exc_info=True)
 
 
+def _prefix_hit_counter(args: dict[str, str]) -> Callable[[int, int], None]:
+    """Prompt tokens read from the prefix cache, by tier, as a Triton metric (the neuron
+    re-exports Triton's metrics): `cortex_engine_cached_prompt_tokens{tier="gpu"|"host"}`."""
+    family = pb_utils.MetricFamily(
+        name="cortex_engine_cached_prompt_tokens",
+        description="Prompt tokens read from the prefix cache instead of computed, by tier",
+        kind=pb_utils.MetricFamily.COUNTER,
+    )
+    labels = {"model": args["model_name"], "version": args["model_version"]}
+    tiers = {tier: family.Metric(labels={**labels, "tier": tier}) for tier in ("gpu", "host")}
+
+    def count(gpu_tokens: int, host_tokens: int, family: Any = family) -> None:
+        # `family` rides along: Triton drops the metrics of a family that is collected.
+        try:
+            if gpu_tokens:
+                tiers["gpu"].increment(gpu_tokens)
+            if host_tokens:
+                tiers["host"].increment(host_tokens)
+        except Exception:  # a metric must never fail a request
+            log.debug("prefix-cache metric not counted", exc_info=True)
+
+    return count
+
+
 class TritonPythonModel:
     engine: Engine
     writer: ResponseWriter
@@ -213,6 +238,7 @@ class TritonPythonModel:
             # One sentence in Triton's load error, not a traceback.
             raise pb_utils.TritonModelException(str(error)) from None
         self.default_end_ids = frozenset(self.engine.model.spec.eos_token_ids)
+        self.engine.on_prefix_hit = _prefix_hit_counter(args)
         stats_path = parameters.get("stats_path")
         if stats_path:
             engine = self.engine

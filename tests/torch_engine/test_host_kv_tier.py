@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 import torch
 
 from cortex.config import ModelProfile
+from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
 from neuron_agent.repository import render
 from neuron_agent.torch_engine.checkpoint import read_spec
 from neuron_agent.torch_engine.kv_cache import BlockPool
@@ -160,3 +163,46 @@ def test_the_setting_reaches_both_engines_templates(tiny_model: Path, tmp_path: 
     text = files["config.pbtxt"].decode()
     line = next(x for x in text.splitlines() if '"kv_cache_host_memory_bytes"' in x)
     assert f'string_value: "{2 * 2**30}"' in line
+
+
+def test_a_host_tier_hit_is_reported_as_cached_through_the_gateway(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A real neuron (tritonserver, the torch engine on CPU) and gateway, the official SDK as
+    the client: a conversation whose prefix the pool evicted comes back from the host tier, the
+    usage the client reads counts it as cached, and the neuron's metrics say it came from host."""
+    words = "harbour lamp tide rope gull anchor sail mast keel deck ".split()
+    texts = [" ".join(words[(i + s) % len(words)] for i in range(110)) for s in range(3)]
+    profile = ModelProfile(
+        name="tiny-tiered",
+        source=str(tiny_model),
+        kv_cache_tokens=512,
+        max_batch_size=1,
+        host_kv_cache_gib=0.0625,
+    )
+    node = loopback_neuron(tmp_path / "node", "node", [profile])
+    with running_neuron(node) as neuron:
+        config = loopback_gateway({"node": neuron.url}, poll_interval_s=0.5)
+        with running_gateway(tmp_path / "cortex.toml", config, neurons_up=True) as gateway:
+            client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="-", max_retries=0)
+            usages = []
+            for text in [*texts, texts[0]]:
+                reply = client.chat.completions.create(
+                    model="tiny-tiered",
+                    messages=[{"role": "user", "content": text}],
+                    max_tokens=4,
+                    temperature=0,
+                )
+                assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+                usages.append(reply.usage)
+            metrics = httpx.get(f"{neuron.url}/metrics").text
+    first, again = usages[0], usages[3]
+    assert first.prompt_tokens_details is not None and again.prompt_tokens_details is not None
+    assert 250 < first.prompt_tokens < 400 and first.prompt_tokens_details.cached_tokens == 0
+    assert again.prompt_tokens_details.cached_tokens == (first.prompt_tokens - 1) // BLOCK * BLOCK
+    host = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("cortex_engine_cached_prompt_tokens") and 'tier="host"' in line
+    ]
+    assert host and float(host[0].rsplit(" ", 1)[1]) > 0, metrics[-2000:]
