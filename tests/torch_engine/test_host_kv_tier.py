@@ -171,7 +171,7 @@ def test_a_host_tier_hit_is_reported_as_cached_through_the_gateway(
     """A real neuron (tritonserver, the torch engine on CPU) and gateway, the official SDK as
     the client: a conversation whose prefix the pool evicted comes back from the host tier, the
     usage the client reads counts it as cached, and the neuron's metrics say it came from host."""
-    words = "harbour lamp tide rope gull anchor sail mast keel deck ".split()
+    words = ["harbour", "lamp", "tide", "rope", "gull", "anchor", "sail", "mast", "keel", "deck"]
     texts = [" ".join(words[(i + s) % len(words)] for i in range(110)) for s in range(3)]
     profile = ModelProfile(
         name="tiny-tiered",
