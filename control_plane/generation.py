@@ -33,6 +33,7 @@ from control_plane.errors import (
     CortexError,
     InvalidRequest,
     ModelNotFound,
+    NodeUnavailable,
     PromptTooLong,
     UpstreamFailed,
 )
@@ -47,7 +48,7 @@ from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.config import EngineKind
-from cortex.neuron_api import CatalogueEntry
+from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
 
@@ -229,9 +230,9 @@ async def generate(
             node,
             failed.error.message,
         )
-        if isinstance(failed.error, ModelNotFound):
-            await fleet.poll(node)  # the model left that node (unloaded): look again
-        else:
+        # A model that left the node (unloaded, its engine retired) is looked for elsewhere; a
+        # node that failed is marked down. A fresh look at the node tells the two apart.
+        if isinstance(failed.error, NodeUnavailable) or not await fleet.model_left(node, model):
             fleet.node_failed(node, failed.error.message)
         node = ""
 
@@ -303,11 +304,11 @@ async def _stream(
                             break
             finally:
                 await stream.aclose()
-        record.outcome = "ok"
+        record.outcome = RequestOutcome.OK
         for event in output.finish():
             yield event
     except (GeneratorExit, asyncio.CancelledError):
-        record.outcome = "cancelled"
+        record.outcome = RequestOutcome.CANCELLED
         raise
     except CortexError as error:
         if not (may_retry and _retryable(error, record, deadline)):
@@ -317,7 +318,7 @@ async def _stream(
     except Exception as error:  # a node failing mid-stream ends the stream with an error
         failure = UpstreamFailed(f"{model} on {node} failed: {error}")
         if not (may_retry and _retryable(failure, record, deadline)):
-            record.outcome = "api_error"
+            record.outcome = RequestOutcome.API_ERROR
             raise failure from error
         retry = _Retry(failure)
     finally:

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from control_plane.routing import FleetSnapshot, NodeView, busy
 from cortex.config import EvictionStrategy, ScalingSection
-from cortex.neuron_api import CatalogueEntry, LoadedModel
+from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,14 @@ class Placement:
 
 @dataclass(frozen=True)
 class Refusal:
+    """No node takes the model now. `wait`: what stands in the way changes by itself (a load or
+    unload under way, requests in flight), so the caller waits for the fleet to change and plans
+    again (bounded by its load timeout) rather than failing; without it the fleet cannot hold
+    the model as it is configured (too large, or only pinned models in the way)."""
+
     reason: str
     blocked_by_pinned: bool = False
+    wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -
         pinned=pinned,
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
-        ready=model.state == "READY",
+        ready=model.state == ModelState.READY,
     )
 
 
@@ -180,6 +185,7 @@ def _eviction_for(
     order: VictimOrder,
     eligible: Callable[[Resident], bool] | None = None,
 ) -> tuple[Resident, ...] | Refusal:
+    assert node.status is not None  # callers pass up nodes with a status
     devices = _devices(node)
     loaded = [r for r in residents(node) if r.name]
     movable = [
@@ -199,8 +205,9 @@ def _eviction_for(
             devices.free[gpu] = devices.free.get(gpu, 0) + share
     if devices.fits(need, tp):
         return tuple(victims)
-    # Would it fit if the untouchable ones left too? Then say who stands in the way.
-    everything = _devices(node)
+    # Would it fit if the untouchable ones left too (and loads this gateway has under way
+    # here were not counted)? Then say who stands in the way.
+    everything = _Devices({g.index: g.memory_free_bytes for g in node.status.gpus})
     for resident in loaded:
         for gpu in resident.gpus:
             everything.free[gpu] = everything.free.get(gpu, 0) + resident.bytes // max(
@@ -215,6 +222,7 @@ def _eviction_for(
         if r.ready and (r.in_flight or r.name in node.leaving) and not r.pinned
     ]
     changing = [r.name for r in loaded if not r.ready and not r.pinned]
+    changing += sorted(set(node.loading) - {r.name for r in loaded})
     if pinned and not in_use and not changing:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
@@ -227,7 +235,8 @@ def _eviction_for(
     if changing:
         reasons.append(f"loading or unloading: {', '.join(changing)}")
     return Refusal(
-        f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})"
+        f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})",
+        wait=True,
     )
 
 
@@ -235,6 +244,7 @@ def plan_placement(
     snapshot: FleetSnapshot,
     model: str,
     strategy: EvictionStrategy,
+    now: float,
     value: Callable[[Resident], float] | None = None,
     exclude: frozenset[str] = frozenset(),
     eligible: Callable[[Resident], bool] | None = None,
@@ -242,6 +252,10 @@ def plan_placement(
     """Every node that can take the model, best first, each with what must leave for it.
     When some node takes it without evicting anything, only such nodes are listed: no plan
     that evicts can be cheaper, and the eviction search is skipped.
+
+    Every up node that may serve the model is considered. The refusal, when no node takes it,
+    says whether waiting helps (`Refusal.wait`): a copy is being loaded or unloaded somewhere,
+    or some node would have room once its loads, unloads or requests in flight are done.
 
     `value` says what keeping a model is worth (never negative): victims are the least
     valuable, and among nodes the one losing the least value wins (after the fewest victims);
@@ -253,21 +267,34 @@ def plan_placement(
 
     options: list[tuple[tuple[float, ...], Placement]] = []
     crowded: list[tuple[NodeView, CatalogueEntry]] = []
+    refusals: list[Refusal] = []
     for node in snapshot.nodes:
         entry = node.catalogue().get(model)
         if entry is None or node.status is None or node.name in exclude:
             continue
-        if model in node.loaded or model in node.loading:
-            continue  # there (or on its way) already
+        reported = node.loaded.get(model)
+        if model in node.loading or (reported is not None and reported.state == ModelState.LOADING):
+            refusals.append(Refusal(f"{model} is being loaded on {node.name}", wait=True))
+            continue
+        if model in node.leaving or (
+            reported is not None and reported.state == ModelState.UNLOADING
+        ):
+            refusals.append(Refusal(f"{model} is being unloaded on {node.name}", wait=True))
+            continue
+        if reported is not None and reported.state == ModelState.READY:
+            if model in node.draining:
+                refusals.append(Refusal(f"{model} is being moved off {node.name}", wait=True))
+            continue  # there already (a replica the caller excluded, or not yet routed to)
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
-        elif node.fits(entry.estimated_bytes // entry.profile.tp, entry.profile.tp):
-            left = node.free_bytes() - entry.estimated_bytes
+        elif reported is not None or node.fits(
+            entry.estimated_bytes // entry.profile.tp, entry.profile.tp
+        ):
+            # (A copy Triton lost is reloaded into the memory it still holds.)
+            left = node.free_bytes() - (0 if reported else entry.estimated_bytes)
             options.append(((0, 0, 0, -left), Placement(node.name)))
         else:
             crowded.append((node, entry))
-    refusals: list[Refusal] = []
-    now = time.time()
 
     # Branch and bound: a plan evicts at least one model, and none of its victims has been idle
     # longer than the node's longest-idle evictable model. Nodes are tried best bound first and
@@ -305,8 +332,11 @@ def plan_placement(
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
     if not refusals:
         return Refusal(f"no node that may serve {model} is up")
-    pinned_only = all(r.blocked_by_pinned for r in refusals)
-    return Refusal("; ".join(r.reason for r in refusals), pinned_only)
+    return Refusal(
+        "; ".join(r.reason for r in refusals),
+        blocked_by_pinned=all(r.blocked_by_pinned for r in refusals),
+        wait=any(r.wait for r in refusals),
+    )
 
 
 def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
@@ -476,6 +506,7 @@ def plan_scaling(
                 snapshot,
                 model,
                 strategy,
+                now,
                 exclude=frozenset(placed),
                 eligible=lambda r: now - r.last_used >= window.window_s,
             )

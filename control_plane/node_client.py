@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +20,15 @@ from pydantic import BaseModel, ValidationError
 
 from control_plane.errors import (
     CortexError,
-    ModelNotFound,
+    InvalidRequest,
+    ModelUnavailable,
     NodeUnavailable,
     Overloaded,
     UpstreamFailed,
 )
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
+from cortex.engine_errors import EngineErrorKind, parse_engine_error
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
 from cortex.secrets import TRITON_GRPC_KEY_METADATA, triton_key
 
@@ -75,8 +78,8 @@ class NeuronClient:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            if response.status_code == 404:
-                raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
+            if response.status_code == 404:  # the model is not there (not loaded, not served)
+                raise ModelUnavailable(f"neuron {self.neuron.name}: {message}")
             if response.status_code == 409:
                 raise Overloaded(f"neuron {self.neuron.name}: {message}")
             raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
@@ -318,9 +321,20 @@ class Generation:
             self._call.cancel()
 
 
-def _translate(message: str, model: str) -> CortexError:
-    if "queue is full" in message:
-        return Overloaded(f"{model}: {message}")
-    if "unknown model" in message.lower() or "is not ready" in message.lower():
-        return ModelNotFound(model)
-    return UpstreamFailed(f"{model}: {message}")
+# What each engine error kind (`cortex.engine_errors`) is to a client: the one table.
+_ENGINE_ERRORS: dict[EngineErrorKind | None, Callable[[str], CortexError]] = {
+    EngineErrorKind.OVERLOADED: Overloaded,
+    EngineErrorKind.INVALID: InvalidRequest,
+    EngineErrorKind.UNAVAILABLE: ModelUnavailable,
+    EngineErrorKind.FAILED: UpstreamFailed,
+    # No code: Triton's own error (a model it does not hold, one not ready) or an engine's
+    # without one. The request is retried on another node before its first token, and the
+    # fleet looks at the node's state to tell a model that left from a node that failed.
+    None: UpstreamFailed,
+}
+
+
+def _translate(text: str, model: str) -> CortexError:
+    """An engine's error text → the gateway's error, by its code alone (never its words)."""
+    kind, message = parse_engine_error(text)
+    return _ENGINE_ERRORS[kind](f"{model}: {message}")

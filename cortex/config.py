@@ -31,8 +31,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:31314"
 DEFAULT_NEURON_LISTEN = "127.0.0.1:13131"
 
 
-class ConfigError(Exception):
-    """A configuration file is missing, unreadable or invalid. `str()` is one line for a human."""
+class ConfigError(ValueError):
+    """A configuration file (ours, or a checkpoint's config.json: `cortex.hf_config`) is
+    missing, unreadable or invalid. `str()` is one line for a human."""
 
 
 class _Config(BaseModel):

@@ -9,15 +9,56 @@
 
 Responses are read by gateways that may be newer or older than the neuron, so these models
 ignore unknown fields.
+
+The states and kinds both sides share are enums here (string-valued, so the wire is unchanged):
+the neuron sets them, the gateway compares against them, and neither spells a literal.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from cortex.config import ModelProfile
+
+
+class ModelState(enum.StrEnum):
+    """A loaded model's state, as /status reports it."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
+
+
+class TritonState(enum.StrEnum):
+    """The node's tritonserver, as its supervisor sees it."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    LIVE = "live"
+    RESTARTING = "restarting"
+
+
+class EvictionReason(enum.StrEnum):
+    """Why the gateway unloaded a model (the `reason` label of `cortex_evictions_total`)."""
+
+    MAKE_ROOM = "make_room"  # a cold load needed its memory
+    IDLE_TTL = "idle_ttl"
+    SCALE_OUT = "scale_out"  # a new replica needed its memory
+    SCALE_IN = "scale_in"
+    DEFRAG = "defrag"
+
+
+class RequestOutcome(enum.StrEnum):
+    """How a request ended (the `outcome` label of `cortex_requests_total` and the request log);
+    a refused or failed one is the error's kind (`control_plane.errors`) instead."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    API_ERROR = "api_error"
 
 
 class _Wire(BaseModel):
@@ -43,7 +84,7 @@ class GpuInfo(_Wire):
 
 class LoadedModel(_Wire):
     name: str
-    state: str  # READY | LOADING | UNLOADING | UNAVAILABLE
+    state: ModelState
     engine: str
     quantization: str
     tp: int
@@ -76,7 +117,7 @@ class CatalogueEntry(_Wire):
 
 
 class TritonInfo(_Wire):
-    state: str  # starting | live | restarting | stopped
+    state: TritonState
     http_url: str
     grpc_url: str
     metrics_url: str

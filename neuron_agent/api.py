@@ -29,7 +29,7 @@ from cortex import logs
 from cortex.config import NeuronConfig
 from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
 from cortex.secrets import secret_matches
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import BadRequest, NodeError
 from neuron_agent.node import Node
 
 log = logging.getLogger("cortex.neuron.api")
@@ -45,15 +45,15 @@ def _parse(model: type[BaseModel], request: Request) -> Any:
     try:
         body = json.loads(request.body or b"null")
     except ValueError:
-        raise NodeError(400, "the body is not valid JSON") from None
+        raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise NodeError(400, 'the body must be a JSON object such as {"model": "name"}')
+        raise BadRequest('the body must be a JSON object such as {"model": "name"}')
     try:
         return model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise NodeError(400, f"{where}: {first['msg']}") from None
+        raise BadRequest(f"{where}: {first['msg']}") from None
 
 
 def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:

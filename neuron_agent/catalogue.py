@@ -13,7 +13,7 @@ from pathlib import Path
 from cortex.config import EngineKind, KVCacheDtype, ModelProfile, NeuronConfig
 from cortex.neuron_api import CatalogueEntry, TokenizerFiles
 from cortex.tokenizer_files import cached_gguf_tokenizer
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import ModelUnknown, UnsupportedModel
 from neuron_agent.torch_engine.checkpoint import (
     ModelSpec,
     estimate_weight_bytes,
@@ -120,7 +120,7 @@ class Catalogue:
         try:
             return self.profiles[name]
         except KeyError:
-            raise NodeError(404, f"model {name!r} is not in this node's catalogue") from None
+            raise ModelUnknown(f"model {name!r} is not in this node's catalogue") from None
 
     def tokenizer_folder(self, profile: ModelProfile) -> Path:
         """The profile's tokenizer folder; a GGUF source's is made from its metadata once (it
@@ -139,21 +139,21 @@ class Catalogue:
                 self.context_length(profile),
             )
         except (OSError, ValueError) as error:
-            raise NodeError(422, f"{profile.name}: no tokenizer from {source}: {error}") from None
+            raise UnsupportedModel(f"{profile.name}: no tokenizer from {source}: {error}") from None
 
     def tokenizer_files(self, name: str) -> TokenizerFiles:
         profile = self.profile(name)
         try:
             folder = self.tokenizer_folder(profile)
         except UnsupportedCheckpoint as error:
-            raise NodeError(422, f"{name}: {error}") from None
+            raise UnsupportedModel(f"{name}: {error}") from None
         files = {}
         for file_name in TOKENIZER_FILES:
             path = folder / file_name
             if path.exists():
                 files[file_name] = path.read_text(encoding="utf-8")
         if "tokenizer.json" not in files:
-            raise NodeError(422, f"{name}: no tokenizer.json in {folder}")
+            raise UnsupportedModel(f"{name}: no tokenizer.json in {folder}")
         spec = self.spec_of(profile)
         generation = json.loads(files.get("generation_config.json", "{}"))
         eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])

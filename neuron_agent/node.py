@@ -12,7 +12,6 @@ result says so.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
@@ -21,27 +20,35 @@ from dataclasses import dataclass, field
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from cortex.neuron_api import (
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+    UnloadResult,
+)
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import (
+    ModelBusy,
+    ModelNotLoaded,
+    RepositoryError,
+    TritonError,
+    TritonNotRestarted,
+    UnsupportedModel,
+)
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
-from neuron_agent.repository import RepositoryError, materialise, render
+from neuron_agent.repository import materialise, render
 from neuron_agent.torch_engine.checkpoint import read_spec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.triton import TritonError, TritonSupervisor
+from neuron_agent.triton import TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
 
-
-class ModelState(enum.StrEnum):
-    """A loaded model's state, as /status reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
+# How often the node looks for models whose engine failed, to retire them.
+ENGINE_WATCH_S = 1.0
 
 
 @dataclass
@@ -76,6 +83,7 @@ class Node:
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -103,8 +111,11 @@ class Node:
         specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
         await specs
+        self._watcher = asyncio.create_task(self._watch_engines())
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._loads.values():
             task.cancel()
         await self.supervisor.stop()
@@ -121,7 +132,7 @@ class Node:
         )
 
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
-        """Devices for the model, or NodeError 409 with the numbers."""
+        """Devices for the model, or NoRoom (409) with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
         host = psutil.virtual_memory().available
         return place(profile, estimate, devices, wanted, host)
@@ -212,7 +223,7 @@ class Node:
             try:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
-                raise NodeError(422, f"{name}: {error}") from None
+                raise UnsupportedModel(f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -234,8 +245,8 @@ class Node:
                 stats_path,
             )
         except (RepositoryError, OSError) as error:
-            raise NodeError(
-                500, f"{name}: its Triton model directory cannot be made: {error}"
+            raise RepositoryError(
+                f"{name}: its Triton model directory cannot be made: {error}"
             ) from None
         # Registered from here on, so concurrent placements count its memory; whatever ends
         # the load early (an error of any kind, a cancellation) takes the entry away again.
@@ -249,7 +260,7 @@ class Node:
             await self.supervisor.load(name)
         except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
-            raise NodeError(502, f"Triton could not load {name}: {error}") from None
+            raise TritonError(f"Triton could not load {name}: {error}") from None
         except BaseException:
             self.loaded.pop(name, None)
             raise
@@ -267,11 +278,10 @@ class Node:
             await asyncio.gather(task, return_exceptions=True)
         entry = self.loaded.get(name)
         if entry is None:
-            raise NodeError(404, f"model {name!r} is not loaded on this node")
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
         in_flight = await self.in_flight(name)
         if in_flight and not force:
-            raise NodeError(
-                409,
+            raise ModelBusy(
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
@@ -280,7 +290,7 @@ class Node:
             await self.supervisor.unload(name)
         except TritonError as error:
             entry.state = ModelState.READY
-            raise NodeError(502, f"Triton could not unload {name}: {error}") from None
+            raise TritonError(f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
         released = await self._memory_returned(entry)
@@ -290,8 +300,8 @@ class Node:
             try:
                 await self.supervisor.restart()
             except TritonError as error:
-                raise NodeError(
-                    503, f"{name} unloaded, but Triton was not restarted: {error}"
+                raise TritonNotRestarted(
+                    f"{name} unloaded, but Triton was not restarted: {error}"
                 ) from None
             await self._reload_after_restart()
             restarted = True
@@ -312,6 +322,19 @@ class Node:
             except TritonError as error:
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
+
+    async def _watch_engines(self) -> None:
+        """Retire, within a second, every READY model whose engine says it failed (a rank
+        died): reports only show such a model UNAVAILABLE; the change happens here."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            self.retire_failed_engines()
+
+    def retire_failed_engines(self) -> None:
+        """One look for READY models whose engine failed; each found is retired."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.READY and self._engine_failure(name):
+                self._retire_failed(name, entry)
 
     def _retire_failed(self, name: str, entry: _Loaded) -> None:
         """Mark a model whose engine failed (a rank died) UNAVAILABLE with the engine's reason,
@@ -412,15 +435,21 @@ class Node:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
         either) and, from its model statistics, about the last inference, for every engine;
         the requests in flight are the engine's count (`_in_flight`)."""
-        if entry.state is ModelState.READY and self._engine_failure(name):
-            # The one change a report makes: a dead rank's model is retired (and unloaded) at
-            # once, so the gateway sees it failed instead of routing to it.
-            self._retire_failed(name, entry)
         state, reason = entry.state, entry.reason
+        failure = self._engine_failure(name) if state is ModelState.READY else None
+        if failure is not None:
+            # A dead rank's model: reported failed at once, so the gateway stops routing to it;
+            # `_watch_engines` retires it (a report changes nothing).
+            state, reason = ModelState.UNAVAILABLE, failure
         last_inference = None
-        if self.supervisor.state == "live" and entry.state in (
-            ModelState.READY,
-            ModelState.UNAVAILABLE,
+        if (
+            self.supervisor.state is TritonState.LIVE
+            and state
+            in (
+                ModelState.READY,
+                ModelState.UNAVAILABLE,
+            )
+            and failure is None
         ):
             ready = await self.supervisor.is_ready(name)
             if entry.state is ModelState.READY and not ready:

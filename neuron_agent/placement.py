@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from cortex.config import ModelProfile
 from cortex.neuron_api import GpuInfo
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import NoRoom
 
 GIB = 2**30
 
@@ -32,15 +32,14 @@ def place(
     host_available: int,
 ) -> list[int]:
     """The devices for the model (the emptiest that fit; [] on a node without devices, where
-    host memory is what counts), or NodeError 409 with the numbers. The prefix cache's host
+    host memory is what counts), or NoRoom (409) with the numbers. The prefix cache's host
     tier (`host_kv_cache_gib`) is host memory on any node."""
     host_needed = profile.host_kv_cache_bytes + (0 if devices else estimate)
     if host_needed > host_available:
-        raise NodeError(
-            409,
-            f"{profile.name} needs about {host_needed / GIB:.2f} GiB of host memory "
-            f"(host_kv_cache_gib {profile.host_kv_cache_gib:g}); this node has "
-            f"{host_available / GIB:.2f} GiB of memory available",
+        tier = f" (host_kv_cache_gib {profile.host_kv_cache_gib:g})" if devices else ""
+        raise NoRoom(
+            f"{profile.name} needs about {host_needed / GIB:.2f} GiB{tier}; "
+            f"this node has {host_available / GIB:.2f} GiB of memory available",
             needed_bytes=host_needed,
             free_bytes=host_available,
         )
@@ -54,8 +53,7 @@ def place(
     )
     if len(fitting) < profile.tp:
         free = {d.index: d.memory_free_bytes for d in candidates}
-        raise NodeError(
-            409,
+        raise NoRoom(
             f"{profile.name} needs {share / GIB:.2f} GiB on each of {profile.tp} device(s); "
             "free per device: " + ", ".join(f"{i}: {b / GIB:.2f} GiB" for i, b in free.items()),
             needed_bytes_per_device=share,

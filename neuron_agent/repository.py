@@ -15,10 +15,7 @@ from pathlib import Path
 
 from cortex.config import EngineKind, ModelProfile
 from model_repo_templates import TEMPLATES_DIR, TENSORRT_LLM_DEFAULTS
-
-
-class RepositoryError(Exception):
-    """A template could not be filled or written."""
+from neuron_agent.errors import RepositoryError
 
 
 def fill(template: str, values: dict[str, str], source: str) -> str:

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuron_agent.torch_engine.errors import RequestRejected
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
@@ -140,7 +141,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
         if self.failure is not None:
-            raise RequestRejected(self.failure)
+            raise EngineUnavailable(self.failure)
         prompt_length = len(request.prompt)
         if prompt_length == 0:
             raise RequestRejected("the prompt is empty")
@@ -162,7 +163,7 @@ class Engine:
         sequence.generator = make_generator(request.sampling, self.device)
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
-                raise RequestRejected(
+                raise QueueFull(
                     f"the request queue is full ({self.max_queue_size} waiting); try again later"
                 )
             self._waiting.append(sequence)
@@ -186,7 +187,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=10)
         for sequence in [*self._waiting, *self._running]:
-            sequence.request.fail("the model is being unloaded")
+            sequence.request.fail(
+                tag_engine_error(EngineErrorKind.UNAVAILABLE, "the model is being unloaded")
+            )
         self._waiting.clear()
         self._running.clear()
 
@@ -202,7 +205,7 @@ class Engine:
             self._running = []
             self._wake.notify()
         for sequence in doomed:
-            sequence.request.fail(message)
+            sequence.request.fail(tag_engine_error(EngineErrorKind.UNAVAILABLE, message))
         self._report()
 
     @torch.inference_mode()
@@ -262,7 +265,7 @@ class Engine:
             failed, self._running = self._running, []
         for sequence in failed:
             self.pool.release(sequence.blocks)
-            sequence.request.fail(message)
+            sequence.request.fail(tag_engine_error(EngineErrorKind.FAILED, message))
 
     @torch.inference_mode()
     def step(self) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.torch_engine.errors import EngineError
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
@@ -259,9 +260,11 @@ class TritonPythonModel:
             try:
                 self.engine.submit(self._generation_request(request, sender))
             except EngineError as error:
-                self.writer.error(sender, str(error))
+                self.writer.error(sender, tag_engine_error(error.kind, str(error)))
             except Exception as error:  # malformed tensors: answer, never crash the stub
-                self.writer.error(sender, f"bad request: {error}")
+                self.writer.error(
+                    sender, tag_engine_error(EngineErrorKind.INVALID, f"bad request: {error}")
+                )
         return None
 
     def _generation_request(self, request: Any, sender: Any) -> GenerationRequest:
