@@ -139,10 +139,11 @@ class PromptMemo:
     Exact, not approximate: a tokenizer cuts its input at added tokens first and tokenizes the
     pieces between them apart, so the ids before an added token that lies wholly inside the
     part both texts share are the same ids for both. The new text is tokenized from the last
-    such token on.
+    such token on. Memory: at most `size` conversations, each its text and 4 bytes an id
+    (a 20k-token Claude Code prompt: about 160 kB).
     """
 
-    def __init__(self, backend: Any, added_ids: set[int], size: int = 128) -> None:
+    def __init__(self, backend: Any, added_ids: set[int], size: int = 64) -> None:
         self.backend = backend
         self.added_ids = added_ids
         self.size = size
@@ -170,7 +171,7 @@ class PromptMemo:
                 starts.append(start + first)
                 ends.append(start + last)
                 indices.append(index + position)
-        ids = array("l", previous.ids[:index]) if previous is not None else array("l")
+        ids = array("i", previous.ids[:index]) if previous is not None else array("i")
         ids.extend(tail)
         with self._lock:
             self._recent[conversation] = _Rendered(text, ids, starts, ends, indices)
