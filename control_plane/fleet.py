@@ -56,10 +56,12 @@ from control_plane.lifecycle import (
     Resident,
     ScaleIn,
     idle_expired,
+    idle_sleepers,
     pinned_missing,
     plan_defrag,
     plan_placement,
     plan_scaling,
+    resident_for,
 )
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
@@ -93,6 +95,7 @@ class NodeClient(Protocol):
     async def status(self, timeout: float) -> NeuronStatus: ...
     async def load(self, model: str) -> LoadedModel: ...
     async def unload(self, model: str, force: bool = False) -> Any: ...
+    async def sleep(self, model: str) -> LoadedModel: ...
     async def tokenizer(self, model: str) -> TokenizerFiles: ...
     async def close(self) -> None: ...
 
@@ -221,6 +224,7 @@ class Fleet:
         for gpu in status.gpus:
             self.metrics.memory_used.labels(name, str(gpu.index)).set(gpu.memory_used_bytes)
             self.metrics.memory_free.labels(name, str(gpu.index)).set(gpu.memory_free_bytes)
+        self._record_tiers(name, status)
         node.missed = 0
         if node.status is None or node.status.catalogue != status.catalogue:
             self._merged = None
@@ -237,6 +241,17 @@ class Fleet:
             if node.triton is not None:
                 await node.triton.close()
             node.triton = TritonStream.for_neuron(grpc_url, node.client.neuron)
+
+    def _record_tiers(self, name: str, status: NeuronStatus) -> None:
+        """The tier gauge: 1 for the tier each model copy on the node is in, 0 for the other
+        (and for both once a copy has left)."""
+        tiers = {m.name: m.state for m in status.loaded}
+        node = self.nodes[name]
+        for model in node.tiered | set(tiers):
+            state = tiers.get(model)
+            self.metrics.tier.labels(model, name, "loaded").set(state == ModelState.READY)
+            self.metrics.tier.labels(model, name, "asleep").set(state == ModelState.ASLEEP)
+        node.tiered = set(tiers)
 
     def _set_down(self, name: str, reason: str) -> None:
         node = self.nodes[name]
@@ -355,13 +370,15 @@ class Fleet:
                 log.info("%s is being loaded on %s already; waiting for it", model, elsewhere)
                 await self.load(elsewhere, model)  # the neuron joins the load under way
                 return elsewhere
+            now = time.time()
             plan = plan_placement(
                 snapshot,
                 model,
                 self.config.eviction.strategy,
-                time.time(),
+                now,
                 self._worth(),
                 exclude=attempts.exclude(),
+                eligible=resident_for(self.config.eviction.min_resident_s, now),
             )
             step = attempts.next_step(plan, time.monotonic())
             if isinstance(step, GiveUp):
@@ -419,7 +436,10 @@ class Fleet:
         member.leaving.update(v.name for v in placement.victims)
         try:
             for victim in placement.victims:
-                await self.unload(victim.node, victim.name, reason)
+                if victim.name in placement.sleepers:
+                    await self.sleep(victim.node, victim.name, reason)
+                else:
+                    await self.unload(victim.node, victim.name, reason)
             await self.load(placement.node, model)
         finally:
             member.loading.pop(model, None)
@@ -427,6 +447,10 @@ class Fleet:
             self._notify()
 
     async def load(self, node: str, model: str) -> None:
+        """Load the model there; the neuron wakes it instead where it sleeps."""
+        status = self.nodes[node].status
+        reported = next((m for m in status.loaded if m.name == model), None) if status else None
+        waking = reported is not None and reported.state == ModelState.ASLEEP
         started = time.monotonic()
         try:
             await self.nodes[node].client.load(model)
@@ -434,10 +458,37 @@ class Fleet:
             self.metrics.loads.labels(model, node, "error").inc()
             raise
         seconds = time.monotonic() - started
-        self.metrics.loads.labels(model, node, "ok").inc()
-        self.metrics.load_seconds.labels(model, node).observe(seconds)
-        log.info("loaded %s on %s in %.2f s", model, node, seconds)
+        if waking:
+            self.metrics.wakes.labels(model, node).inc()
+            self.metrics.wake_seconds.labels(model, node).observe(seconds)
+            log.info("woke %s on %s in %.2f s", model, node, seconds)
+        else:
+            self.metrics.loads.labels(model, node, "ok").inc()
+            self.metrics.load_seconds.labels(model, node).observe(seconds)
+            log.info("loaded %s on %s in %.2f s", model, node, seconds)
         await self.poll(node)
+
+    async def sleep(self, node: str, model: str, reason: EvictionReason) -> None:
+        """Put the model to sleep there; where the neuron refuses (requests arrived meanwhile,
+        its host budget filled, its engine cannot), unload it instead."""
+        member = self.nodes[node]
+        member.leaving.add(model)
+        try:
+            try:
+                await member.client.sleep(model)
+            except ModelUnavailable:
+                log.info("%s had left %s already", model, node)
+            except CortexError as error:
+                log.info("%s did not sleep on %s (%s): unloading it", model, node, error.message)
+                await self.unload(node, model, reason)
+                return
+            else:
+                self.metrics.sleeps.labels(model, node, reason).inc()
+                log.info("put %s to sleep on %s (%s)", model, node, reason)
+            await self.poll(node)
+        finally:
+            member.leaving.discard(model)
+            self._notify()
 
     async def unload(self, node: str, model: str, reason: EvictionReason) -> None:
         member = self.nodes[node]
@@ -538,6 +589,11 @@ class Fleet:
         """Idle TTLs now; every `defrag_after_cycles` cycles one re-packing move; pinned models
         that are still missing are tried again."""
         self.cycles += 1
+        for resident in idle_sleepers(self.snapshot(), time.time()):
+            try:
+                await self.sleep(resident.node, resident.name, EvictionReason.IDLE_SLEEP)
+            except CortexError as error:
+                log.warning("idle sleep of %s failed: %s", resident.name, error.message)
         for resident in idle_expired(self.snapshot(), time.time()):
             try:
                 await self.unload(resident.node, resident.name, EvictionReason.IDLE_TTL)

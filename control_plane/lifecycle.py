@@ -12,6 +12,12 @@ Placement scores each allowed node by what loading there costs:
 Memory is counted per device: a model with tp N needs N devices each with estimate / N free;
 loads under way count as taken (`NodeView.device_free`), so plans made at once do not collide.
 
+Residency tiers: a model may be ASLEEP on a node (its process kept, its device memory given
+back; it wakes in about a second). Placement prefers waking such a copy to loading one
+anywhere else; a victim that can sleep sleeps when its node's host budget holds its weights
+(`sleepers`), else it is unloaded; idle models sleep after their `sleep_after_s`
+(`idle_sleepers`) and leave after their idle TTL, asleep or not (`idle_expired`).
+
 Replicas: `plan_scaling` adds a replica to a model whose load per replica stayed over the
 threshold for a whole window (evicting only models idle for at least that window, so never a
 busier one) and removes an idle replica beyond the model's floor; `LoadWindow` keeps the samples.
@@ -44,12 +50,21 @@ class Resident:
     last_used: float
     # READY; a model still loading (or unloading) is never a victim nor idle.
     ready: bool = True
+    # ASLEEP: `bytes` is what it still holds on its devices; it is woken, never a victim.
+    asleep: bool = False
+    can_sleep: bool = False
+    host_bytes_asleep: int = 0  # host memory it holds once asleep
+    resident_since: float = 0.0  # when it last became READY (loaded or woken)
 
 
 @dataclass(frozen=True)
 class Placement:
     node: str
     victims: tuple[Resident, ...] = ()
+    # Victims that go to sleep rather than leave (`sleepers`); the model is woken, not loaded,
+    # where it sleeps on this node.
+    sleepers: frozenset[str] = frozenset()
+    wake: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,30 +110,48 @@ def _residents(node: NodeView) -> list[Resident]:
     profiles = node.catalogue()
     found = []
     for model in node.status.loaded:
-        entry = profiles.get(model.name)
-        found.append(
-            _resident(
-                node,
-                model,
-                entry.profile.priority if entry else 0,
-                entry.profile.pinned if entry else False,
-            )
-        )
+        found.append(_resident(node, model, profiles.get(model.name)))
     return found
 
 
-def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -> Resident:
+def _resident(node: NodeView, model: LoadedModel, entry: CatalogueEntry | None) -> Resident:
+    asleep = model.state == ModelState.ASLEEP
     return Resident(
         name=model.name,
         node=node.name,
         gpus=tuple(model.gpus),
-        bytes=max(model.memory_bytes, model.estimated_bytes),
-        priority=priority,
-        pinned=pinned,
+        bytes=model.memory_bytes if asleep else max(model.memory_bytes, model.estimated_bytes),
+        priority=entry.profile.priority if entry else 0,
+        pinned=entry.profile.pinned if entry else False,
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
         ready=model.state == ModelState.READY,
+        asleep=asleep,
+        can_sleep=entry.can_sleep if entry else False,
+        host_bytes_asleep=entry.host_bytes_asleep if entry else 0,
+        resident_since=model.resident_since or model.loaded_at or 0.0,
     )
+
+
+def resident_for(min_seconds: float, now: float) -> Callable[[Resident], bool] | None:
+    """Who may be evicted under `min_resident_s`: models READY for at least that long."""
+    if min_seconds <= 0:
+        return None
+    return lambda resident: now - resident.resident_since >= min_seconds
+
+
+def sleepers(node: NodeView, victims: tuple[Resident, ...]) -> frozenset[str]:
+    """Which of a plan's victims sleep rather than leave: those whose engine can, in order,
+    while the node's host budget holds their weights beside what already sleeps there."""
+    if node.status is None:
+        return frozenset()
+    room = node.status.host_memory_budget_bytes - node.status.host_memory_asleep_bytes
+    chosen = []
+    for victim in victims:
+        if victim.can_sleep and victim.host_bytes_asleep <= room:
+            room -= victim.host_bytes_asleep
+            chosen.append(victim.name)
+    return frozenset(chosen)
 
 
 def _oldest_evictable(node: NodeView) -> float | None:
@@ -221,9 +254,19 @@ def _eviction_for(
         for r in loaded
         if r.ready and (r.in_flight or r.name in node.leaving) and not r.pinned
     ]
-    changing = [r.name for r in loaded if not r.ready and not r.pinned]
+    held_back = [
+        r.name
+        for r in loaded
+        if eligible is not None
+        and r.ready
+        and not r.pinned
+        and not r.in_flight
+        and r.name not in node.leaving
+        and not eligible(r)
+    ]
+    changing = [r.name for r in loaded if not r.ready and not r.asleep and not r.pinned]
     changing += sorted(set(node.loading) - {r.name for r in loaded})
-    if pinned and not in_use and not changing:
+    if pinned and not in_use and not changing and not held_back:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
         )
@@ -234,6 +277,8 @@ def _eviction_for(
         reasons.append(f"requests in flight: {', '.join(in_use)}")
     if changing:
         reasons.append(f"loading or unloading: {', '.join(changing)}")
+    if held_back:
+        reasons.append(f"too recently loaded or woken: {', '.join(held_back)}")
     return Refusal(
         f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})",
         wait=True,
@@ -267,6 +312,7 @@ def plan_placement(
 
     options: list[tuple[tuple[float, ...], Placement]] = []
     crowded: list[tuple[NodeView, CatalogueEntry]] = []
+    asleep_on: set[str] = set()
     refusals: list[Refusal] = []
     for node in snapshot.nodes:
         entry = node.catalogue().get(model)
@@ -285,6 +331,16 @@ def plan_placement(
             if model in node.draining:
                 refusals.append(Refusal(f"{model} is being moved off {node.name}", wait=True))
             continue  # there already (a replica the caller excluded, or not yet routed to)
+        if reported is not None and reported.state == ModelState.ASLEEP:
+            # Waking costs a copy, a cold load a process, its imports and the checkpoint: a
+            # sleeping copy that fits beats any other node (first in the cost order).
+            asleep_on.add(node.name)
+            need = max(0, entry.estimated_bytes - reported.memory_bytes) // entry.profile.tp
+            if not node.status.gpus or node.fits(need, entry.profile.tp):
+                options.append(((-1, 0, 0, -node.free_bytes()), Placement(node.name, wake=True)))
+            else:
+                crowded.append((node, entry))
+            continue
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
         elif reported is not None or node.fits(
@@ -326,7 +382,8 @@ def plan_placement(
         else:
             lost = 0
         cost = (len(plan), lost, -min((now - v.last_used for v in plan), default=0.0), -left)
-        options.append((cost, Placement(node.name, plan)))
+        wake = node.name in asleep_on
+        options.append((cost, Placement(node.name, plan, sleepers(node, plan), wake)))
         best = cost if best is None else min(best, cost)
     if options:
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
@@ -352,7 +409,7 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
             ttl = entry.profile.idle_ttl_s if entry else None
             if (
                 ttl is None
-                or not resident.ready
+                or not (resident.ready or resident.asleep)
                 or resident.pinned
                 or resident.in_flight
                 or resident.name in node.leaving
@@ -362,6 +419,35 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
             if now - resident.last_used >= ttl:
                 expired.append(resident)
     return expired
+
+
+def idle_sleepers(snapshot: FleetSnapshot, now: float) -> list[Resident]:
+    """READY models idle for their `sleep_after_s` that can sleep where they are (their engine
+    can, the node's host budget holds them); never pinned ones nor ones with requests in flight
+    or already changing."""
+    found: list[Resident] = []
+    for node in snapshot.nodes:
+        if node.status is None:
+            continue
+        catalogue = node.catalogue()
+        candidates = []
+        for resident in residents(node):
+            entry = catalogue.get(resident.name)
+            after = entry.profile.sleep_after_s if entry else None
+            if (
+                after is None
+                or not resident.ready
+                or resident.pinned
+                or resident.in_flight
+                or resident.name in node.leaving
+                or resident.name in node.loading
+                or now - resident.last_used < after
+            ):
+                continue
+            candidates.append(resident)
+        chosen = sleepers(node, tuple(sorted(candidates, key=lambda r: (r.last_used, r.name))))
+        found.extend(r for r in candidates if r.name in chosen)
+    return found
 
 
 def largest_free_block(snapshot: FleetSnapshot) -> int:

@@ -103,6 +103,12 @@ class NeuronClient:
     async def load(self, model: str) -> LoadedModel:
         return await self._read(LoadedModel, "POST", "/models/load", json={"model": model})
 
+    async def sleep(self, model: str) -> LoadedModel:
+        return await self._read(LoadedModel, "POST", "/models/sleep", json={"model": model})
+
+    async def wake(self, model: str) -> LoadedModel:
+        return await self._read(LoadedModel, "POST", "/models/wake", json={"model": model})
+
     async def unload(self, model: str, force: bool = False) -> UnloadResult:
         body = {"model": model, "force": force}
         return await self._read(UnloadResult, "POST", "/models/unload", json=body)

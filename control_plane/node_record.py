@@ -59,6 +59,8 @@ class NodeRecord:
     draining: set[str] = field(default_factory=set)
     loading: dict[str, int] = field(default_factory=dict)
     leaving: set[str] = field(default_factory=set)
+    # Models the tier gauge was last set for on this node (`Fleet._record_tiers`).
+    tiered: set[str] = field(default_factory=set)
     catalogue: dict[str, CatalogueEntry] | None = None
 
     def missed_poll(self, down_after: int) -> bool:

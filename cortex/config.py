@@ -196,6 +196,9 @@ class EvictionSection(_Config):
     demand_half_life_s: Annotated[float, Field(gt=0)] = 300.0
     # How long a defragmentation move waits for the old copy's streams before leaving it be.
     drain_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # A model loaded or woken less than this many seconds ago is not evicted for another (a
+    # request for that one waits): keeps a GPU from swapping faster than requests justify.
+    min_resident_s: Annotated[float, Field(ge=0)] = 0.0
 
 
 class ScalingSection(_Config):
@@ -293,6 +296,10 @@ class ModelProfile(_Config):
     min_replicas: Annotated[int, Field(ge=1)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = None
+    # Idle this long, a model that can sleep (torch engine, tp 1) sleeps: its device memory is
+    # released and it wakes in about a second; unset, it stays loaded until its idle TTL or an
+    # eviction (which puts it to sleep when its node's host budget allows, else unloads it).
+    sleep_after_s: Annotated[float, Field(gt=0)] | None = None
     # Neurons allowed to hold this model; empty means any.
     neurons: tuple[str, ...] = ()
     context_length: Annotated[int, Field(gt=0)] | None = None
@@ -378,6 +385,10 @@ class NeuronSection(_Token):
     # Memory budget per device in MiB. On a node without GPUs each entry stands for one virtual
     # device of that size (tests stage "VRAM tiers" this way); with GPUs it caps each real one.
     memory_budget_mib: tuple[Annotated[int, Field(gt=0)], ...] = ()
+    # Host memory sleeping models may hold, in MiB (their weights, off the GPU); unset: the
+    # machine's memory less a reserve (a tenth, at least 2 GiB). A sleep that would not fit is
+    # refused, and the gateway unloads instead.
+    host_memory_budget_mib: Annotated[int, Field(ge=0)] | None = None
 
     _listen = field_validator("listen")(_check_host_port)
 

@@ -31,6 +31,8 @@ class ModelState(enum.StrEnum):
     READY = "READY"
     UNLOADING = "UNLOADING"
     UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
+    # Its process kept, its device memory released (`torch_engine.residency`); woken on demand.
+    ASLEEP = "ASLEEP"
 
 
 class TritonState(enum.StrEnum):
@@ -50,6 +52,7 @@ class EvictionReason(enum.StrEnum):
     SCALE_OUT = "scale_out"  # a new replica needed its memory
     SCALE_IN = "scale_in"
     DEFRAG = "defrag"
+    IDLE_SLEEP = "idle_sleep"  # put to sleep after its sleep_after_s (`cortex_sleeps_total`)
 
 
 class RequestOutcome(enum.StrEnum):
@@ -98,6 +101,11 @@ class LoadedModel(_Wire):
     in_flight: int = 0
     last_used: float | None = None
     reason: str | None = None
+    # Host memory the model holds while ASLEEP (its weights); its memory_bytes are then what it
+    # still holds on its devices.
+    host_bytes: int = 0
+    # When it last became READY: loaded, or woken.
+    resident_since: float | None = None
 
 
 class CatalogueEntry(_Wire):
@@ -105,6 +113,10 @@ class CatalogueEntry(_Wire):
     estimated_bytes: int
     estimated_bytes_per_gpu: int = 0
     context_length: int
+    # Whether its engine can sleep (release its device memory, keep its process), and the host
+    # memory a sleep takes; an engine that cannot is unloaded instead.
+    can_sleep: bool = False
+    host_bytes_asleep: int = 0
 
     @field_validator("profile", mode="before")
     @classmethod
@@ -133,6 +145,9 @@ class NeuronStatus(_Wire):
     loaded: list[LoadedModel]
     catalogue: list[CatalogueEntry]
     events: list[str] = []
+    # Host memory for sleeping models: the budget, and what the sleeping ones hold.
+    host_memory_budget_bytes: int = 0
+    host_memory_asleep_bytes: int = 0
 
 
 class LoadRequest(BaseModel):
@@ -147,6 +162,13 @@ class UnloadRequest(BaseModel):
     model: str
     # Unload even with requests in flight (they are cancelled by Triton).
     force: bool = False
+
+
+class SleepRequest(BaseModel):
+    """POST /models/sleep and /models/wake."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
 
 
 class UnloadResult(_Wire):

@@ -1,6 +1,7 @@
 """The lifecycle API (JSON over HTTP, bearer token when configured).
 
     GET  /health   GET /status   POST /models/load   POST /models/unload
+    POST /models/sleep   POST /models/wake   (a loaded model's residency tier)
     GET  /models/<name>/tokenizer
     GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback
 
@@ -27,7 +28,7 @@ from sanic.response import json as json_response
 
 from cortex import logs
 from cortex.config import NeuronConfig
-from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
+from cortex.neuron_api import ErrorBody, Health, LoadRequest, SleepRequest, UnloadRequest
 from cortex.secrets import secret_matches
 from neuron_agent.errors import BadRequest, NodeError
 from neuron_agent.node import Node
@@ -143,6 +144,16 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
         body: LoadRequest = _parse(LoadRequest, request)
         loaded = await node.load(body.model, body.gpus)
         return json_response(loaded.model_dump(mode="json"))
+
+    @app.post("/models/sleep")
+    async def sleep(request: Request) -> HTTPResponse:
+        body: SleepRequest = _parse(SleepRequest, request)
+        return json_response((await node.sleep(body.model)).model_dump(mode="json"))
+
+    @app.post("/models/wake")
+    async def wake(request: Request) -> HTTPResponse:
+        body: SleepRequest = _parse(SleepRequest, request)
+        return json_response((await node.wake(body.model)).model_dump(mode="json"))
 
     @app.post("/models/unload")
     async def unload(request: Request) -> HTTPResponse:

@@ -105,6 +105,22 @@ class Catalogue:
     def context_length(self, profile: ModelProfile) -> int:
         return context_length(profile, self.spec_of(profile))
 
+    def can_sleep(self, profile: ModelProfile) -> bool:
+        """The torch engine sleeps (`torch_engine.residency`) at tp = 1. TensorRT-LLM's own LLM
+        API (its PyTorch backend) gained sleep and wake-up through virtual device memory in
+        2025–26 (`sleep_config`, `release()` / `resume()`), but the Triton `tensorrtllm` C++
+        backend that serves the engines `cortex build-engine` builds exposes no such call, so
+        trtllm models are unload-only; the torch engine's other ranks do not sleep yet."""
+        return profile.engine is EngineKind.TORCH and profile.tp == 1
+
+    def host_bytes_asleep(self, profile: ModelProfile) -> int:
+        """Host memory a sleeping copy holds: its weights (the KV cache is dropped)."""
+        spec = self.spec_of(profile)
+        if not self.can_sleep(profile) or spec is None:
+            return 0
+        dtype_bytes = 4 if not self.has_gpu and profile.dtype in ("auto", "float32") else 2
+        return estimate_weight_bytes(spec, profile.quantization.value, dtype_bytes)
+
     def entries(self) -> list[CatalogueEntry]:
         return [
             CatalogueEntry(
@@ -112,6 +128,8 @@ class Catalogue:
                 estimated_bytes=self.estimate(profile),
                 estimated_bytes_per_gpu=self.estimate(profile) // profile.tp,
                 context_length=self.context_length(profile),
+                can_sleep=self.can_sleep(profile),
+                host_bytes_asleep=self.host_bytes_asleep(profile),
             )
             for profile in self.profiles.values()
         ]

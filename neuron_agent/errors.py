@@ -7,7 +7,8 @@ answers with (its class says which: the one table of that mapping) and the numbe
     ├── ModelUnknown              404  not in this node's catalogue
     ├── ModelNotLoaded            404  in the catalogue, not loaded here
     ├── NoRoom                    409  the model's memory does not fit (with the numbers)
-    ├── ModelBusy                 409  requests in flight; not unloading
+    ├── ModelBusy                 409  requests in flight; not unloading (or sleeping)
+    ├── CannotSleep               409  its engine cannot sleep, or it is not READY / ASLEEP
     ├── UnsupportedModel          422  its checkpoint or tokenizer cannot be served here
     ├── RepositoryError           500  its Triton model directory cannot be made
     ├── TritonError               502  Triton refused or failed an operation
@@ -47,6 +48,10 @@ class NoRoom(NodeError):
 
 
 class ModelBusy(NodeError):
+    status = 409
+
+
+class CannotSleep(NodeError):
     status = 409
 
 

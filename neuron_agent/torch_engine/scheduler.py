@@ -117,6 +117,8 @@ class Engine:
         )
         self._host = HostCopy(max_batch_size, self.device)
         self.context_length = model.spec.context_length
+        self._cuda_graphs = cuda_graphs
+        self._table_width = context_blocks
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._lock = threading.Lock()
@@ -135,6 +137,10 @@ class Engine:
         self._reported = (-1, -1)
         # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
         self.failure: str | None = None
+        # A sleeping engine (`residency`) holds no KV cache and takes no request; `_idle` is
+        # true while the loop waits for work, so a sleep never frees memory under a step.
+        self.asleep = False
+        self._idle = False
 
     # ------------------------------------------------------------------ public surface
 
@@ -142,6 +148,8 @@ class Engine:
         """Queue a request, or raise RequestRejected with the reason."""
         if self.failure is not None:
             raise EngineUnavailable(self.failure)
+        if self.asleep:
+            raise EngineUnavailable("the model is asleep: its neuron wakes it before serving")
         prompt_length = len(request.prompt)
         if prompt_length == 0:
             raise RequestRejected("the prompt is empty")
@@ -167,7 +175,7 @@ class Engine:
                     f"the request queue is full ({self.max_queue_size} waiting); try again later"
                 )
             self._waiting.append(sequence)
-            self._wake.notify()
+            self._wake.notify_all()
         self._report()
 
     def _report(self) -> None:
@@ -180,10 +188,38 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="cortex-engine", daemon=True)
         self._thread.start()
 
+    def hold(self) -> None:
+        """Take no more requests (a sleep), once the loop is idle; RequestRejected, and nothing
+        changed, while any request is queued or running."""
+        with self._wake:
+            in_flight = len(self._waiting) + len(self._running)
+            if in_flight:
+                raise RequestRejected(f"{in_flight} request(s) in flight; not sleeping")
+            self.asleep = True
+            while not self._idle and not self._stopping and self._thread is not None:
+                self._wake.wait(0.1)
+
+    def resume(self) -> None:
+        with self._wake:
+            self.asleep = False
+
+    def rebuild_decoder(self) -> None:
+        """A new decode runner over the pool as it is now (after a wake: the CUDA graphs
+        captured over the old buffers are gone)."""
+        self.decoder = DecodeRunner(
+            self.model,
+            self.pool.layers,
+            self.pool.block_size,
+            self.pool.scratch_slot,
+            self.max_batch_size,
+            table_width=self._table_width,
+            graphs=self._cuda_graphs,
+        )
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
-            self._wake.notify()
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
         for sequence in [*self._waiting, *self._running]:
@@ -250,7 +286,10 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
+                    self._idle = True
+                    self._wake.notify_all()  # a sleep waiting for the loop to be idle
                     self._wake.wait()
+                self._idle = False
                 if self._stopping:
                     return
             try:

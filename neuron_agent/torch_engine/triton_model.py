@@ -31,6 +31,7 @@ from neuron_agent.torch_engine.loader import (
     close_engine,
     rank_devices,
 )
+from neuron_agent.torch_engine.residency import ControlServer, control_socket
 from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
@@ -199,6 +200,7 @@ def _prefix_hit_counter(args: dict[str, str]) -> Callable[[int, int], None]:
 class TritonPythonModel:
     engine: Engine
     writer: ResponseWriter
+    control: ControlServer | None = None
 
     def initialize(self, args: dict[str, str]) -> None:
         config = json.loads(args["model_config"])
@@ -252,6 +254,8 @@ class TritonPythonModel:
                 ranks.on_failure.append(
                     lambda message: _write_stats(Path(stats_path), 0, 0, message)
                 )
+            # The neuron's sleep / wake requests (`residency` describes the channel).
+            self.control = ControlServer(control_socket(Path(stats_path)), self.engine)
         self.engine.start()
 
     def execute(self, requests: list[Any]) -> None:
@@ -303,6 +307,8 @@ class TritonPythonModel:
         )
 
     def finalize(self) -> None:
+        if self.control is not None:
+            self.control.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             close_engine(engine)

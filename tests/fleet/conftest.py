@@ -53,6 +53,9 @@ class NeuronProcess(Neuron):
     def loaded(self) -> set[str]:
         return {m["name"] for m in self.status()["loaded"] if m["state"] == "READY"}
 
+    def asleep(self) -> set[str]:
+        return {m["name"] for m in self.status()["loaded"] if m["state"] == "ASLEEP"}
+
     def load(self, model: str) -> None:
         response = httpx.post(
             self.url + "/models/load", json={"model": model}, headers=self.headers, timeout=120
@@ -60,7 +63,7 @@ class NeuronProcess(Neuron):
         assert response.status_code == 200, response.text
 
     def unload_all(self) -> None:
-        for model in self.loaded():
+        for model in self.loaded() | self.asleep():
             httpx.post(
                 self.url + "/models/unload",
                 json={"model": model, "force": True},
