@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json as json_module
 import logging
 import uuid
 
@@ -24,6 +25,7 @@ from control_plane.console.routes import blueprint as console_routes
 from control_plane.console.routes import is_console_page
 from control_plane.errors import (
     AuthenticationFailed,
+    BodyTooLarge,
     CortexError,
     InvalidRequest,
     NotFound,
@@ -52,6 +54,10 @@ from cortex import logs
 from cortex.config import CortexConfig, is_loopback, split_host_port
 
 log = logging.getLogger("cortex.gateway")
+
+# The largest body the gateway reads. A prompt that cannot fit any context is refused by its
+# characters long before this (generation.prepare); this bounds the memory one request takes.
+MAX_BODY_BYTES = 64 * 2**20
 
 
 # Paths that answer without a key: liveness and Claude Code's warm-up probes.
@@ -99,11 +105,13 @@ def credentials(request: Request) -> list[str]:
 
 
 def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
-    app = Sanic(name, configure_logging=False)  # cortex.logs formats every line
+    # The standard library's json reads a multi-MB prompt's one long string 4x faster than the
+    # ujson Sanic picks when installed (3.7 against 16 ms for 5 MB), and it runs on the loop.
+    app = Sanic(name, configure_logging=False, loads=json_module.loads)  # cortex.logs: lines
     app.config.RESPONSE_TIMEOUT = int(
         config.gateway.request_timeout_s + config.gateway.load_timeout_s
     )
-    app.config.REQUEST_MAX_SIZE = 64 * 1024 * 1024
+    app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.KEEP_ALIVE_TIMEOUT = 75
     # Answers in flight are drained before Sanic stops (control_plane/shutdown.py); what is
     # left then is idle keep-alive connections.
@@ -184,6 +192,8 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
         status = int(getattr(error, "status_code", 500))
         if status == 404:
             return render_error(request, NotFound(f"no route {request.method} {request.path}"))
+        if status == 413:  # Sanic's PayloadTooLarge, before the body is read
+            return render_error(request, BodyTooLarge(MAX_BODY_BYTES))
         if status == 405:
             return render_error(
                 request, InvalidRequest(f"method {request.method} not allowed here")

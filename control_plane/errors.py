@@ -3,7 +3,8 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
 
     CortexError
     ├── InvalidRequest        400  invalid_request_error   (field path in `param`)
-    │   └── PromptTooLong     400  the dialect's own context-length wording
+    │   ├── PromptTooLong     400  the dialect's own context-length wording
+    │   └── BodyTooLarge      413  request_too_large       (before the body is read)
     ├── AuthenticationFailed  401  authentication_error
     ├── PermissionDenied      403  permission_error        (an admin action, a non-admin key)
     │   └── ModelForbidden    403 / OpenAI 404 model_not_found (outside the key's models)
@@ -50,18 +51,39 @@ class InvalidRequest(CortexError):
 class PromptTooLong(InvalidRequest):
     openai_code = "context_length_exceeded"
 
-    def __init__(self, prompt_tokens: int, context: int, max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        prompt_tokens: int,
+        context: int,
+        max_tokens: int | None = None,
+        at_least: bool = False,
+    ) -> None:
+        # `at_least`: refused before tokenizing, from a lower bound (prompting.fits_context).
         self.prompt_tokens = prompt_tokens
         self.context = context
         self.max_tokens = max_tokens
+        size = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
         super().__init__(
             f"This model's maximum context length is {context} tokens. However, your messages "
-            f"resulted in {prompt_tokens} tokens. Please reduce the length of the messages.",
+            f"resulted in {size} tokens. Please reduce the length of the messages.",
             param="messages",
         )
 
     def anthropic_message(self) -> str:
         return f"prompt is too long: {self.prompt_tokens} tokens > {self.context} maximum"
+
+
+class BodyTooLarge(InvalidRequest):
+    """The body is larger than the gateway reads at all (app.MAX_BODY_BYTES)."""
+
+    status = 413
+    kind = "request_too_large"
+    openai_code = "request_too_large"
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(
+            f"the request body is larger than this gateway accepts ({limit_bytes // 2**20} MiB)"
+        )
 
 
 class AuthenticationFailed(CortexError):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -70,19 +72,41 @@ async def _once(awaitable: Awaitable[T]) -> AsyncGenerator[T, None]:
     yield await awaitable
 
 
+def _renderer() -> ThreadPoolExecutor:
+    """The threads that render long prompts: one fewer than the cores (at least one), so
+    renders at once never take every core from the event loop. The tokenizer lets go of the
+    GIL while it encodes; a process pool stalled the loop a little less but needs each model's
+    tokenizer in every worker (benchmarks/render_stall.py, BENCHMARKS.md)."""
+    global _render_threads
+    if _render_threads is None:
+        workers = max(1, (os.cpu_count() or 2) - 1)
+        _render_threads = ThreadPoolExecutor(workers, thread_name_prefix="cortex-render")
+    return _render_threads
+
+
+_render_threads: ThreadPoolExecutor | None = None
+
+
 async def render(
-    tokenizer: ModelTokenizer, request: ChatRequest, harmony: bool = False
+    tokenizer: ModelTokenizer,
+    request: ChatRequest,
+    harmony: bool = False,
+    conversation: str | None = None,
 ) -> list[int]:
-    """The prompt's ids: small prompts at once, large ones in a thread. An empty one is the
+    """The prompt's ids: small prompts at once, large ones in a render thread (a conversation's
+    later turns tokenize only what is new: prompting.PromptMemo). An empty one is the
     client's mistake (nothing to answer), not the engine's to refuse. `harmony`: a gpt-oss
     model's, rendered by openai-harmony."""
     if request.raw_prompt is None and not request.messages:
         raise InvalidRequest("messages: the conversation has no content to answer", "messages")
     size = len(request.raw_prompt or "") + sum(len(m.content) for m in request.messages)
     if size <= INLINE_RENDER_CHARS and not request.tools:
-        prompt = tokenizer.render(request, harmony)
+        prompt = tokenizer.render(request, harmony, conversation)
     else:
-        prompt = await asyncio.to_thread(tokenizer.render, request, harmony)
+        loop = asyncio.get_running_loop()
+        prompt = await loop.run_in_executor(
+            _renderer(), tokenizer.render, request, harmony, conversation
+        )
     if not prompt:
         field = "prompt" if request.raw_prompt is not None else "messages"
         raise InvalidRequest(f"{field}: the prompt is empty", field)
@@ -124,8 +148,11 @@ async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     if guide is not None:
         check(guide, entry.profile.engine, entry.profile.name)
     check_logprobs(request, entry.profile.engine, entry.profile.name)
-    prompt = await render(tokenizer, request, _harmony(entry))
     context = min(tokenizer.context_length, entry.context_length)
+    fewest = tokenizer.fewest_tokens(request)
+    if fewest >= context:  # cannot fit whatever the tokenizer makes of it: do not tokenize
+        raise PromptTooLong(fewest, context, request.max_tokens, at_least=True)
+    prompt = await render(tokenizer, request, _harmony(entry), conversation_key(request))
     if len(prompt) >= context:
         raise PromptTooLong(len(prompt), context, request.max_tokens)
     room = context - len(prompt)

@@ -427,6 +427,10 @@ class ModelProfile(_Config):
     # budget stays in tokens: raise it to fill the memory), for a small loss of accuracy and no
     # gain in speed (BENCHMARKS.md).
     kv_cache_dtype: KVCacheDtype = KVCacheDtype.AUTO
+    # Host memory (GiB, pinned beside a GPU) that keeps prefix-cache blocks evicted from the KV
+    # cache, so a returning conversation copies its prefix back instead of recomputing it
+    # (torch: kv_cache.HostTier; trtllm: KvCacheConfig's host cache). 0: off.
+    host_kv_cache_gib: Annotated[float, Field(ge=0)] = 0
     # torch engine: every matmul through one fixed-tile kernel, so a sequence's greedy output
     # does not depend on what else is in its batch; a prefix-cache hit can still change it
     # (slower; BENCHMARKS.md says how much).
@@ -455,6 +459,11 @@ class ModelProfile(_Config):
         if value and info.data.get("engine") not in (EngineKind.LLAMACPP, None):
             raise ValueError('embedding models are served by engine = "llamacpp" only')
         return value
+
+    @property
+    def host_kv_cache_bytes(self) -> int:
+        """The prefix cache's host tier in bytes (the node counts it as host memory)."""
+        return int(self.host_kv_cache_gib * 2**30)
 
     @field_validator("dtype")
     @classmethod

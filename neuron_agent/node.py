@@ -159,10 +159,24 @@ class Node:
     def _host_asleep(self) -> int:
         return sum(e.host_bytes for e in self.loaded.values() if e.state is ModelState.ASLEEP)
 
+    def _host_held(self) -> int:
+        """What the host budget has given out: asleep models' memory, and the prefix-cache host
+        tier of every model loaded (held awake and asleep)."""
+        tiers = sum(e.profile.host_kv_cache_bytes for e in self.loaded.values())
+        return self._host_asleep() + tiers
+
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
         """Devices for the model, or NoRoom (409) with the numbers."""
+        tier = profile.host_kv_cache_bytes
+        held = self._host_held() - (tier if profile.name in self.loaded else 0)  # a wake: its own
+        left = self.host_memory_budget - held
+        if tier > left:
+            raise NoRoom(
+                f"{profile.name}'s host_kv_cache_gib needs {tier / 2**30:.2f} GiB of the host "
+                f"budget; {max(0, left) / 2**30:.2f} GiB of it is left"
+            )
         devices = self.inventory.snapshot(self._held_by_device())
-        host = psutil.virtual_memory().available if not devices else 0
+        host = psutil.virtual_memory().available
         return place(profile, estimate, devices, wanted, host)
 
     def _stub_processes(self, name: str) -> list[psutil.Process]:
@@ -371,7 +385,7 @@ class Node:
                     in_flight=in_flight,
                 )
             needed = self.catalogue.host_bytes_asleep(profile)
-            budget, used = self.host_memory_budget, self._host_asleep()
+            budget, used = self.host_memory_budget, self._host_held()
             if used + needed > budget:
                 raise NoRoom(
                     f"{name} would hold {needed / 2**20:.0f} MiB of host memory asleep; "

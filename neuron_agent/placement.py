@@ -32,15 +32,18 @@ def place(
     host_available: int,
 ) -> list[int]:
     """The devices for the model (the emptiest that fit; [] on a node without devices, where
-    host memory is what counts), or NoRoom (409) with the numbers."""
+    host memory is what counts), or NoRoom (409) with the numbers. The prefix cache's host
+    tier (`host_kv_cache_gib`) is host memory on any node."""
+    host_needed = profile.host_kv_cache_bytes + (0 if devices else estimate)
+    if host_needed > host_available:
+        tier = f" (host_kv_cache_gib {profile.host_kv_cache_gib:g})" if devices else ""
+        raise NoRoom(
+            f"{profile.name} needs about {host_needed / GIB:.2f} GiB{tier}; "
+            f"this node has {host_available / GIB:.2f} GiB of memory available",
+            needed_bytes=host_needed,
+            free_bytes=host_available,
+        )
     if not devices:
-        if estimate > host_available:
-            raise NoRoom(
-                f"{profile.name} needs about {estimate / GIB:.2f} GiB; "
-                f"this node has {host_available / GIB:.2f} GiB of memory available",
-                needed_bytes=estimate,
-                free_bytes=host_available,
-            )
         return []
     share = estimate // profile.tp
     candidates = [d for d in devices if wanted is None or d.index in wanted]

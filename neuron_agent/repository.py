@@ -50,6 +50,7 @@ def torch_parameters(
         "cuda_graphs": str(profile.cuda_graphs).lower(),
         "prefix_caching": "true" if profile.prefix_caching else "false",
         "kv_cache_dtype": profile.kv_cache_dtype.value,
+        "host_kv_cache_bytes": str(profile.host_kv_cache_bytes),
         "batch_invariant": "true" if profile.batch_invariant else "false",
         "stats_path": str(stats_path),
         "tp": str(profile.tp),
@@ -90,6 +91,7 @@ def trtllm_parameters(profile: ModelProfile, engine_dir: Path, gpus: list[int]) 
         max_queue_size=str(profile.max_queue_size),
         engine_dir=str(engine_dir),
         max_tokens_in_paged_kv_cache=str(profile.kv_cache_tokens),
+        kv_cache_host_memory_bytes=str(profile.host_kv_cache_bytes),
         gpu_device_ids=",".join(str(g) for g in gpus),
         tokenizer_dir=profile.tokenizer or str(engine_dir),
     )

@@ -21,6 +21,14 @@ scale per slot and kv head (its vector's largest magnitude / 448, as the weights
 scales are taken): 132 bytes a vector of 128 instead of bf16's 256, so nearly twice the tokens
 in the same memory, for rounding each element to 3 mantissa bits. Decode attention reads half
 the bytes but does more work a key, so it is no faster on an H200 (BENCHMARKS.md).
+
+A host tier (`HostTier`, `host_kv_cache_gib`) catches what the LRU list lets go of: a cached
+block reclaimed for new content is first copied to host memory under the same chain key, and a
+later `lookup` that finds the device chain ending goes on in the host tier, copying each block
+it finds there back into a fresh device block instead of recomputing it. The tier is inclusive
+(a block copied back stays in host memory too, first in line to be dropped, and evicting it
+again while it is still there costs no copy) and its memory is allocated once, at its budget,
+so it never holds more.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -61,6 +70,113 @@ def chain_key(parent: BlockKey | None, tokens: list[int]) -> BlockKey:
     return digest.digest()
 
 
+class PrefixHit(NamedTuple):
+    """What `BlockPool.lookup_tiers` found: the blocks (referenced by the caller), their keys,
+    and how many of them were copied back from the host tier."""
+
+    blocks: list[int]
+    keys: list[BlockKey]
+    from_host: int
+
+
+class HostTier:
+    """Full blocks kept in host memory (pinned beside a GPU) under their chain keys, least
+    recently used first out, at most `budget_bytes` of them allocated once up front.
+
+    On a GPU a block leaves on a side stream: the copy waits for what the compute stream has
+    written, and the compute stream waits for the copy before anything can overwrite that
+    block; the engine thread does not wait for either. Copies back run on the compute stream,
+    from pinned memory, ahead of the prefill that reads them.
+    """
+
+    def __init__(self, layers: list[LayerCache], block_size: int, budget_bytes: int) -> None:
+        self.block_size = block_size
+        per_slot = sum(layer.nbytes() for layer in layers) // max(1, layers[0].keys.shape[0])
+        self.block_bytes = per_slot * block_size
+        self.capacity_blocks = budget_bytes // self.block_bytes if self.block_bytes else 0
+        device = layers[0].keys.device
+        pinned = device.type == "cuda"
+        slots = self.capacity_blocks * block_size
+
+        def like(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            shape = (slots, *tensor.shape[1:])
+            return torch.empty(shape, dtype=tensor.dtype, pin_memory=pinned)
+
+        self._device_layers = layers
+        self.layers = [LayerCache(*(like(t) for t in layer)) for layer in layers]  # type: ignore[arg-type]
+        self._stream = torch.cuda.Stream(device) if pinned else None
+        self._free = list(range(self.capacity_blocks - 1, -1, -1))
+        self._block_of: OrderedDict[BlockKey, int] = OrderedDict()  # oldest first
+        self.stored = 0  # blocks copied in, since start
+        self.restored = 0  # blocks copied back, since start
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._block_of
+
+    def __len__(self) -> int:
+        return len(self._block_of)
+
+    def nbytes(self) -> int:
+        """Host memory the tier holds (all of its budget, allocated at start)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def clear(self) -> None:
+        self._free.extend(self._block_of.values())
+        self._block_of.clear()
+
+    def touch(self, key: BlockKey) -> None:
+        self._block_of.move_to_end(key)
+
+    def store(self, key: BlockKey, device_block: int) -> None:
+        """Copy one device block in under `key` (the least recently used host block makes room)."""
+        if key in self._block_of:
+            self._block_of.move_to_end(key)
+            return
+        if not self.capacity_blocks:
+            return
+        if self._free:
+            host_block = self._free.pop()
+        else:
+            _, host_block = self._block_of.popitem(last=False)
+        self._copy(device_block, host_block, to_host=True)
+        self._block_of[key] = host_block
+        self.stored += 1
+
+    def restore(self, key: BlockKey, device_block: int) -> bool:
+        """Copy the block under `key` into `device_block`; False if the tier has no such block."""
+        host_block = self._block_of.get(key)
+        if host_block is None:
+            return False
+        # On the device again: the first to go from here (evicted again, it is copied again).
+        self._block_of.move_to_end(key, last=False)
+        self._copy(device_block, host_block, to_host=False)
+        self.restored += 1
+        return True
+
+    def _copy(self, device_block: int, host_block: int, to_host: bool) -> None:
+        size = self.block_size
+        device_rows = slice(device_block * size, (device_block + 1) * size)
+        host_rows = slice(host_block * size, (host_block + 1) * size)
+        stream = self._stream
+        if stream is not None and to_host:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream) if stream is not None and to_host else nullcontext():
+            for device_layer, host_layer in zip(self._device_layers, self.layers, strict=True):
+                for device_tensor, host_tensor in zip(device_layer, host_layer, strict=True):
+                    if device_tensor is None or host_tensor is None:
+                        continue
+                    if to_host:
+                        host_tensor[host_rows].copy_(device_tensor[device_rows], non_blocking=True)
+                    else:
+                        device_tensor[device_rows].copy_(host_tensor[host_rows], non_blocking=True)
+        if stream is not None and to_host:
+            # The device block is about to get new content: nothing the compute stream does
+            # after this may run before the copy has read it.
+            torch.cuda.current_stream(stream.device).wait_stream(stream)
+
+
 class BlockPool:
     def __init__(
         self,
@@ -71,6 +187,7 @@ class BlockPool:
         block_size: int = 16,
         prefix_caching: bool = True,
         kv_cache_dtype: str = "auto",
+        host_cache_bytes: int = 0,
     ) -> None:
         self.block_size = block_size
         self.prefix_caching = prefix_caching
@@ -95,6 +212,10 @@ class BlockPool:
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
         self.evictions = 0  # cached blocks reclaimed for new content, since start
+        # Where reclaimed cached blocks go before they are overwritten (None: nowhere).
+        self.host: HostTier | None = None
+        if prefix_caching and host_cache_bytes > 0:
+            self.host = HostTier(self.layers, block_size, host_cache_bytes)
 
     def _new_layer(self) -> LayerCache:
         shape, device = self._shape, self._device
@@ -156,21 +277,56 @@ class BlockPool:
     def lookup(self, tokens: list[int]) -> tuple[list[int], list[BlockKey]]:
         """Take the longest cached prefix of `tokens` in whole blocks: its blocks (now
         referenced by the caller, who must `release` them) and their keys."""
+        blocks, keys, _ = self.lookup_tiers(tokens)
+        return blocks, keys
+
+    def lookup_tiers(self, tokens: list[int]) -> PrefixHit:
+        """`lookup`, going on in the host tier where the device's chain ends: each block found
+        there is copied back into a block taken from the pool (while one is reclaimable) and
+        registered as if it had been computed here."""
         blocks: list[int] = []
         keys: list[BlockKey] = []
         if not self.prefix_caching:
-            return blocks, keys
-        parent: BlockKey | None = None
+            return PrefixHit(blocks, keys, 0)
+        chain: list[BlockKey] = []
         for start in range(0, len(tokens) - self.block_size + 1, self.block_size):
-            key = chain_key(parent, tokens[start : start + self.block_size])
-            block = self._block_of.get(key)
-            if block is None:
+            key = chain_key(chain[-1] if chain else None, tokens[start : start + self.block_size])
+            if key not in self._block_of and (self.host is None or key not in self.host):
                 break
-            self._acquire(block)
+            chain.append(key)
+        if self.host is not None:
+            # Blocks taken for this chain push others' to the host tier: not this chain's own.
+            for key in chain:
+                if key in self.host:
+                    self.host.touch(key)
+        from_host = 0
+        for key in chain:
+            block = self._block_of.get(key)
+            if block is not None:
+                self._acquire(block)
+            else:
+                block = self._restore(key)
+                if block is None:
+                    break
+                from_host += 1
             blocks.append(block)
             keys.append(key)
-            parent = key
-        return blocks, keys
+        return PrefixHit(blocks, keys, from_host)
+
+    def _restore(self, key: BlockKey) -> int | None:
+        """A block taken from the pool holding the host tier's copy of `key`, registered; None
+        when the tier lacks it or the pool has nothing to give."""
+        host = self.host
+        if host is None or key not in host or not self.free_blocks:
+            return None
+        block = self._take()
+        if not host.restore(key, block):
+            self._refs[block] = 0
+            self._free.append(block)
+            return None
+        self._block_of[key] = block
+        self._key_of[block] = key
+        return block
 
     def commit(
         self, blocks: list[int], keys: list[BlockKey], tokens: list[int], computed: int
@@ -235,6 +391,8 @@ class BlockPool:
             del self._block_of[self._key_of.pop(block)]
             self._free.append(block)
         self._cached.clear()
+        if self.host is not None:
+            self.host.clear()
 
     def _acquire(self, block: int) -> None:
         if self._refs[block] == 0:
@@ -246,7 +404,10 @@ class BlockPool:
             block = self._free.pop()
         else:
             block, _ = self._cached.popitem(last=False)  # the least recently used prefix
-            del self._block_of[self._key_of.pop(block)]
+            key = self._key_of.pop(block)
+            del self._block_of[key]
+            if self.host is not None:
+                self.host.store(key, block)
             self.evictions += 1
         self._refs[block] = 1
         return block

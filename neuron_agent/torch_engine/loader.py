@@ -38,6 +38,7 @@ class EngineOptions:
     # Reuse the KV blocks of earlier requests' equal prompt prefixes (kv_cache's docstring).
     prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto | fp8 (kv_cache's docstring)
+    host_kv_cache_bytes: int = 0  # the prefix cache's host tier (kv_cache.HostTier); 0: none
     # Every matmul through one fixed-tile kernel: output independent of the batch it ran in.
     batch_invariant: bool = False
     # Tensor-parallel ranks, and each rank's device ("cuda:0", "cuda:1"; empty: all on `device`).
@@ -108,6 +109,9 @@ def plan(options: EngineOptions) -> LoadPlan:
             )
     if options.tp < 1:
         raise UnsupportedCheckpoint(f"tp must be at least 1, got {options.tp}")
+    if options.tp > 1 and options.host_kv_cache_bytes:
+        # The other ranks' caches follow the leader's slots, not its host copies.
+        raise UnsupportedCheckpoint("host_kv_cache_gib needs tp = 1 (the torch engine's host tier)")
     for rank in range(options.tp):
         device = options.device_of(rank)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -152,6 +156,7 @@ def load_shard(
         device,
         prefix_caching=options.prefix_caching,
         kv_cache_dtype=options.kv_cache_dtype,
+        host_cache_bytes=options.host_kv_cache_bytes,
     )
     return model, pool
 

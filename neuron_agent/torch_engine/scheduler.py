@@ -97,6 +97,7 @@ class _Sequence:
     keys: list[BlockKey] = field(default_factory=list)  # prefix keys of its full blocks
     reused: int | None = None  # prompt tokens from the prefix cache at first admission
     matcher: Matcher | None = None  # follows the generated tokens through the request's guide
+    from_host: int = 0  # of `cached`, tokens copied back from the host tier at admission
 
     @property
     def prefill_target(self) -> int:
@@ -157,6 +158,10 @@ class Engine:
         self.steps = 0
         self.preemptions = 0
         self.prefix_hit_tokens = 0  # prompt tokens reused from the prefix cache, since start
+        self.prefix_hit_tokens_host = 0  # of those, copied back from the host tier
+        # on_prefix_hit(gpu_tokens, host_tokens): each admitted request's reuse by tier (the
+        # Triton model counts them in its metrics).
+        self.on_prefix_hit: Callable[[int, int], None] | None = None
         # on_change(running, waiting): told whenever the counts change (the node reads them).
         self.on_change = on_change
         self._reported = (-1, -1)
@@ -312,6 +317,8 @@ class Engine:
                 "steps": self.steps,
                 "preemptions": self.preemptions,
                 "prefix_hit_tokens": self.prefix_hit_tokens,
+                "prefix_hit_tokens_host": self.prefix_hit_tokens_host,
+                "host_kv_blocks": len(self.pool.host) if self.pool.host is not None else 0,
             }
 
     # ------------------------------------------------------------------ the loop
@@ -384,6 +391,7 @@ class Engine:
                     if sequence.reused is None:
                         sequence.reused = sequence.cached
                         self.prefix_hit_tokens += sequence.cached
+                        self.prefix_hit_tokens_host += sequence.from_host
                         admitted.append(sequence)
                     continue
                 victim = self._victim(below=sequence.request.priority)
@@ -391,6 +399,8 @@ class Engine:
                 break
             self._preempt(victim)
         for sequence in admitted:
+            if self.on_prefix_hit is not None:
+                self.on_prefix_hit(sequence.cached - sequence.from_host, sequence.from_host)
             if sequence.request.admitted is not None:
                 sequence.request.admitted(sequence.cached)
 
@@ -400,7 +410,8 @@ class Engine:
         Refused while that would leave running sequences less than a block each to grow into,
         which would only preempt the newcomer again at once."""
         pool = self.pool
-        blocks, keys = pool.lookup(sequence.tokens[:-1])
+        # Blocks found only in the host tier come back now, copied ahead of the prefill.
+        blocks, keys, from_host = pool.lookup_tiers(sequence.tokens[:-1])
         needed = pool.blocks_for(len(sequence.tokens)) - len(blocks)
         if needed + len(self._running) > pool.free_blocks or not pool.grow(
             blocks, len(sequence.tokens)
@@ -409,6 +420,7 @@ class Engine:
             return False
         sequence.blocks, sequence.keys = blocks, keys
         sequence.cached = len(keys) * pool.block_size
+        sequence.from_host = from_host * pool.block_size
         return True
 
     def _grow(self, decoding: list[_Sequence]) -> list[_Sequence]:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,30 @@ def _guide(request: Any) -> Guide | None:
     return Guide(guide_type, guide)
 
 
+def _prefix_hit_counter(args: dict[str, str]) -> Callable[[int, int], None]:
+    """Prompt tokens read from the prefix cache, by tier, as a Triton metric (the neuron
+    re-exports Triton's metrics): `cortex_engine_cached_prompt_tokens{tier="gpu"|"host"}`."""
+    family = pb_utils.MetricFamily(
+        name="cortex_engine_cached_prompt_tokens",
+        description="Prompt tokens read from the prefix cache instead of computed, by tier",
+        kind=pb_utils.MetricFamily.COUNTER,
+    )
+    labels = {"model": args["model_name"], "version": args["model_version"]}
+    tiers = {tier: family.Metric(labels={**labels, "tier": tier}) for tier in ("gpu", "host")}
+
+    def count(gpu_tokens: int, host_tokens: int, family: Any = family) -> None:
+        # `family` rides along: Triton drops the metrics of a family that is collected.
+        try:
+            if gpu_tokens:
+                tiers["gpu"].increment(gpu_tokens)
+            if host_tokens:
+                tiers["host"].increment(host_tokens)
+        except Exception:  # a metric must never fail a request
+            log.debug("prefix-cache metric not counted", exc_info=True)
+
+    return count
+
+
 class TritonPythonModel:
     engine: Engine
     writer: ResponseWriter
@@ -96,6 +121,7 @@ class TritonPythonModel:
             cuda_graphs=parameters.get("cuda_graphs", "true") == "true",
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
             kv_cache_dtype=parameters.get("kv_cache_dtype", "auto"),
+            host_kv_cache_bytes=int(parameters.get("host_kv_cache_bytes", "0") or "0"),
             batch_invariant=parameters.get("batch_invariant", "false") == "true",
             tp=int(parameters.get("tp", "1") or "1"),
             devices=rank_devices(
@@ -117,6 +143,7 @@ class TritonPythonModel:
             # One sentence in Triton's load error, not a traceback.
             raise pb_utils.TritonModelException(str(error)) from None
         self.default_end_ids = frozenset(self.engine.model.spec.eos_token_ids)
+        self.engine.on_prefix_hit = _prefix_hit_counter(args)
         stats_path = parameters.get("stats_path")
         if stats_path:
             engine = self.engine

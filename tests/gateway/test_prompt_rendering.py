@@ -56,3 +56,51 @@ def test_render_is_the_reference_encoding(
         model="cortex-tiny", messages=tuple(messages), tools=tools, continue_final=prefill
     )
     assert tokenizer.render(request) == reference(tokenizer, expected, expected_tools, prefill)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=st.lists(st.tuples(TEXT, TEXT), min_size=1, max_size=5), edit=st.booleans())
+def test_a_conversations_next_turn_tokenized_from_its_last_is_the_reference(
+    tokenizer: ModelTokenizer, turns: list[tuple[str, str]], edit: bool
+) -> None:
+    """PromptMemo tokenizes only what follows the part a turn shares with the conversation's
+    previous prompt, and must give exactly the ids of tokenizing it whole: turns that append,
+    and (edit) a turn whose earlier text changed, with control tokens typed as text."""
+    messages: list[Message] = [Message("system", "You help.")]
+    conversation = f"c{len(turns)}{edit}{turns!r}"
+    assert tokenizer.memo is not None
+    before = tokenizer.memo.reused_tokens
+    for user, reply in turns:
+        messages += [Message("user", user)]
+        request = ChatRequest(model="cortex-tiny", messages=tuple(messages))
+        assert tokenizer.render(request, conversation) == tokenizer.render(request)
+        messages += [Message("assistant", reply)]
+    if edit:
+        messages[1] = Message("user", messages[1].content + "é")
+        request = ChatRequest(model="cortex-tiny", messages=tuple(messages))
+        assert tokenizer.render(request, conversation) == tokenizer.render(request)
+    if len(turns) > 1:
+        assert tokenizer.memo.reused_tokens > before  # the memo was used, not bypassed
+
+
+def test_claude_code_turns_tokenized_from_the_last_are_the_reference(
+    tokenizer: ModelTokenizer,
+) -> None:
+    """Ten turns of the benchmark's Claude Code trace (tools, a mid-conversation system
+    message, tool calls and results): each turn's ids through the memo equal the whole encode,
+    and most of each later turn's ids come from the memo."""
+    from benchmarks.claude_code_trace import Conversation
+    from control_plane.anthropic.protocol import MessagesRequest
+    from control_plane.anthropic.translate import chat_request
+    from control_plane.routing import conversation_key
+
+    conversation = Conversation(7, scale=0.25)
+    assert tokenizer.memo is not None
+    for turn in range(1, 6):
+        body = MessagesRequest.model_validate(conversation.request(turn))
+        request = chat_request(body, f"turn{turn}")
+        before = tokenizer.memo.reused_tokens
+        ids = tokenizer.render(request, conversation_key(request))
+        assert ids == tokenizer.render(request)
+        if turn > 1:
+            assert tokenizer.memo.reused_tokens - before > len(ids) // 2

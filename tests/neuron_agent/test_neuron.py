@@ -64,6 +64,8 @@ def neuron(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ),
         ModelProfile(name="huge", source=str(tiny_model), kv_cache_tokens=50000000),
         ModelProfile(name="broken", source=str(folder / "broken")),
+        # A prefix-cache host tier larger than the whole host budget.
+        ModelProfile(name="tiered", source=str(tiny_model), host_kv_cache_gib=1),
     ]
     config = loopback_neuron(folder, "test-node", models, memory_budget_mib=[4096], token=TOKEN)
     # Host memory for sleeping models: tiny's weights and half of tiny-int8's, so tiny may
@@ -86,7 +88,7 @@ def test_status_reports_node_devices_and_catalogue(neuron: Neuron) -> None:
     assert device["virtual"] is True
     assert device["memory_total_bytes"] == 4096 * 2**20
     names = {entry["profile"]["name"] for entry in status["catalogue"]}
-    assert names == {"tiny", "tiny-int8", "huge", "broken"}
+    assert names == {"tiny", "tiny-int8", "huge", "broken", "tiered"}
     tiny = next(e for e in status["catalogue"] if e["profile"]["name"] == "tiny")
     assert tiny["context_length"] == 32768
     assert tiny["estimated_bytes"] > 0
@@ -122,6 +124,14 @@ def test_concurrent_loads_of_one_model_run_once(neuron: Neuron) -> None:
     log = (neuron.folder / "state" / "tritonserver.log").read_text()
     assert log.count("loading: tiny-int8:1") == 1
     neuron.call("POST", "/models/unload", json={"model": "tiny-int8"})
+
+
+def test_a_host_tier_beyond_the_host_budget_is_refused(neuron: Neuron) -> None:
+    """The prefix cache's host tier is held from the same host budget as sleeping models."""
+    response = neuron.call("POST", "/models/load", json={"model": "tiered"})
+    assert response.status_code == 409, response.text
+    assert "host_kv_cache_gib needs 1.00 GiB of the host budget" in response.text
+    assert all(m["name"] != "tiered" for m in neuron.status()["loaded"])
 
 
 def test_load_that_does_not_fit_is_refused_with_numbers(neuron: Neuron) -> None:

@@ -88,3 +88,15 @@ def test_without_devices_host_memory_decides() -> None:
 def test_held_memory_is_the_larger_of_estimate_and_measure_split_over_devices() -> None:
     held = held_by_device([([0, 1], 10 * GIB, 4 * GIB), ([1], 1 * GIB, 3 * GIB), ([], 5, 5)])
     assert held == {0: 5 * GIB, 1: 8 * GIB}
+
+
+def test_the_prefix_caches_host_tier_counts_as_host_memory() -> None:
+    """host_kv_cache_gib is host memory on a GPU node too, and adds to a CPU node's estimate."""
+    devices = [device(0, 50)]
+    assert place(profile(host_kv_cache_gib=2), 20 * GIB, devices, None, 3 * GIB) == [0]
+    with pytest.raises(NodeError) as caught:
+        place(profile(host_kv_cache_gib=4), 20 * GIB, devices, None, 3 * GIB)
+    assert caught.value.detail == {"needed_bytes": 4 * GIB, "free_bytes": 3 * GIB}
+    assert "host_kv_cache_gib 4" in str(caught.value)
+    with pytest.raises(NodeError):
+        place(profile(host_kv_cache_gib=1.5), 2 * GIB, [], None, host_available=3 * GIB)
