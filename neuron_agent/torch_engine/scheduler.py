@@ -10,7 +10,9 @@ One engine thread loops over `step()`:
      not stall decoding for long);
   4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
      replay of the CUDA graph captured for that batch size (`graphs`) — taking a new block when
-     its last one is full.
+     its last one is full. With speculation on and a small batch, sequences that can guess
+     their next tokens (`speculation`) have them verified in the same pass instead: k + 1 rows
+     each, over the paged cache; the rejected guesses' slots are given back.
 Blocks for generated tokens are taken as sequences grow, not reserved for `max_new_tokens` at
 admission: agents ask for far more (Claude Code: 32,000) than they use. When the pool runs dry
 the youngest running sequence is preempted — its blocks released (registered ones stay cached),
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +40,17 @@ from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChu
 from neuron_agent.torch_engine.sampling import (
     HostCopy,
     SamplingParams,
+    distribution,
     make_generator,
     sample_batch,
+)
+from neuron_agent.torch_engine.speculation import (
+    OutputHistory,
+    SequenceGuesser,
+    SpeculationCounters,
+    SpeculationSettings,
+    verify_greedy,
+    verify_sampled,
 )
 
 log = logging.getLogger("cortex.engine")
@@ -96,6 +108,7 @@ class Engine:
         prefill_tokens: int = 512,
         on_change: Callable[[int, int], None] | None = None,
         cuda_graphs: bool = True,
+        speculation: SpeculationSettings | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -129,6 +142,19 @@ class Engine:
         self._reported = (-1, -1)
         # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
         self.failure: str | None = None
+        self.speculation = speculation or SpeculationSettings()
+        settings = self.speculation
+        self._history = (
+            OutputHistory(settings.min_ngram, settings.max_ngram, settings.history_tokens)
+            if settings.enabled
+            else None
+        )
+        # Each sequence's proposer state, gone with the sequence.
+        self._guessers: weakref.WeakKeyDictionary[_Sequence, SequenceGuesser] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._verify_host = HostCopy(max_batch_size * (settings.max_tokens + 1), self.device)
+        self.speculated = SpeculationCounters()
 
     # ------------------------------------------------------------------ public surface
 
@@ -231,6 +257,7 @@ class Engine:
                 "steps": self.steps,
                 "preemptions": self.preemptions,
                 "prefix_hit_tokens": self.prefix_hit_tokens,
+                **self.speculated.as_stats(),
             }
 
     # ------------------------------------------------------------------ the loop
@@ -267,7 +294,12 @@ class Engine:
             self._prefill(prefilling)
         decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])
         if decoding:
-            self._decode(decoding)
+            proposals = self._propose(decoding)
+            if any(proposals):
+                self._verify(decoding, proposals)
+            else:
+                self._decode(decoding)
+            self._remember([s for s in decoding if s not in self._running])
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -423,6 +455,110 @@ class Engine:
         )
         for sequence, token in zip(sequences, self._host.tolist(chosen), strict=True):
             self._accept(sequence, token)
+
+    # ------------------------------------------------------------------ speculation
+
+    def _may_speculate(self, sequence: _Sequence) -> bool:
+        """Whether a sequence may have guesses verified. Not combined with a grammar guide or
+        logprobs (once those land, a guided sequence or one asking for logprobs answers no)."""
+        return sequence.request.max_new_tokens - len(sequence.generated) > 1
+
+    def _propose(self, decoding: list[_Sequence]) -> list[list[int]]:
+        """Each decoding sequence's candidates (empty: none), with KV blocks taken for them; all
+        empty when speculation is off or the batch is over `speculative_max_batch`."""
+        settings = self.speculation
+        if not settings.enabled or len(decoding) > settings.max_batch:
+            return [[] for _ in decoding]
+        proposals = []
+        for sequence in decoding:
+            candidates: list[int] = []
+            if self._may_speculate(sequence):
+                guesser = self._guessers.get(sequence)
+                if guesser is None:
+                    guesser = SequenceGuesser.over(sequence.tokens, settings)
+                    self._guessers[sequence] = guesser
+                # Never past max_new_tokens: every accepted guess is output.
+                room = sequence.request.max_new_tokens - len(sequence.generated) - 1
+                candidates = guesser.candidates(self._history, room)
+                # Room in the cache for the guesses' keys, or no guessing this step (a guess
+                # never preempts anyone).
+                if candidates and not self.pool.grow(
+                    sequence.blocks, len(sequence.tokens) + len(candidates)
+                ):
+                    candidates = []
+            proposals.append(candidates)
+        return proposals
+
+    def _verify(self, sequences: list[_Sequence], proposals: list[list[int]]) -> None:
+        """One forward pass over each sequence's last token and its candidates (k + 1 rows,
+        causal, over its cached prefix: the continued-chunk attention), then each keeps the
+        candidates the model agrees with and one token of its own. Cache slots written for
+        rejected candidates lie past `cached` (never read, overwritten later); whole blocks
+        that only they used go back to the pool."""
+        device = self.device
+        pool = self.pool
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        chunks: list[PrefillChunk] = []
+        lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
+        for sequence, candidates, length in zip(sequences, proposals, lengths, strict=True):
+            stop = length + len(candidates)
+            chunks.append(
+                PrefillChunk(
+                    start=len(tokens),
+                    length=1 + len(candidates),
+                    key_slots=pool.slots(sequence.blocks, 0, stop).to(device),
+                )
+            )
+            tokens.extend([sequence.tokens[-1], *candidates])
+            positions.extend(range(length - 1, stop))
+            slots.append(pool.slots(sequence.blocks, length - 1, stop))
+        batch = ForwardBatch.prefill(
+            positions=torch.tensor(positions, device=device),
+            write_slots=torch.cat(slots).to(device),
+            block_size=pool.block_size,
+            chunks=chunks,
+        )
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=device), batch, pool.layers
+        )
+        best = self._verify_host.tolist(logits.argmax(dim=-1))
+        self.speculated.verify_steps += 1
+        for sequence, candidates, length, chunk in zip(
+            sequences, proposals, lengths, chunks, strict=True
+        ):
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            params = sequence.request.sampling
+            if params.greedy or sequence.generator is None:
+                emitted = verify_greedy(best[rows], candidates)
+            else:
+                emitted = verify_sampled(
+                    distribution(logits[rows], params), candidates, sequence.generator
+                )
+            accepted = len(emitted) - 1
+            cached = length + accepted
+            sequence.cached = cached
+            pool.commit(sequence.blocks, sequence.keys, sequence.tokens + emitted[:-1], cached)
+            keep = pool.blocks_for(cached + 1)  # the next step feeds the token emitted last
+            if len(sequence.blocks) > keep:
+                unused = sequence.blocks[keep:]
+                del sequence.blocks[keep:]
+                pool.release(unused)
+            if candidates:
+                self.speculated.record(len(candidates), accepted)
+                self._guessers[sequence].control.record(len(candidates), accepted)
+            for token in emitted:
+                self._accept(sequence, token)
+                if sequence not in self._running:
+                    break  # ended (an end token, a stop sequence, max_new_tokens)
+
+    def _remember(self, finished: list[_Sequence]) -> None:
+        """Finished outputs join the model's output history (for later requests' guesses)."""
+        if self._history is None:
+            return
+        for sequence in finished:
+            self._history.add(sequence.tokens[len(sequence.request.prompt) :])
 
     # ------------------------------------------------------------------ results
 

@@ -195,6 +195,9 @@ class TritonPythonModel:
             prefix_caching=parameters.get("prefix_caching", "true") != "false",
             kv_cache_dtype=parameters.get("kv_cache_dtype", "auto"),
             batch_invariant=parameters.get("batch_invariant", "false") == "true",
+            speculation=parameters.get("speculation", "off") or "off",
+            speculative_tokens=int(parameters.get("speculative_tokens", "4") or "4"),
+            speculative_max_batch=int(parameters.get("speculative_max_batch", "4") or "4"),
             tp=int(parameters.get("tp", "1") or "1"),
             devices=rank_devices(
                 parameters.get("device", "cpu"), parameters.get("gpu_device_ids", "")
