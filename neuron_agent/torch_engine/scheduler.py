@@ -490,39 +490,12 @@ class Engine:
         return proposals
 
     def _verify(self, sequences: list[_Sequence], proposals: list[list[int]]) -> None:
-        """One forward pass over each sequence's last token and its candidates (k + 1 rows,
-        causal, over its cached prefix: the continued-chunk attention), then each keeps the
-        candidates the model agrees with and one token of its own. Cache slots written for
-        rejected candidates lie past `cached` (never read, overwritten later); whole blocks
-        that only they used go back to the pool."""
-        device = self.device
+        """Each sequence keeps the candidates the model agrees with and one token of its own.
+        Cache slots written for rejected candidates lie past `cached` (never read, overwritten
+        later); whole blocks that only they used go back to the pool."""
         pool = self.pool
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[torch.Tensor] = []
-        chunks: list[PrefillChunk] = []
         lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
-        for sequence, candidates, length in zip(sequences, proposals, lengths, strict=True):
-            stop = length + len(candidates)
-            chunks.append(
-                PrefillChunk(
-                    start=len(tokens),
-                    length=1 + len(candidates),
-                    key_slots=pool.slots(sequence.blocks, 0, stop).to(device),
-                )
-            )
-            tokens.extend([sequence.tokens[-1], *candidates])
-            positions.extend(range(length - 1, stop))
-            slots.append(pool.slots(sequence.blocks, length - 1, stop))
-        batch = ForwardBatch.prefill(
-            positions=torch.tensor(positions, device=device),
-            write_slots=torch.cat(slots).to(device),
-            block_size=pool.block_size,
-            chunks=chunks,
-        )
-        logits = self.model(
-            torch.tensor(tokens, dtype=torch.long, device=device), batch, pool.layers
-        )
+        logits, chunks = self._verify_logits(sequences, proposals)
         best = self._verify_host.tolist(logits.argmax(dim=-1))
         self.speculated.verify_steps += 1
         for sequence, candidates, length, chunk in zip(
@@ -552,6 +525,43 @@ class Engine:
                 self._accept(sequence, token)
                 if sequence not in self._running:
                     break  # ended (an end token, a stop sequence, max_new_tokens)
+
+    def _verify_logits(
+        self, sequences: list[_Sequence], proposals: list[list[int]]
+    ) -> tuple[torch.Tensor, list[PrefillChunk]]:
+        """One forward pass over each sequence's last token and its candidates: k + 1 rows,
+        causal among themselves, attending to the sequence's cached prefix (the continued
+        prompt chunk's lower-right mask). Float32 logits of every row, and each sequence's
+        rows. Their keys and values are written to the sequence's next slots."""
+        device = self.device
+        pool = self.pool
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[torch.Tensor] = []
+        chunks: list[PrefillChunk] = []
+        for sequence, candidates in zip(sequences, proposals, strict=True):
+            length = len(sequence.tokens)
+            stop = length + len(candidates)
+            chunks.append(
+                PrefillChunk(
+                    start=len(tokens),
+                    length=1 + len(candidates),
+                    key_slots=pool.slots(sequence.blocks, 0, stop).to(device),
+                )
+            )
+            tokens.extend([sequence.tokens[-1], *candidates])
+            positions.extend(range(length - 1, stop))
+            slots.append(pool.slots(sequence.blocks, length - 1, stop))
+        batch = ForwardBatch.prefill(
+            positions=torch.tensor(positions, device=device),
+            write_slots=torch.cat(slots).to(device),
+            block_size=pool.block_size,
+            chunks=chunks,
+        )
+        logits = self.model(
+            torch.tensor(tokens, dtype=torch.long, device=device), batch, pool.layers
+        )
+        return logits, chunks
 
     def _remember(self, finished: list[_Sequence]) -> None:
         """Finished outputs join the model's output history (for later requests' guesses)."""
