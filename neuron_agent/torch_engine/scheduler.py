@@ -146,7 +146,7 @@ class Engine:
         settings = self.speculation
         self._history = (
             OutputHistory(settings.min_ngram, settings.max_ngram, settings.history_tokens)
-            if settings.enabled
+            if settings.enabled and settings.history_tokens > 0
             else None
         )
         # Each sequence's proposer state, gone with the sequence.

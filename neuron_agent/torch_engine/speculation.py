@@ -47,7 +47,7 @@ class SpeculationSettings:
     max_batch: int = 4
     min_ngram: int = 2
     max_ngram: int = 4
-    history_tokens: int = 1 << 16  # OutputHistory's budget, per model
+    history_tokens: int = 1 << 16  # OutputHistory's budget, per model (0: no history)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1 or self.max_batch < 1:
