@@ -58,10 +58,18 @@ def _stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(sequences)
 
 
-def _write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
-    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), and
-    why the engine failed if it did (a tensor-parallel rank died)."""
+def _write_stats(
+    path: Path,
+    running: int,
+    waiting: int,
+    failed: str | None = None,
+    counters: dict[str, int] | None = None,
+) -> None:
+    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), why
+    the engine failed if it did (a tensor-parallel rank died), and the engine's counters that
+    the neuron's /metrics shows (speculative decoding's, as of this change of the counts)."""
     data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
+    data.update(counters or {})
     if failed is not None:
         data["failed"] = failed
     temporary = path.with_suffix(".tmp")
@@ -219,7 +227,7 @@ class TritonPythonModel:
         if stats_path:
             engine = self.engine
             self.engine.on_change = lambda running, waiting: _write_stats(
-                Path(stats_path), running, waiting, engine.failure
+                Path(stats_path), running, waiting, engine.failure, engine.speculated.as_stats()
             )
             _write_stats(Path(stats_path), 0, 0)
             ranks = getattr(engine.model, "ranks", None)
