@@ -117,12 +117,17 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.device = model.device
         context_blocks = pool.blocks_for(min(model.spec.context_length, pool.capacity_tokens))
+        settings = speculation or SpeculationSettings()
+        # A verify pass is a decode pass of k + 1 rows per sequence (`_verify_logits`).
+        rows = max_batch_size
+        if settings.enabled:
+            rows = max(rows, min(max_batch_size, settings.max_batch) * (settings.max_tokens + 1))
         self.decoder = DecodeRunner(
             model,
             pool.layers,
             pool.block_size,
             pool.scratch_slot,
-            max_batch_size,
+            rows,
             table_width=context_blocks,
             graphs=cuda_graphs,
         )
@@ -142,8 +147,7 @@ class Engine:
         self._reported = (-1, -1)
         # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
         self.failure: str | None = None
-        self.speculation = speculation or SpeculationSettings()
-        settings = self.speculation
+        self.speculation = settings
         self._history = (
             OutputHistory(settings.min_ngram, settings.max_ngram, settings.history_tokens)
             if settings.enabled and settings.history_tokens > 0
@@ -153,7 +157,7 @@ class Engine:
         self._guessers: weakref.WeakKeyDictionary[_Sequence, SequenceGuesser] = (
             weakref.WeakKeyDictionary()
         )
-        self._verify_host = HostCopy(max_batch_size * (settings.max_tokens + 1), self.device)
+        self._verify_host = HostCopy(self.decoder.buckets[-1], self.device)
         self.speculated = SpeculationCounters()
 
     # ------------------------------------------------------------------ public surface
@@ -529,38 +533,27 @@ class Engine:
     def _verify_logits(
         self, sequences: list[_Sequence], proposals: list[list[int]]
     ) -> tuple[torch.Tensor, list[PrefillChunk]]:
-        """One forward pass over each sequence's last token and its candidates: k + 1 rows,
-        causal among themselves, attending to the sequence's cached prefix (the continued
-        prompt chunk's lower-right mask). Float32 logits of every row, and each sequence's
-        rows. Their keys and values are written to the sequence's next slots."""
-        device = self.device
+        """One decode pass with a row for each sequence's last token and one for each of its
+        candidates: row j of a sequence sits at position n - 1 + j, reads the sequence's block
+        table and attends to its first n + j positions, so the rows are causal among
+        themselves over the cached prefix. Every row's keys and values are written before any
+        row attends (per layer), so this is the paged decode kernel, and on a GPU a CUDA graph
+        at the bucket of the row count. Float32 logits of every row, and each sequence's rows."""
         pool = self.pool
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[torch.Tensor] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
         chunks: list[PrefillChunk] = []
         for sequence, candidates in zip(sequences, proposals, strict=True):
             length = len(sequence.tokens)
-            stop = length + len(candidates)
-            chunks.append(
-                PrefillChunk(
-                    start=len(tokens),
-                    length=1 + len(candidates),
-                    key_slots=pool.slots(sequence.blocks, 0, stop).to(device),
-                )
-            )
+            chunks.append(PrefillChunk(start=len(tokens), length=1 + len(candidates)))
             tokens.extend([sequence.tokens[-1], *candidates])
-            positions.extend(range(length - 1, stop))
-            slots.append(pool.slots(sequence.blocks, length - 1, stop))
-        batch = ForwardBatch.prefill(
-            positions=torch.tensor(positions, device=device),
-            write_slots=torch.cat(slots).to(device),
-            block_size=pool.block_size,
-            chunks=chunks,
-        )
-        logits = self.model(
-            torch.tensor(tokens, dtype=torch.long, device=device), batch, pool.layers
-        )
+            for position in range(length - 1, length + len(candidates)):
+                positions.append(position)
+                slots.append(pool.slot(sequence.blocks, position))
+                tables.append(sequence.blocks)
+        logits, _ = self.decoder.run(tokens=tokens, positions=positions, slots=slots, tables=tables)
         return logits, chunks
 
     def _remember(self, finished: list[_Sequence]) -> None:
