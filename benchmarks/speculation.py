@@ -229,7 +229,7 @@ def make_engine(model: LlamaModel, setting: str) -> tuple[Engine, RecordingCount
         settings = SpeculationSettings(
             SpeculationMethod.NGRAM, max_tokens=int(setting[1:]), max_batch=4
         )
-    pool = BlockPool(model.spec, 8192, model.dtype, model.device)
+    pool = BlockPool(model.spec, 4096, model.dtype, model.device)
     engine = Engine(model, pool, max_batch_size=4, speculation=settings)
     counters = RecordingCounters()
     engine.speculated = counters
@@ -313,7 +313,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     repeats = 1 if args.quick else args.repeats
-    max_new = {"code-edit": 64 if args.quick else 128, "chat": 32 if args.quick else 64}
+    max_new = {"code-edit": 64 if args.quick else 96, "chat": 32 if args.quick else 48}
     costs = parse_costs(args.verify_cost)
 
     folder = ensure_smollm2()
