@@ -8,8 +8,9 @@ prompts prefilled by the engine itself), then, timed as the engine runs them (ho
 included, wall time between two synchronisations, median of 20):
   decode      one token per sequence through the engine's decode runner: a CUDA-graph replay
   verify k    the engine's verify pass (`Engine._verify_logits`) over the last token and k
-              candidates per sequence, k = 0, 1, 2, 4, 8 (k = 0: the same pass at one row,
-              which shows what the eager path costs before any extra row)
+              candidates per sequence, k = 0, 1, 2, 4, 8: B × (k + 1) decode rows, a replay of
+              the graph of that many rows' bucket (k = 0 is the decode step again, through
+              the verify code)
 The ratio verify k / decode is r(k + 1) for `benchmarks/speculation.py --verify-cost`.
 Results: $OUT/verify_cost.json.
 """
@@ -134,6 +135,10 @@ def main() -> None:
             device=args.device,
             kv_cache_tokens=65536,
             max_batch_size=max(batches),
+            # graphs captured for verify passes of up to 8 candidates at every batch measured
+            speculation="ngram",
+            speculative_tokens=max(KS),
+            speculative_max_batch=max(batches),
         )
     )  # not started: this script drives its steps
     for batch in batches:
