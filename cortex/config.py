@@ -373,6 +373,11 @@ class KVCacheDtype(enum.StrEnum):
     FP8 = "fp8"  # float8 e4m3, one scale per token and kv head (torch engine)
 
 
+class Speculation(enum.StrEnum):
+    OFF = "off"
+    NGRAM = "ngram"  # prompt lookup over the request and the model's recent outputs
+
+
 class ToolCallFormat(enum.StrEnum):
     HERMES = "hermes"
     LLAMA3_JSON = "llama3_json"
@@ -435,6 +440,13 @@ class ModelProfile(_Config):
     # does not depend on what else is in its batch; a prefix-cache hit can still change it
     # (slower; BENCHMARKS.md says how much).
     batch_invariant: bool = False
+    # torch engine: speculative decoding. "ngram" guesses up to speculative_tokens next tokens
+    # from the request's own prompt and output and the model's recent outputs, and verifies
+    # them in one forward pass (outputs unchanged: the same greedy tokens, the same sampling
+    # distribution); off above speculative_max_batch decoding sequences (BENCHMARKS.md).
+    speculation: Speculation = Speculation.OFF
+    speculative_tokens: Annotated[int, Field(ge=1, le=16)] = 4
+    speculative_max_batch: Annotated[int, Field(ge=1)] = 4
     # Folder with tokenizer files when the source has none (trtllm engines).
     tokenizer: str | None = None
     # A Triton model-directory template folder to use instead of the engine's own one under

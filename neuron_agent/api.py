@@ -3,7 +3,8 @@
     GET  /health   GET /status   POST /models/load   POST /models/unload
     POST /models/sleep   POST /models/wake   (a loaded model's residency tier)
     GET  /models/<name>/tokenizer
-    GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback
+    GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback,
+                   and the torch engines' own counters (`engine_metrics`)
 
 Who may reach it: gateways (the lifecycle calls) and Prometheus (/metrics), with the node's
 bearer token; /health answers anyone. A neuron without a token listens on loopback only
@@ -32,6 +33,7 @@ from cortex import logs
 from cortex.config import NeuronConfig
 from cortex.neuron_api import ErrorBody, Health, LoadRequest, SleepRequest, UnloadRequest
 from cortex.secrets import secret_matches
+from neuron_agent.engine_metrics import render_engine_counters
 from neuron_agent.errors import BadRequest, NodeError
 from neuron_agent.node import Node
 
@@ -141,6 +143,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
         scraped = await node.supervisor.metrics_text()
         if scraped is None:
             return _error(502, "Triton's metrics endpoint does not answer")
+        scraped += render_engine_counters(node.engine_counters())
         return text(scraped, content_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/status")

@@ -534,6 +534,14 @@ class Node:
         except (OSError, ValueError):
             return {}
 
+    def engine_counters(self) -> dict[str, dict[str, float]]:
+        """Each loaded torch model's engine counters, from its stats file (`engine_metrics`)."""
+        return {
+            name: self._engine_stats(name)
+            for name, entry in self.loaded.items()
+            if entry.profile.engine is EngineKind.TORCH
+        }
+
     def _engine_failure(self, name: str) -> str | None:
         """Why the engine says it cannot serve (a tensor-parallel rank died), if it does."""
         failed = self._engine_file(name).get("failed")

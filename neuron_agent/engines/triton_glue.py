@@ -105,10 +105,18 @@ def read_request(request: Any) -> RequestTensors:
     return tensors
 
 
-def write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
-    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), and
-    why the engine failed if it did."""
+def write_stats(
+    path: Path,
+    running: int,
+    waiting: int,
+    failed: str | None = None,
+    counters: dict[str, int] | None = None,
+) -> None:
+    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), why
+    the engine failed if it did, and the engine's counters that the neuron's /metrics shows
+    (speculative decoding's, as of this change of the counts)."""
     data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
+    data.update(counters or {})
     if failed is not None:
         data["failed"] = failed
     temporary = path.with_suffix(".tmp")

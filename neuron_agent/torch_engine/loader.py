@@ -21,6 +21,7 @@ from neuron_agent.torch_engine.llama import LlamaModel, preload_attention
 from neuron_agent.torch_engine.parallel import Shard, check_shardable
 from neuron_agent.torch_engine.quant import MODES
 from neuron_agent.torch_engine.scheduler import Engine
+from neuron_agent.torch_engine.speculation import SpeculationMethod, SpeculationSettings
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class EngineOptions:
     host_kv_cache_bytes: int = 0  # the prefix cache's host tier (kv_cache.HostTier); 0: none
     # Every matmul through one fixed-tile kernel: output independent of the batch it ran in.
     batch_invariant: bool = False
+    # Model-free speculative decoding (speculation.py): off | ngram, the most candidates a
+    # sequence proposes per step, and the largest batch that still speculates.
+    speculation: str = "off"
+    speculative_tokens: int = 4
+    speculative_max_batch: int = 4
     # Tensor-parallel ranks, and each rank's device ("cuda:0", "cuda:1"; empty: all on `device`).
     tp: int = 1
     devices: tuple[str, ...] = ()
@@ -175,7 +181,18 @@ def new_engine(
         guides=Guides(
             options.tokenizer_dir, model.spec.vocab_size, frozenset(model.spec.eos_token_ids)
         ),
+        speculation=speculation_settings(options),
     )
+
+
+def speculation_settings(options: EngineOptions) -> SpeculationSettings:
+    try:
+        method = SpeculationMethod(options.speculation)
+        return SpeculationSettings(
+            method, options.speculative_tokens, options.speculative_max_batch
+        )
+    except ValueError as error:
+        raise UnsupportedCheckpoint(f"speculation: {error}") from None
 
 
 def build_engine(options: EngineOptions) -> Engine:

@@ -31,14 +31,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def sample_row(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> torch.Tensor:
-    """One token from float32 logits [vocab], as a one-element tensor on their device (no
-    device→host copy: the batch's tokens come back together)."""
+def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The probabilities a sampled token is drawn from: float32 logits [..., vocab] with
+    temperature, top-k and top-p applied, softmaxed over the last dimension (speculation's
+    verify step weighs candidates against exactly these)."""
     scaled = logits / params.temperature
     if params.top_k > 0 and params.top_k < scaled.shape[-1]:
-        threshold = torch.topk(scaled, params.top_k).values[-1]
+        threshold = torch.topk(scaled, params.top_k).values[..., -1:]
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     if params.top_p < 1.0:
         ordered, order = torch.sort(scaled, descending=True)
@@ -46,9 +45,16 @@ def sample_row(
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = cumulative - torch.softmax(ordered, dim=-1) >= params.top_p
         ordered = ordered.masked_fill(drop, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(0, order, ordered)
-    probabilities = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator)
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, ordered)
+    return torch.softmax(scaled, dim=-1)
+
+
+def sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+) -> torch.Tensor:
+    """One token from float32 logits [vocab], as a one-element tensor on their device (no
+    device→host copy: the batch's tokens come back together)."""
+    return torch.multinomial(distribution(logits, params), 1, generator=generator)
 
 
 def sample_batch(

@@ -12,7 +12,9 @@ One engine thread loops over `step()`:
      most `prefill_tokens` tokens a step (a long prompt does not stall decoding for long);
   4. every sequence past prefill decodes one token in one batched forward pass — on a GPU a
      replay of the CUDA graph captured for that batch size (`graphs`) — taking a new block when
-     its last one is full.
+     its last one is full. With speculation on and a small batch, sequences that can guess
+     their next tokens (`speculation`) have them verified in the same pass instead: k + 1 rows
+     each, over the paged cache; the rejected guesses' slots are given back.
 Blocks for generated tokens are taken as sequences grow, not reserved for `max_new_tokens` at
 admission: agents ask for far more (Claude Code: 32,000) than they use. When the pool runs dry
 the youngest running sequence of the lowest class is preempted — its blocks released (registered ones stay cached),
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -44,9 +47,18 @@ from neuron_agent.torch_engine.sampling import (
     HostCopy,
     SamplingParams,
     TokenLogprob,
+    distribution,
     make_generator,
     sample_batch,
     token_logprobs,
+)
+from neuron_agent.torch_engine.speculation import (
+    OutputHistory,
+    SequenceGuesser,
+    SpeculationCounters,
+    SpeculationSettings,
+    verify_greedy,
+    verify_sampled,
 )
 
 log = logging.getLogger("cortex.engine")
@@ -126,6 +138,7 @@ class Engine:
         on_change: Callable[[int, int], None] | None = None,
         cuda_graphs: bool = True,
         guides: Guides | None = None,
+        speculation: SpeculationSettings | None = None,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -134,12 +147,17 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.device = model.device
         context_blocks = pool.blocks_for(min(model.spec.context_length, pool.capacity_tokens))
+        settings = speculation or SpeculationSettings()
+        # A verify pass is a decode pass of k + 1 rows per sequence (`_verify_logits`).
+        rows = max_batch_size
+        if settings.enabled:
+            rows = max(rows, min(max_batch_size, settings.max_batch) * (settings.max_tokens + 1))
         self.decoder = DecodeRunner(
             model,
             pool.layers,
             pool.block_size,
             pool.scratch_slot,
-            max_batch_size,
+            rows,
             table_width=context_blocks,
             graphs=cuda_graphs,
         )
@@ -171,6 +189,18 @@ class Engine:
         # true while the loop waits for work, so a sleep never frees memory under a step.
         self.asleep = False
         self._idle = False
+        self.speculation = settings
+        self._history = (
+            OutputHistory(settings.min_ngram, settings.max_ngram, settings.history_tokens)
+            if settings.enabled and settings.history_tokens > 0
+            else None
+        )
+        # Each sequence's proposer state, gone with the sequence.
+        self._guessers: weakref.WeakKeyDictionary[_Sequence, SequenceGuesser] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._verify_host = HostCopy(self.decoder.buckets[-1], self.device)
+        self.speculated = SpeculationCounters()
 
     # ------------------------------------------------------------------ public surface
 
@@ -319,6 +349,7 @@ class Engine:
                 "prefix_hit_tokens": self.prefix_hit_tokens,
                 "prefix_hit_tokens_host": self.prefix_hit_tokens_host,
                 "host_kv_blocks": len(self.pool.host) if self.pool.host is not None else 0,
+                **self.speculated.as_stats(),
             }
 
     # ------------------------------------------------------------------ the loop
@@ -361,7 +392,12 @@ class Engine:
             self._prefill([s for s in prefilling if _priority(s) == best])
         decoding = self._grow([s for s in self._running if not s.prefilling and s.generated])
         if decoding:
-            self._decode(decoding)
+            proposals = self._propose(decoding)
+            if any(proposals):
+                self._verify(decoding, proposals)
+            else:
+                self._decode(decoding)
+            self._remember([s for s in decoding if s not in self._running])
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -566,6 +602,109 @@ class Engine:
                 sequences[row].unsent_logprobs.append(entry)
         for sequence, token in zip(sequences, self._host.tolist(chosen), strict=True):
             self._accept(sequence, token)
+
+    # ------------------------------------------------------------------ speculation
+
+    def _may_speculate(self, sequence: _Sequence) -> bool:
+        """Whether a sequence may have guesses verified. Not combined with a grammar guide or
+        logprobs (once those land, a guided sequence or one asking for logprobs answers no)."""
+        return sequence.request.max_new_tokens - len(sequence.generated) > 1
+
+    def _propose(self, decoding: list[_Sequence]) -> list[list[int]]:
+        """Each decoding sequence's candidates (empty: none), with KV blocks taken for them; all
+        empty when speculation is off or the batch is over `speculative_max_batch`."""
+        settings = self.speculation
+        if not settings.enabled or len(decoding) > settings.max_batch:
+            return [[] for _ in decoding]
+        proposals = []
+        for sequence in decoding:
+            candidates: list[int] = []
+            if self._may_speculate(sequence):
+                guesser = self._guessers.get(sequence)
+                if guesser is None:
+                    guesser = SequenceGuesser.over(sequence.tokens, settings)
+                    self._guessers[sequence] = guesser
+                # Never past max_new_tokens: every accepted guess is output.
+                room = sequence.request.max_new_tokens - len(sequence.generated) - 1
+                candidates = guesser.candidates(self._history, room)
+                # Room in the cache for the guesses' keys, or no guessing this step (a guess
+                # never preempts anyone).
+                if candidates and not self.pool.grow(
+                    sequence.blocks, len(sequence.tokens) + len(candidates)
+                ):
+                    candidates = []
+            proposals.append(candidates)
+        return proposals
+
+    def _verify(self, sequences: list[_Sequence], proposals: list[list[int]]) -> None:
+        """Each sequence keeps the candidates the model agrees with and one token of its own.
+        Cache slots written for rejected candidates lie past `cached` (never read, overwritten
+        later); whole blocks that only they used go back to the pool."""
+        pool = self.pool
+        lengths = [len(s.tokens) for s in sequences]  # the last token is not cached yet
+        logits, chunks = self._verify_logits(sequences, proposals)
+        best = self._verify_host.tolist(logits.argmax(dim=-1))
+        self.speculated.verify_steps += 1
+        for sequence, candidates, length, chunk in zip(
+            sequences, proposals, lengths, chunks, strict=True
+        ):
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            params = sequence.request.sampling
+            if params.greedy or sequence.generator is None:
+                emitted = verify_greedy(best[rows], candidates)
+            else:
+                emitted = verify_sampled(
+                    distribution(logits[rows], params), candidates, sequence.generator
+                )
+            accepted = len(emitted) - 1
+            cached = length + accepted
+            sequence.cached = cached
+            pool.commit(sequence.blocks, sequence.keys, sequence.tokens + emitted[:-1], cached)
+            keep = pool.blocks_for(cached + 1)  # the next step feeds the token emitted last
+            if len(sequence.blocks) > keep:
+                unused = sequence.blocks[keep:]
+                del sequence.blocks[keep:]
+                pool.release(unused)
+            if candidates:
+                self.speculated.record(len(candidates), accepted)
+                self._guessers[sequence].control.record(len(candidates), accepted)
+            for token in emitted:
+                self._accept(sequence, token)
+                if sequence not in self._running:
+                    break  # ended (an end token, a stop sequence, max_new_tokens)
+
+    def _verify_logits(
+        self, sequences: list[_Sequence], proposals: list[list[int]]
+    ) -> tuple[torch.Tensor, list[PrefillChunk]]:
+        """One decode pass with a row for each sequence's last token and one for each of its
+        candidates: row j of a sequence sits at position n - 1 + j, reads the sequence's block
+        table and attends to its first n + j positions, so the rows are causal among
+        themselves over the cached prefix. Every row's keys and values are written before any
+        row attends (per layer), so this is the paged decode kernel, and on a GPU a CUDA graph
+        at the bucket of the row count. Float32 logits of every row, and each sequence's rows."""
+        pool = self.pool
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []
+        chunks: list[PrefillChunk] = []
+        for sequence, candidates in zip(sequences, proposals, strict=True):
+            length = len(sequence.tokens)
+            chunks.append(PrefillChunk(start=len(tokens), length=1 + len(candidates)))
+            tokens.extend([sequence.tokens[-1], *candidates])
+            for position in range(length - 1, length + len(candidates)):
+                positions.append(position)
+                slots.append(pool.slot(sequence.blocks, position))
+                tables.append(sequence.blocks)
+        logits, _ = self.decoder.run(tokens=tokens, positions=positions, slots=slots, tables=tables)
+        return logits, chunks
+
+    def _remember(self, finished: list[_Sequence]) -> None:
+        """Finished outputs join the model's output history (for later requests' guesses)."""
+        if self._history is None:
+            return
+        for sequence in finished:
+            self._history.add(sequence.tokens[len(sequence.request.prompt) :])
 
     # ------------------------------------------------------------------ results
 

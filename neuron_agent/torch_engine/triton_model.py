@@ -123,6 +123,9 @@ class TritonPythonModel:
             kv_cache_dtype=parameters.get("kv_cache_dtype", "auto"),
             host_kv_cache_bytes=int(parameters.get("host_kv_cache_bytes", "0") or "0"),
             batch_invariant=parameters.get("batch_invariant", "false") == "true",
+            speculation=parameters.get("speculation", "off") or "off",
+            speculative_tokens=int(parameters.get("speculative_tokens", "4") or "4"),
+            speculative_max_batch=int(parameters.get("speculative_max_batch", "4") or "4"),
             tp=int(parameters.get("tp", "1") or "1"),
             devices=rank_devices(
                 parameters.get("device", "cpu"), parameters.get("gpu_device_ids", "")
@@ -148,7 +151,7 @@ class TritonPythonModel:
         if stats_path:
             engine = self.engine
             self.engine.on_change = lambda running, waiting: _write_stats(
-                Path(stats_path), running, waiting, engine.failure
+                Path(stats_path), running, waiting, engine.failure, engine.speculated.as_stats()
             )
             _write_stats(Path(stats_path), 0, 0)
             ranks = getattr(engine.model, "ranks", None)
