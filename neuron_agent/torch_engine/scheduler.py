@@ -606,9 +606,13 @@ class Engine:
     # ------------------------------------------------------------------ speculation
 
     def _may_speculate(self, sequence: _Sequence) -> bool:
-        """Whether a sequence may have guesses verified. Not combined with a grammar guide or
-        logprobs (once those land, a guided sequence or one asking for logprobs answers no)."""
-        return sequence.request.max_new_tokens - len(sequence.generated) > 1
+        """Whether a sequence may have guesses verified. Not combined with a grammar guide (its
+        mask is computed one token at a time) nor with logprobs (a verify step's logits are not
+        the ones a one-token step would report for rejected positions): those decode plainly."""
+        request = sequence.request
+        if request.guide is not None or request.top_logprobs is not None:
+            return False
+        return request.max_new_tokens - len(sequence.generated) > 1
 
     def _propose(self, decoding: list[_Sequence]) -> list[list[int]]:
         """Each decoding sequence's candidates (empty: none), with KV blocks taken for them; all
