@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.llamacpp.runtime import Runtime
-from neuron_agent.engines.llamacpp.scheduler import RequestRejected
+from neuron_agent.engines.llamacpp.scheduler import QueueFull, RequestRejected
 
 log = logging.getLogger("cortex.engine.llamacpp")
 
@@ -58,7 +59,7 @@ class EmbeddingEngine:
             raise RequestRejected("text_input is empty")
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
-                raise RequestRejected(
+                raise QueueFull(
                     f"the request queue is full ({self.max_queue_size} waiting); try again later"
                 )
             self._waiting.append(request)
@@ -80,7 +81,9 @@ class EmbeddingEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
         for request in self._waiting:
-            request.fail("the model is being unloaded")
+            request.fail(
+                tag_engine_error(EngineErrorKind.UNAVAILABLE, "the model is being unloaded")
+            )
         self._waiting.clear()
 
     def _loop(self) -> None:
@@ -98,10 +101,12 @@ class EmbeddingEngine:
                     vectors, counts = self.embed(request.texts)
                     request.done(vectors, counts)
             except RequestRejected as error:
-                request.fail(str(error))
+                request.fail(tag_engine_error(error.kind, str(error)))
             except Exception as error:
                 log.exception("embedding failed")
-                request.fail(f"the engine failed: {error}")
+                request.fail(
+                    tag_engine_error(EngineErrorKind.FAILED, f"the engine failed: {error}")
+                )
             self._busy = 0
             self._report()
 

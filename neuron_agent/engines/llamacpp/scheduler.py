@@ -29,13 +29,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.llamacpp.runtime import Runtime, Sampler
 
 log = logging.getLogger("cortex.engine.llamacpp")
 
 
 class RequestRejected(Exception):
-    """A request cannot be admitted (queue full, too long, bad parameters); one sentence."""
+    """A request cannot be admitted (too long, bad parameters); one sentence. Its `kind` goes in
+    front of the sentence across Triton (`cortex.engine_errors`)."""
+
+    kind = EngineErrorKind.INVALID
+
+
+class QueueFull(RequestRejected):
+    """No room in the queue now; try again later."""
+
+    kind = EngineErrorKind.OVERLOADED
 
 
 @dataclass
@@ -146,7 +156,7 @@ class Engine:
         sequence = _Sequence(request, list(request.prompt), request.end_ids or self.default_end_ids)
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
-                raise RequestRejected(
+                raise QueueFull(
                     f"the request queue is full ({self.max_queue_size} waiting); try again later"
                 )
             self._waiting.append(sequence)
@@ -165,7 +175,9 @@ class Engine:
             self._thread.join(timeout=30)
         for sequence in [*self._waiting, *self._running]:
             self._release(sequence)
-            sequence.request.fail("the model is being unloaded")
+            sequence.request.fail(
+                tag_engine_error(EngineErrorKind.UNAVAILABLE, "the model is being unloaded")
+            )
         self._waiting.clear()
         self._running.clear()
 
@@ -197,7 +209,9 @@ class Engine:
                 self.step()
             except Exception as error:  # the engine must survive any one bad step
                 log.exception("engine step failed")
-                self._fail(list(self._running), f"the engine failed: {error}")
+                self._fail(
+                    list(self._running), f"the engine failed: {error}", EngineErrorKind.FAILED
+                )
             self._report()
 
     def step(self) -> None:
@@ -243,6 +257,7 @@ class Engine:
             self._fail(
                 [youngest],
                 f"the KV cache ({self.kv_tokens} tokens) is full; try again with a shorter request",
+                EngineErrorKind.OVERLOADED,
             )
             return
         if code != 0:
@@ -390,7 +405,7 @@ class Engine:
             sequence.sampler.free()
             sequence.sampler = None
 
-    def _fail(self, sequences: list[_Sequence], message: str) -> None:
+    def _fail(self, sequences: list[_Sequence], message: str, kind: EngineErrorKind) -> None:
         with self._lock:
             self._running = [s for s in self._running if s not in sequences]
         for sequence in sequences:
@@ -398,4 +413,4 @@ class Engine:
                 self.runtime.forget(sequence.slot.seq_id, 0)
                 sequence.computed = 0
             self._release(sequence)
-            sequence.request.fail(message)
+            sequence.request.fail(tag_engine_error(kind, message))

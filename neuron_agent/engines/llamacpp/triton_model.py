@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines import triton_glue
 from neuron_agent.engines.triton_glue import BadRequest, ResponseWriter
 
@@ -97,9 +98,12 @@ class TritonPythonModel:
                 else:
                     self.engine.submit(self._generation_request(request, sender))
             except self.rejected as error:
-                self.writer.error(sender, str(error))
+                kind = getattr(error, "kind", EngineErrorKind.INVALID)
+                self.writer.error(sender, tag_engine_error(kind, str(error)))
             except Exception as error:  # malformed tensors: answer, never crash the stub
-                self.writer.error(sender, f"bad request: {error}")
+                self.writer.error(
+                    sender, tag_engine_error(EngineErrorKind.INVALID, f"bad request: {error}")
+                )
         return None
 
     def _generation_request(self, request: Any, sender: Any) -> Any:
