@@ -285,8 +285,13 @@ class Node:
         devices = self._place(profile, estimate, gpus)
         baseline = {g: self.inventory.used_on(g) or 0 for g in devices}
         stats_path = self.stats_dir / f"{name}.json"
-        # The torch engine's guided decoding builds its masks from the gateway's tokenizer.
-        tokenizer_dir = await asyncio.to_thread(self.catalogue.tokenizer_folder, profile)
+        # The torch engine's guided decoding builds its masks from the gateway's tokenizer (a
+        # llama.cpp model's tokenizer is the file's own; transformers cannot read every GGUF).
+        tokenizer_dir = (
+            await asyncio.to_thread(self.catalogue.tokenizer_folder, profile)
+            if profile.engine is EngineKind.TORCH
+            else None
+        )
         try:
             files = render(
                 profile,
