@@ -168,10 +168,22 @@ def cortex(folder: Path, repetitions: int) -> dict[str, Any]:
     os.environ["CORTEX_LLAMACPP_THREADS"] = str(THREADS)
     with bench_neuron(folder / "node", [profile]) as neuron, bench_gateway(folder, neuron) as gw:
         headers = {"authorization": f"Bearer {gw.api_key}"}
-        # The gateway's tokenizer first (transformers' import, once per gateway), then the load.
-        httpx.get(f"{gw.url}/v1/models", headers=headers, timeout=60)
+        # A first request builds the gateway's tokenizer (transformers' import, once per
+        # gateway) and loads the model; unloaded again, the next request times the load alone.
+        stream_chat(gw.url, "smollm2", story("a warm-up"), 1, headers)
+        httpx.post(f"{neuron.url}/models/unload", json={"model": "smollm2"}, timeout=120)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{neuron.url}/status", timeout=10).json()["loaded"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("smollm2 did not unload")
+            time.sleep(0.1)
         started = time.perf_counter()
-        stream_chat(gw.url, "smollm2", story("a cold start"), 1, headers)
+        while True:
+            try:
+                stream_chat(gw.url, "smollm2", story("a cold start"), 1, headers)
+                break
+            except httpx.HTTPStatusError:  # the gateway's poll has not seen the unload yet
+                time.sleep(0.1)
         load_to_first = time.perf_counter() - started
         status = httpx.get(f"{neuron.url}/status", timeout=10).json()
         loaded = status["loaded"][0]
