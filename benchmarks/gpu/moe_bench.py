@@ -3,7 +3,7 @@ random weights, bf16 and in-situ fp8, at batch 1/8/32 (96 new tokens, two repeat
 transformers' eager `generate()` on the same shape in the same run, and beside the roofline of
 the bytes a decode step reads.
 
-    OUT=/tmp/out python3 benchmarks/gpu/moe_bench.py          # on the GPU (~6 min on an H100)
+    OUT=/tmp/out python3 benchmarks/gpu/moe_bench.py          # on the GPU (not run yet)
     OUT=/tmp/out python3 benchmarks/gpu/moe_bench.py --tiny   # a smoke run of the same code
 
 No checkpoint is written (30.5 B parameters are 61 GB, nearly the device's disk): the weights
