@@ -39,8 +39,13 @@ from benchmarks.harness import bench_gateway, bench_neuron, machine
 from cortex.config import ModelProfile
 from cortex.demo.tiny_model import ensure_tiny_model
 from cortex.launch import Gateway, Neuron
+from cortex.secrets import TRITON_KEY_HEADER, triton_key
 
 MODEL = "cortex-tiny"
+# The node's token: its neuron API and (through the key derived from it) its Triton need it.
+TOKEN = "bench-cold-load"
+NEURON = {"authorization": f"Bearer {TOKEN}"}
+TRITON = {TRITON_KEY_HEADER: triton_key(TOKEN)}
 WAITING = 10
 RESULTS = Path(__file__).resolve().parent / "results"
 BODY = {
@@ -90,10 +95,14 @@ async def through_gateway(gateway: Gateway, count: int) -> list[float]:
 
 def triton_load(neuron: Neuron) -> float:
     started = time.perf_counter()
-    response = httpx.post(f"{neuron.triton_http}/v2/repository/models/{MODEL}/load", timeout=600)
+    response = httpx.post(
+        f"{neuron.triton_http}/v2/repository/models/{MODEL}/load", headers=TRITON, timeout=600
+    )
     seconds = time.perf_counter() - started
     response.raise_for_status()
-    httpx.post(f"{neuron.triton_http}/v2/repository/models/{MODEL}/unload", timeout=600)
+    httpx.post(
+        f"{neuron.triton_http}/v2/repository/models/{MODEL}/unload", headers=TRITON, timeout=600
+    )
     _wait_stub_gone(neuron)
     return seconds
 
@@ -109,7 +118,9 @@ def _wait_stub_gone(neuron: Neuron, timeout: float = 60) -> None:
 
 def unload(neuron: Neuron, gateway: Gateway) -> None:
     """Unload through the neuron and wait until the gateway's fleet view has it unloaded."""
-    response = httpx.post(f"{neuron.url}/models/unload", json={"model": MODEL}, timeout=600)
+    response = httpx.post(
+        f"{neuron.url}/models/unload", json={"model": MODEL}, headers=NEURON, timeout=600
+    )
     if response.status_code not in (200, 404):
         response.raise_for_status()
     _wait_stub_gone(neuron)
@@ -129,11 +140,13 @@ def run(repetitions: int) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "repetitions": []}
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cortex-cold-")))
-        neuron = stack.enter_context(bench_neuron(folder, models()))
+        neuron = stack.enter_context(bench_neuron(folder, models(), token=TOKEN))
         # The neuron materialises the model directory on its first load; Triton alone can then
         # load it from there.
-        httpx.post(f"{neuron.url}/models/load", json={"model": MODEL}, timeout=600)
-        httpx.post(f"{neuron.url}/models/unload", json={"model": MODEL}, timeout=600)
+        for action in ("load", "unload"):
+            httpx.post(
+                f"{neuron.url}/models/{action}", json={"model": MODEL}, headers=NEURON, timeout=600
+            )
         _wait_stub_gone(neuron)
         gateway = stack.enter_context(bench_gateway(folder, neuron))
         for number in range(repetitions):

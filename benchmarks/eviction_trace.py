@@ -143,7 +143,7 @@ def replay(trace: list[str], strategy: EvictionStrategy, oracle: bool) -> tuple[
             value = demand.per_byte(clock)
         else:
             value = None
-        plan = plan_placement(sim.snapshot(clock), model, strategy, value)
+        plan = plan_placement(sim.snapshot(clock), model, strategy, clock, value)
         assert isinstance(plan, list), plan
         placement: Placement = plan[0]
         for victim in placement.victims:

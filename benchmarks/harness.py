@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from cortex.config import ModelProfile
+from cortex.config import ModelProfile, NeuronRef
 from cortex.launch import (
     Gateway,
     Neuron,
@@ -43,9 +43,12 @@ NODE = "bench-node"
 
 
 @contextlib.contextmanager
-def bench_neuron(folder: Path, models: Sequence[ModelProfile]) -> Iterator[Neuron]:
-    """A neuron agent serving `models`, its files and log in `folder`."""
-    with running_neuron(loopback_neuron(folder, NODE, models)) as neuron:
+def bench_neuron(
+    folder: Path, models: Sequence[ModelProfile], token: str | None = None
+) -> Iterator[Neuron]:
+    """A neuron agent serving `models`, its files and log in `folder`; with `token`, its API
+    and its Triton (the key derived from it) need it, as on a real node."""
+    with running_neuron(loopback_neuron(folder, NODE, models, token=token)) as neuron:
         yield neuron
 
 
@@ -69,6 +72,9 @@ def bench_gateway(
         poll_interval_s=poll_interval_s,
         ping_interval_s=ping_interval_s,
     )
+    token = neuron.config.neuron.bearer_token()
+    ref = NeuronRef(name=NODE, endpoint=neuron.url, token=token)
+    config = config.model_copy(update={"neurons": (ref,)})
     with running_gateway(
         folder / f"{name}.toml", config, neurons_up=True, env=env, cwd=source or REPOSITORY
     ) as gateway:

@@ -176,7 +176,7 @@ def run(nodes: int, requests: int, seed: int) -> dict[str, dict[str, float]]:
             views[node] = view(by_name[node], catalogue, index)
         else:
             started = time.thread_time()
-            plan = plan_placement(snapshot, model, EvictionStrategy.LRU)
+            plan = plan_placement(snapshot, model, EvictionStrategy.LRU, time.time())
             timings["placement"].append(time.thread_time() - started)
             if isinstance(plan, list):
                 placement = plan[0]

@@ -10,7 +10,9 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
     ├── Overloaded            529/503  overloaded_error    (Retry-After)
     ├── UpstreamTimeout       504  timeout_error
     └── UpstreamFailed        502  api_error               (a node or Triton failed)
-        └── NodeUnavailable   502  api_error               (a node does not answer at all)
+        ├── NodeUnavailable   502  api_error               (a node does not answer at all)
+        └── ModelUnavailable  502  api_error               (the model left the node, or its
+                                                            engine died: try another copy)
 
 Messages say in words what happened; the low-level cause (gRPC or httpx text) goes to the log.
 """
@@ -108,6 +110,10 @@ class NodeUnavailable(UpstreamFailed):
     def __init__(self, node: str, what: str = "does not answer") -> None:
         self.node = node
         super().__init__(f"node {node} is unavailable: {what}; try again shortly")
+
+
+class ModelUnavailable(UpstreamFailed):
+    """The engine says the model cannot serve there any more (being unloaded, a rank died)."""
 
 
 def openai_body(error: CortexError) -> dict[str, Any]:

@@ -32,17 +32,18 @@ import functools
 import gc
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from control_plane.cold_load import ColdLoad, GiveUp, Place
 from control_plane.errors import (
     CortexError,
     ModelNotFound,
+    ModelUnavailable,
     Overloaded,
     UpstreamFailed,
     UpstreamTimeout,
@@ -52,28 +53,36 @@ from control_plane.lifecycle import (
     LoadWindow,
     Move,
     Placement,
-    Refusal,
     Resident,
     ScaleIn,
     idle_expired,
+    idle_sleepers,
     pinned_missing,
     plan_defrag,
     plan_placement,
     plan_scaling,
+    resident_for,
 )
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
+from control_plane.node_record import CircuitBreaker, NodeRecord
 from control_plane.prompting import ModelTokenizer
 from control_plane.routing import (
     FleetSnapshot,
-    NodeView,
     catalogue_index,
     choose_replica,
     merge_catalogues,
     resolve_model,
 )
 from cortex.config import CortexConfig, EvictionStrategy, NeuronRef
-from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus, TokenizerFiles
+from cortex.neuron_api import (
+    CatalogueEntry,
+    EvictionReason,
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TokenizerFiles,
+)
 
 log = logging.getLogger("cortex.fleet")
 
@@ -86,6 +95,7 @@ class NodeClient(Protocol):
     async def status(self, timeout: float) -> NeuronStatus: ...
     async def load(self, model: str) -> LoadedModel: ...
     async def unload(self, model: str, force: bool = False) -> Any: ...
+    async def sleep(self, model: str) -> LoadedModel: ...
     async def tokenizer(self, model: str) -> TokenizerFiles: ...
     async def close(self) -> None: ...
 
@@ -93,21 +103,19 @@ class NodeClient(Protocol):
 NodeClientFactory = Callable[[NeuronRef, float], NodeClient]
 
 
-@dataclass
-class _Node:
-    client: NodeClient
-    status: NeuronStatus | None = None
-    up: bool = False
-    missed: int = 0
-    triton: TritonStream | None = None
-    in_flight: dict[str, int] = field(default_factory=dict)
-    draining: set[str] = field(default_factory=set)
-    loading: dict[str, int] = field(default_factory=dict)
-    leaving: set[str] = field(default_factory=set)
-    catalogue: dict[str, CatalogueEntry] | None = None
-    # When the node went down lately (circuit breaker), and until when it stays out.
-    failures: deque[float] = field(default_factory=deque)
-    out_until: float = 0.0
+def _loading_elsewhere(snapshot: FleetSnapshot, model: str) -> str | None:
+    """An up node whose neuron reports the model LOADING while this gateway is not loading it
+    there (another gateway's load, or the neuron's reload after a Triton restart)."""
+    for view in snapshot.nodes:
+        reported = view.loaded.get(model)
+        if (
+            view.up
+            and reported is not None
+            and reported.state == ModelState.LOADING
+            and model not in view.loading
+        ):
+            return view.name
+    return None
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,15 @@ class Fleet:
         self.cycles = 0
         self._scheduler: AsyncIOScheduler | None = None
         settings = config.gateway
-        self.nodes = {n.name: _Node(clients(n, settings.load_timeout_s)) for n in config.neurons}
+        self.nodes = {
+            n.name: NodeRecord(
+                clients(n, settings.load_timeout_s),
+                CircuitBreaker(
+                    settings.breaker_failures, settings.breaker_window_s, settings.breaker_open_s
+                ),
+            )
+            for n in config.neurons
+        }
         self._loads: dict[str, asyncio.Task[str]] = {}
         self._background: dict[str, asyncio.Task[None]] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
@@ -143,6 +159,7 @@ class Fleet:
         self.pinned_unplaced: dict[str, str] = {}
         self._pinned: set[str] = set()  # every pinned model any catalogue has listed
         self._merged: dict[str, CatalogueEntry] | None = None
+        self._change = asyncio.Event()
 
     # ------------------------------------------------------------------ polling
 
@@ -199,8 +216,7 @@ class Fleet:
             )
         except Exception as error:  # any failure is a missed poll, never the end of polling
             message = error.message if isinstance(error, CortexError) else repr(error)
-            node.missed += 1
-            if node.missed >= self.config.gateway.missed_polls_down:
+            if node.missed_poll(self.config.gateway.missed_polls_down):
                 self._set_down(name, message)
             else:
                 log.info("neuron %s missed a poll: %s", name, message)
@@ -208,15 +224,17 @@ class Fleet:
         for gpu in status.gpus:
             self.metrics.memory_used.labels(name, str(gpu.index)).set(gpu.memory_used_bytes)
             self.metrics.memory_free.labels(name, str(gpu.index)).set(gpu.memory_free_bytes)
+        self._record_tiers(name, status)
         node.missed = 0
         if node.status is None or node.status.catalogue != status.catalogue:
             self._merged = None
-        if time.monotonic() < node.out_until:
+        if node.breaker.is_open(time.monotonic()):
             return  # the breaker is open: it answers, but stays out of rotation for now
         if not node.up:
             log.info("neuron %s is up", name)
         self.metrics.neuron_up.labels(name).set(1)
         node.status, node.up = status, True
+        self._notify()
         node.catalogue = catalogue_index(status)  # once per poll, not per request
         grpc_url = self._grpc_url(name, status)
         if node.triton is None or node.triton.url != grpc_url:
@@ -224,18 +242,23 @@ class Fleet:
                 await node.triton.close()
             node.triton = TritonStream.for_neuron(grpc_url, node.client.neuron)
 
+    def _record_tiers(self, name: str, status: NeuronStatus) -> None:
+        """The tier gauge: 1 for the tier each model copy on the node is in, 0 for the other
+        (and for both once a copy has left)."""
+        tiers = {m.name: m.state for m in status.loaded}
+        node = self.nodes[name]
+        for model in node.tiered | set(tiers):
+            state = tiers.get(model)
+            self.metrics.tier.labels(model, name, "loaded").set(state == ModelState.READY)
+            self.metrics.tier.labels(model, name, "asleep").set(state == ModelState.ASLEEP)
+        node.tiered = set(tiers)
+
     def _set_down(self, name: str, reason: str) -> None:
         node = self.nodes[name]
         if node.up:
             log.warning("neuron %s is down: %s", name, reason)
-            now = time.monotonic()
             settings = self.config.gateway
-            node.failures.append(now)
-            while node.failures and node.failures[0] < now - settings.breaker_window_s:
-                node.failures.popleft()
-            if len(node.failures) >= settings.breaker_failures:
-                node.out_until = now + settings.breaker_open_s
-                node.failures.clear()
+            if node.breaker.went_down(time.monotonic()):
                 log.warning(
                     "neuron %s went down %d times in %.0f s: out of rotation for %.0f s",
                     name,
@@ -246,6 +269,7 @@ class Fleet:
         node.up = False
         node.status = None
         self._merged = None
+        self._notify()
         self.metrics.neuron_up.labels(name).set(0)
 
     def node_failed(self, name: str, reason: str) -> None:
@@ -261,18 +285,7 @@ class Fleet:
         return f"{host}:{port}"
 
     def snapshot(self) -> FleetSnapshot:
-        nodes = tuple(
-            NodeView(
-                name,
-                n.up,
-                n.status,
-                dict(n.in_flight),
-                frozenset(n.draining),
-                dict(n.loading),
-                frozenset(n.leaving),
-            )
-            for name, n in self.nodes.items()
-        )
+        nodes = tuple(n.view(name) for name, n in self.nodes.items())
         if self._merged is None:  # merged again only when a node's catalogue or state changed
             self._merged = merge_catalogues(nodes)
         return FleetSnapshot(nodes, self._merged)
@@ -308,6 +321,17 @@ class Fleet:
                 gc.freeze()
         return self._tokenizers[model]
 
+    async def model_left(self, node: str, model: str) -> bool:
+        """After a request for `model` failed on `node` before its first token: whether a fresh
+        look shows the model gone from there (unloaded, retired, being moved) while the node
+        answers, rather than the node failing."""
+        await self.poll(node)
+        member = self.nodes[node]
+        if not member.up or member.status is None:
+            return False
+        view = next(v for v in self.snapshot().nodes if v.name == node)
+        return model not in view.ready_models()
+
     def ready_replica(self, model: str, affinity: str | None = None) -> str | None:
         """The node to serve a model that is READY somewhere now, without waiting."""
         return choose_replica(self.snapshot(), model, affinity, self.config.gateway.affinity_slack)
@@ -330,47 +354,70 @@ class Fleet:
             ) from None
 
     async def _cold_load(self, model: str) -> str:
+        """Place the model and load it, waiting (up to the load timeout) while loads, unloads
+        or requests in flight stand in the way; `ColdLoad` decides each next step."""
         # A fresh look at every node that may hold the model: another gateway may be loading it.
+        await self._refresh(model)
+        timeout = self.config.gateway.load_timeout_s
+        attempts = ColdLoad(model, time.monotonic() + timeout, timeout)
+        while True:
+            snapshot = self.snapshot()
+            node = choose_replica(snapshot, model)
+            if node is not None:
+                return node
+            elsewhere = _loading_elsewhere(snapshot, model)
+            if elsewhere is not None:
+                log.info("%s is being loaded on %s already; waiting for it", model, elsewhere)
+                await self.load(elsewhere, model)  # the neuron joins the load under way
+                return elsewhere
+            now = time.time()
+            plan = plan_placement(
+                snapshot,
+                model,
+                self.config.eviction.strategy,
+                now,
+                self._worth(),
+                exclude=attempts.exclude(),
+                eligible=resident_for(self.config.eviction.min_resident_s, now),
+            )
+            step = attempts.next_step(plan, time.monotonic())
+            if isinstance(step, GiveUp):
+                raise step.error
+            if isinstance(step, Place):
+                placement = step.placement
+                try:
+                    await self.place(model, placement, EvictionReason.MAKE_ROOM)
+                    return placement.node
+                except CortexError as error:
+                    await self.poll(placement.node)
+                    retry = attempts.failed_on(placement.node, error)
+                if retry is None:
+                    continue
+                step = retry
+            log.debug("%s waits for the fleet to change: %s", model, step.reason)
+            if not await self._changed(step.seconds):
+                await self._refresh(model)  # others' requests show only in the neurons' counts
+
+    async def _refresh(self, model: str) -> None:
+        """Poll every up node that may hold the model."""
         await asyncio.gather(
             *(self.poll(n.name) for n in self.snapshot().nodes if model in n.catalogue())
         )
-        snapshot = self.snapshot()
-        node = choose_replica(snapshot, model)
-        if node is not None:
-            return node
-        for view in snapshot.nodes:
-            reported = view.loaded.get(model)
-            if view.up and reported is not None and reported.state == "LOADING":
-                log.info("%s is being loaded on %s already; waiting for it", model, view.name)
-                await self.load(view.name, model)  # the neuron joins the load under way
-                return view.name
-        tried: set[str] = set()
-        errors: list[str] = []
-        failed = False
-        while True:
-            plan = plan_placement(
-                self.snapshot(),
-                model,
-                self.config.eviction.strategy,
-                self._worth(),
-                exclude=frozenset(tried),
-            )
-            if isinstance(plan, Refusal):
-                if failed:
-                    raise UpstreamFailed(f"{model} could not be loaded: " + "; ".join(errors))
-                reasons = "; ".join([*errors, plan.reason])
-                raise Overloaded(f"cannot place {model}: {reasons}", retry_after=30)
-            placement = plan[0]
-            tried.add(placement.node)
-            try:
-                await self.place(model, placement, "make_room")
-            except CortexError as error:
-                # A refusal (no room after all, a victim got busy) is not a failed node.
-                failed = failed or not isinstance(error, Overloaded)
-                errors.append(f"{placement.node}: {error.message}")
-                await self.poll(placement.node)
-                continue
-            return placement.node
+
+    def _notify(self) -> None:
+        """The fleet changed (a load or unload ended, a request finished, a poll came back):
+        wake the cold loads waiting for room."""
+        self._change.set()
+        self._change = asyncio.Event()
+
+    async def _changed(self, timeout: float) -> bool:
+        """Whether the fleet changed within `timeout` seconds."""
+        change = self._change
+        try:
+            await asyncio.wait_for(change.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _worth(self) -> Callable[[Resident], float] | None:
         """What keeping a model is worth to the `demand` strategy (None: the strategy's order)."""
@@ -378,7 +425,7 @@ class Fleet:
             return self.demand.per_byte(time.time())
         return None
 
-    async def place(self, model: str, placement: Placement, reason: str) -> None:
+    async def place(self, model: str, placement: Placement, reason: EvictionReason) -> None:
         """Carry out a placement: evict its victims, then load. The caller made the plan from a
         snapshot just now; the memory is reserved before anything is awaited."""
         member = self.nodes[placement.node]
@@ -389,13 +436,21 @@ class Fleet:
         member.leaving.update(v.name for v in placement.victims)
         try:
             for victim in placement.victims:
-                await self.unload(victim.node, victim.name, reason)
+                if victim.name in placement.sleepers:
+                    await self.sleep(victim.node, victim.name, reason)
+                else:
+                    await self.unload(victim.node, victim.name, reason)
             await self.load(placement.node, model)
         finally:
             member.loading.pop(model, None)
             member.leaving.difference_update(v.name for v in placement.victims)
+            self._notify()
 
     async def load(self, node: str, model: str) -> None:
+        """Load the model there; the neuron wakes it instead where it sleeps."""
+        status = self.nodes[node].status
+        reported = next((m for m in status.loaded if m.name == model), None) if status else None
+        waking = reported is not None and reported.state == ModelState.ASLEEP
         started = time.monotonic()
         try:
             await self.nodes[node].client.load(model)
@@ -403,21 +458,55 @@ class Fleet:
             self.metrics.loads.labels(model, node, "error").inc()
             raise
         seconds = time.monotonic() - started
-        self.metrics.loads.labels(model, node, "ok").inc()
-        self.metrics.load_seconds.labels(model, node).observe(seconds)
-        log.info("loaded %s on %s in %.2f s", model, node, seconds)
+        if waking:
+            self.metrics.wakes.labels(model, node).inc()
+            self.metrics.wake_seconds.labels(model, node).observe(seconds)
+            log.info("woke %s on %s in %.2f s", model, node, seconds)
+        else:
+            self.metrics.loads.labels(model, node, "ok").inc()
+            self.metrics.load_seconds.labels(model, node).observe(seconds)
+            log.info("loaded %s on %s in %.2f s", model, node, seconds)
         await self.poll(node)
 
-    async def unload(self, node: str, model: str, reason: str) -> None:
+    async def sleep(self, node: str, model: str, reason: EvictionReason) -> None:
+        """Put the model to sleep there; where the neuron refuses (requests arrived meanwhile,
+        its host budget filled, its engine cannot), unload it instead."""
         member = self.nodes[node]
         member.leaving.add(model)
         try:
-            await member.client.unload(model)
+            try:
+                await member.client.sleep(model)
+            except ModelUnavailable:
+                log.info("%s had left %s already", model, node)
+            except CortexError as error:
+                log.info("%s did not sleep on %s (%s): unloading it", model, node, error.message)
+                await self.unload(node, model, reason)
+                return
+            else:
+                self.metrics.sleeps.labels(model, node, reason).inc()
+                log.info("put %s to sleep on %s (%s)", model, node, reason)
+            await self.poll(node)
         finally:
             member.leaving.discard(model)
-        self.metrics.evictions.labels(model, node, reason).inc()
-        log.info("unloaded %s from %s (%s)", model, node, reason)
-        await self.poll(node)
+            self._notify()
+
+    async def unload(self, node: str, model: str, reason: EvictionReason) -> None:
+        member = self.nodes[node]
+        member.leaving.add(model)
+        try:
+            try:
+                await member.client.unload(model)
+            except ModelUnavailable:  # it left already (another gateway, an idle TTL): done
+                log.info("%s had left %s already", model, node)
+            else:
+                self.metrics.evictions.labels(model, node, reason).inc()
+                log.info("unloaded %s from %s (%s)", model, node, reason)
+            # Routing sees the model gone before it stops counting as leaving: no request is
+            # sent to a copy that is no longer there.
+            await self.poll(node)
+        finally:
+            member.leaving.discard(model)
+            self._notify()
 
     # ------------------------------------------------------------------ pinned and replicas
 
@@ -484,13 +573,13 @@ class Fleet:
     async def _scale_out(self, model: str, placement: Placement, reason: str) -> None:
         log.info("adding a replica of %s on %s: %s", model, placement.node, reason)
         try:
-            await self.place(model, placement, "scale_out")
+            await self.place(model, placement, EvictionReason.SCALE_OUT)
         except CortexError as error:
             log.warning("new replica of %s on %s failed: %s", model, placement.node, error.message)
 
     async def _scale_in(self, model: str, node: str) -> None:
         try:
-            await self.unload(node, model, "scale_in")
+            await self.unload(node, model, EvictionReason.SCALE_IN)
         except CortexError as error:
             log.info("replica of %s on %s stays: %s", model, node, error.message)
 
@@ -500,9 +589,14 @@ class Fleet:
         """Idle TTLs now; every `defrag_after_cycles` cycles one re-packing move; pinned models
         that are still missing are tried again."""
         self.cycles += 1
+        for resident in idle_sleepers(self.snapshot(), time.time()):
+            try:
+                await self.sleep(resident.node, resident.name, EvictionReason.IDLE_SLEEP)
+            except CortexError as error:
+                log.warning("idle sleep of %s failed: %s", resident.name, error.message)
         for resident in idle_expired(self.snapshot(), time.time()):
             try:
-                await self.unload(resident.node, resident.name, "idle_ttl")
+                await self.unload(resident.node, resident.name, EvictionReason.IDLE_TTL)
             except CortexError as error:
                 log.warning("idle unload of %s failed: %s", resident.name, error.message)
         self.keep_pinned()
@@ -519,7 +613,7 @@ class Fleet:
         log.info("defragmenting: moving %s from %s to %s", move.model, move.source, move.target)
         source = self.nodes[move.source]
         try:
-            await self.place(move.model, Placement(move.target), "defrag")
+            await self.place(move.model, Placement(move.target), EvictionReason.DEFRAG)
         except CortexError as error:
             log.warning("defragmentation move failed: %s", error.message)
             return None
@@ -531,7 +625,7 @@ class Fleet:
             while True:
                 if not source.in_flight.get(move.model):
                     try:
-                        await self.unload(move.source, move.model, "defrag")
+                        await self.unload(move.source, move.model, EvictionReason.DEFRAG)
                         return DefragResult(move, old_copy_unloaded=True)
                     except Overloaded:
                         pass
@@ -562,3 +656,4 @@ class Fleet:
             yield member.triton
         finally:
             member.in_flight[model] -= 1
+            self._notify()

@@ -31,6 +31,7 @@ from control_plane.errors import (
     CortexError,
     InvalidRequest,
     ModelNotFound,
+    NodeUnavailable,
     PromptTooLong,
     UpstreamFailed,
 )
@@ -45,7 +46,7 @@ from control_plane.routing import conversation_key
 from control_plane.tool_calls import parser_for
 from cortex import logs
 from cortex.config import EngineKind
-from cortex.neuron_api import CatalogueEntry
+from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
 
@@ -94,9 +95,20 @@ class Prepared:
         return self.entry.profile.name
 
 
+def chat_model(fleet: Fleet, requested: str) -> CatalogueEntry:
+    """The model a chat request names; an embedding model is refused, naming the field."""
+    entry = fleet.resolve(requested)
+    if entry.profile.embedding:
+        raise InvalidRequest(
+            f"model: {entry.profile.name} is an embedding model; use /v1/embeddings",
+            param="model",
+        )
+    return entry
+
+
 async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     """Resolve the model and render the prompt."""
-    entry = fleet.resolve(request.model)
+    entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
     prompt = await render(tokenizer, request)
     context = min(tokenizer.context_length, entry.context_length)
@@ -126,7 +138,7 @@ def generation_params(
 async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
     """The prompt's size exactly as `generate` would send it (template, tools, instructions);
     also for prompts too long to serve, so clients can decide to compact them."""
-    entry = fleet.resolve(request.model)
+    entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
     return len(await render(tokenizer, request))
 
@@ -205,9 +217,9 @@ async def generate(
             node,
             failed.error.message,
         )
-        if isinstance(failed.error, ModelNotFound):
-            await fleet.poll(node)  # the model left that node (unloaded): look again
-        else:
+        # A model that left the node (unloaded, its engine retired) is looked for elsewhere; a
+        # node that failed is marked down. A fresh look at the node tells the two apart.
+        if isinstance(failed.error, NodeUnavailable) or not await fleet.model_left(node, model):
             fleet.node_failed(node, failed.error.message)
         node = ""
 
@@ -279,11 +291,11 @@ async def _stream(
                             break
             finally:
                 await stream.aclose()
-        record.outcome = "ok"
+        record.outcome = RequestOutcome.OK
         for event in output.finish():
             yield event
     except (GeneratorExit, asyncio.CancelledError):
-        record.outcome = "cancelled"
+        record.outcome = RequestOutcome.CANCELLED
         raise
     except CortexError as error:
         if not (may_retry and _retryable(error, record, deadline)):
@@ -293,7 +305,7 @@ async def _stream(
     except Exception as error:  # a node failing mid-stream ends the stream with an error
         failure = UpstreamFailed(f"{model} on {node} failed: {error}")
         if not (may_retry and _retryable(failure, record, deadline)):
-            record.outcome = "api_error"
+            record.outcome = RequestOutcome.API_ERROR
             raise failure from error
         retry = _Retry(failure)
     finally:

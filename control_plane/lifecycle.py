@@ -12,6 +12,12 @@ Placement scores each allowed node by what loading there costs:
 Memory is counted per device: a model with tp N needs N devices each with estimate / N free;
 loads under way count as taken (`NodeView.device_free`), so plans made at once do not collide.
 
+Residency tiers: a model may be ASLEEP on a node (its process kept, its device memory given
+back; it wakes in about a second). Placement prefers waking such a copy to loading one
+anywhere else; a victim that can sleep sleeps when its node's host budget holds its weights
+(`sleepers`), else it is unloaded; idle models sleep after their `sleep_after_s`
+(`idle_sleepers`) and leave after their idle TTL, asleep or not (`idle_expired`).
+
 Replicas: `plan_scaling` adds a replica to a model whose load per replica stayed over the
 threshold for a whole window (evicting only models idle for at least that window, so never a
 busier one) and removes an idle replica beyond the model's floor; `LoadWindow` keeps the samples.
@@ -21,14 +27,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from control_plane.routing import FleetSnapshot, NodeView, busy
 from cortex.config import EvictionStrategy, ScalingSection
-from cortex.neuron_api import CatalogueEntry, LoadedModel
+from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState
 
 
 @dataclass(frozen=True)
@@ -45,18 +50,33 @@ class Resident:
     last_used: float
     # READY; a model still loading (or unloading) is never a victim nor idle.
     ready: bool = True
+    # ASLEEP: `bytes` is what it still holds on its devices; it is woken, never a victim.
+    asleep: bool = False
+    can_sleep: bool = False
+    host_bytes_asleep: int = 0  # host memory it holds once asleep
+    resident_since: float = 0.0  # when it last became READY (loaded or woken)
 
 
 @dataclass(frozen=True)
 class Placement:
     node: str
     victims: tuple[Resident, ...] = ()
+    # Victims that go to sleep rather than leave (`sleepers`); the model is woken, not loaded,
+    # where it sleeps on this node.
+    sleepers: frozenset[str] = frozenset()
+    wake: bool = False
 
 
 @dataclass(frozen=True)
 class Refusal:
+    """No node takes the model now. `wait`: what stands in the way changes by itself (a load or
+    unload under way, requests in flight), so the caller waits for the fleet to change and plans
+    again (bounded by its load timeout) rather than failing; without it the fleet cannot hold
+    the model as it is configured (too large, or only pinned models in the way)."""
+
     reason: str
     blocked_by_pinned: bool = False
+    wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,30 +110,48 @@ def _residents(node: NodeView) -> list[Resident]:
     profiles = node.catalogue()
     found = []
     for model in node.status.loaded:
-        entry = profiles.get(model.name)
-        found.append(
-            _resident(
-                node,
-                model,
-                entry.profile.priority if entry else 0,
-                entry.profile.pinned if entry else False,
-            )
-        )
+        found.append(_resident(node, model, profiles.get(model.name)))
     return found
 
 
-def _resident(node: NodeView, model: LoadedModel, priority: int, pinned: bool) -> Resident:
+def _resident(node: NodeView, model: LoadedModel, entry: CatalogueEntry | None) -> Resident:
+    asleep = model.state == ModelState.ASLEEP
     return Resident(
         name=model.name,
         node=node.name,
         gpus=tuple(model.gpus),
-        bytes=max(model.memory_bytes, model.estimated_bytes),
-        priority=priority,
-        pinned=pinned,
+        bytes=model.memory_bytes if asleep else max(model.memory_bytes, model.estimated_bytes),
+        priority=entry.profile.priority if entry else 0,
+        pinned=entry.profile.pinned if entry else False,
         in_flight=busy(node, model.name),
         last_used=model.last_used or model.loaded_at or 0.0,
-        ready=model.state == "READY",
+        ready=model.state == ModelState.READY,
+        asleep=asleep,
+        can_sleep=entry.can_sleep if entry else False,
+        host_bytes_asleep=entry.host_bytes_asleep if entry else 0,
+        resident_since=model.resident_since or model.loaded_at or 0.0,
     )
+
+
+def resident_for(min_seconds: float, now: float) -> Callable[[Resident], bool] | None:
+    """Who may be evicted under `min_resident_s`: models READY for at least that long."""
+    if min_seconds <= 0:
+        return None
+    return lambda resident: now - resident.resident_since >= min_seconds
+
+
+def sleepers(node: NodeView, victims: tuple[Resident, ...]) -> frozenset[str]:
+    """Which of a plan's victims sleep rather than leave: those whose engine can, in order,
+    while the node's host budget holds their weights beside what already sleeps there."""
+    if node.status is None:
+        return frozenset()
+    room = node.status.host_memory_budget_bytes - node.status.host_memory_asleep_bytes
+    chosen = []
+    for victim in victims:
+        if victim.can_sleep and victim.host_bytes_asleep <= room:
+            room -= victim.host_bytes_asleep
+            chosen.append(victim.name)
+    return frozenset(chosen)
 
 
 def _oldest_evictable(node: NodeView) -> float | None:
@@ -180,6 +218,7 @@ def _eviction_for(
     order: VictimOrder,
     eligible: Callable[[Resident], bool] | None = None,
 ) -> tuple[Resident, ...] | Refusal:
+    assert node.status is not None  # callers pass up nodes with a status
     devices = _devices(node)
     loaded = [r for r in residents(node) if r.name]
     movable = [
@@ -199,8 +238,9 @@ def _eviction_for(
             devices.free[gpu] = devices.free.get(gpu, 0) + share
     if devices.fits(need, tp):
         return tuple(victims)
-    # Would it fit if the untouchable ones left too? Then say who stands in the way.
-    everything = _devices(node)
+    # Would it fit if the untouchable ones left too (and loads this gateway has under way
+    # here were not counted)? Then say who stands in the way.
+    everything = _Devices({g.index: g.memory_free_bytes for g in node.status.gpus})
     for resident in loaded:
         for gpu in resident.gpus:
             everything.free[gpu] = everything.free.get(gpu, 0) + resident.bytes // max(
@@ -214,8 +254,19 @@ def _eviction_for(
         for r in loaded
         if r.ready and (r.in_flight or r.name in node.leaving) and not r.pinned
     ]
-    changing = [r.name for r in loaded if not r.ready and not r.pinned]
-    if pinned and not in_use and not changing:
+    held_back = [
+        r.name
+        for r in loaded
+        if eligible is not None
+        and r.ready
+        and not r.pinned
+        and not r.in_flight
+        and r.name not in node.leaving
+        and not eligible(r)
+    ]
+    changing = [r.name for r in loaded if not r.ready and not r.asleep and not r.pinned]
+    changing += sorted(set(node.loading) - {r.name for r in loaded})
+    if pinned and not in_use and not changing and not held_back:
         return Refusal(
             f"{node.name}: only pinned models stand in the way ({', '.join(pinned)})", True
         )
@@ -226,8 +277,11 @@ def _eviction_for(
         reasons.append(f"requests in flight: {', '.join(in_use)}")
     if changing:
         reasons.append(f"loading or unloading: {', '.join(changing)}")
+    if held_back:
+        reasons.append(f"too recently loaded or woken: {', '.join(held_back)}")
     return Refusal(
-        f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})"
+        f"{node.name}: no room without evicting models that must stay ({'; '.join(reasons)})",
+        wait=True,
     )
 
 
@@ -235,6 +289,7 @@ def plan_placement(
     snapshot: FleetSnapshot,
     model: str,
     strategy: EvictionStrategy,
+    now: float,
     value: Callable[[Resident], float] | None = None,
     exclude: frozenset[str] = frozenset(),
     eligible: Callable[[Resident], bool] | None = None,
@@ -242,6 +297,10 @@ def plan_placement(
     """Every node that can take the model, best first, each with what must leave for it.
     When some node takes it without evicting anything, only such nodes are listed: no plan
     that evicts can be cheaper, and the eviction search is skipped.
+
+    Every up node that may serve the model is considered. The refusal, when no node takes it,
+    says whether waiting helps (`Refusal.wait`): a copy is being loaded or unloaded somewhere,
+    or some node would have room once its loads, unloads or requests in flight are done.
 
     `value` says what keeping a model is worth (never negative): victims are the least
     valuable, and among nodes the one losing the least value wins (after the fewest victims);
@@ -253,21 +312,45 @@ def plan_placement(
 
     options: list[tuple[tuple[float, ...], Placement]] = []
     crowded: list[tuple[NodeView, CatalogueEntry]] = []
+    asleep_on: set[str] = set()
+    refusals: list[Refusal] = []
     for node in snapshot.nodes:
         entry = node.catalogue().get(model)
         if entry is None or node.status is None or node.name in exclude:
             continue
-        if model in node.loaded or model in node.loading:
-            continue  # there (or on its way) already
+        reported = node.loaded.get(model)
+        if model in node.loading or (reported is not None and reported.state == ModelState.LOADING):
+            refusals.append(Refusal(f"{model} is being loaded on {node.name}", wait=True))
+            continue
+        if model in node.leaving or (
+            reported is not None and reported.state == ModelState.UNLOADING
+        ):
+            refusals.append(Refusal(f"{model} is being unloaded on {node.name}", wait=True))
+            continue
+        if reported is not None and reported.state == ModelState.READY:
+            if model in node.draining:
+                refusals.append(Refusal(f"{model} is being moved off {node.name}", wait=True))
+            continue  # there already (a replica the caller excluded, or not yet routed to)
+        if reported is not None and reported.state == ModelState.ASLEEP:
+            # Waking costs a copy, a cold load a process, its imports and the checkpoint: a
+            # sleeping copy that fits beats any other node (first in the cost order).
+            asleep_on.add(node.name)
+            need = max(0, entry.estimated_bytes - reported.memory_bytes) // entry.profile.tp
+            if not node.status.gpus or node.fits(need, entry.profile.tp):
+                options.append(((-1, 0, 0, -node.free_bytes()), Placement(node.name, wake=True)))
+            else:
+                crowded.append((node, entry))
+            continue
         if not node.status.gpus:  # a CPU node without budgets: the neuron itself decides
             options.append(((0, 0, 0, -node.free_bytes()), Placement(node.name)))
-        elif node.fits(entry.estimated_bytes // entry.profile.tp, entry.profile.tp):
-            left = node.free_bytes() - entry.estimated_bytes
+        elif reported is not None or node.fits(
+            entry.estimated_bytes // entry.profile.tp, entry.profile.tp
+        ):
+            # (A copy Triton lost is reloaded into the memory it still holds.)
+            left = node.free_bytes() - (0 if reported else entry.estimated_bytes)
             options.append(((0, 0, 0, -left), Placement(node.name)))
         else:
             crowded.append((node, entry))
-    refusals: list[Refusal] = []
-    now = time.time()
 
     # Branch and bound: a plan evicts at least one model, and none of its victims has been idle
     # longer than the node's longest-idle evictable model. Nodes are tried best bound first and
@@ -299,14 +382,18 @@ def plan_placement(
         else:
             lost = 0
         cost = (len(plan), lost, -min((now - v.last_used for v in plan), default=0.0), -left)
-        options.append((cost, Placement(node.name, plan)))
+        wake = node.name in asleep_on
+        options.append((cost, Placement(node.name, plan, sleepers(node, plan), wake)))
         best = cost if best is None else min(best, cost)
     if options:
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
     if not refusals:
         return Refusal(f"no node that may serve {model} is up")
-    pinned_only = all(r.blocked_by_pinned for r in refusals)
-    return Refusal("; ".join(r.reason for r in refusals), pinned_only)
+    return Refusal(
+        "; ".join(r.reason for r in refusals),
+        blocked_by_pinned=all(r.blocked_by_pinned for r in refusals),
+        wait=any(r.wait for r in refusals),
+    )
 
 
 def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
@@ -322,7 +409,7 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
             ttl = entry.profile.idle_ttl_s if entry else None
             if (
                 ttl is None
-                or not resident.ready
+                or not (resident.ready or resident.asleep)
                 or resident.pinned
                 or resident.in_flight
                 or resident.name in node.leaving
@@ -332,6 +419,35 @@ def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:
             if now - resident.last_used >= ttl:
                 expired.append(resident)
     return expired
+
+
+def idle_sleepers(snapshot: FleetSnapshot, now: float) -> list[Resident]:
+    """READY models idle for their `sleep_after_s` that can sleep where they are (their engine
+    can, the node's host budget holds them); never pinned ones nor ones with requests in flight
+    or already changing."""
+    found: list[Resident] = []
+    for node in snapshot.nodes:
+        if node.status is None:
+            continue
+        catalogue = node.catalogue()
+        candidates = []
+        for resident in residents(node):
+            entry = catalogue.get(resident.name)
+            after = entry.profile.sleep_after_s if entry else None
+            if (
+                after is None
+                or not resident.ready
+                or resident.pinned
+                or resident.in_flight
+                or resident.name in node.leaving
+                or resident.name in node.loading
+                or now - resident.last_used < after
+            ):
+                continue
+            candidates.append(resident)
+        chosen = sleepers(node, tuple(sorted(candidates, key=lambda r: (r.last_used, r.name))))
+        found.extend(r for r in candidates if r.name in chosen)
+    return found
 
 
 def largest_free_block(snapshot: FleetSnapshot) -> int:
@@ -476,6 +592,7 @@ def plan_scaling(
                 snapshot,
                 model,
                 strategy,
+                now,
                 exclude=frozenset(placed),
                 eligible=lambda r: now - r.last_used >= window.window_s,
             )

@@ -135,6 +135,26 @@ class GatewayMetrics:
         self.evictions = Counter(
             "cortex_evictions", "Model unloads by reason", ("model", "node", "reason"), registry=r
         )
+        self.sleeps = Counter(
+            "cortex_sleeps",
+            "Models put to sleep (device memory released, process kept) by reason",
+            ("model", "node", "reason"),
+            registry=r,
+        )
+        self.wakes = Counter("cortex_wakes", "Sleeping models woken", ("model", "node"), registry=r)
+        self.wake_seconds = Histogram(
+            "cortex_model_wake_seconds",
+            "Time to wake a sleeping model on a node (cortex_model_load_seconds: cold loads)",
+            ("model", "node"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tier = Gauge(
+            "cortex_model_tier",
+            "1 for the residency tier each model copy is in (loaded, asleep) on each node",
+            ("model", "node", "tier"),
+            registry=r,
+        )
         self.neuron_up = Gauge(
             "cortex_neuron_up", "1 when the neuron answers", ("node",), registry=r
         )

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +20,15 @@ from pydantic import BaseModel, ValidationError
 
 from control_plane.errors import (
     CortexError,
-    ModelNotFound,
+    InvalidRequest,
+    ModelUnavailable,
     NodeUnavailable,
     Overloaded,
     UpstreamFailed,
 )
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
+from cortex.engine_errors import EngineErrorKind, parse_engine_error
 from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
 from cortex.secrets import TRITON_GRPC_KEY_METADATA, triton_key
 
@@ -75,8 +78,8 @@ class NeuronClient:
                 message = response.json().get("error", response.text)
             except ValueError:
                 message = response.text
-            if response.status_code == 404:
-                raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
+            if response.status_code == 404:  # the model is not there (not loaded, not served)
+                raise ModelUnavailable(f"neuron {self.neuron.name}: {message}")
             if response.status_code == 409:
                 raise Overloaded(f"neuron {self.neuron.name}: {message}")
             raise UpstreamFailed(f"neuron {self.neuron.name}: {message}")
@@ -99,6 +102,12 @@ class NeuronClient:
 
     async def load(self, model: str) -> LoadedModel:
         return await self._read(LoadedModel, "POST", "/models/load", json={"model": model})
+
+    async def sleep(self, model: str) -> LoadedModel:
+        return await self._read(LoadedModel, "POST", "/models/sleep", json={"model": model})
+
+    async def wake(self, model: str) -> LoadedModel:
+        return await self._read(LoadedModel, "POST", "/models/wake", json={"model": model})
 
     async def unload(self, model: str, force: bool = False) -> UnloadResult:
         body = {"model": model, "force": force}
@@ -263,6 +272,56 @@ class TritonStream:
         request = build_request(model, prompt, params, request_id)
         return Generation(self._stream_infer(request, metadata=self._metadata), model, self.node)
 
+    async def embed(self, model: str, texts: list[str], request_id: str) -> tuple[Any, list[int]]:
+        """One embedding request (an embedding model's `text_input`): the vectors and the
+        token count of each text."""
+        request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        tensor = request.inputs.add()
+        tensor.name, tensor.datatype = "text_input", "BYTES"
+        tensor.shape.extend((1, len(texts)))
+        encoded = [text.encode("utf-8") for text in texts]
+        request.raw_input_contents.append(
+            b"".join(struct.pack("<I", len(item)) + item for item in encoded)
+        )
+        call = self._stream_infer(request)
+        try:
+            return await read_embeddings(call, model, self.node)
+        finally:
+            call.cancel()
+
+
+async def read_embeddings(call: Any, model: str, node: str) -> tuple[Any, list[int]]:
+    """An embedding request's one final response: (vectors [texts, dim] float32, tokens per
+    text)."""
+    import numpy as np
+
+    vectors, counts = None, None
+    try:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                break
+            if response.error_message:
+                raise _translate(response.error_message, model)
+            result = response.infer_response
+            for index, output in enumerate(result.outputs):
+                raw = result.raw_output_contents[index]
+                if output.name == "embedding":
+                    shape = [int(d) for d in output.shape][-2:]
+                    vectors = np.frombuffer(raw, dtype="<f4").reshape(shape)
+                elif output.name == "prompt_tokens":
+                    counts = np.frombuffer(raw, dtype="<i4").tolist()
+            final = result.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            raise NodeUnavailable(node, "its Triton does not answer") from None
+        raise _translate(error.details() or str(error.code()), model) from None
+    if vectors is None or counts is None:
+        raise UpstreamFailed(f"{model}: the engine answered without embeddings")
+    return vectors, counts
+
 
 class Generation:
     """One generation's new token ids as the engine produces them (`async for`); `aclose()` (or
@@ -318,9 +377,20 @@ class Generation:
             self._call.cancel()
 
 
-def _translate(message: str, model: str) -> CortexError:
-    if "queue is full" in message:
-        return Overloaded(f"{model}: {message}")
-    if "unknown model" in message.lower() or "is not ready" in message.lower():
-        return ModelNotFound(model)
-    return UpstreamFailed(f"{model}: {message}")
+# What each engine error kind (`cortex.engine_errors`) is to a client: the one table.
+_ENGINE_ERRORS: dict[EngineErrorKind | None, Callable[[str], CortexError]] = {
+    EngineErrorKind.OVERLOADED: Overloaded,
+    EngineErrorKind.INVALID: InvalidRequest,
+    EngineErrorKind.UNAVAILABLE: ModelUnavailable,
+    EngineErrorKind.FAILED: UpstreamFailed,
+    # No code: Triton's own error (a model it does not hold, one not ready) or an engine's
+    # without one. The request is retried on another node before its first token, and the
+    # fleet looks at the node's state to tell a model that left from a node that failed.
+    None: UpstreamFailed,
+}
+
+
+def _translate(text: str, model: str) -> CortexError:
+    """An engine's error text → the gateway's error, by its code alone (never its words)."""
+    kind, message = parse_engine_error(text)
+    return _ENGINE_ERRORS[kind](f"{model}: {message}")

@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from control_plane.metrics import GatewayMetrics, RequestSeries
+from cortex.neuron_api import RequestOutcome
 
 log = logging.getLogger("cortex.requests")
 
@@ -24,8 +25,8 @@ class RequestRecord:
     cached_prompt_tokens: int = 0  # of prompt_tokens, read from the engine's prefix cache
     completion_tokens: int = 0
     first_token_at: float | None = None
-    # ok | cancelled | an error kind (`CortexError.kind`)
-    outcome: str = "api_error"
+    # a RequestOutcome, or an error kind (`CortexError.kind`) for a request that failed
+    outcome: str = RequestOutcome.API_ERROR
 
     def refused(self, metrics: GatewayMetrics, kind: str) -> None:
         """A request that ended before it reached a node (unknown model, invalid request, no

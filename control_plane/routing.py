@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from control_plane.canonical import ChatRequest
-from cortex.neuron_api import CatalogueEntry, LoadedModel, NeuronStatus
+from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState, NeuronStatus
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class NodeView:
     def _ready(self) -> frozenset[str]:
         if not self.up or self.status is None:
             return frozenset()
-        return frozenset(m.name for m in self.status.loaded if m.state == "READY") - self.draining
+        # Models on their way out (moved off, or being evicted) take no new requests.
+        ready = frozenset(m.name for m in self.status.loaded if m.state == ModelState.READY)
+        return ready - self.draining - self.leaving
 
     def ready_models(self) -> frozenset[str]:
         return self._ready

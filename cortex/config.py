@@ -31,8 +31,9 @@ DEFAULT_METRICS_LISTEN = "127.0.0.1:31314"
 DEFAULT_NEURON_LISTEN = "127.0.0.1:13131"
 
 
-class ConfigError(Exception):
-    """A configuration file is missing, unreadable or invalid. `str()` is one line for a human."""
+class ConfigError(ValueError):
+    """A configuration file (ours, or a checkpoint's config.json: `cortex.hf_config`) is
+    missing, unreadable or invalid. `str()` is one line for a human."""
 
 
 class _Config(BaseModel):
@@ -195,6 +196,9 @@ class EvictionSection(_Config):
     demand_half_life_s: Annotated[float, Field(gt=0)] = 300.0
     # How long a defragmentation move waits for the old copy's streams before leaving it be.
     drain_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # A model loaded or woken less than this many seconds ago is not evicted for another (a
+    # request for that one waits): keeps a GPU from swapping faster than requests justify.
+    min_resident_s: Annotated[float, Field(ge=0)] = 0.0
 
 
 class ScalingSection(_Config):
@@ -248,6 +252,8 @@ class CortexConfig(_Config):
 class EngineKind(enum.StrEnum):
     TORCH = "torch"
     TRTLLM = "trtllm"
+    # GGUF files as they are, on llama.cpp (the default for a .gguf source)
+    LLAMACPP = "llamacpp"
 
 
 # KV-cache block size `cortex build-engine` builds TensorRT-LLM engines with; the gateway turns
@@ -285,9 +291,13 @@ class ModelProfile(_Config):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     # Other names clients may use; shell-style patterns such as "claude-*" are allowed.
     aliases: tuple[str, ...] = ()
-    # Hugging Face checkpoint folder (torch) or TensorRT-LLM engine folder (trtllm).
+    # Hugging Face checkpoint folder (torch), TensorRT-LLM engine folder (trtllm) or GGUF file
+    # (llamacpp; torch reads the common GGUF architectures too).
     source: str
+    # Default: llamacpp for a .gguf source, torch for anything else.
     engine: EngineKind = EngineKind.TORCH
+    # An embedding model (llamacpp): served at /v1/embeddings, refused for chat.
+    embedding: bool = False
     quantization: Quantization = Quantization.NONE
     dtype: str = "auto"
     tp: Annotated[int, Field(ge=1)] = 1
@@ -297,6 +307,10 @@ class ModelProfile(_Config):
     min_replicas: Annotated[int, Field(ge=1)] = 1
     max_replicas: Annotated[int, Field(ge=1)] = 1
     idle_ttl_s: Annotated[float, Field(gt=0)] | None = None
+    # Idle this long, a model that can sleep (torch engine, tp 1) sleeps: its device memory is
+    # released and it wakes in about a second; unset, it stays loaded until its idle TTL or an
+    # eviction (which puts it to sleep when its node's host budget allows, else unloads it).
+    sleep_after_s: Annotated[float, Field(gt=0)] | None = None
     # Neurons allowed to hold this model; empty means any.
     neurons: tuple[str, ...] = ()
     context_length: Annotated[int, Field(gt=0)] | None = None
@@ -333,6 +347,25 @@ class ModelProfile(_Config):
     # A Triton model-directory template folder to use instead of the engine's own one under
     # model_repo_templates/ (filled with the same placeholders). Tests point it at fakes.
     template: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_engine(cls, data: Any) -> Any:
+        """A GGUF source is served by llama.cpp unless the profile names another engine."""
+        if (
+            isinstance(data, dict)
+            and "engine" not in data
+            and str(data.get("source", "")).lower().endswith(".gguf")
+        ):
+            return {**data, "engine": EngineKind.LLAMACPP}
+        return data
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("engine") not in (EngineKind.LLAMACPP, None):
+            raise ValueError('embedding models are served by engine = "llamacpp" only')
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -380,6 +413,10 @@ class NeuronSection(_Token):
     # Memory budget per device in MiB. On a node without GPUs each entry stands for one virtual
     # device of that size (tests stage "VRAM tiers" this way); with GPUs it caps each real one.
     memory_budget_mib: tuple[Annotated[int, Field(gt=0)], ...] = ()
+    # Host memory sleeping models may hold, in MiB (their weights, off the GPU); unset: the
+    # machine's memory less a reserve (a tenth, at least 2 GiB). A sleep that would not fit is
+    # refused, and the gateway unloads instead.
+    host_memory_budget_mib: Annotated[int, Field(ge=0)] | None = None
 
     _listen = field_validator("listen")(_check_host_port)
 

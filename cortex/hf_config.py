@@ -14,9 +14,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+# config.json missing, unreadable or lacking what the shape needs is a configuration error like
+# any other: one class for both (re-exported here for the checkpoint readers).
+from cortex.config import ConfigError
 
-class ConfigError(ValueError):
-    """config.json is missing, unreadable, or lacks what the shape needs."""
+__all__ = [
+    "ConfigError",
+    "ConfigShape",
+    "Dimensions",
+    "Rope",
+    "read_config",
+    "read_json_object",
+    "read_shape",
+    "rope_of",
+    "shape_of",
+]
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,59 @@
 
 Responses are read by gateways that may be newer or older than the neuron, so these models
 ignore unknown fields.
+
+The states and kinds both sides share are enums here (string-valued, so the wire is unchanged):
+the neuron sets them, the gateway compares against them, and neither spells a literal.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from cortex.config import ModelProfile
+
+
+class ModelState(enum.StrEnum):
+    """A loaded model's state, as /status reports it."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
+    # Its process kept, its device memory released (`torch_engine.residency`); woken on demand.
+    ASLEEP = "ASLEEP"
+
+
+class TritonState(enum.StrEnum):
+    """The node's tritonserver, as its supervisor sees it."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    LIVE = "live"
+    RESTARTING = "restarting"
+
+
+class EvictionReason(enum.StrEnum):
+    """Why the gateway unloaded a model (the `reason` label of `cortex_evictions_total`)."""
+
+    MAKE_ROOM = "make_room"  # a cold load needed its memory
+    IDLE_TTL = "idle_ttl"
+    SCALE_OUT = "scale_out"  # a new replica needed its memory
+    SCALE_IN = "scale_in"
+    DEFRAG = "defrag"
+    IDLE_SLEEP = "idle_sleep"  # put to sleep after its sleep_after_s (`cortex_sleeps_total`)
+
+
+class RequestOutcome(enum.StrEnum):
+    """How a request ended (the `outcome` label of `cortex_requests_total` and the request log);
+    a refused or failed one is the error's kind (`control_plane.errors`) instead."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    API_ERROR = "api_error"
 
 
 class _Wire(BaseModel):
@@ -43,7 +87,7 @@ class GpuInfo(_Wire):
 
 class LoadedModel(_Wire):
     name: str
-    state: str  # READY | LOADING | UNLOADING | UNAVAILABLE
+    state: ModelState
     engine: str
     quantization: str
     tp: int
@@ -57,6 +101,11 @@ class LoadedModel(_Wire):
     in_flight: int = 0
     last_used: float | None = None
     reason: str | None = None
+    # Host memory the model holds while ASLEEP (its weights); its memory_bytes are then what it
+    # still holds on its devices.
+    host_bytes: int = 0
+    # When it last became READY: loaded, or woken.
+    resident_since: float | None = None
 
 
 class CatalogueEntry(_Wire):
@@ -64,6 +113,10 @@ class CatalogueEntry(_Wire):
     estimated_bytes: int
     estimated_bytes_per_gpu: int = 0
     context_length: int
+    # Whether its engine can sleep (release its device memory, keep its process), and the host
+    # memory a sleep takes; an engine that cannot is unloaded instead.
+    can_sleep: bool = False
+    host_bytes_asleep: int = 0
 
     @field_validator("profile", mode="before")
     @classmethod
@@ -76,7 +129,7 @@ class CatalogueEntry(_Wire):
 
 
 class TritonInfo(_Wire):
-    state: str  # starting | live | restarting | stopped
+    state: TritonState
     http_url: str
     grpc_url: str
     metrics_url: str
@@ -92,6 +145,9 @@ class NeuronStatus(_Wire):
     loaded: list[LoadedModel]
     catalogue: list[CatalogueEntry]
     events: list[str] = []
+    # Host memory for sleeping models: the budget, and what the sleeping ones hold.
+    host_memory_budget_bytes: int = 0
+    host_memory_asleep_bytes: int = 0
 
 
 class LoadRequest(BaseModel):
@@ -106,6 +162,13 @@ class UnloadRequest(BaseModel):
     model: str
     # Unload even with requests in flight (they are cancelled by Triton).
     force: bool = False
+
+
+class SleepRequest(BaseModel):
+    """POST /models/sleep and /models/wake."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
 
 
 class UnloadResult(_Wire):

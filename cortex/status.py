@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cortex.config import CortexConfig, NeuronRef
-from cortex.neuron_api import NeuronStatus
+from cortex.neuron_api import ModelState, NeuronStatus
 
 GIB = 2**30
 
@@ -147,7 +147,11 @@ def models_table(models: list[dict[str, Any]]) -> Table:
         table.add_column(column)
     for m in models:
         state = m["state"]
-        colour = {"READY": "green", "LOADING": "yellow", "UNLOADING": "yellow"}.get(state)
+        colour = {
+            ModelState.READY: "green",
+            ModelState.LOADING: "yellow",
+            ModelState.UNLOADING: "yellow",
+        }.get(state)
         table.add_row(
             escape(m["model"]),
             escape(m["node"] or "-"),

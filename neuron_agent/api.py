@@ -1,6 +1,7 @@
 """The lifecycle API (JSON over HTTP, bearer token when configured).
 
     GET  /health   GET /status   POST /models/load   POST /models/unload
+    POST /models/sleep   POST /models/wake   (a loaded model's residency tier)
     GET  /models/<name>/tokenizer
     GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback,
                    and the torch engines' own counters (`engine_metrics`)
@@ -28,10 +29,10 @@ from sanic.response import json as json_response
 
 from cortex import logs
 from cortex.config import NeuronConfig
-from cortex.neuron_api import ErrorBody, Health, LoadRequest, UnloadRequest
+from cortex.neuron_api import ErrorBody, Health, LoadRequest, SleepRequest, UnloadRequest
 from cortex.secrets import secret_matches
 from neuron_agent.engine_metrics import render_engine_counters
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import BadRequest, NodeError
 from neuron_agent.node import Node
 
 log = logging.getLogger("cortex.neuron.api")
@@ -47,15 +48,15 @@ def _parse(model: type[BaseModel], request: Request) -> Any:
     try:
         body = json.loads(request.body or b"null")
     except ValueError:
-        raise NodeError(400, "the body is not valid JSON") from None
+        raise BadRequest("the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise NodeError(400, 'the body must be a JSON object such as {"model": "name"}')
+        raise BadRequest('the body must be a JSON object such as {"model": "name"}')
     try:
         return model.model_validate(body)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise NodeError(400, f"{where}: {first['msg']}") from None
+        raise BadRequest(f"{where}: {first['msg']}") from None
 
 
 def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
@@ -146,6 +147,16 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
         body: LoadRequest = _parse(LoadRequest, request)
         loaded = await node.load(body.model, body.gpus)
         return json_response(loaded.model_dump(mode="json"))
+
+    @app.post("/models/sleep")
+    async def sleep(request: Request) -> HTTPResponse:
+        body: SleepRequest = _parse(SleepRequest, request)
+        return json_response((await node.sleep(body.model)).model_dump(mode="json"))
+
+    @app.post("/models/wake")
+    async def wake(request: Request) -> HTTPResponse:
+        body: SleepRequest = _parse(SleepRequest, request)
+        return json_response((await node.wake(body.model)).model_dump(mode="json"))
 
     @app.post("/models/unload")
     async def unload(request: Request) -> HTTPResponse:

@@ -12,36 +12,49 @@ result says so.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
-from cortex.neuron_api import LoadedModel, NeuronStatus, TritonInfo, UnloadResult
+from cortex.neuron_api import (
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+    UnloadResult,
+)
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
-from neuron_agent.errors import NodeError
+from neuron_agent.engines.llamacpp.gguf_info import GgufError, read_info
+from neuron_agent.errors import (
+    CannotSleep,
+    ModelBusy,
+    ModelNotLoaded,
+    NodeError,
+    NoRoom,
+    RepositoryError,
+    TritonError,
+    TritonNotRestarted,
+    UnsupportedModel,
+)
 from neuron_agent.gpus import DeviceInventory, PhysicalGpu
 from neuron_agent.placement import held_by_device, place
-from neuron_agent.repository import RepositoryError, materialise, render
+from neuron_agent.repository import materialise, render
 from neuron_agent.torch_engine.checkpoint import read_spec, shard_spec
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.triton import TritonError, TritonSupervisor
+from neuron_agent.torch_engine.residency import control_socket
+from neuron_agent.triton import TritonSupervisor
 
 log = logging.getLogger("cortex.neuron")
 
-
-class ModelState(enum.StrEnum):
-    """A loaded model's state, as /status reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"  # Triton lost it (a crash) or could not reload it
+# How often the node looks for models whose engine failed, to retire them.
+ENGINE_WATCH_S = 1.0
 
 
 @dataclass
@@ -55,6 +68,8 @@ class _Loaded:
     load_seconds: float | None = None
     reason: str | None = None
     baseline_used: dict[int, int] = field(default_factory=dict)
+    host_bytes: int = 0  # held in host memory while ASLEEP
+    resident_since: float | None = None  # last load or wake
 
 
 class Node:
@@ -76,6 +91,8 @@ class Node:
         self.loaded: dict[str, _Loaded] = {}
         self.events: list[str] = []
         self._loads: dict[str, asyncio.Task[LoadedModel]] = {}
+        self._residency_locks: dict[str, asyncio.Lock] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_config(cls, config: NeuronConfig) -> Node:
@@ -103,8 +120,11 @@ class Node:
         specs = asyncio.create_task(asyncio.to_thread(self.catalogue.entries))
         await self.supervisor.start()
         await specs
+        self._watcher = asyncio.create_task(self._watch_engines())
 
     async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for task in self._loads.values():
             task.cancel()
         await self.supervisor.stop()
@@ -116,12 +136,26 @@ class Node:
     # ------------------------------------------------------------------ memory
 
     def _held_by_device(self) -> dict[int, int]:
+        # A sleeping model holds what it measured after its sleep (its CUDA context), not its
+        # estimate: the rest is what sleeping gave back.
         return held_by_device(
-            (e.gpus, e.estimated_bytes, e.memory_bytes) for e in self.loaded.values()
+            (e.gpus, 0 if e.state is ModelState.ASLEEP else e.estimated_bytes, e.memory_bytes)
+            for e in self.loaded.values()
         )
 
+    @property
+    def host_memory_budget(self) -> int:
+        configured = self.config.neuron.host_memory_budget_mib
+        if configured is not None:
+            return configured * 2**20
+        total = psutil.virtual_memory().total
+        return max(0, total - max(total // 10, 2 * 2**30))
+
+    def _host_asleep(self) -> int:
+        return sum(e.host_bytes for e in self.loaded.values() if e.state is ModelState.ASLEEP)
+
     def _place(self, profile: ModelProfile, estimate: int, wanted: list[int] | None) -> list[int]:
-        """Devices for the model, or NodeError 409 with the numbers."""
+        """Devices for the model, or NoRoom (409) with the numbers."""
         devices = self.inventory.snapshot(self._held_by_device())
         host = psutil.virtual_memory().available if not devices else 0
         return place(profile, estimate, devices, wanted, host)
@@ -187,6 +221,8 @@ class Node:
     async def load(self, name: str, gpus: list[int] | None = None) -> LoadedModel:
         profile = self.profile(name)
         existing = self.loaded.get(name)
+        if existing is not None and existing.state is ModelState.ASLEEP:
+            return await self.wake(name)  # a sleeping copy wakes in a fraction of a load
         if (
             existing is not None
             and existing.state is ModelState.READY
@@ -212,7 +248,12 @@ class Node:
             try:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
-                raise NodeError(422, f"{name}: {error}") from None
+                raise UnsupportedModel(f"{name}: {error}") from None
+        elif profile.engine is EngineKind.LLAMACPP:
+            try:
+                read_info(self.catalogue.source_of(profile))
+            except GgufError as error:
+                raise UnsupportedModel(f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -232,10 +273,11 @@ class Node:
                 devices,
                 self.inventory.has_gpu,
                 stats_path,
+                self.catalogue.context_length(profile),
             )
         except (RepositoryError, OSError) as error:
-            raise NodeError(
-                500, f"{name}: its Triton model directory cannot be made: {error}"
+            raise RepositoryError(
+                f"{name}: its Triton model directory cannot be made: {error}"
             ) from None
         # Registered from here on, so concurrent placements count its memory; whatever ends
         # the load early (an error of any kind, a cancellation) takes the entry away again.
@@ -249,13 +291,13 @@ class Node:
             await self.supervisor.load(name)
         except (TritonError, OSError, RepositoryError) as error:
             self.loaded.pop(name, None)
-            raise NodeError(502, f"Triton could not load {name}: {error}") from None
+            raise TritonError(f"Triton could not load {name}: {error}") from None
         except BaseException:
             self.loaded.pop(name, None)
             raise
         entry.state = ModelState.READY
         entry.load_seconds = time.monotonic() - started
-        entry.loaded_at = time.time()
+        entry.loaded_at = entry.resident_since = time.time()
         entry.memory_bytes = self._measure(entry)
         log.info("loaded %s in %.2f s (%d bytes)", name, entry.load_seconds, entry.memory_bytes)
         return self._describe(name, entry)
@@ -267,11 +309,10 @@ class Node:
             await asyncio.gather(task, return_exceptions=True)
         entry = self.loaded.get(name)
         if entry is None:
-            raise NodeError(404, f"model {name!r} is not loaded on this node")
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
         in_flight = await self.in_flight(name)
         if in_flight and not force:
-            raise NodeError(
-                409,
+            raise ModelBusy(
                 f"{name} has {in_flight} request(s) in flight; not unloading",
                 in_flight=in_flight,
             )
@@ -280,7 +321,7 @@ class Node:
             await self.supervisor.unload(name)
         except TritonError as error:
             entry.state = ModelState.READY
-            raise NodeError(502, f"Triton could not unload {name}: {error}") from None
+            raise TritonError(f"Triton could not unload {name}: {error}") from None
         self.loaded.pop(name, None)
         (self.stats_dir / f"{name}.json").unlink(missing_ok=True)
         released = await self._memory_returned(entry)
@@ -290,12 +331,112 @@ class Node:
             try:
                 await self.supervisor.restart()
             except TritonError as error:
-                raise NodeError(
-                    503, f"{name} unloaded, but Triton was not restarted: {error}"
+                raise TritonNotRestarted(
+                    f"{name} unloaded, but Triton was not restarted: {error}"
                 ) from None
             await self._reload_after_restart()
             restarted = True
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)
+
+    # ------------------------------------------------------------------ sleep / wake
+
+    async def sleep(self, name: str) -> LoadedModel:
+        """Release the model's device memory and keep its process (`torch_engine.residency`);
+        ModelBusy, CannotSleep or NoRoom (409 each) when it has requests in flight, its engine
+        cannot sleep or the host budget would be exceeded: the caller unloads instead."""
+        profile = self.profile(name)
+        async with self._residency(name):
+            entry = self.loaded.get(name)
+            if entry is None:
+                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
+            if entry.state is ModelState.ASLEEP:
+                return self._describe(name, entry)
+            if entry.state is not ModelState.READY:
+                raise CannotSleep(f"{name} is {entry.state.value}; only a READY model sleeps")
+            if not self.catalogue.can_sleep(profile):
+                raise CannotSleep(f"{name}'s engine cannot sleep; unload it instead")
+            in_flight = await self.in_flight(name)
+            if in_flight:
+                raise ModelBusy(
+                    f"{name} has {in_flight} request(s) in flight; not sleeping",
+                    in_flight=in_flight,
+                )
+            needed = self.catalogue.host_bytes_asleep(profile)
+            budget, used = self.host_memory_budget, self._host_asleep()
+            if used + needed > budget:
+                raise NoRoom(
+                    f"{name} would hold {needed / 2**20:.0f} MiB of host memory asleep; "
+                    f"{(budget - used) / 2**20:.0f} MiB of the host budget is left",
+                )
+            reply = await self._control(name, "sleep")
+            entry.state = ModelState.ASLEEP
+            entry.host_bytes = int(reply.get("host_bytes") or 0) or needed
+            entry.memory_bytes = self._measure_asleep(entry)
+            log.info("%s asleep in %.2f s", name, float(reply.get("seconds") or 0))
+            return self._describe(name, entry)
+
+    async def wake(self, name: str) -> LoadedModel:
+        """Take a sleeping model's device memory back; NoRoom (409) when it does not fit."""
+        self.profile(name)
+        async with self._residency(name):
+            entry = self.loaded.get(name)
+            if entry is None:
+                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
+            if entry.state is ModelState.READY:
+                return self._describe(name, entry)
+            if entry.state is not ModelState.ASLEEP:
+                raise CannotSleep(f"{name} is {entry.state.value}; only an ASLEEP model wakes")
+            # Its devices must hold its estimate again (another model may have taken the room):
+            # checked while it still counts as asleep, or it would stand in its own way.
+            self._place(entry.profile, entry.estimated_bytes, entry.gpus)
+            entry.state = ModelState.LOADING
+            try:
+                started = time.monotonic()
+                await self._control(name, "wake")
+            except BaseException:
+                entry.state = ModelState.ASLEEP
+                raise
+            entry.state, entry.host_bytes = ModelState.READY, 0
+            entry.resident_since = time.time()
+            entry.memory_bytes = self._measure(entry)
+            log.info("%s awake in %.2f s", name, time.monotonic() - started)
+            return self._describe(name, entry)
+
+    def _residency(self, name: str) -> asyncio.Lock:
+        """One sleep or wake of a model at a time (a load of it waits on its own task)."""
+        return self._residency_locks.setdefault(name, asyncio.Lock())
+
+    def _measure_asleep(self, entry: _Loaded) -> int:
+        """Device bytes a sleeping model still holds: measured on a GPU; none of a virtual
+        device (on CPU the weights stay in the process, counted in the host budget)."""
+        if self.inventory.has_gpu and entry.gpus:
+            return self._measure(entry)
+        return 0
+
+    async def _still_asleep(self, name: str) -> bool:
+        """Whether the model's stub still answers, asleep."""
+        try:
+            return bool((await self._control(name, "state", timeout=5))["asleep"])
+        except NodeError:
+            return False
+
+    async def _control(self, name: str, operation: str, timeout: float = 300) -> dict[str, Any]:
+        """One request over the model's control socket: TritonError when the stub does not
+        answer, CannotSleep when it refuses."""
+        path = control_socket(self.stats_dir / f"{name}.json")
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 10)
+            writer.write(json.dumps({"op": operation}).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            writer.close()
+            reply = json.loads(line)
+        except (OSError, ValueError, TimeoutError) as error:
+            raise TritonError(f"{name} did not answer its {operation}: {error}") from None
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            message = reply.get("error") if isinstance(reply, dict) else reply
+            raise CannotSleep(f"{name} did not {operation}: {message}")
+        return reply
 
     async def _reload_after_restart(self) -> None:
         # Everything this node holds, including models /status already saw Triton lose.
@@ -313,12 +454,36 @@ class Node:
                 entry.state = ModelState.UNAVAILABLE
                 entry.reason = str(error)
 
-    def _retire_failed(self, name: str, entry: _Loaded) -> None:
-        """Mark a model whose engine failed (a rank died) UNAVAILABLE with the engine's reason,
-        and unload it: its stub still holds rank 0's memory. A later load loads it afresh."""
-        failure = self._engine_failure(name)
+    async def _watch_engines(self) -> None:
+        """Retire, within a second, every READY model whose engine says it failed (a rank
+        died): reports only show such a model UNAVAILABLE; the change happens here."""
+        while True:
+            await asyncio.sleep(ENGINE_WATCH_S)
+            self.retire_failed_engines()
+            await self.retire_dead_sleepers()
+
+    async def retire_dead_sleepers(self) -> None:
+        """Retire every ASLEEP model whose stub no longer answers (killed while asleep): Triton
+        keeps reporting it ready (it starts a new stub on the next request), so the stub's own
+        answer is the truth. Its host memory is free again."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.ASLEEP and not await self._still_asleep(name):
+                self._retire_failed(name, entry, "its process died while asleep")
+
+    def retire_failed_engines(self) -> None:
+        """One look for READY models whose engine failed; each found is retired."""
+        for name, entry in list(self.loaded.items()):
+            if entry.state is ModelState.READY and self._engine_failure(name):
+                self._retire_failed(name, entry)
+
+    def _retire_failed(self, name: str, entry: _Loaded, failure: str | None = None) -> None:
+        """Mark a model whose engine failed (a rank died, or its stub died asleep) UNAVAILABLE
+        with the reason, and unload it: its stub may still hold rank 0's memory. A later load
+        loads it afresh."""
+        failure = failure or self._engine_failure(name)
         if name in self._retiring or failure is None:
             return
+        entry.host_bytes = 0  # a dead sleeper's host memory is free again
         entry.state, entry.reason = ModelState.UNAVAILABLE, failure
         self._event(f"{name} failed: {failure}")
         self._retiring[name] = asyncio.create_task(self._unload_failed(name, entry))
@@ -407,6 +572,8 @@ class Node:
             in_flight=in_flight,
             last_used=last_inference or entry.loaded_at,
             reason=reason if state else entry.reason,
+            host_bytes=entry.host_bytes,
+            resident_since=entry.resident_since,
         )
 
     async def _observe(
@@ -420,15 +587,21 @@ class Node:
         Triton is the truth about readiness (a model it lost in a crash is not READY here
         either) and, from its model statistics, about the last inference, for every engine;
         the requests in flight are the engine's count (`_in_flight`)."""
-        if entry.state is ModelState.READY and self._engine_failure(name):
-            # The one change a report makes: a dead rank's model is retired (and unloaded) at
-            # once, so the gateway sees it failed instead of routing to it.
-            self._retire_failed(name, entry)
         state, reason = entry.state, entry.reason
+        failure = self._engine_failure(name) if state is ModelState.READY else None
+        if failure is not None:
+            # A dead rank's model: reported failed at once, so the gateway stops routing to it;
+            # `_watch_engines` retires it (a report changes nothing).
+            state, reason = ModelState.UNAVAILABLE, failure
         last_inference = None
-        if self.supervisor.state == "live" and entry.state in (
-            ModelState.READY,
-            ModelState.UNAVAILABLE,
+        if (
+            self.supervisor.state is TritonState.LIVE
+            and state
+            in (
+                ModelState.READY,
+                ModelState.UNAVAILABLE,
+            )
+            and failure is None
         ):
             ready = await self.supervisor.is_ready(name)
             if entry.state is ModelState.READY and not ready:
@@ -471,4 +644,6 @@ class Node:
             loaded=loaded,
             catalogue=self.catalogue.entries(),
             events=self.events,
+            host_memory_budget_bytes=self.host_memory_budget,
+            host_memory_asleep_bytes=self._host_asleep(),
         )

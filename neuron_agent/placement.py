@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from cortex.config import ModelProfile
 from cortex.neuron_api import GpuInfo
-from neuron_agent.errors import NodeError
+from neuron_agent.errors import NoRoom
 
 GIB = 2**30
 
@@ -32,11 +32,10 @@ def place(
     host_available: int,
 ) -> list[int]:
     """The devices for the model (the emptiest that fit; [] on a node without devices, where
-    host memory is what counts), or NodeError 409 with the numbers."""
+    host memory is what counts), or NoRoom (409) with the numbers."""
     if not devices:
         if estimate > host_available:
-            raise NodeError(
-                409,
+            raise NoRoom(
                 f"{profile.name} needs about {estimate / GIB:.2f} GiB; "
                 f"this node has {host_available / GIB:.2f} GiB of memory available",
                 needed_bytes=estimate,
@@ -51,8 +50,7 @@ def place(
     )
     if len(fitting) < profile.tp:
         free = {d.index: d.memory_free_bytes for d in candidates}
-        raise NodeError(
-            409,
+        raise NoRoom(
             f"{profile.name} needs {share / GIB:.2f} GiB on each of {profile.tp} device(s); "
             "free per device: " + ", ".join(f"{i}: {b / GIB:.2f} GiB" for i, b in free.items()),
             needed_bytes_per_device=share,

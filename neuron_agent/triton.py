@@ -39,17 +39,15 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from cortex.config import TritonSection
+from cortex.neuron_api import TritonState
 from cortex.secrets import TRITON_KEY_HEADER, TRITON_RESTRICTED
+from neuron_agent.errors import TritonError
 
 log = logging.getLogger("cortex.neuron.triton")
 PR_SET_PDEATHSIG = 1
 # The TensorRT-LLM backend's request gauges on Triton's metrics port, by model and
 # request_type: `active` (in its batch), `waiting` (queued for admission), `scheduled`, `max`, ….
 TRTLLM_REQUEST_METRICS = "nv_trt_llm_request_metrics"
-
-
-class TritonError(Exception):
-    """Triton refused or failed an operation; the message is Triton's own where it gave one."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +164,7 @@ class TritonSupervisor:
         self.http_url = f"http://127.0.0.1:{settings.http_port}"
         self.grpc_url = f"127.0.0.1:{settings.grpc_port}"
         self.metrics_url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-        self.state = "stopped"
+        self.state = TritonState.STOPPED
         self.restarts = 0
         self.last_error: str | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -239,7 +237,7 @@ class TritonSupervisor:
         orphans = kill_orphaned_stubs(self.repository)
         if orphans:
             log.warning("killed %d Python-backend stubs a dead tritonserver left behind", orphans)
-        self.state = "starting"
+        self.state = TritonState.STARTING
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -253,7 +251,7 @@ class TritonSupervisor:
         finally:
             log_file.close()
         await self._wait_live()
-        self.state = "live"
+        self.state = TritonState.LIVE
         log.info("tritonserver pid %d live on %s", self.process.pid, self.http_url)
 
     async def _wait_live(self) -> None:
@@ -290,7 +288,7 @@ class TritonSupervisor:
                 return
             self.last_error = f"tritonserver exited with code {code}"
             log.error("%s; restarting in %.0f s", self.last_error, backoff)
-            self.state = "restarting"
+            self.state = TritonState.RESTARTING
             await asyncio.sleep(backoff)
             try:
                 await self._spawn()
@@ -324,7 +322,7 @@ class TritonSupervisor:
         # Our own keep-alive connection would hold Triton's HTTP shutdown for its exit timeout.
         await self._client.aclose()
         await self._terminate()
-        self.state = "stopped"
+        self.state = TritonState.STOPPED
 
     async def _terminate(self, grace: float = 15.0) -> None:
         process = self.process

@@ -70,6 +70,7 @@ GATEWAY = CortexConfig(
         defrag_after_cycles=0,
         demand_half_life_s=20,
         drain_timeout_s=5,
+        min_resident_s=4.0,
     ),
     scaling=ScalingSection(in_flight_per_replica=1.5, window_s=2, idle_s=3),
     neurons=(
@@ -85,7 +86,8 @@ MODELS = (
         name="everything",
         aliases=("claude-*", "gpt-4o"),
         source="/models/with space/ckpt",
-        engine=EngineKind.TRTLLM,
+        engine=EngineKind.LLAMACPP,
+        embedding=True,
         quantization=Quantization.INT4_AWQ,
         dtype="bfloat16",
         tp=2,
@@ -94,6 +96,7 @@ MODELS = (
         min_replicas=2,
         max_replicas=3,
         idle_ttl_s=90.5,
+        sleep_after_s=30.0,
         neurons=("a", "b"),
         context_length=4096,
         tool_call_format=ToolCallFormat.LLAMA3_JSON,
@@ -122,6 +125,7 @@ def neuron(folder: Path, models_file: str = "node-models.toml") -> NeuronConfig:
             models=models_file,
             state_dir=str(folder / "state"),
             memory_budget_mib=(800, 1400),
+            host_memory_budget_mib=65536,
         ),
         triton=TritonSection(
             binary="/opt/tritonserver/bin/tritonserver",

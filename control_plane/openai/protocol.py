@@ -38,7 +38,9 @@ class FunctionSpec(_Lenient):
 
 class ToolSpec(_Lenient):
     type: str = "function"
-    function: FunctionSpec
+    # Required for function tools (the translation says so, naming the field); hosted tools
+    # (`{"type": "web_search"}`) carry none.
+    function: FunctionSpec | None = None
 
 
 class StreamOptions(_Lenient):

@@ -15,11 +15,13 @@ from control_plane.anthropic import routes as anthropic_routes
 from control_plane.canonical import Event, Finished, TextDelta, Waiting
 from control_plane.errors import CortexError, openai_body
 from control_plane.generation import collect, generate
+from control_plane.hosted_tools import note_dropped, tag_response
 from control_plane.openai import translate
 from control_plane.openai.protocol import ChatCompletionRequest, CompletionRequest
 from control_plane.openai.translate import ChunkEncoder
 
 blueprint = Blueprint("openai", url_prefix="/v1")
+blueprint.on_response(tag_response)
 log = logging.getLogger("cortex.gateway.openai")
 
 
@@ -74,6 +76,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     body: ChatCompletionRequest = parse_body(ChatCompletionRequest, request)
     request_id = f"chatcmpl-{request.ctx.request_id}"
     chat = translate.chat_request(body, request.ctx.request_id)
+    note_dropped(request, translate.hosted_tools(body))
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:

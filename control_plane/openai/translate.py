@@ -21,7 +21,13 @@ from control_plane.canonical import (
     offered_tools,
 )
 from control_plane.errors import InvalidRequest
-from control_plane.openai.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from control_plane.hosted_tools import is_hosted
+from control_plane.openai.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ToolSpec,
+)
 
 FINISH_REASONS = {
     FinishReason.STOP: "stop",
@@ -73,11 +79,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
                 name=message.name,
             )
         )
-    tools = tuple(
-        Tool(t.function.name, t.function.description, t.function.parameters)
-        for t in body.tools or []
-    )
-    choice, named, tools = _tool_choice(body.tool_choice, tools)
+    choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))
     tools = offered_tools(tools, choice, named)
     response_format = (body.response_format or {}).get("type")
     return ChatRequest(
@@ -96,6 +98,32 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         json_mode=response_format in ("json_object", "json_schema"),
         request_id=request_id,
     )
+
+
+def _tools(tools: list[ToolSpec] | None) -> tuple[Tool, ...]:
+    """The function tools the model sees; hosted ones are left out (`hosted_tools`)."""
+    offered = []
+    for index, tool in enumerate(tools or []):
+        if is_hosted(tool.type):
+            continue
+        if tool.type != "function":
+            raise InvalidRequest(
+                f"tool type {tool.type!r} is not supported: cortex serves function tools (the "
+                "client runs them); hosted tools are left out",
+                param=f"tools[{index}].type",
+            )
+        if tool.function is None:
+            raise InvalidRequest(
+                "a function tool needs its `function`", param=f"tools[{index}].function"
+            )
+        spec = tool.function
+        offered.append(Tool(spec.name, spec.description, spec.parameters))
+    return tuple(offered)
+
+
+def hosted_tools(body: ChatCompletionRequest) -> list[str]:
+    """The hosted tool types the request offers, which the model does not see."""
+    return [tool.type for tool in body.tools or [] if is_hosted(tool.type)]
 
 
 def _tool_choice(
@@ -125,6 +153,12 @@ def _tool_choice(
         }
         mode = ToolChoice.REQUIRED if allowed.get("mode") == "required" else ToolChoice.AUTO
         return mode, None, tuple(t for t in tools if t.name in names)
+    if isinstance(kind, str) and is_hosted(kind):
+        raise InvalidRequest(
+            f"tool_choice forces the hosted tool {kind!r}, which cortex cannot run (only tools "
+            "the client runs are served here)",
+            "tool_choice.type",
+        )
     raise InvalidRequest(f"tool_choice type {kind!r} is not supported", "tool_choice.type")
 
 

@@ -14,6 +14,7 @@ from sanic.response import HTTPResponse, json
 from control_plane import wire
 from control_plane.errors import NotFound
 from control_plane.generation import collect, count_prompt_tokens, generate
+from control_plane.hosted_tools import note_dropped, tag_response
 from control_plane.responses import translate
 from control_plane.responses.protocol import InputTokensRequest, ResponsesRequest, field_path
 from control_plane.responses.stream import ResponseStreamEncoder
@@ -21,6 +22,7 @@ from control_plane.responses.stream import ResponseStreamEncoder
 blueprint = Blueprint("responses", url_prefix="/v1")
 log = logging.getLogger("cortex.gateway.responses")
 API = "responses"  # the `api` label of its metrics and request log lines
+blueprint.on_response(tag_response)
 
 
 def parse_body(model: type[BaseModel], request: Request) -> Any:
@@ -31,6 +33,7 @@ def parse_body(model: type[BaseModel], request: Request) -> Any:
 async def create_response(request: Request) -> HTTPResponse | None:
     body: ResponsesRequest = parse_body(ResponsesRequest, request)
     chat = translate.chat_request(body, request.ctx.request_id)
+    note_dropped(request, translate.hosted_tools(body))
     response_id = f"resp_{request.ctx.request_id}"
     message_id = f"msg_{request.ctx.request_id}"
     settings = translate.echo(body)
@@ -64,6 +67,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
 async def input_tokens(request: Request) -> HTTPResponse:
     body: InputTokensRequest = parse_body(InputTokensRequest, request)
     chat = translate.chat_request(body, request.ctx.request_id)
+    note_dropped(request, translate.hosted_tools(body))
     count = await count_prompt_tokens(request.app.ctx.fleet, chat)
     return json({"object": "response.input_tokens", "input_tokens": count})
 

@@ -28,6 +28,7 @@ from control_plane.canonical import (
     offered_tools,
 )
 from control_plane.errors import InvalidRequest
+from control_plane.hosted_tools import is_hosted
 from control_plane.openai.translate import call_id_for
 from control_plane.responses.protocol import (
     CustomTool,
@@ -188,8 +189,7 @@ def _tool(tool: ToolParam, path: str, namespace: str | None = None) -> Tool:
         return Tool(name, _custom_description(tool), CUSTOM_SCHEMA)
     raise InvalidRequest(
         f"tool type {tool.type!r} is not supported: cortex serves only tools the client runs, "
-        "'function' and 'custom' ones (also inside namespaces); in Codex set "
-        'web_search = "disabled"',
+        "'function' and 'custom' ones (also inside namespaces); hosted tools are left out",
         f"{path}.type",
     )
 
@@ -201,10 +201,22 @@ def _tools(tools: list[ToolParam] | None) -> tuple[Tool, ...]:
             offered.extend(
                 _tool(inner, f"tools[{index}].tools[{number}]", tool.name)
                 for number, inner in enumerate(tool.tools)
+                if not is_hosted(inner.type)
             )
-        else:
+        elif not is_hosted(tool.type):
             offered.append(_tool(tool, f"tools[{index}]"))
     return tuple(offered)
+
+
+def hosted_tools(body: ResponsesRequest | InputTokensRequest) -> list[str]:
+    """The hosted tool types the request offers, which the model does not see
+    (`control_plane.hosted_tools`)."""
+    found = []
+    for tool in body.tools or []:
+        for member in tool.tools if isinstance(tool, NamespaceTool) else [tool]:
+            if is_hosted(member.type):
+                found.append(member.type)
+    return found
 
 
 def call_names(body: ResponsesRequest) -> CallNames:
@@ -250,6 +262,12 @@ def _tool_choice(
         }
         mode = ToolChoice.REQUIRED if value.get("mode") == "required" else ToolChoice.AUTO
         return mode, None, tuple(t for t in tools if t.name in names)
+    if isinstance(kind, str) and is_hosted(kind):
+        raise InvalidRequest(
+            f"tool_choice forces the hosted tool {kind!r}, which cortex cannot run (only tools "
+            "the client runs are served here)",
+            "tool_choice.type",
+        )
     raise InvalidRequest(
         f"tool_choice type {kind!r} is not supported: only function tools run here",
         "tool_choice.type",

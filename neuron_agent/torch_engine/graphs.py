@@ -154,6 +154,10 @@ class DecodeRunner:
     def graphed(self) -> bool:
         return bool(self._graphs)
 
+    def release(self) -> None:
+        """Drop the captured graphs and the memory pool they hold (a model going to sleep)."""
+        self._graphs.clear()
+
     def run(
         self,
         tokens: Sequence[int],

@@ -82,21 +82,11 @@ class BlockPool:
         shape = (slots, spec.num_kv_heads, spec.head_dim)
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of auto, fp8")
-        fp8 = kv_cache_dtype == "fp8"
-        stored = torch.float8_e4m3fn if fp8 else dtype
-
-        def scales() -> torch.Tensor | None:
-            return torch.ones(shape[:2], dtype=torch.float32, device=device) if fp8 else None
-
-        self.layers = [
-            LayerCache(
-                torch.zeros(shape, dtype=stored, device=device),
-                torch.zeros(shape, dtype=stored, device=device),
-                scales(),
-                scales(),
-            )
-            for _ in range(spec.num_layers)
-        ]
+        self._shape = shape
+        self._fp8 = kv_cache_dtype == "fp8"
+        self._stored = torch.float8_e4m3fn if self._fp8 else dtype
+        self._device = device
+        self.layers = [self._new_layer() for _ in range(spec.num_layers)]
         self._free = list(range(self.num_blocks - 1, -1, -1))
         self._refs = [0] * self.num_blocks
         self._cached: OrderedDict[int, None] = (
@@ -105,6 +95,37 @@ class BlockPool:
         self._key_of: dict[int, BlockKey] = {}
         self._block_of: dict[BlockKey, int] = {}
         self.evictions = 0  # cached blocks reclaimed for new content, since start
+
+    def _new_layer(self) -> LayerCache:
+        shape, device = self._shape, self._device
+        scales = (
+            (lambda: torch.ones(shape[:2], dtype=torch.float32, device=device))
+            if self._fp8
+            else (lambda: None)
+        )
+        return LayerCache(
+            torch.zeros(shape, dtype=self._stored, device=device),
+            torch.zeros(shape, dtype=self._stored, device=device),
+            scales(),
+            scales(),
+        )
+
+    def release_memory(self) -> int:
+        """Give the cache's memory back (a model going to sleep): every cached prefix is
+        forgotten and every layer's tensors become empty, in place, so whoever holds `layers`
+        sees it. No block may be in use. Returns the bytes released."""
+        if self.used_blocks:
+            raise RuntimeError(f"{self.used_blocks} KV blocks are in use")
+        self.clear_cache()
+        released = self.nbytes()
+        empty = torch.empty(0, device=self._device)
+        self.layers[:] = [LayerCache(empty, empty) for _ in self.layers]
+        return released
+
+    def restore_memory(self) -> int:
+        """Allocate the layers again after `release_memory` (zeroed, as at start)."""
+        self.layers[:] = [self._new_layer() for _ in self.layers]
+        return self.nbytes()
 
     @property
     def capacity_tokens(self) -> int:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neuron_agent.torch_engine.errors import RequestRejected
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
@@ -122,6 +123,7 @@ class Engine:
         rows = max_batch_size
         if settings.enabled:
             rows = max(rows, min(max_batch_size, settings.max_batch) * (settings.max_tokens + 1))
+        self._decode_rows = rows
         self.decoder = DecodeRunner(
             model,
             pool.layers,
@@ -133,6 +135,8 @@ class Engine:
         )
         self._host = HostCopy(max_batch_size, self.device)
         self.context_length = model.spec.context_length
+        self._cuda_graphs = cuda_graphs
+        self._table_width = context_blocks
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._lock = threading.Lock()
@@ -159,13 +163,19 @@ class Engine:
         )
         self._verify_host = HostCopy(self.decoder.buckets[-1], self.device)
         self.speculated = SpeculationCounters()
+        # A sleeping engine (`residency`) holds no KV cache and takes no request; `_idle` is
+        # true while the loop waits for work, so a sleep never frees memory under a step.
+        self.asleep = False
+        self._idle = False
 
     # ------------------------------------------------------------------ public surface
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
         if self.failure is not None:
-            raise RequestRejected(self.failure)
+            raise EngineUnavailable(self.failure)
+        if self.asleep:
+            raise EngineUnavailable("the model is asleep: its neuron wakes it before serving")
         prompt_length = len(request.prompt)
         if prompt_length == 0:
             raise RequestRejected("the prompt is empty")
@@ -187,11 +197,11 @@ class Engine:
         sequence.generator = make_generator(request.sampling, self.device)
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
-                raise RequestRejected(
+                raise QueueFull(
                     f"the request queue is full ({self.max_queue_size} waiting); try again later"
                 )
             self._waiting.append(sequence)
-            self._wake.notify()
+            self._wake.notify_all()
         self._report()
 
     def _report(self) -> None:
@@ -204,14 +214,44 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="cortex-engine", daemon=True)
         self._thread.start()
 
+    def hold(self) -> None:
+        """Take no more requests (a sleep), once the loop is idle; RequestRejected, and nothing
+        changed, while any request is queued or running."""
+        with self._wake:
+            in_flight = len(self._waiting) + len(self._running)
+            if in_flight:
+                raise RequestRejected(f"{in_flight} request(s) in flight; not sleeping")
+            self.asleep = True
+            while not self._idle and not self._stopping and self._thread is not None:
+                self._wake.wait(0.1)
+
+    def resume(self) -> None:
+        with self._wake:
+            self.asleep = False
+
+    def rebuild_decoder(self) -> None:
+        """A new decode runner over the pool as it is now (after a wake: the CUDA graphs
+        captured over the old buffers are gone)."""
+        self.decoder = DecodeRunner(
+            self.model,
+            self.pool.layers,
+            self.pool.block_size,
+            self.pool.scratch_slot,
+            self._decode_rows,  # verify passes' rows too
+            table_width=self._table_width,
+            graphs=self._cuda_graphs,
+        )
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
-            self._wake.notify()
+            self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
         for sequence in [*self._waiting, *self._running]:
-            sequence.request.fail("the model is being unloaded")
+            sequence.request.fail(
+                tag_engine_error(EngineErrorKind.UNAVAILABLE, "the model is being unloaded")
+            )
         self._waiting.clear()
         self._running.clear()
 
@@ -227,7 +267,7 @@ class Engine:
             self._running = []
             self._wake.notify()
         for sequence in doomed:
-            sequence.request.fail(message)
+            sequence.request.fail(tag_engine_error(EngineErrorKind.UNAVAILABLE, message))
         self._report()
 
     @torch.inference_mode()
@@ -271,7 +311,10 @@ class Engine:
         while True:
             with self._wake:
                 while not self._stopping and not self._waiting and not self._running:
+                    self._idle = True
+                    self._wake.notify_all()  # a sleep waiting for the loop to be idle
                     self._wake.wait()
+                self._idle = False
                 if self._stopping:
                     return
             try:
@@ -286,7 +329,7 @@ class Engine:
             failed, self._running = self._running, []
         for sequence in failed:
             self.pool.release(sequence.blocks)
-            sequence.request.fail(message)
+            sequence.request.fail(tag_engine_error(EngineErrorKind.FAILED, message))
 
     @torch.inference_mode()
     def step(self) -> None:

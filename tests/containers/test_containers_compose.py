@@ -73,12 +73,18 @@ def test_compose_validation_rejects_an_unknown_key(
 
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_file_refers_to_files_that_exist(name: str) -> None:
+    mounts = builds = 0
     for service_name, service in load_compose(name)["services"].items():
         for source in bind_mounts(service).values():
             assert (CONTAINERS / source).exists(), f"{name}: {service_name} mounts {source}"
+            mounts += 1
         build = service.get("build")
         if build:
             assert (CONTAINERS / build["context"] / build["dockerfile"]).is_file()
+            builds += 1
+    # Checked inside loops only, a file with neither would pass: each compose file mounts its
+    # configs and builds its images.
+    assert mounts and builds, f"{name}: {mounts} bind mounts and {builds} builds checked"
 
 
 @pytest.mark.parametrize(("name", "config_dir"), COMPOSE_FILES.items())

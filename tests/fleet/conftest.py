@@ -42,20 +42,33 @@ class NeuronProcess(Neuron):
     def name(self) -> str:
         return self.config.neuron.name
 
+    @property
+    def headers(self) -> dict[str, str]:
+        token = self.config.neuron.token
+        return {"authorization": f"Bearer {token}"} if token else {}
+
     def status(self) -> dict:  # type: ignore[type-arg]
-        return httpx.get(self.url + "/status", timeout=30).json()
+        return httpx.get(self.url + "/status", headers=self.headers, timeout=30).json()
 
     def loaded(self) -> set[str]:
         return {m["name"] for m in self.status()["loaded"] if m["state"] == "READY"}
 
+    def asleep(self) -> set[str]:
+        return {m["name"] for m in self.status()["loaded"] if m["state"] == "ASLEEP"}
+
     def load(self, model: str) -> None:
-        response = httpx.post(self.url + "/models/load", json={"model": model}, timeout=120)
+        response = httpx.post(
+            self.url + "/models/load", json={"model": model}, headers=self.headers, timeout=120
+        )
         assert response.status_code == 200, response.text
 
     def unload_all(self) -> None:
-        for model in self.loaded():
+        for model in self.loaded() | self.asleep():
             httpx.post(
-                self.url + "/models/unload", json={"model": model, "force": True}, timeout=120
+                self.url + "/models/unload",
+                json={"model": model, "force": True},
+                headers=self.headers,
+                timeout=120,
             )
 
     def triton_loads(self, model: str) -> int:
@@ -63,7 +76,11 @@ class NeuronProcess(Neuron):
         return log.count(f"loading: {model}:1")
 
 
-def tier_models(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> list[ModelProfile]:
+def tier_models(
+    tiny_model: Path,
+    m1_idle_ttl_s: float | None = None,
+    pinned_on: tuple[str, ...] = ("large", "spare"),
+) -> list[ModelProfile]:
     def tiny(name: str, **settings: object) -> ModelProfile:
         return ModelProfile(name=name, source=str(tiny_model), kv_cache_tokens=2048, **settings)
 
@@ -71,17 +88,29 @@ def tier_models(tiny_model: Path, m1_idle_ttl_s: float | None = None) -> list[Mo
         tiny("m1", priority=1, idle_ttl_s=m1_idle_ttl_s),
         tiny("m2", priority=5),
         tiny("m3", priority=3, max_replicas=2),
-        tiny("pin", pinned=True, neurons=("large", "spare")),
+        tiny("pin", pinned=True, neurons=pinned_on),
     ]
 
 
 def start_tier_neuron(
-    folder: Path, name: str, budget_mib: int, tiny_model: Path, m1_idle_ttl_s: float | None = None
+    folder: Path,
+    name: str,
+    budget_mib: int,
+    tiny_model: Path,
+    m1_idle_ttl_s: float | None = None,
+    *,
+    pinned_on: tuple[str, ...] = ("large", "spare"),
+    token: str | None = None,
 ) -> NeuronProcess:
     """A neuron with one memory budget serving the tier models, once healthy; the caller stops
-    it (`.stop()`)."""
+    it (`.stop()`). `pinned_on` (empty: any node) says where the pinned model may live; `token`
+    is the bearer token its API asks for."""
     config = loopback_neuron(
-        folder, name, tier_models(tiny_model, m1_idle_ttl_s), memory_budget_mib=[budget_mib]
+        folder,
+        name,
+        tier_models(tiny_model, m1_idle_ttl_s, pinned_on),
+        memory_budget_mib=[budget_mib],
+        token=token,
     )
     return NeuronProcess.of(start_neuron(config)).healthy(120)
 

@@ -4,7 +4,6 @@ real gateways, the official openai SDK as the client."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import signal
 import threading
 import time
@@ -149,24 +148,32 @@ def test_defragmentation_under_steady_traffic_loses_no_request(
     assert fleet["large"].loaded() == {"pin"}
 
 
-def test_killed_neuron_fails_over_without_a_client_error_and_its_pinned_model_moves(
-    fleet: dict[str, NeuronProcess], gateway: GatewayFactory, tiny_model: Path, tmp_path: Path
+def test_three_agents_on_three_models_sharing_two_slots_all_get_answers(
+    fleet: dict[str, NeuronProcess], gateway: GatewayFactory
 ) -> None:
-    spare = start_tier_neuron(tmp_path / "spare", "spare", 2000, tiny_model)
-    spare.load("pin")
-    spare.load("m1")
-    # Polls far apart: the gateway can learn of the death only from the request that meets it.
-    g = gateway([spare, fleet["large"]], poll_interval_s=60)
-    assert ask(g.url, "m1")
-    assert fleet["large"].loaded() == set()  # pin was resident on spare: not placed twice
-    os.kill(spare.process.pid, signal.SIGKILL)  # its tritonserver dies with it
-    started = time.monotonic()
-    assert ask(g.url, "m1")  # retried before its first token: loaded on the surviving node
-    assert time.monotonic() - started < 60
-    # The pinned model is brought back on the surviving node without anyone asking for it.
-    wait_until(lambda: fleet["large"].loaded() == {"m1", "pin"}, timeout=60)
-    log = g.log.read_text()
-    assert "neuron spare is down" in log and "before its first token" in log
+    # medium holds two copies; three agents each keep asking for their own model. Loads and
+    # unloads under way, and the requests in flight on the two resident models, are reasons
+    # to wait for a slot, never to refuse (issue 27: 7 of 24 requests were 503s). Four
+    # requests each, not the issue's eight: every one costs a load of ~10 s on 2 CI cores.
+    g = gateway([fleet["medium"]])
+    failures: list[str] = []
+
+    def agent(model: str) -> int:
+        answered = 0
+        for _ in range(4):
+            try:
+                if ask(g.url, model):
+                    answered += 1
+            except openai.APIError as error:
+                failures.append(f"{model}: {error!r}")
+            time.sleep(0.3)
+        return answered
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answered = list(pool.map(agent, ["m1", "m2", "m3"]))
+    assert failures == []
+    assert answered == [4, 4, 4]
+    assert len(fleet["medium"].loaded()) == 2
 
 
 def test_cold_loads_on_two_nodes_overlap(
@@ -225,21 +232,16 @@ def test_two_gateways_share_the_neurons(
         timeout=60,
     )
     assert counted.status_code == 200, counted.text
-    # One streams from m1; the other wants m2, which fits only in m1's place: m1 stays.
+    # One streams from m1; the other wants m2, which fits only in m1's place: m2 waits for
+    # m1's streams to finish (it does not cut them, nor refuse), then takes its place.
     first = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
         streams = [pool.submit(stream_text, one.url, "m1", first) for _ in range(2)]
         assert first.wait(60)
-        client = openai.OpenAI(base_url=two.url, api_key="none", max_retries=0, timeout=120)
-        with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(
-                model="m2", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-            )
+        waiting = pool.submit(ask, two.url, "m2", 2)
         assert all(stream.result(120) for stream in streams)  # they finished whole
-    assert caught.value.status_code == 503, caught.value.message
-    assert "in flight: m1" in caught.value.message
-    assert caught.value.response.headers["retry-after"]
-    assert fleet["small"].loaded() == {"m1"}
+        assert waiting.result(120)
+    assert fleet["small"].loaded() == {"m2"}
 
 
 def test_a_busy_model_gets_a_second_replica_and_loses_it_when_idle(

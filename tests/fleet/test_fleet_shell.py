@@ -282,3 +282,32 @@ def test_defragmentation_drains_without_blocking_loads_and_says_when_the_old_cop
         assert result.move.model in fakes[result.move.source].loaded  # two copies, as reported
 
     run_fleet({"x": 40 * GB, "y": 40 * GB}, body)
+
+
+def test_a_cold_load_waits_for_a_busy_victim_instead_of_refusing() -> None:
+    # x holds one model. a is busy; a request for b waits for a's request to end, then b
+    # takes a's place (issue 27: this was a 503 "requests in flight: a").
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        assert await fleet.ensure_ready("a") == "x"
+        async with fleet.using("x", "a"):
+            waiting = asyncio.create_task(fleet.ensure_ready("b"))
+            await asyncio.sleep(0.3)
+            assert not waiting.done() and fakes["x"].loaded == {"a": "READY"}
+        assert await waiting == "x"
+        assert fakes["x"].loaded == {"b": "READY"}
+
+    run_fleet({"x": 10 * GB}, body)
+
+
+def test_a_request_that_found_its_model_gone_leaves_the_node_up() -> None:
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        assert await fleet.ensure_ready("a") == "x"
+        assert not await fleet.model_left("x", "a")  # still there: the node failed
+        fakes["x"].dead = True  # a node that does not answer has not lost the model
+        assert not await fleet.model_left("x", "a")
+        fakes["x"].dead = False
+        fakes["x"].loaded.clear()  # unloaded behind this gateway's back
+        assert await fleet.model_left("x", "a")
+        assert fleet.nodes["x"].up
+
+    run_fleet({"x": 10 * GB}, body)

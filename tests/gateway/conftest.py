@@ -56,6 +56,7 @@ RULES: list[dict[str, object]] = [
         "reply": "unused",
         "fail_after": 0,
         "error": "the request queue is full (256 waiting); try again later",
+        "error_kind": "overloaded",
     },
     {"when": "", "reply": "Hello from the replay fake."},
 ]

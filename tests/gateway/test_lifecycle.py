@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from control_plane.canonical import ChatRequest, Message
+from control_plane.cold_load import REFUSALS_PER_NODE, WAIT_STEP_S, ColdLoad, GiveUp, Place, Wait
+from control_plane.errors import Overloaded, UpstreamFailed, UpstreamTimeout
 from control_plane.lifecycle import (
     Demand,
     LoadWindow,
@@ -20,6 +22,7 @@ from control_plane.lifecycle import (
     plan_placement,
     plan_scaling,
 )
+from control_plane.node_record import CircuitBreaker, NodeRecord
 from control_plane.routing import (
     FleetSnapshot,
     NodeView,
@@ -29,7 +32,15 @@ from control_plane.routing import (
     resolve_model,
 )
 from cortex.config import EvictionStrategy, ModelProfile, ScalingSection
-from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
+from cortex.neuron_api import (
+    CatalogueEntry,
+    GpuInfo,
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+)
 
 GB = 10**9
 NOW = 1_000_000.0
@@ -54,7 +65,7 @@ def node(
         used[device] += size
     status = NeuronStatus(
         name=name,
-        triton=TritonInfo(state="live", http_url="", grpc_url="h:1", metrics_url=""),
+        triton=TritonInfo(state=TritonState.LIVE, http_url="", grpc_url="h:1", metrics_url=""),
         gpus=[
             GpuInfo(
                 index=i,
@@ -70,7 +81,7 @@ def node(
         loaded=[
             LoadedModel(
                 name=m,
-                state="READY",
+                state=ModelState.READY,
                 engine="torch",
                 quantization="none",
                 tp=1,
@@ -107,7 +118,7 @@ def test_fits_in_free_memory_without_eviction_and_keeps_large_holes() -> None:
             node("large", [80 * GB], catalogue=CATALOGUE),
         )
     )
-    plan = plan_placement(snapshot, "a", LRU)
+    plan = plan_placement(snapshot, "a", LRU, NOW)
     assert isinstance(plan, list)
     # Both fit; the node left with the most free memory wins: a 30 GB model still fits later.
     assert plan[0] == Placement("large") and plan[1] == Placement("small")
@@ -117,7 +128,7 @@ def test_lru_evicts_the_least_recently_used() -> None:
     full = node(
         "n", [20 * GB], [("a", 0, 10 * GB, NOW - 10), ("b", 0, 10 * GB, NOW - 100)], CATALOGUE
     )
-    plan = plan_placement(FleetSnapshot((full,)), "c", LRU)
+    plan = plan_placement(FleetSnapshot((full,)), "c", LRU, NOW)
     assert isinstance(plan, list)
     assert [v.name for v in plan[0].victims] == ["b"]
 
@@ -126,7 +137,7 @@ def test_priority_evicts_the_lowest_priority_first() -> None:
     full = node(
         "n", [20 * GB], [("a", 0, 10 * GB, NOW - 10), ("b", 0, 10 * GB, NOW - 100)], CATALOGUE
     )
-    plan = plan_placement(FleetSnapshot((full,)), "c", PRIORITY)
+    plan = plan_placement(FleetSnapshot((full,)), "c", PRIORITY, NOW)
     assert isinstance(plan, list)
     assert [v.name for v in plan[0].victims] == ["a"]  # priority 1 < 5, though used more recently
 
@@ -136,7 +147,7 @@ def test_priority_ties_fall_back_to_lru() -> None:
     full = node(
         "n", [20 * GB], [("a", 0, 10 * GB, NOW - 10), ("x", 0, 10 * GB, NOW - 50)], catalogue
     )
-    plan = plan_placement(FleetSnapshot((full,)), "c", PRIORITY)
+    plan = plan_placement(FleetSnapshot((full,)), "c", PRIORITY, NOW)
     assert isinstance(plan, list) and [v.name for v in plan[0].victims] == ["x"]
 
 
@@ -152,25 +163,27 @@ def test_pinned_and_in_flight_models_are_never_victims() -> None:
         CATALOGUE,
         in_flight={"a": 2},
     )
-    plan = plan_placement(FleetSnapshot((full,)), "c", LRU)
+    plan = plan_placement(FleetSnapshot((full,)), "c", LRU, NOW)
     assert isinstance(plan, list) and [v.name for v in plan[0].victims] == ["b"]
 
 
 def test_only_pinned_models_in_the_way_is_said() -> None:
     full = node("n", [10 * GB], [("pinned", 0, 10 * GB, NOW - 999)], CATALOGUE)
-    plan = plan_placement(FleetSnapshot((full,)), "a", LRU)
+    plan = plan_placement(FleetSnapshot((full,)), "a", LRU, NOW)
     assert isinstance(plan, Refusal)
     assert plan.blocked_by_pinned and "only pinned models stand in the way (pinned)" in plan.reason
 
 
 def test_busy_models_in_the_way_are_named() -> None:
     full = node("n", [10 * GB], [("b", 0, 10 * GB, NOW)], CATALOGUE, in_flight={"b": 1})
-    plan = plan_placement(FleetSnapshot((full,)), "a", LRU)
+    plan = plan_placement(FleetSnapshot((full,)), "a", LRU, NOW)
     assert isinstance(plan, Refusal) and "requests in flight: b" in plan.reason
 
 
 def test_too_large_for_every_node() -> None:
-    plan = plan_placement(FleetSnapshot((node("n", [24 * GB], catalogue=CATALOGUE),)), "big", LRU)
+    plan = plan_placement(
+        FleetSnapshot((node("n", [24 * GB], catalogue=CATALOGUE),)), "big", LRU, NOW
+    )
     assert isinstance(plan, Refusal) and "too small for it even when empty" in plan.reason
 
 
@@ -183,7 +196,7 @@ def test_cheapest_node_wins_fewest_victims_then_longest_idle() -> None:
     two = node(
         "two", [20 * GB], [("c", 0, 10 * GB, NOW - 500), ("a", 0, 10 * GB, NOW - 500)], catalogue
     )
-    plan = plan_placement(FleetSnapshot((one, two)), "x", LRU)
+    plan = plan_placement(FleetSnapshot((one, two)), "x", LRU, NOW)
     assert isinstance(plan, list)
     assert plan[0].node == "one" and [v.name for v in plan[0].victims] == ["b"]
     assert plan[1].node == "two" and len(plan[1].victims) == 2
@@ -191,14 +204,14 @@ def test_cheapest_node_wins_fewest_victims_then_longest_idle() -> None:
     three = node(
         "three", [25 * GB], [("c", 0, 10 * GB, NOW - 900), ("a", 0, 10 * GB, NOW - 1)], catalogue
     )
-    plan = plan_placement(FleetSnapshot((one, three)), "x", LRU)
+    plan = plan_placement(FleetSnapshot((one, three)), "x", LRU, NOW)
     assert isinstance(plan, list) and plan[0].node == "three"
 
 
 def test_tensor_parallel_needs_enough_devices() -> None:
     wide = node("wide", [12 * GB, 12 * GB], catalogue=CATALOGUE)
     narrow = node("narrow", [40 * GB], catalogue=CATALOGUE)
-    plan = plan_placement(FleetSnapshot((wide, narrow)), "pair", LRU)
+    plan = plan_placement(FleetSnapshot((wide, narrow)), "pair", LRU, NOW)
     assert isinstance(plan, list) and [p.node for p in plan] == ["wide"]
 
 
@@ -210,13 +223,14 @@ def test_models_only_go_to_nodes_whose_catalogue_allows_them() -> None:
         ),
         "b",
         LRU,
+        NOW,
     )
     assert isinstance(plan, list) and [p.node for p in plan] == ["y"]
 
 
 def test_down_nodes_are_not_candidates() -> None:
     plan = plan_placement(
-        FleetSnapshot((node("x", [80 * GB], catalogue=CATALOGUE, up=False),)), "a", LRU
+        FleetSnapshot((node("x", [80 * GB], catalogue=CATALOGUE, up=False),)), "a", LRU, NOW
     )
     assert isinstance(plan, Refusal) and "no node" in plan.reason
 
@@ -291,12 +305,12 @@ def test_loads_under_way_and_victims_being_unloaded_are_not_counted_twice() -> N
     x = node("x", [10 * GB], catalogue=CATALOGUE)
     y = node("y", [10 * GB], [("c", 0, 10 * GB, NOW - 999)], CATALOGUE)
     reserved = NodeView("x", True, x.status, loading={"a": 10 * GB})
-    plan = plan_placement(FleetSnapshot((reserved, y)), "b", LRU)
+    plan = plan_placement(FleetSnapshot((reserved, y)), "b", LRU, NOW)
     assert isinstance(plan, list) and plan[0] == Placement("y", plan[0].victims)
     assert [v.name for v in plan[0].victims] == ["c"]
     # ... and once c is being unloaded for that plan, nobody may count on evicting it again.
     leaving = NodeView("y", True, y.status, leaving=frozenset({"c"}))
-    plan = plan_placement(FleetSnapshot((reserved, leaving)), "b", LRU)
+    plan = plan_placement(FleetSnapshot((reserved, leaving)), "b", LRU, NOW)
     assert isinstance(plan, Refusal)
     # A load the neuron reports already (LOADING or READY) is not subtracted a second time.
     reported = node("x", [20 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
@@ -461,10 +475,10 @@ def test_demand_evicts_what_is_asked_for_least_per_byte() -> None:
         demand.record("a", NOW - 200 + second)
     demand.record("b", NOW - 1)
     plan = plan_placement(
-        FleetSnapshot((full,)), "c", EvictionStrategy.DEMAND, demand.per_byte(NOW)
+        FleetSnapshot((full,)), "c", EvictionStrategy.DEMAND, NOW, demand.per_byte(NOW)
     )
     assert isinstance(plan, list) and [v.name for v in plan[0].victims] == ["b"]
-    lru = plan_placement(FleetSnapshot((full,)), "c", LRU)
+    lru = plan_placement(FleetSnapshot((full,)), "c", LRU, NOW)
     assert isinstance(lru, list) and [v.name for v in lru[0].victims] == ["a"]
     # Counts fade: long after, one recent request outweighs ten old ones.
     assert demand.value("a", NOW + 600) < demand.value("b", NOW + 600) * 10
@@ -477,8 +491,127 @@ def test_a_model_still_loading_is_neither_idle_nor_a_victim() -> None:
     catalogue = {**CATALOGUE, "a": (profile("a", idle_ttl_s=1), 10 * GB)}
     loading = node("n", [10 * GB], [("a", 0, 10 * GB, 0.0)], catalogue)
     assert loading.status is not None
-    loading.status.loaded[0].state = "LOADING"
+    loading.status.loaded[0].state = ModelState.LOADING
     loading.status.loaded[0].loaded_at = loading.status.loaded[0].last_used = None
     assert idle_expired(FleetSnapshot((loading,)), NOW) == []
-    plan = plan_placement(FleetSnapshot((loading,)), "b", LRU)
+    plan = plan_placement(FleetSnapshot((loading,)), "b", LRU, NOW)
     assert isinstance(plan, Refusal) and "loading or unloading: a" in plan.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement that waits instead of failing, and the cold load's next step (issue 27)
+
+
+def test_every_node_is_considered_not_only_the_first_that_refuses() -> None:
+    # The killed-node case: the small node holds the pinned model just restored there; another
+    # node holds two idle, unpinned models. The other node evicts one.
+    small = node("a", [10 * GB], [("pinned", 0, 10 * GB, NOW - 1)], CATALOGUE)
+    big = node("c", [20 * GB], [("a", 0, 10 * GB, NOW - 50), ("c", 0, 10 * GB, NOW - 5)], CATALOGUE)
+    plan = plan_placement(FleetSnapshot((small, big)), "b", LRU, NOW)
+    assert isinstance(plan, list) and [p.node for p in plan] == ["c"]
+    assert [v.name for v in plan[0].victims] == ["a"]
+
+
+def test_loads_unloads_and_requests_in_flight_are_waited_for() -> None:
+    busy_node = node("n", [10 * GB], [("b", 0, 10 * GB, NOW)], CATALOGUE, in_flight={"b": 1})
+    plan = plan_placement(FleetSnapshot((busy_node,)), "a", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait
+    # A load this gateway has under way, not reported by the neuron yet: its memory is taken,
+    # but the node is not "too small even when empty".
+    empty = node("n", [10 * GB], catalogue=CATALOGUE)
+    reserved = NodeView("n", True, empty.status, loading={"b": 10 * GB})
+    plan = plan_placement(FleetSnapshot((reserved,)), "a", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait and "loading or unloading: b" in plan.reason
+    # The model itself on its way somewhere: wait for that copy rather than place another.
+    plan = plan_placement(
+        FleetSnapshot((NodeView("n", True, empty.status, loading={"a": 1}),)), "a", LRU, NOW
+    )
+    assert isinstance(plan, Refusal) and plan.wait and "being loaded on n" in plan.reason
+    unloading = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    assert unloading.status is not None
+    unloading.status.loaded[0].state = ModelState.UNLOADING
+    plan = plan_placement(FleetSnapshot((unloading,)), "a", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait and "being unloaded on n" in plan.reason
+
+
+def test_a_copy_triton_lost_is_reloaded_where_it_is() -> None:
+    lost = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    assert lost.status is not None
+    lost.status.loaded[0].state = ModelState.UNAVAILABLE
+    plan = plan_placement(FleetSnapshot((lost,)), "a", LRU, NOW)
+    assert plan == [Placement("n")]
+
+
+def test_only_a_fleet_that_cannot_hold_the_model_refuses_for_good() -> None:
+    pinned = node("a", [10 * GB], [("pinned", 0, 10 * GB, NOW)], CATALOGUE)
+    plan = plan_placement(FleetSnapshot((pinned,)), "b", LRU, NOW)
+    assert isinstance(plan, Refusal) and not plan.wait and plan.blocked_by_pinned
+    small = node("s", [5 * GB], catalogue=CATALOGUE)
+    plan = plan_placement(FleetSnapshot((small,)), "b", LRU, NOW)
+    assert isinstance(plan, Refusal) and not plan.wait
+    # One node refuses for good, another only until its request is done: wait.
+    busy_node = node("c", [10 * GB], [("c", 0, 10 * GB, NOW)], CATALOGUE, in_flight={"c": 1})
+    plan = plan_placement(FleetSnapshot((pinned, busy_node)), "b", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait and not plan.blocked_by_pinned
+
+
+def test_a_cold_load_waits_while_waiting_helps_then_times_out() -> None:
+    attempts = ColdLoad("m", deadline=100.0, timeout_s=60)
+    assert attempts.next_step([Placement("n")], 10.0) == Place(Placement("n"))
+    step = attempts.next_step(Refusal("n: busy", wait=True), 10.0)
+    assert isinstance(step, Wait) and step.seconds == WAIT_STEP_S
+    assert attempts.next_step(Refusal("n: busy", wait=True), 99.5) == Wait(0.5, "n: busy")
+    step = attempts.next_step(Refusal("n: busy", wait=True), 100.0)
+    assert isinstance(step, GiveUp) and isinstance(step.error, UpstreamTimeout)
+    assert "n: busy" in step.error.message
+    step = attempts.next_step(Refusal("n: only pinned", blocked_by_pinned=True), 10.0)
+    assert isinstance(step, GiveUp) and isinstance(step.error, Overloaded)
+
+
+def test_a_node_that_refuses_is_tried_again_and_one_that_fails_is_left_out() -> None:
+    attempts = ColdLoad("m", deadline=100.0, timeout_s=60)
+    for _ in range(REFUSALS_PER_NODE - 1):
+        assert isinstance(attempts.failed_on("a", Overloaded("no room")), Wait)
+        assert attempts.exclude() == frozenset()
+    attempts.failed_on("a", Overloaded("no room"))
+    assert attempts.exclude() == {"a"}
+    assert attempts.failed_on("b", UpstreamFailed("Triton could not load m")) is None
+    assert attempts.exclude() == {"a", "b"}
+    step = attempts.next_step(Refusal("no node that may serve m is up"), 10.0)
+    assert isinstance(step, GiveUp) and isinstance(step.error, UpstreamFailed)
+    assert "b: Triton could not load m" in step.error.message
+
+
+def test_a_model_being_evicted_takes_no_new_requests_and_its_next_load_waits() -> None:
+    holder = node("n", [10 * GB], [("a", 0, 10 * GB, NOW)], CATALOGUE)
+    leaving = NodeView("n", True, holder.status, leaving=frozenset({"a"}))
+    assert choose_replica(FleetSnapshot((holder,)), "a") == "n"
+    assert choose_replica(FleetSnapshot((leaving,)), "a") is None
+    plan = plan_placement(FleetSnapshot((leaving,)), "a", LRU, NOW)
+    assert isinstance(plan, Refusal) and plan.wait and "being unloaded on n" in plan.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# The node record and its circuit breaker
+
+
+def test_the_breaker_opens_after_enough_downs_within_its_window() -> None:
+    breaker = CircuitBreaker(failures=3, window_s=60, open_s=30)
+    assert not breaker.went_down(NOW) and not breaker.went_down(NOW + 10)
+    assert not breaker.is_open(NOW + 10)
+    assert breaker.went_down(NOW + 20)  # the third within a minute
+    assert breaker.is_open(NOW + 49) and not breaker.is_open(NOW + 50)
+    # Downs further apart than the window never add up.
+    spaced = CircuitBreaker(failures=2, window_s=60, open_s=30)
+    assert not spaced.went_down(NOW) and not spaced.went_down(NOW + 61)
+    assert spaced.went_down(NOW + 62)
+
+
+def test_a_node_is_down_after_enough_missed_polls_and_its_view_is_a_copy() -> None:
+    record = NodeRecord(client=None, breaker=CircuitBreaker(3, 60, 30), up=True)
+    assert not record.missed_poll(down_after=2) and record.missed_poll(down_after=2)
+    record.in_flight["a"] = 1
+    view = record.view("n")
+    record.in_flight["a"] = 2
+    record.leaving.add("a")
+    assert view.in_flight == {"a": 1} and view.leaving == frozenset()

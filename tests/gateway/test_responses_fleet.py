@@ -6,6 +6,7 @@ failures after the stream started, refusals, metrics and the request log."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -218,7 +219,7 @@ def test_failure_after_the_stream_started(oai: openai.OpenAI) -> None:
     ("request_body", "param"),
     [
         ({"previous_response_id": "resp_abc"}, "previous_response_id"),
-        ({"tools": [{"type": "web_search", "external_web_access": False}]}, "tools[0].type"),
+        ({"tools": [{"type": "local_shell"}]}, "tools[0].type"),
         ({"input": [{"type": "function_call", "name": "f"}]}, "input[0].call_id"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
     ],
@@ -231,6 +232,58 @@ def test_refusals_are_400s_naming_the_field(
     assert caught.value.status_code == 400
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
+
+
+CODEX_DEFAULT = json.loads(
+    (Path(__file__).parent / "fixtures" / "codex_default_request.json").read_text()
+)
+
+
+def test_codex_default_request_gets_an_answer_naming_the_dropped_tool(
+    replay_fleet: ReplayFleet, oai: openai.OpenAI
+) -> None:
+    body: Any = {k: v for k, v in CODEX_DEFAULT.items() if k not in ("//", "stream")}
+    body["model"] = "replay-hermes"
+    with oai.responses.with_streaming_response.create(**body, stream=True) as raw:
+        assert raw.status_code == 200
+        assert raw.headers["cortex-dropped-tools"] == "web_search"
+        events = list(raw.parse())
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text == "Hello from the replay fake."
+    whole = oai.responses.with_raw_response.create(**body)
+    assert whole.headers["cortex-dropped-tools"] == "web_search"
+    assert whole.parse().output_text == "Hello from the replay fake."
+    # The same tools through Chat (there, a hosted tool is a bare {"type": ...}).
+    tools: Any = [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+        {"type": "web_search"},
+        {"type": "code_interpreter"},
+    ]
+    chat = oai.chat.completions.with_raw_response.create(
+        model="replay-hermes", messages=[{"role": "user", "content": "hi"}], tools=tools
+    )
+    assert chat.headers["cortex-dropped-tools"] == "code_interpreter, web_search"
+    assert chat.parse().choices[0].message.content == "Hello from the replay fake."
+    plain = oai.chat.completions.with_raw_response.create(
+        model="replay-hermes", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert "cortex-dropped-tools" not in plain.headers
+    # Logged once for this client, not once per request.
+    log = replay_fleet.gateway_log.read_text()
+    assert log.count("hosted tools left out of requests from") == 2  # two sets of tools
+    # Forcing a hosted tool still fails, naming the field, in both dialects.
+    forced: Any = {**body, "tool_choice": {"type": "web_search"}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.responses.create(**forced)
+    assert caught.value.param == "tool_choice.type" and "web_search" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.chat.completions.create(
+            model="replay-hermes",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=tools[1:2],
+            tool_choice=forced["tool_choice"],
+        )
+    assert caught.value.param == "tool_choice.type"
 
 
 def test_unknown_model_auth_and_stored_routes(

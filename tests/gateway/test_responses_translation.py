@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,16 +280,6 @@ def test_tool_choice_forms() -> None:
         ({"input": [{"type": "reasoning", "summary": []}]}, "input", "at least one turn"),
         ({"conversation": "conv_1"}, "conversation", "keeps no responses"),
         ({"background": True}, "background", "background"),
-        (
-            {
-                "tools": [
-                    {"type": "function", "name": "f"},
-                    {"type": "web_search", "external_web_access": False},
-                ]
-            },
-            "tools[1].type",
-            "'web_search'",
-        ),
         ({"tools": [{"type": "local_shell"}]}, "tools[0].type", "'local_shell'"),
         (
             {
@@ -298,15 +289,21 @@ def test_tool_choice_forms() -> None:
                         "name": "n",
                         "tools": [
                             {"type": "function", "name": "f"},
-                            {"type": "mcp", "server_label": "g"},
+                            {"type": "local_shell"},
                         ],
                     }
                 ]
             },
             "tools[0].tools[1].type",
-            "'mcp'",
+            "'local_shell'",
         ),
-        ({"tool_choice": {"type": "web_search"}}, "tool_choice.type", "'web_search'"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice.type", "hosted tool 'web_search'"),
+        (
+            {"tool_choice": {"type": "web_search_preview_2025_03_11"}},
+            "tool_choice.type",
+            "hosted tool",
+        ),
+        ({"tool_choice": {"type": "mcp", "server_label": "g"}}, "tool_choice.type", "'mcp'"),
         ({"tool_choice": "sometimes"}, "tool_choice", "tool_choice must be"),
         (
             {
@@ -565,3 +562,71 @@ def test_chat_and_responses_tell_the_sdk_the_same_answer(events: list[Event]) ->
     assert responses_view(whole.output) == (chat_message.content or "", chat_calls)
     assert whole.status == terminal.status
     assert whole.output_text == (chat_message.content or "")
+
+
+CODEX_DEFAULT = json.loads(
+    (Path(__file__).parent / "fixtures" / "codex_default_request.json").read_text()
+)
+
+
+def test_hosted_tools_are_left_out_of_what_the_model_sees() -> None:
+    body = {k: v for k, v in CODEX_DEFAULT.items() if k != "//"}
+    request = ResponsesRequest.model_validate(body)
+    chat = translate.chat_request(request, "r")
+    names = [tool.name for tool in chat.tools]
+    assert "web_search" not in names and len(names) == 8  # every tool the client runs stays
+    assert "apply_patch" in names and any(name.endswith("search") for name in names)
+    assert translate.hosted_tools(request) == ["web_search"]
+    # Every hosted type and its preview and dated names, inside namespaces too.
+    hosted = [
+        {"type": kind}
+        for kind in (
+            "web_search_preview",
+            "web_search_preview_2025_03_11",
+            "file_search",
+            "code_interpreter",
+            "image_generation",
+            "computer_use_preview",
+            "mcp",
+        )
+    ]
+    tools: list[dict[str, Any]] = [{"type": "function", "name": "f"}, *hosted]
+    tools.append({"type": "namespace", "name": "n", "tools": [{"type": "mcp"}]})
+    chat = translated(input="x", tools=tools)
+    assert [tool.name for tool in chat.tools] == ["f"]
+    openai_chat = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [
+                {"type": "web_search"},
+                {"type": "function", "function": {"name": "f"}},
+                {"type": "file_search"},
+            ],
+        }
+    )
+    assert [t.name for t in chat_translate.chat_request(openai_chat, "r").tools] == ["f"]
+    assert chat_translate.hosted_tools(openai_chat) == ["web_search", "file_search"]
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "param"),
+    [
+        ([{"type": "retrieval"}], None, "tools[0].type"),
+        ([{"type": "function"}], None, "tools[0].function"),
+        ([{"type": "web_search"}], {"type": "web_search"}, "tool_choice.type"),
+    ],
+)
+def test_chat_tools_the_gateway_cannot_offer_are_400s_naming_the_field(
+    tools: list[dict[str, Any]], tool_choice: dict[str, Any] | None, param: str
+) -> None:
+    body: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "x"}],
+        "tools": tools,
+    }
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    with pytest.raises(InvalidRequest) as caught:
+        chat_translate.chat_request(ChatCompletionRequest.model_validate(body), "r")
+    assert caught.value.param == param

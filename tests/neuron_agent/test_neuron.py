@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
@@ -16,8 +17,11 @@ import httpx
 import psutil
 import pytest
 
+from control_plane.node_client import GenerationParams, TritonStream
 from cortex.config import ModelProfile, Quantization
 from cortex.launch import loopback_neuron, running_neuron
+from cortex.secrets import triton_key
+from neuron_agent.catalogue import Catalogue
 
 TOKEN = "neuron-test-token"
 
@@ -62,6 +66,13 @@ def neuron(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ModelProfile(name="broken", source=str(folder / "broken")),
     ]
     config = loopback_neuron(folder, "test-node", models, memory_budget_mib=[4096], token=TOKEN)
+    # Host memory for sleeping models: tiny's weights and half of tiny-int8's, so tiny may
+    # sleep and tiny-int8 may not beside it.
+    catalogue = Catalogue(config, has_gpu=False)
+    asleep = [catalogue.host_bytes_asleep(m) for m in models[:2]]
+    budget_mib = (asleep[0] + asleep[1] // 2) // 2**20 + 1
+    neuron = config.neuron.model_copy(update={"host_memory_budget_mib": budget_mib})
+    config = config.model_copy(update={"neuron": neuron})
     with running_neuron(config) as handle:
         yield Neuron(handle.process, handle.url, folder)
 
@@ -187,6 +198,125 @@ def test_killed_triton_is_restarted_and_models_reloaded(neuron: Neuron) -> None:
         raise AssertionError(f"not restarted in 60 s: {neuron.status()}")
     assert neuron.triton_pid() != old
     assert neuron.call("POST", "/models/unload", json={"model": "tiny"}).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Sleep and wake (issue 28)
+
+PROMPT = [1, 17, 230, 41, 9, 88, 301, 5, 77, 12, 40, 3, 19, 250, 8, 66, 90, 2, 33]
+
+
+def generate(neuron: Neuron, model: str, tokens: int = 12) -> list[int]:
+    """Greedy tokens straight from the node's Triton (gRPC, with the key its token implies)."""
+
+    async def run() -> list[int]:
+        grpc_url = neuron.status()["triton"]["grpc_url"]
+        stream = TritonStream(grpc_url, key=triton_key(TOKEN))
+        try:
+            params = GenerationParams(max_tokens=tokens, end_ids=(-1,), pad_id=0)
+            out: list[int] = []
+            async for new in stream.generate(model, PROMPT, params, f"sleep-{time.time()}"):
+                out.extend(new)
+            return out
+        finally:
+            await stream.close()
+
+    return asyncio.run(run())
+
+
+def model_entry(neuron: Neuron, name: str) -> dict:  # type: ignore[type-arg]
+    return next(m for m in neuron.status()["loaded"] if m["name"] == name)
+
+
+def stub_pids(neuron: Neuron, model: str) -> set[int]:
+    marker = f"{os.sep}{model}{os.sep}1{os.sep}model.py"
+    return {
+        child.pid
+        for child in psutil.Process(neuron.triton_pid()).children(recursive=True)
+        if any(marker in part for part in child.cmdline())
+    }
+
+
+def test_sleep_keeps_the_process_and_wake_answers_as_before(neuron: Neuron) -> None:
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).status_code == 200
+    before, stubs = generate(neuron, "tiny"), stub_pids(neuron, "tiny")
+    used = neuron.status()["gpus"][0]["memory_used_bytes"]
+    response = neuron.call("POST", "/models/sleep", json={"model": "tiny"})
+    assert response.status_code == 200, response.text
+    asleep = model_entry(neuron, "tiny")
+    assert asleep["state"] == "ASLEEP" and asleep["host_bytes"] > 0
+    status = neuron.status()
+    assert status["host_memory_asleep_bytes"] == asleep["host_bytes"]
+    assert status["gpus"][0]["memory_used_bytes"] < used  # its device share is free
+    assert next(e for e in status["catalogue"] if e["profile"]["name"] == "tiny")["can_sleep"]
+    with pytest.raises(Exception, match="asleep"):
+        generate(neuron, "tiny")
+    woken = neuron.call("POST", "/models/wake", json={"model": "tiny"})
+    assert woken.status_code == 200, woken.text
+    assert woken.json()["state"] == "READY" and woken.json()["host_bytes"] == 0
+    assert generate(neuron, "tiny") == before
+    assert stub_pids(neuron, "tiny") == stubs  # the same process: nothing was reloaded
+    # A load of a sleeping model wakes it instead of loading it again.
+    assert neuron.call("POST", "/models/sleep", json={"model": "tiny"}).status_code == 200
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).json()["state"] == "READY"
+    assert stub_pids(neuron, "tiny") == stubs
+    assert neuron.call("POST", "/models/unload", json={"model": "tiny"}).status_code == 200
+
+
+def test_no_sleep_with_a_request_in_flight(neuron: Neuron) -> None:
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).status_code == 200
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(generate, neuron, "tiny", 1500)
+        deadline = time.monotonic() + 60
+        while model_entry(neuron, "tiny")["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = neuron.call("POST", "/models/sleep", json={"model": "tiny"})
+        assert response.status_code == 409, response.text
+        assert "in flight" in response.json()["error"]
+        assert len(running.result(timeout=300)) == 1500
+    assert model_entry(neuron, "tiny")["state"] == "READY"
+    assert neuron.call("POST", "/models/unload", json={"model": "tiny"}).status_code == 200
+
+
+def test_sleep_beyond_the_host_budget_is_refused(neuron: Neuron) -> None:
+    for model in ("tiny", "tiny-int8"):
+        assert neuron.call("POST", "/models/load", json={"model": model}).status_code == 200
+    assert neuron.call("POST", "/models/sleep", json={"model": "tiny"}).status_code == 200
+    refused = neuron.call("POST", "/models/sleep", json={"model": "tiny-int8"})
+    assert refused.status_code == 409, refused.text
+    assert "host budget" in refused.json()["error"]
+    assert model_entry(neuron, "tiny-int8")["state"] == "READY"
+    for model in ("tiny", "tiny-int8"):
+        assert neuron.call("POST", "/models/unload", json={"model": model}).status_code == 200
+    assert neuron.status()["host_memory_asleep_bytes"] == 0
+
+
+def test_a_stub_killed_while_asleep_is_noticed_and_unloaded(neuron: Neuron) -> None:
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).status_code == 200
+    assert neuron.call("POST", "/models/sleep", json={"model": "tiny"}).status_code == 200
+    for pid in stub_pids(neuron, "tiny"):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        status = neuron.status()
+        tiny = [m for m in status["loaded"] if m["name"] == "tiny"]
+        if (not tiny or tiny[0]["state"] == "UNAVAILABLE") and not status[
+            "host_memory_asleep_bytes"
+        ]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"the dead sleeper was not noticed: {neuron.status()}")
+    # Loaded afresh on demand.
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).json()["state"] == "READY"
+    assert neuron.call("POST", "/models/unload", json={"model": "tiny"}).status_code == 200
+
+
+def test_an_engine_that_cannot_sleep_says_so(neuron: Neuron) -> None:
+    response = neuron.call("POST", "/models/sleep", json={"model": "tiny"})
+    assert response.status_code == 404  # not loaded
+    response = neuron.call("POST", "/models/sleep", json={"modle": "tiny"})
+    assert response.status_code == 400 and "model: Field required" in response.json()["error"]
 
 
 # Load/unload cycles for the leak test. Each costs a stub start (Python, torch, the engine: ~6 s

@@ -38,6 +38,7 @@ from cortex.config import (
 )
 from cortex.secrets import TRITON_KEY_HEADER
 from neuron_agent import gpus
+from neuron_agent import node as node_module
 from neuron_agent.api import create_app
 from neuron_agent.node import Node
 from tests.conftest import consecutive_free_ports, free_ports
@@ -252,17 +253,27 @@ def test_status_changes_nothing_and_reads_nvml_once(
     assert len({m["memory_bytes"] for m in memory}) == len(replies)  # measured anew each time
     assert all(m["state"] == "READY" for m in memory)
 
-    # The one change a report may make: a model whose engine failed (a tensor-parallel rank
-    # died, as the torch engine writes in its stats file) is retired.
+    # A model whose engine failed (a tensor-parallel rank died, as the torch engine writes in
+    # its stats file) is reported failed at once, by a report that still changes nothing ...
     failure = "rank 1 exited with code -9"
-    (neuron.node.stats_dir / "paced-torch.json").write_text(json.dumps({"failed": failure}))
-    neuron.status()
+    interval = node_module.ENGINE_WATCH_S
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(node_module, "ENGINE_WATCH_S", 3600.0)  # the watcher waits, after ...
+        time.sleep(interval + 0.5)  # ... the look it had begun
+        before = neuron.record()
+        (neuron.node.stats_dir / "paced-torch.json").write_text(json.dumps({"failed": failure}))
+        torch = neuron.model("paced-torch")
+        assert (torch["state"], torch["reason"]) == ("UNAVAILABLE", failure)
+        assert neuron.record() == before
+        # ... and the node's engine watcher (one look of it here) retires it.
+
+        async def look() -> None:
+            neuron.node.retire_failed_engines()
+
+        neuron.run(look())
     after = neuron.record()
     assert after["loaded"]["paced-trtllm"] == record["loaded"]["paced-trtllm"]
-    assert (after["loaded"]["paced-torch"]["state"], after["loaded"]["paced-torch"]["reason"]) == (
-        "UNAVAILABLE",
-        failure,
-    )
+    assert after["loaded"]["paced-torch"]["state"] == "UNAVAILABLE"
 
 
 def test_a_trtllm_model_serving_is_busy_and_its_last_use_moves(neuron: InProcessNeuron) -> None:

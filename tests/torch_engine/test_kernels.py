@@ -11,7 +11,10 @@ import torch
 from neuron_agent.torch_engine.kernels import reference
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
-triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+# Without the Triton compiler there is nothing to run; but the project's own kernel module must
+# import wherever Triton does: an ImportError in it is a failure, never a silent skip.
+pytest.importorskip("triton")
+from neuron_agent.torch_engine.kernels import triton_kernels  # noqa: E402
 
 
 def _generator() -> torch.Generator:

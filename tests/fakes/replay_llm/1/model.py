@@ -16,7 +16,8 @@ tool results included) is matched against each rule's `when`; the first rule who
 contains answers. A rule's answer is `reply` (text, encoded with the model's tokenizer, so tags
 such as `<tool_call>` are the single tokens a real model emits; `{turn}` is replaced with that
 latest turn) or `reply_ids`. Optional: `first_delay_s` (a long prefill), `delay_s` (between
-tokens), `fail_after` + `error` (the engine fails after that many tokens).
+tokens), `fail_after` + `error` (the engine fails after that many tokens; `error_kind`, a
+`cortex.engine_errors` kind, goes in front of the message as the engines send it).
 
 A request that Triton reports cancelled (its client went away) adds its latest turn as a line to
 `cancelled.log` in that folder, so tests can see a disconnect reach the engine.
@@ -33,6 +34,8 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
+
+from cortex.engine_errors import EngineErrorKind, tag_engine_error
 
 
 def _input(request: Any, name: str) -> np.ndarray | None:
@@ -95,12 +98,12 @@ class TritonPythonModel:
                     sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                     return
                 if rule.get("fail_after") == count:
-                    self._fail(sender, str(rule.get("error", "replay fake failure")))
+                    self._fail(sender, _error_text(rule))
                     return
                 self._send(sender, [token], final=False)
                 time.sleep(float(rule.get("delay_s", 0)))
             if "fail_after" in rule and rule["fail_after"] >= min(len(reply), max_tokens):
-                self._fail(sender, str(rule.get("error", "replay fake failure")))
+                self._fail(sender, _error_text(rule))
                 return
             self._send(sender, [], final=True)
         except Exception as error:  # never leave a request unanswered
@@ -123,3 +126,9 @@ class TritonPythonModel:
             pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
         )
+
+
+def _error_text(rule: dict[str, Any]) -> str:
+    message = str(rule.get("error", "replay fake failure"))
+    kind = rule.get("error_kind")
+    return tag_engine_error(EngineErrorKind(kind), message) if kind else message
