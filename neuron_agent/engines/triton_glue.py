@@ -113,8 +113,8 @@ def write_stats(
     counters: dict[str, int] | None = None,
 ) -> None:
     """Counts the neuron agent reads for in-flight requests and last use (atomic replace), why
-    the engine failed if it did, and the engine's counters that the neuron's /metrics shows
-    (speculative decoding's, as of this change of the counts)."""
+    the engine failed if it did, and the engine's counters the neuron's /metrics shows
+    (`neuron_agent.engine_metrics`; the torch engine's speculation counters)."""
     data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
     data.update(counters or {})
     if failed is not None:

@@ -152,6 +152,7 @@ class Engine:
         rows = max_batch_size
         if settings.enabled:
             rows = max(rows, min(max_batch_size, settings.max_batch) * (settings.max_tokens + 1))
+        self._decode_rows = rows
         self.decoder = DecodeRunner(
             model,
             pool.layers,
@@ -281,7 +282,7 @@ class Engine:
             self.pool.layers,
             self.pool.block_size,
             self.pool.scratch_slot,
-            self.max_batch_size,
+            self._decode_rows,  # verify passes' rows too
             table_width=self._table_width,
             graphs=self._cuda_graphs,
         )
