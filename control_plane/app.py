@@ -30,6 +30,7 @@ from control_plane.errors import (
 )
 from control_plane.fleet import Fleet
 from control_plane.metrics import GatewayMetrics
+from control_plane.openai.embeddings import blueprint as embedding_routes
 from control_plane.openai.routes import blueprint as openai_routes
 from control_plane.prompting import import_tokenizer_support
 from control_plane.responses.routes import blueprint as responses_routes
@@ -104,6 +105,7 @@ def create_app(config: CortexConfig, name: str = "cortex-gateway") -> Sanic:
     app.ctx.config = config
     app.ctx.metrics = GatewayMetrics()
     app.blueprint(openai_routes)
+    app.blueprint(embedding_routes)
     app.blueprint(anthropic_routes)
     app.blueprint(responses_routes)
     keys = KeyDigests(config.gateway.key_digests())

@@ -116,9 +116,20 @@ class Prepared:
         return self.entry.profile.name
 
 
+def chat_model(fleet: Fleet, requested: str) -> CatalogueEntry:
+    """The model a chat request names; an embedding model is refused, naming the field."""
+    entry = fleet.resolve(requested)
+    if entry.profile.embedding:
+        raise InvalidRequest(
+            f"model: {entry.profile.name} is an embedding model; use /v1/embeddings",
+            param="model",
+        )
+    return entry
+
+
 async def prepare(fleet: Fleet, request: ChatRequest) -> Prepared:
     """Resolve the model and render the prompt."""
-    entry = fleet.resolve(request.model)
+    entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
     context = min(tokenizer.context_length, entry.context_length)
     fewest = tokenizer.fewest_tokens(request)
@@ -151,7 +162,7 @@ def generation_params(
 async def count_prompt_tokens(fleet: Fleet, request: ChatRequest) -> int:
     """The prompt's size exactly as `generate` would send it (template, tools, instructions);
     also for prompts too long to serve, so clients can decide to compact them."""
-    entry = fleet.resolve(request.model)
+    entry = chat_model(fleet, request.model)
     tokenizer = await fleet.tokenizer(entry.profile.name)
     return len(await render(tokenizer, request))
 

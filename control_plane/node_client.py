@@ -272,6 +272,56 @@ class TritonStream:
         request = build_request(model, prompt, params, request_id)
         return Generation(self._stream_infer(request, metadata=self._metadata), model, self.node)
 
+    async def embed(self, model: str, texts: list[str], request_id: str) -> tuple[Any, list[int]]:
+        """One embedding request (an embedding model's `text_input`): the vectors and the
+        token count of each text."""
+        request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+        tensor = request.inputs.add()
+        tensor.name, tensor.datatype = "text_input", "BYTES"
+        tensor.shape.extend((1, len(texts)))
+        encoded = [text.encode("utf-8") for text in texts]
+        request.raw_input_contents.append(
+            b"".join(struct.pack("<I", len(item)) + item for item in encoded)
+        )
+        call = self._stream_infer(request)
+        try:
+            return await read_embeddings(call, model, self.node)
+        finally:
+            call.cancel()
+
+
+async def read_embeddings(call: Any, model: str, node: str) -> tuple[Any, list[int]]:
+    """An embedding request's one final response: (vectors [texts, dim] float32, tokens per
+    text)."""
+    import numpy as np
+
+    vectors, counts = None, None
+    try:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                break
+            if response.error_message:
+                raise _translate(response.error_message, model)
+            result = response.infer_response
+            for index, output in enumerate(result.outputs):
+                raw = result.raw_output_contents[index]
+                if output.name == "embedding":
+                    shape = [int(d) for d in output.shape][-2:]
+                    vectors = np.frombuffer(raw, dtype="<f4").reshape(shape)
+                elif output.name == "prompt_tokens":
+                    counts = np.frombuffer(raw, dtype="<i4").tolist()
+            final = result.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNAVAILABLE:
+            raise NodeUnavailable(node, "its Triton does not answer") from None
+        raise _translate(error.details() or str(error.code()), model) from None
+    if vectors is None or counts is None:
+        raise UpstreamFailed(f"{model}: the engine answered without embeddings")
+    return vectors, counts
+
 
 class Generation:
     """One generation's new token ids as the engine produces them (`async for`); `aclose()` (or

@@ -252,6 +252,8 @@ class CortexConfig(_Config):
 class EngineKind(enum.StrEnum):
     TORCH = "torch"
     TRTLLM = "trtllm"
+    # GGUF files as they are, on llama.cpp (the default for a .gguf source)
+    LLAMACPP = "llamacpp"
 
 
 # KV-cache block size `cortex build-engine` builds TensorRT-LLM engines with; the gateway turns
@@ -284,9 +286,13 @@ class ModelProfile(_Config):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     # Other names clients may use; shell-style patterns such as "claude-*" are allowed.
     aliases: tuple[str, ...] = ()
-    # Hugging Face checkpoint folder (torch) or TensorRT-LLM engine folder (trtllm).
+    # Hugging Face checkpoint folder (torch), TensorRT-LLM engine folder (trtllm) or GGUF file
+    # (llamacpp; torch reads the common GGUF architectures too).
     source: str
+    # Default: llamacpp for a .gguf source, torch for anything else.
     engine: EngineKind = EngineKind.TORCH
+    # An embedding model (llamacpp): served at /v1/embeddings, refused for chat.
+    embedding: bool = False
     quantization: Quantization = Quantization.NONE
     dtype: str = "auto"
     tp: Annotated[int, Field(ge=1)] = 1
@@ -338,6 +344,25 @@ class ModelProfile(_Config):
     def host_kv_cache_bytes(self) -> int:
         """The prefix cache's host tier in bytes (the node counts it as host memory)."""
         return int(self.host_kv_cache_gib * 2**30)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_engine(cls, data: Any) -> Any:
+        """A GGUF source is served by llama.cpp unless the profile names another engine."""
+        if (
+            isinstance(data, dict)
+            and "engine" not in data
+            and str(data.get("source", "")).lower().endswith(".gguf")
+        ):
+            return {**data, "engine": EngineKind.LLAMACPP}
+        return data
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("engine") not in (EngineKind.LLAMACPP, None):
+            raise ValueError('embedding models are served by engine = "llamacpp" only')
+        return value
 
     @field_validator("dtype")
     @classmethod

@@ -1,6 +1,7 @@
 """Triton model-directory templates that the neuron agent fills from a model's profile.
 
 torch_llm/      our torch engine (Python backend), TensorRT-LLM's tensor names
+llamacpp_llm/   the llama.cpp engine (Python backend, GGUF files as they are), the same names
 tensorrt_llm/   the `tensorrtllm` C++ backend model for engines `cortex build-engine` built
 """
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from cortex.config import EngineKind, KVCacheDtype, ModelProfile, NeuronConfig
 from cortex.neuron_api import CatalogueEntry, TokenizerFiles
 from cortex.tokenizer_files import cached_gguf_tokenizer
+from neuron_agent.engines.llamacpp.gguf_info import GgufError, GgufInfo, read_info
+from neuron_agent.engines.llamacpp.memory import estimate_llamacpp_bytes
 from neuron_agent.errors import ModelUnknown, UnsupportedModel
 from neuron_agent.torch_engine.checkpoint import (
     ModelSpec,
@@ -64,7 +66,7 @@ def estimate_bytes(
     return (weights + kv + RUNTIME_OVERHEAD_BYTES) * profile.tp
 
 
-def context_length(profile: ModelProfile, spec: ModelSpec | None) -> int:
+def context_length(profile: ModelProfile, spec: ModelSpec | GgufInfo | None) -> int:
     """The checkpoint's context, capped by the profile's."""
     context = spec.context_length if spec else DEFAULT_CONTEXT
     return min(context, profile.context_length or context)
@@ -81,6 +83,7 @@ class Catalogue:
             p.name: p for p in config.models.models if not p.neurons or name in p.neurons
         }
         self._specs: dict[str, ModelSpec | None] = {}
+        self._gguf: dict[str, GgufInfo | None] = {}
 
     def source_of(self, profile: ModelProfile) -> Path:
         return self.config.resolve(profile.source)
@@ -96,14 +99,35 @@ class Catalogue:
                 self._specs[profile.name] = None
         return self._specs[profile.name]
 
+    def gguf_info_of(self, profile: ModelProfile) -> GgufInfo | None:
+        """A llamacpp profile's file as llama.cpp will see it (None: unreadable)."""
+        if profile.name not in self._gguf:
+            try:
+                self._gguf[profile.name] = read_info(self.source_of(profile))
+            except GgufError:
+                self._gguf[profile.name] = None
+        return self._gguf[profile.name]
+
+    def shape_of(self, profile: ModelProfile) -> ModelSpec | GgufInfo | None:
+        if profile.engine is EngineKind.LLAMACPP:
+            return self.gguf_info_of(profile)
+        return self.spec_of(profile)
+
     def estimate(self, profile: ModelProfile) -> int:
+        if profile.engine is EngineKind.LLAMACPP:
+            info = self.gguf_info_of(profile)
+            if info is None:
+                return 0
+            return estimate_llamacpp_bytes(
+                profile, info, self.context_length(profile), self.has_gpu
+            )
         engine_bytes = 0
         if profile.engine is EngineKind.TRTLLM:
             engine_bytes = sum(p.stat().st_size for p in self.source_of(profile).glob("*.engine"))
         return estimate_bytes(profile, self.spec_of(profile), self.has_gpu, engine_bytes)
 
     def context_length(self, profile: ModelProfile) -> int:
-        return context_length(profile, self.spec_of(profile))
+        return context_length(profile, self.shape_of(profile))
 
     def can_sleep(self, profile: ModelProfile) -> bool:
         """The torch engine sleeps (`torch_engine.residency`) at tp = 1. TensorRT-LLM's own LLM
@@ -148,7 +172,12 @@ class Catalogue:
         source = self.source_of(profile)
         if not is_gguf(source):
             return source
-        if self.spec_of(profile) is None:
+        if profile.engine is EngineKind.LLAMACPP:
+            try:
+                read_info(source)
+            except GgufError as error:
+                raise UnsupportedModel(f"{profile.name}: {error}") from None
+        elif self.spec_of(profile) is None:
             read_spec(source)  # raises the reason, one line
         try:
             return cached_gguf_tokenizer(
@@ -172,7 +201,7 @@ class Catalogue:
                 files[file_name] = path.read_text(encoding="utf-8")
         if "tokenizer.json" not in files:
             raise UnsupportedModel(f"{name}: no tokenizer.json in {folder}")
-        spec = self.spec_of(profile)
+        spec = self.shape_of(profile)
         generation = json.loads(files.get("generation_config.json", "{}"))
         eos = generation.get("eos_token_id", list(spec.eos_token_ids) if spec else [])
         return TokenizerFiles(

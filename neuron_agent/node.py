@@ -31,6 +31,7 @@ from cortex.neuron_api import (
 )
 from cortex.secrets import random_key, triton_key
 from neuron_agent.catalogue import Catalogue
+from neuron_agent.engines.llamacpp.gguf_info import GgufError, read_info
 from neuron_agent.errors import (
     CannotSleep,
     ModelBusy,
@@ -262,6 +263,11 @@ class Node:
                 shard_spec(read_spec(self.catalogue.source_of(profile)), profile.tp)
             except UnsupportedCheckpoint as error:
                 raise UnsupportedModel(f"{name}: {error}") from None
+        elif profile.engine is EngineKind.LLAMACPP:
+            try:
+                read_info(self.catalogue.source_of(profile))
+            except GgufError as error:
+                raise UnsupportedModel(f"{name}: {error}") from None
         stale = self.loaded.get(name)
         if stale is not None and self._engine_failure(name):
             self._retire_failed(name, stale)
@@ -281,6 +287,7 @@ class Node:
                 devices,
                 self.inventory.has_gpu,
                 stats_path,
+                self.catalogue.context_length(profile),
             )
         except (RepositoryError, OSError) as error:
             raise RepositoryError(

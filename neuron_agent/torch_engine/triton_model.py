@@ -1,9 +1,10 @@
 """The Triton Python-backend model around the engine.
 
 Decoupled: `execute` queues each request with the engine and returns at once; the engine thread
-hands each step's new tokens to a `ResponseWriter`, whose own thread sends them through each
-request's response sender (the new tokens only, as TensorRT-LLM streams; or one response at the
-end when not streaming) and sets the final flag on the last. A request whose client went away
+hands each step's new tokens to the shared `ResponseWriter` (`neuron_agent/engines/triton_glue`),
+whose own thread sends them through each request's response sender (the new tokens only, as
+TensorRT-LLM streams; or one response at the end when not streaming) and sets the final flag on
+the last. A request whose client went away
 (`is_cancelled`) leaves the batch before the next step.
 """
 
@@ -13,10 +14,7 @@ import json
 import logging
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.triton_glue import ResponseWriter
+from neuron_agent.engines.triton_glue import scalar as _scalar
+from neuron_agent.engines.triton_glue import stop_sequences as _stop_sequences
+from neuron_agent.engines.triton_glue import write_stats as _write_stats
 from neuron_agent.torch_engine.errors import EngineError
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
@@ -36,141 +38,6 @@ from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 log = logging.getLogger("cortex.engine")
-
-
-def _scalar(request: Any, name: str, default: Any) -> Any:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    values = tensor.as_numpy().reshape(-1)
-    return default if values.size == 0 else values[0].item()
-
-
-def _stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
-    """TensorRT-LLM's stop_words_list: [2, N] = flat ids, then end offsets (-1 padded)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, "stop_words_list")
-    if tensor is None:
-        return ()
-    array = tensor.as_numpy().reshape(-1, 2, tensor.as_numpy().shape[-1])[0]
-    ids, offsets = array[0].tolist(), [o for o in array[1].tolist() if o >= 0]
-    sequences, start = [], 0
-    for end in offsets:
-        if end > start:
-            sequences.append(tuple(ids[start:end]))
-        start = end
-    return tuple(sequences)
-
-
-def _write_stats(path: Path, running: int, waiting: int, failed: str | None = None) -> None:
-    """Counts the neuron agent reads for in-flight requests and last use (atomic replace), and
-    why the engine failed if it did (a tensor-parallel rank died)."""
-    data: dict[str, object] = {"running": running, "waiting": waiting, "last_used": time.time()}
-    if failed is not None:
-        data["failed"] = failed
-    temporary = path.with_suffix(".tmp")
-    try:
-        temporary.write_text(json.dumps(data))
-        os.replace(temporary, path)
-    except OSError:
-        log.debug("stats not written", exc_info=True)
-
-
-@dataclass
-class _Outgoing:
-    cached_prompt_tokens: int | None = None  # said once, in a response of its own, first
-    tokens: list[int] = field(default_factory=list)
-    final: bool = False
-    error: str | None = None
-
-
-class ResponseWriter:
-    """Sends the engine's output to Triton from a thread of its own.
-
-    The engine thread only appends; a send (a response through the stub's shared memory, ~0.1 ms
-    with the GIL held) would otherwise stall every stream's next step. A stream whose responses
-    fall behind gets its waiting tokens in one response; one that keeps up gets each token as soon
-    as it is made: nothing is held back to fill a response.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: dict[Any, _Outgoing] = {}
-        self._wake = threading.Condition()
-        self._closing = False
-        self._thread = threading.Thread(target=self._loop, name="cortex-responses", daemon=True)
-        self._thread.start()
-
-    def tokens(self, sender: Any, tokens: list[int], final: bool) -> None:
-        with self._wake:
-            outgoing = self._waiting.setdefault(sender, _Outgoing())
-            outgoing.tokens.extend(tokens)
-            outgoing.final = outgoing.final or final
-            self._wake.notify()
-
-    def admitted(self, sender: Any, cached_prompt_tokens: int) -> None:
-        with self._wake:
-            outgoing = self._waiting.setdefault(sender, _Outgoing())
-            outgoing.cached_prompt_tokens = cached_prompt_tokens
-            self._wake.notify()
-
-    def error(self, sender: Any, message: str) -> None:
-        with self._wake:
-            self._waiting.setdefault(sender, _Outgoing()).error = message
-            self._wake.notify()
-
-    def close(self) -> None:
-        """Send what is waiting, then stop the thread."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._waiting and not self._closing:
-                    self._wake.wait()
-                batch, self._waiting = self._waiting, {}
-                if not batch and self._closing:
-                    return
-            for sender, outgoing in batch.items():
-                _send(sender, outgoing)
-
-
-def _send(sender: Any, outgoing: _Outgoing) -> None:
-    try:
-        if outgoing.cached_prompt_tokens is not None:
-            # Before any token: what the prefix cache gave (the gateway puts it in the usage it
-            # opens the client's stream with).
-            cached = np.array([[outgoing.cached_prompt_tokens]], dtype=np.int32)
-            sender.send(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("output_ids", np.zeros((1, 1, 0), dtype=np.int32)),
-                        pb_utils.Tensor("sequence_length", np.array([[0]], dtype=np.int32)),
-                        pb_utils.Tensor("cached_prompt_tokens", cached),
-                    ]
-                ),
-                flags=0,
-            )
-        if outgoing.tokens or (outgoing.final and outgoing.error is None):
-            tokens = outgoing.tokens
-            response = pb_utils.InferenceResponse(
-                output_tensors=[
-                    pb_utils.Tensor("output_ids", np.array([[tokens]], dtype=np.int32)),
-                    pb_utils.Tensor("sequence_length", np.array([[len(tokens)]], dtype=np.int32)),
-                ]
-            )
-            final = outgoing.final and outgoing.error is None
-            sender.send(
-                response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-            )
-        if outgoing.error is not None:
-            sender.send(
-                pb_utils.InferenceResponse(error=pb_utils.TritonError(outgoing.error)),
-                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-            )
-    except Exception:  # the client is gone; the engine drops it on the next step
-        log.debug("response not delivered", exc_info=True)
 
 
 def _prefix_hit_counter(args: dict[str, str]) -> Callable[[int, int], None]:
