@@ -374,9 +374,7 @@ class Node:
         cannot sleep or the host budget would be exceeded: the caller unloads instead."""
         profile = self.profile(name)
         async with self._residency(name):
-            entry = self.loaded.get(name)
-            if entry is None:
-                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
+            entry = self._loaded_entry(name)
             if entry.state is ModelState.ASLEEP:
                 return self._describe(name, entry)
             if entry.state is not ModelState.READY:
@@ -407,9 +405,7 @@ class Node:
         """Take a sleeping model's device memory back; NoRoom (409) when it does not fit."""
         self.profile(name)
         async with self._residency(name):
-            entry = self.loaded.get(name)
-            if entry is None:
-                raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
+            entry = self._loaded_entry(name)
             if entry.state is ModelState.READY:
                 return self._describe(name, entry)
             if entry.state is not ModelState.ASLEEP:
@@ -429,6 +425,12 @@ class Node:
             entry.memory_bytes = self._measure(entry)
             log.info("%s awake in %.2f s", name, time.monotonic() - started)
             return self._describe(name, entry)
+
+    def _loaded_entry(self, name: str) -> _Loaded:
+        entry = self.loaded.get(name)
+        if entry is None:
+            raise ModelNotLoaded(f"model {name!r} is not loaded on this node")
+        return entry
 
     def _residency(self, name: str) -> asyncio.Lock:
         """One sleep or wake of a model at a time (a load of it waits on its own task)."""

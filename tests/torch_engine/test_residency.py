@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,24 +15,9 @@ from neuron_agent.torch_engine import residency
 from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
+from tests.torch_engine.test_engine import Collector
 
 PROMPT = [1, 17, 230, 41, 9, 88, 301, 5, 77, 12, 40, 3, 19, 250, 8, 66, 90, 2, 33]
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-        self.error: str | None = None
-
-    def emit(self, tokens: list[int], final: bool) -> None:
-        self.tokens.extend(tokens)
-        if final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
 
 
 def generate(engine: Engine, tokens: int = 12) -> list[int]:
