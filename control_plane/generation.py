@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -101,11 +102,14 @@ async def render(
         raise InvalidRequest("messages: the conversation has no content to answer", "messages")
     size = len(request.raw_prompt or "") + sum(len(m.content) for m in request.messages)
     if size <= INLINE_RENDER_CHARS and not request.tools:
-        prompt = tokenizer.render(request, harmony, conversation)
+        prompt = tokenizer.render(request, harmony=harmony, conversation=conversation)
     else:
         loop = asyncio.get_running_loop()
         prompt = await loop.run_in_executor(
-            _renderer(), tokenizer.render, request, harmony, conversation
+            _renderer(),
+            functools.partial(
+                tokenizer.render, request, harmony=harmony, conversation=conversation
+            ),
         )
     if not prompt:
         field = "prompt" if request.raw_prompt is not None else "messages"

@@ -110,7 +110,7 @@ class ModelTokenizer:
         return -(-prompt_chars(request) // self.longest_token_chars)
 
     def render(
-        self, request: ChatRequest, harmony: bool = False, conversation: str | None = None
+        self, request: ChatRequest, *, harmony: bool = False, conversation: str | None = None
     ) -> list[int]:
         """The prompt's token ids: the chat template over messages and tools; with `harmony`
         (gpt-oss), openai-harmony's rendering of them instead. `conversation`

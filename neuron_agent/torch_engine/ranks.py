@@ -122,6 +122,8 @@ class RankGroup:
     def _spawn(self) -> None:
         fields = dataclasses.asdict(self.options)
         fields["checkpoint"] = str(self.options.checkpoint)
+        tokenizer = self.options.tokenizer_dir
+        fields["tokenizer_dir"] = None if tokenizer is None else str(tokenizer)
         environment = dict(os.environ)
         package_root = str(Path(__file__).resolve().parents[2])
         environment["PYTHONPATH"] = os.pathsep.join(
@@ -414,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(int(threads))
     fields = json.loads(args.options)
     fields["checkpoint"] = Path(fields["checkpoint"])
+    if fields.get("tokenizer_dir") is not None:
+        fields["tokenizer_dir"] = Path(fields["tokenizer_dir"])
     fields["devices"] = tuple(fields["devices"])
     options = EngineOptions(**fields)
     rank = args.rank

@@ -73,12 +73,12 @@ def test_a_conversations_next_turn_tokenized_from_its_last_is_the_reference(
     for user, reply in turns:
         messages += [Message("user", user)]
         request = ChatRequest(model="cortex-tiny", messages=tuple(messages))
-        assert tokenizer.render(request, conversation) == tokenizer.render(request)
+        assert tokenizer.render(request, conversation=conversation) == tokenizer.render(request)
         messages += [Message("assistant", reply)]
     if edit:
         messages[1] = Message("user", messages[1].content + "é")
         request = ChatRequest(model="cortex-tiny", messages=tuple(messages))
-        assert tokenizer.render(request, conversation) == tokenizer.render(request)
+        assert tokenizer.render(request, conversation=conversation) == tokenizer.render(request)
     if len(turns) > 1:
         assert tokenizer.memo.reused_tokens > before  # the memo was used, not bypassed
 
@@ -100,7 +100,7 @@ def test_claude_code_turns_tokenized_from_the_last_are_the_reference(
         body = MessagesRequest.model_validate(conversation.request(turn))
         request = chat_request(body, f"turn{turn}")
         before = tokenizer.memo.reused_tokens
-        ids = tokenizer.render(request, conversation_key(request))
+        ids = tokenizer.render(request, conversation=conversation_key(request))
         assert ids == tokenizer.render(request)
         if turn > 1:
             assert tokenizer.memo.reused_tokens - before > len(ids) // 2
