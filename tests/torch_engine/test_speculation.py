@@ -6,7 +6,6 @@ time)."""
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +34,7 @@ from neuron_agent.torch_engine.speculation import (
     verify_greedy,
     verify_sampled,
 )
+from tests.torch_engine.test_engine import Collector
 
 # ---------------------------------------------------------------------------- proposers
 
@@ -149,22 +149,6 @@ def test_sampled_verification_is_distributed_as_sampling_one_token_at_a_time() -
 
 
 # ---------------------------------------------------------------------------- the engine
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.done = threading.Event()
-        self.error: str | None = None
-
-    def emit(self, tokens: list[int], final: bool) -> None:
-        self.tokens.extend(tokens)
-        if final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
 
 
 def submit(engine: Engine, ids: list[int], max_new: int, **kwargs) -> Collector:  # type: ignore[no-untyped-def]
