@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.counts import CountsReport
 from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
 from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
@@ -183,7 +184,7 @@ class Engine:
         self.on_prefix_hit: Callable[[int, int], None] | None = None
         # on_change(running, waiting): told whenever the counts change (the node reads them).
         self.on_change = on_change
-        self._reported = (-1, -1)
+        self._counts = CountsReport()
         # Set by abort(): why this engine cannot serve any more (a tensor-parallel rank died).
         self.failure: str | None = None
         # A sleeping engine (`residency`) holds no KV cache and takes no request; `_idle` is
@@ -250,10 +251,7 @@ class Engine:
         self._report()
 
     def _report(self) -> None:
-        counts = (len(self._running), len(self._waiting))
-        if self.on_change is not None and counts != self._reported:
-            self._reported = counts
-            self.on_change(*counts)
+        self._counts.tell(self.on_change, lambda: (len(self._running), len(self._waiting)))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="cortex-engine", daemon=True)

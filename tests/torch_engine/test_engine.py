@@ -179,6 +179,30 @@ def test_cancellation_frees_the_slot(engine, tokenizer) -> None:  # type: ignore
     assert engine.stats()["running"] == 0
 
 
+def test_the_last_counts_told_are_the_idle_ones(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The submitting thread and the engine thread both tell the counts; a slow telling of the
+    submit's (0 running, 1 waiting) must not land after the engine's final (0, 0): the neuron
+    would report an idle model busy until its next request (routing sent turns elsewhere)."""
+    told: list[tuple[int, int]] = []
+    submitter = threading.get_ident()
+
+    def on_change(running: int, waiting: int) -> None:
+        if threading.get_ident() == submitter and not told:
+            time.sleep(0.5)  # the engine runs the whole request meanwhile
+        told.append((running, waiting))
+
+    engine.on_change = on_change
+    try:
+        collector = run(engine, prompt_ids(tokenizer, QUESTIONS[2]), 2)
+        assert collector.done.wait(30) and collector.error is None
+        deadline = time.monotonic() + 5
+        while (not told or told[-1] != (0, 0)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert told[-1] == (0, 0), told
+    finally:
+        engine.on_change = None
+
+
 def test_request_larger_than_the_kv_budget_is_refused(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(RequestRejected, match="KV budget"):
         run(engine, prompt_ids(tokenizer, "hi"), 100_000)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.counts import CountsReport
 from neuron_agent.engines.llamacpp.runtime import Runtime
 from neuron_agent.engines.llamacpp.scheduler import QueueFull, RequestRejected
 
@@ -46,6 +47,7 @@ class EmbeddingEngine:
         self.runtime = runtime
         self.max_queue_size = max_queue_size
         self.on_change = on_change
+        self._counts = CountsReport()
         self.sequences = runtime.options.sequences
         self.batch_tokens = runtime.capacity
         self._waiting: deque[EmbeddingRequest] = deque()
@@ -67,8 +69,7 @@ class EmbeddingEngine:
         self._report()
 
     def _report(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self._busy, len(self._waiting))
+        self._counts.tell(self.on_change, lambda: (self._busy, len(self._waiting)))
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="cortex-embeddings", daemon=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.counts import CountsReport
 from neuron_agent.engines.llamacpp.runtime import Runtime, Sampler
 
 log = logging.getLogger("cortex.engine.llamacpp")
@@ -131,7 +132,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._reported = (-1, -1)
+        self._counts = CountsReport()
         self.steps = 0
         self.prefix_hit_tokens = 0
 
@@ -191,10 +192,7 @@ class Engine:
             }
 
     def _report(self) -> None:
-        counts = (len(self._running), len(self._waiting))
-        if self.on_change is not None and counts != self._reported:
-            self._reported = counts
-            self.on_change(*counts)
+        self._counts.tell(self.on_change, lambda: (len(self._running), len(self._waiting)))
 
     # ------------------------------------------------------------------ the loop
 
