@@ -73,6 +73,7 @@ def quant_config(request: BuildRequest) -> dict[str, Any]:
     """A deep copy of ModelOpt's config for the request (its dicts are shared module state)."""
     import modelopt.torch.quantization as mtq
 
+    config: dict[str, Any]
     if request.quant is Quantization.FP8:
         config = copy.deepcopy(mtq.FP8_DEFAULT_CFG)
     elif request.quant is Quantization.INT4_AWQ:

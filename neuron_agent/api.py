@@ -22,10 +22,12 @@ import json
 import logging
 import signal
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from sanic import Request, Sanic
+from sanic.config import Config
 from sanic.response import HTTPResponse, text
 from sanic.response import json as json_response
 
@@ -36,6 +38,9 @@ from cortex.secrets import secret_matches
 from neuron_agent.engine_metrics import render_engine_counters
 from neuron_agent.errors import BadRequest, NodeError
 from neuron_agent.node import Node
+
+# The app as Sanic types it by default (its ctx is a SimpleNamespace that the app fills).
+App = Sanic[Config, SimpleNamespace]
 
 log = logging.getLogger("cortex.neuron.api")
 # Polled every few seconds by every gateway: logged only at debug level.
@@ -61,7 +66,7 @@ def _parse(model: type[BaseModel], request: Request) -> Any:
         raise BadRequest(f"{where}: {first['msg']}") from None
 
 
-def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
+def create_app(config: NeuronConfig, node: Node | None = None) -> App:
     name = f"cortex-neuron-{config.neuron.name}".replace("_", "-")
     app = Sanic(name, configure_logging=False)  # cortex.logs formats every line
     app.config.RESPONSE_TIMEOUT = 3600  # a large model's load takes minutes
@@ -72,7 +77,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
     token = config.neuron.bearer_token()
 
     @app.before_server_start
-    async def start(app: Sanic) -> None:
+    async def start(app: App) -> None:
         await node.start()
         # SIGHUP re-reads models.toml (only where this server owns the process's signals).
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -82,7 +87,7 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> Sanic:
             )
 
     @app.before_server_stop
-    async def stop(app: Sanic) -> None:
+    async def stop(app: App) -> None:
         await node.stop()
 
     @app.on_request

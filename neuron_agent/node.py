@@ -153,7 +153,7 @@ class Node:
         configured = self.config.neuron.host_memory_budget_mib
         if configured is not None:
             return configured * 2**20
-        total = psutil.virtual_memory().total
+        total = int(psutil.virtual_memory().total)
         return max(0, total - max(total // 10, 2 * 2**30))
 
     def _host_asleep(self) -> int:

@@ -13,6 +13,7 @@ import base64
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
@@ -50,14 +51,14 @@ def input_texts(body: EmbeddingRequest) -> list[str]:
     return [str(text) for text in texts]
 
 
-def encode(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+def encode(vector: npt.NDArray[np.float32], encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":
         return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
     return [float(value) for value in vector]
 
 
 def response_body(
-    model: str, vectors: np.ndarray, counts: list[int], encoding_format: str
+    model: str, vectors: npt.NDArray[np.float32], counts: list[int], encoding_format: str
 ) -> dict[str, Any]:
     tokens = sum(counts)
     return {

@@ -77,20 +77,24 @@ async def input_tokens(request: Request) -> HTTPResponse:
     return json({"object": "response.input_tokens", "input_tokens": count})
 
 
-@blueprint.route("/responses/<response_id>", methods=["GET", "DELETE"])
-async def stored_response(request: Request, response_id: str) -> HTTPResponse:
-    raise NotFound(
+def _not_stored(response_id: str) -> NotFound:
+    return NotFound(
         f"No response with id {response_id!r}: cortex stores no responses (every response "
         "says store: false)",
         "response_id",
     )
 
 
+@blueprint.route("/responses/<response_id>", methods=["GET", "DELETE"])
+async def stored_response(request: Request, response_id: str) -> HTTPResponse:
+    raise _not_stored(response_id)
+
+
 @blueprint.get("/responses/<response_id>/input_items")
 async def stored_input_items(request: Request, response_id: str) -> HTTPResponse:
-    return await stored_response(request, response_id)
+    raise _not_stored(response_id)
 
 
 @blueprint.post("/responses/<response_id>/cancel")
 async def cancel_response(request: Request, response_id: str) -> HTTPResponse:
-    return await stored_response(request, response_id)
+    raise _not_stored(response_id)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 log = logging.getLogger("cortex.engine")
@@ -178,7 +179,7 @@ class ResponseWriter:
             self._waiting.setdefault(sender, _Outgoing()).error = message
             self._wake.notify()
 
-    def final(self, sender: Any, tensors: dict[str, np.ndarray]) -> None:
+    def final(self, sender: Any, tensors: dict[str, npt.NDArray[Any]]) -> None:
         """One whole final response with these output tensors (an embedding request's)."""
         with self._wake:
             outgoing = self._waiting.setdefault(sender, _Outgoing())

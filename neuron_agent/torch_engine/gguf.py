@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import gguf
-    import numpy as np
+    import numpy.typing as npt
     import torch
 
     from neuron_agent.torch_engine.checkpoint import ModelSpec
@@ -227,7 +227,7 @@ def hf_name(name: str) -> str | None:
     raise UnsupportedCheckpoint(f"GGUF tensor {name} is not one the torch engine knows")
 
 
-def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
+def unpermute(weight: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
     """Undo llama.cpp's q/k row permutation: within each head, rows (0, 2, 4, …, 1, 3, 5, …)
     back to Hugging Face's first-half / second-half order."""
     half = weight.shape[0] // heads // 2

@@ -378,10 +378,13 @@ class DecoderLayer(nn.Module):
         return self._mlp(normed), residual
 
     def _mlp(self, normed: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor
         if self.experts is not None:
-            return self.experts(normed)
+            out = self.experts(normed)
+            return out
         assert self.gate_up is not None and self.down is not None
-        return self.down(kernels.silu_and_mul(self.gate_up(normed), self.activation))
+        out = self.down(kernels.silu_and_mul(self.gate_up(normed), self.activation))
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -468,7 +471,8 @@ class LlamaModel(nn.Module):
         if logits_index is not None:
             hidden, residual = hidden[logits_index], residual[logits_index]
         normed, _ = self.norm(hidden, residual)
-        return self.lm_head(normed).float()
+        logits: torch.Tensor = self.lm_head(normed)
+        return logits.float()
 
 
 class _WeightLoader:

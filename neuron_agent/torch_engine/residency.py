@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -72,7 +72,9 @@ def sleep(engine: Engine) -> dict[str, Any]:
         released = engine.pool.release_memory()
         host = 0
         if engine.model.device.type == "cuda":
-            engine.model._apply(lambda tensor: tensor.to("cpu").pin_memory())
+            cast(Any, engine.model)._apply(  # torch's Module._apply is unannotated
+                lambda tensor: tensor.to("cpu").pin_memory()
+            )
             host = _weights_bytes(engine)
             engine.decoder.release()
             torch.cuda.empty_cache()
@@ -94,7 +96,9 @@ def wake(engine: Engine) -> dict[str, Any]:
     started = time.perf_counter()
     device = engine.device
     if device.type == "cuda":
-        engine.model._apply(lambda tensor: tensor.to(device, non_blocking=True))
+        cast(Any, engine.model)._apply(  # torch's Module._apply is unannotated
+            lambda tensor: tensor.to(device, non_blocking=True)
+        )
     restored = engine.pool.restore_memory()
     engine.rebuild_decoder()
     if device.type == "cuda":

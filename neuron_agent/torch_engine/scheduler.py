@@ -331,7 +331,8 @@ class Engine:
                 chunks=[PrefillChunk(0, count)],
             )
             tokens = torch.tensor(prompt, dtype=torch.long, device=self.device)
-            return self.model(tokens, batch, self.pool.layers)
+            logits: torch.Tensor = self.model(tokens, batch, self.pool.layers)
+            return logits
         finally:
             self.pool.release(blocks)
 

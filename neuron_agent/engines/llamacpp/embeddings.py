@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.counts import CountsReport
@@ -28,7 +29,9 @@ log = logging.getLogger("cortex.engine.llamacpp")
 @dataclass
 class EmbeddingRequest:
     texts: list[str]
-    done: Callable[[np.ndarray, list[int]], None]  # (vectors [n, dim], tokens per text)
+    done: Callable[
+        [npt.NDArray[np.float32], list[int]], None
+    ]  # (vectors [n, dim], tokens per text)
     fail: Callable[[str], None]
     is_cancelled: Callable[[], bool] = lambda: False
 
@@ -111,7 +114,7 @@ class EmbeddingEngine:
             self._busy = 0
             self._report()
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+    def embed(self, texts: list[str]) -> tuple[npt.NDArray[np.float32], list[int]]:
         """L2-normalized pooled embeddings [len(texts), dim] and each text's token count."""
         inputs = [self.runtime.tokenize(text) for text in texts]
         for index, tokens in enumerate(inputs):

@@ -119,7 +119,7 @@ def _parse(data: mmap.mmap, path: Path) -> dict[str, Any]:
 
     def skip_string(at: int) -> int:
         (length,) = struct.unpack_from("<Q", data, at)
-        return at + 8 + length
+        return at + 8 + int(length)
 
     for _ in range(count):
         key, offset = string(offset)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 log = logging.getLogger("cortex.engine.llamacpp")
 
@@ -136,13 +137,13 @@ class Runtime:
             slots[index][0] = sequence
         return int(self.lib.llama_decode(self.ctx, self.batch))
 
-    def logits(self, row: int) -> np.ndarray:
+    def logits(self, row: int) -> npt.NDArray[np.float32]:
         """The logits of the last decode's batch row `row` (one marked for output; a view:
         copy to keep)."""
         pointer = self.lib.llama_get_logits_ith(self.ctx, row)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def embeddings(self, sequence: int) -> np.ndarray:
+    def embeddings(self, sequence: int) -> npt.NDArray[np.float32]:
         """The pooled embedding of one sequence of the last decode (a copy)."""
         pointer = self.lib.llama_get_embeddings_seq(self.ctx, sequence)
         if not pointer:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
@@ -140,7 +141,7 @@ class TritonPythonModel:
             for item in tensor.as_numpy().reshape(-1).tolist()
         ]
 
-        def done(vectors: np.ndarray, counts: list[int]) -> None:
+        def done(vectors: npt.NDArray[np.float32], counts: list[int]) -> None:
             self.writer.final(
                 sender,
                 {
