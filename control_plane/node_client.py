@@ -6,6 +6,7 @@ Lower-level errors (httpx, gRPC) are translated to the gateway's exception tree 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -48,6 +49,8 @@ finally:
 
 
 W = TypeVar("W", bound=BaseModel)
+# How long a finished request waits for Triton to close its stream (`until_closed`).
+STREAM_CLOSE_WAIT_S = 5.0
 log = logging.getLogger("cortex.node_client")
 
 
@@ -352,11 +355,24 @@ class TritonStream:
         request.raw_input_contents.append(
             b"".join(struct.pack("<I", len(item)) + item for item in encoded)
         )
-        call = self._stream_infer(request)
+        call = self._stream_infer(request, metadata=self._metadata)
         try:
-            return await read_embeddings(call, model, self.node)
-        finally:
+            embedded = await read_embeddings(call, model, self.node)
+        except BaseException:
             call.cancel()
+            raise
+        await until_closed(call)  # not cancelled: see `until_closed`
+        return embedded
+
+
+async def until_closed(call: Any) -> None:
+    """Wait, after a request's final response, until Triton has closed its stream. A call
+    cancelled in between (its caller closing the channel at once, say) pins the model in
+    tritonserver, whose unload then never finishes and the neuron must restart Triton (seen in
+    1 of 6 unloads on the loaded CI machine). Triton closes the stream right after the final
+    response; the wait is bounded in case it never does."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(call.code(), STREAM_CLOSE_WAIT_S)
 
 
 async def read_embeddings(call: Any, model: str, node: str) -> tuple[Any, list[int]]:
@@ -417,6 +433,7 @@ class Generation:
 
     async def __anext__(self) -> list[int]:
         if self._finished:
+            await until_closed(self._call)
             raise StopAsyncIteration
         try:
             response = await self._call.read()

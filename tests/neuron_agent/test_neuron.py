@@ -210,10 +210,38 @@ def test_killed_triton_is_restarted_and_models_reloaded(neuron: Neuron) -> None:
     assert neuron.call("POST", "/models/unload", json={"model": "tiny"}).status_code == 200
 
 
+PROMPT = [1, 17, 230, 41, 9, 88, 301, 5, 77, 12, 40, 3, 19, 250, 8, 66, 90, 2, 33]
+
+
+def test_a_finished_generation_has_ended_its_stream_before_the_channel_closes(
+    neuron: Neuron,
+) -> None:
+    """A stream cancelled after its final response but before Triton closed it pins the model
+    in tritonserver: its unload never finishes and the neuron must restart Triton (a tp = 2
+    test failed so in CI). Iterating a generation to its end waits for the stream's close, so a
+    caller closing its channel at once (as every short-lived client does) cancels nothing."""
+    assert neuron.call("POST", "/models/load", json={"model": "tiny"}).status_code == 200
+
+    async def run() -> tuple[int, bool]:
+        stream = TritonStream(neuron.status()["triton"]["grpc_url"], key=triton_key(TOKEN))
+        try:
+            params = GenerationParams(max_tokens=4, end_ids=(-1,), pad_id=0)
+            generation = stream.generate("tiny", PROMPT, params, f"end-{time.time()}")
+            count = 0
+            async for new in generation:
+                count += len(new)
+            return count, generation._call.done()
+        finally:
+            await stream.close()
+
+    for _ in range(3):
+        assert asyncio.run(run()) == (4, True)
+    unloaded = neuron.call("POST", "/models/unload", json={"model": "tiny"}).json()
+    assert unloaded == {"model": "tiny", "memory_released": True, "triton_restarted": False}
+
+
 # ---------------------------------------------------------------------------------------------
 # Sleep and wake (issue 28)
-
-PROMPT = [1, 17, 230, 41, 9, 88, 301, 5, 77, 12, 40, 3, 19, 250, 8, 66, 90, 2, 33]
 
 
 def generate(neuron: Neuron, model: str, tokens: int = 12) -> list[int]:
