@@ -1,6 +1,7 @@
 """Sleep and wake against a cold load, in-process on one GPU (issue 28), in one call.
 
     OUT=/tmp/out python3 benchmarks/gpu/sleep_wake.py            # 8B shape, bf16 and fp8
+    FORMATS=none ROUNDS=2 IMPORTS=1 python3 benchmarks/gpu/sleep_wake.py   # a short run
 
 For each weight format, on a random Llama-3.1-8B-shaped checkpoint written on the device:
   cold     where a load's engine time goes: reading the checkpoint and building the model
@@ -43,6 +44,23 @@ OUT = Path(os.environ.get("OUT", "/tmp/out"))
 RESULTS: dict[str, Any] = {}
 STARTED = time.time()
 PROMPT = list(range(1000, 1128))
+FORMATS = os.environ.get("FORMATS", "none,fp8").split(",")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+IMPORTS = int(os.environ.get("IMPORTS", "3"))
+SHAPE = os.environ.get("SHAPE", "llama-3.1-8b")
+DEVICE = os.environ.get("DEVICE", "cuda:0")  # cpu: a smoke run of the script itself
+ON_GPU = DEVICE.startswith("cuda")
+
+
+def reserved() -> int:
+    return torch.cuda.memory_reserved() if ON_GPU else 0
+
+
+def synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
 NEVER = frozenset({10**9})
 
 
@@ -51,6 +69,8 @@ def say(*parts: object) -> None:
 
 
 def process_gpu_bytes() -> int | None:
+    if not ON_GPU:
+        return None
     try:
         import pynvml
     except ImportError:
@@ -96,13 +116,13 @@ def import_seconds() -> float:
 
 def one_format(path: Path, quantization: str) -> dict[str, Any]:
     options = EngineOptions(
-        path, quantization=quantization, dtype="bfloat16", device="cuda:0", kv_cache_tokens=65536
+        path, quantization=quantization, dtype="bfloat16", device=DEVICE, kv_cache_tokens=65536
     )
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     planned = plan(options)
     model, pool = load_shard(options, planned, Shard())
-    torch.cuda.synchronize()
+    synchronize()
     t1 = time.perf_counter()
     engine = new_engine(options, model, pool, cuda_graphs=True)
     t2 = time.perf_counter()
@@ -115,19 +135,20 @@ def one_format(path: Path, quantization: str) -> dict[str, Any]:
         "cold_first_token_s": cold_first,
         "cold_total_s": t2 - t0 + cold_first,
         "awake_process_gpu_bytes": process_gpu_bytes(),
-        "awake_reserved_bytes": torch.cuda.memory_reserved(),
+        "awake_reserved_bytes": reserved(),
         "rounds": [],
     }
-    for _ in range(3):
+    say(quantization, "cold", {k: v for k, v in row.items() if k != "rounds"})
+    for _ in range(ROUNDS):
         slept = residency.sleep(engine)
         gc.collect()
-        torch.cuda.synchronize()
+        synchronize()
         asleep = {
             "sleep_s": slept["seconds"],
             "host_bytes": slept["host_bytes"],
             "asleep_process_gpu_bytes": process_gpu_bytes(),
-            "asleep_reserved_bytes": torch.cuda.memory_reserved(),
-            "asleep_allocated_bytes": torch.cuda.memory_allocated(),
+            "asleep_reserved_bytes": reserved(),
+            "asleep_allocated_bytes": (torch.cuda.memory_allocated() if ON_GPU else 0),
         }
         woken = residency.wake(engine)
         after, first = generate(engine, 32)
@@ -143,28 +164,26 @@ def one_format(path: Path, quantization: str) -> dict[str, Any]:
     engine.stop()
     del engine, model, pool
     gc.collect()
-    torch.cuda.empty_cache()
+    if ON_GPU:
+        torch.cuda.empty_cache()
     return row
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-    )
+    query = ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
+    gpu = subprocess.run(query, capture_output=True, text=True).stdout.strip() if ON_GPU else DEVICE
     RESULTS["machine"] = {
-        "gpu": smi.stdout.strip(),
+        "gpu": gpu,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     say(RESULTS["machine"])
-    RESULTS["import_torch_s"] = [import_seconds() for _ in range(3)]
-    path = Path("/tmp/ckpt-llama-3.1-8b")
+    RESULTS["import_torch_s"] = [import_seconds() for _ in range(IMPORTS)]
+    path = Path(f"/tmp/ckpt-{SHAPE}")
     if not (path / "config.json").exists():
-        write_checkpoint("llama-3.1-8b", path, "cuda")
-    for quantization in ("none", "fp8"):
+        write_checkpoint(SHAPE, path, "cuda" if ON_GPU else "cpu")
+    for quantization in FORMATS:
         try:
             RESULTS[quantization] = one_format(path, quantization)
         except Exception as error:
@@ -174,7 +193,7 @@ def main() -> None:
             RESULTS.setdefault("errors", {})[quantization] = repr(error)
         (OUT / "sleep_wake.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     print("format  cold_total  wake_total(min/med/max)  ×  asleep_GiB(nvml)  equal")
-    for quantization in ("none", "fp8"):
+    for quantization in FORMATS:
         row = RESULTS.get(quantization)
         if not row:
             continue
