@@ -277,7 +277,7 @@ def test_a_busy_model_gets_a_second_replica_and_loses_it_when_idle(
         for worker in workers:
             worker.join(60)
     assert failures == []
-    served = {}
+    served: dict[str, float] = {}
     for line in httpx.get(g.metrics_url).text.splitlines():
         if line.startswith("cortex_requests_total{") and 'model="m3"' in line:
             node = line.split('node="')[1].split('"')[0]
