@@ -7,6 +7,7 @@ import concurrent.futures
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ def ask(gateway_url: str, model: str, tokens: int = 4) -> str:
     return reply.choices[0].message.content or ""
 
 
-def wait_until(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
