@@ -237,8 +237,9 @@ def generate(neuron: Neuron, model: str, tokens: int = 12) -> list[int]:
     return asyncio.run(run())
 
 
-def model_entry(neuron: Neuron, name: str) -> dict:  # type: ignore[type-arg]
-    return next(m for m in neuron.status()["loaded"] if m["name"] == name)
+def model_entry(neuron: Neuron, name: str) -> dict[str, Any]:
+    entry: dict[str, Any] = next(m for m in neuron.status()["loaded"] if m["name"] == name)
+    return entry
 
 
 def stub_pids(neuron: Neuron, model: str) -> set[int]:

@@ -106,9 +106,9 @@ class Node:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.triton.grpc_port}"
 
-    def neuron_call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    def neuron_call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {TOKEN}"}
-        return httpx.request(method, self.neuron.url + path, headers=headers, timeout=120, **kwargs)  # type: ignore[arg-type]
+        return httpx.request(method, self.neuron.url + path, headers=headers, timeout=120, **kwargs)
 
     def loaded(self) -> set[str]:
         status = self.neuron_call("GET", "/status").json()
