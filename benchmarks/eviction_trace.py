@@ -26,7 +26,15 @@ from dataclasses import dataclass, field
 from control_plane.lifecycle import Demand, Placement, Resident, plan_placement
 from control_plane.routing import FleetSnapshot, NodeView
 from cortex.config import EvictionStrategy, ModelProfile
-from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
+from cortex.neuron_api import (
+    CatalogueEntry,
+    GpuInfo,
+    LoadedModel,
+    ModelState,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+)
 
 GB = 10**9
 # The demand strategy's half-life, in requests (one request a second here).
@@ -73,7 +81,9 @@ class Sim:
             used = sum(MODELS[m][0] * GB for m in self.loaded[name])
             status = NeuronStatus(
                 name=name,
-                triton=TritonInfo(state="live", http_url="", grpc_url="h:1", metrics_url=""),
+                triton=TritonInfo(
+                    state=TritonState.LIVE, http_url="", grpc_url="h:1", metrics_url=""
+                ),
                 gpus=[
                     GpuInfo(
                         index=0,
@@ -88,7 +98,7 @@ class Sim:
                 loaded=[
                     LoadedModel(
                         name=m,
-                        state="READY",
+                        state=ModelState.READY,
                         engine="trtllm",
                         quantization="none",
                         tp=1,

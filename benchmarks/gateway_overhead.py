@@ -244,7 +244,9 @@ class Bench:
             result.merge(future.result())
         return result
 
-    def cell(self, concurrency: int, rounds: int, per_stream: int, targets: list[Target]) -> dict:
+    def cell(
+        self, concurrency: int, rounds: int, per_stream: int, targets: list[Target]
+    ) -> dict[str, Any]:
         """Every target at one concurrency, in alternating rounds. With `quiet` set, a round
         starts once other processes leave the cores alone, and a round they disturbed anyway
         (more than QUIET_CORES busy on average) is run again, at most MAX_REPEATS times."""

@@ -344,7 +344,11 @@ def main() -> None:
             print(
                 f"batch {row['batch']:>2}: masks {[round(x, 2) for x in row['ms_per_step']]} ms/step"
             )
-        report = {"machine": machine(), "background_cores": background_cores(), "masks": rows}
+        report: dict[str, Any] = {
+            "machine": machine(),
+            "background_cores": background_cores(),
+            "masks": rows,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         return
@@ -359,7 +363,7 @@ def main() -> None:
             tokenizer_dir=folder,
         )
     )
-    report: dict[str, Any] = {"machine": machine(), "background_cores": background_cores()}
+    report = {"machine": machine(), "background_cores": background_cores()}
     report["cost"] = (
         []
         if args.only_validity

@@ -148,7 +148,8 @@ class Neighbours:
         after = psutil.cpu_times()
         busy = (sum(after) - sum(self._machine)) - (after.idle - self._machine.idle)
         elapsed = max(time.monotonic() - self._started, 1e-3)
-        return max(0.0, busy - (own_cpu_seconds() - self._own)) / elapsed
+        cores: float = max(0.0, busy - (own_cpu_seconds() - self._own)) / elapsed
+        return cores
 
 
 def background_cores(seconds: float = 1.0) -> float:

@@ -141,8 +141,8 @@ def served(url: str, model: str, headers: dict[str, str], repetitions: int) -> d
     cold, cached = [], []
     for _ in range(repetitions):
         prefix = long_prefix()
-        first = [{"role": "system", "content": prefix}, {"role": "user", "content": "Hello."}]
-        cold.append(stream_chat(url, model, first, 1, headers)[0])
+        hello = [{"role": "system", "content": prefix}, {"role": "user", "content": "Hello."}]
+        cold.append(stream_chat(url, model, hello, 1, headers)[0])
         again = [{"role": "system", "content": prefix}, {"role": "user", "content": "And now?"}]
         cached.append(stream_chat(url, model, again, 1, headers)[0])
     result["ttft_cold_2k_s"] = cold

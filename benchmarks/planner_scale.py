@@ -37,10 +37,17 @@ from control_plane.lifecycle import (
 )
 from control_plane.routing import FleetSnapshot, NodeView, choose_replica, merge_catalogues
 from cortex.config import EvictionStrategy, ModelProfile, ScalingSection
-from cortex.neuron_api import CatalogueEntry, GpuInfo, LoadedModel, NeuronStatus, TritonInfo
+from cortex.neuron_api import (
+    CatalogueEntry,
+    GpuInfo,
+    LoadedModel,
+    NeuronStatus,
+    TritonInfo,
+    TritonState,
+)
 
 GB = 10**9
-TRITON = TritonInfo(state="live", http_url="", grpc_url="h:1", metrics_url="")
+TRITON = TritonInfo(state=TritonState.LIVE, http_url="", grpc_url="h:1", metrics_url="")
 
 
 @dataclass

@@ -74,8 +74,8 @@ def run_mode(engine: Any, load: Load, mode: str, seed: int) -> list[float]:
                 GenerationRequest(
                     prompt=[1, *rng.choices(vocabulary, k=load.batch_prompt)],
                     max_new_tokens=load.batch_new,
-                    emit=lambda _tokens, final, done=done: final and done.set(),
-                    fail=lambda _message, done=done: done.set(),
+                    emit=lambda _tokens, final, done=done: final and done.set(),  # type: ignore[misc]
+                    fail=lambda _message, done=done: done.set(),  # type: ignore[misc]
                     priority=batch_priority,
                 )
             )
@@ -105,7 +105,7 @@ def run_mode(engine: Any, load: Load, mode: str, seed: int) -> list[float]:
                 prompt=[1, *rng.choices(vocabulary, k=load.interactive_prompt)],
                 max_new_tokens=load.interactive_new,
                 emit=emit,
-                fail=lambda _message, finished=finished: finished.set(),
+                fail=lambda _message, finished=finished: finished.set(),  # type: ignore[misc]
                 priority=INTERACTIVE,
             )
         )

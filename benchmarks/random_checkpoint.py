@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(
         hidden_size=4096,
         intermediate_size=14336,
@@ -75,11 +76,12 @@ def write(shape: str, out: Path, device: str) -> None:
 
     def rand(*shape: int) -> torch.Tensor:
         scale = shape[-1] ** -0.5
-        return (
+        tensor: torch.Tensor = (
             (torch.randn(*shape, generator=generator, device=device) * scale)
             .to(torch.bfloat16)
             .cpu()
         )
+        return tensor
 
     shard: dict[str, torch.Tensor] = {
         "model.embed_tokens.weight": rand(spec["vocab_size"], hidden),

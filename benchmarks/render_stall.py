@@ -131,7 +131,9 @@ async def run(quick: bool, concurrency: int) -> dict[str, Any]:
         tokenizer.render(requests[0])  # warm both
         for repeat in range(3):
             for mode in ("inline", "to_thread", "thread", "process"):
-                row = await measure(mode, tokenizer, pool, threads, requests, concurrency)
+                row: dict[str, Any] = await measure(
+                    mode, tokenizer, pool, threads, requests, concurrency
+                )
                 row |= {"mode": mode, "repeat": repeat}
                 rows.append(row)
                 print(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 # Triton kernels run on CPU tensors under Triton's interpreter in tests (tests/torch_engine/
 # test_kernels.py). Triton reads this when its language module is first imported, which
@@ -52,7 +53,7 @@ def smollm2_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_reference(smollm2_model: Path):  # type: ignore[no-untyped-def]
+def smollm2_reference(smollm2_model: Path) -> Any:
     """transformers' own model from the same GGUF (float32): the reference. transformers reads
     a GGUF slowly (about a minute on 2 cores), so what it read is kept as safetensors in the model
     cache, keyed by the transformers version."""

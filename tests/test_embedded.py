@@ -9,13 +9,14 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anthropic
 import httpx
 import openai
 import psutil
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
 from cortex.config import load_models_file
@@ -57,16 +58,16 @@ GREEDY_PROMPTS = [
 def test_smollm2_greedy_answers_equal_llama_cpp(
     client: openai.OpenAI, smollm2_model: Path, smollm2_standalone: Any, prompt: str
 ) -> None:
-    messages = [{"role": "user", "content": prompt}]
+    messages: list[Any] = [{"role": "user", "content": prompt}]  # for the SDK and transformers
     reply = client.chat.completions.create(
         model="smollm2-135m",
-        messages=messages,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=MAX_TOKENS,
         temperature=0,
     )
     tokenizer = AutoTokenizer.from_pretrained(smollm2_model)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
-    new = standalone_greedy(smollm2_standalone, ids, MAX_TOKENS)
+    new = standalone_greedy(smollm2_standalone, cast(list[int], ids), MAX_TOKENS)
     ended = len(new) < MAX_TOKENS
     expected = tokenizer.decode(new, skip_special_tokens=True)
     print(f"{prompt!r} → {reply.choices[0].message.content!r}")
@@ -91,7 +92,7 @@ def test_gpt_names_map_to_smollm2_and_claude_names_to_cortex_tiny(client: openai
 def test_non_streamed_completion_with_usage_from_the_tokenizer(
     client: openai.OpenAI, tiny_model: Path
 ) -> None:
-    messages = [{"role": "user", "content": "What is a list?"}]
+    messages: list[Any] = [{"role": "user", "content": "What is a list?"}]  # SDK, transformers
     reply = client.chat.completions.create(model="cortex-tiny", messages=messages, max_tokens=24)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
@@ -115,7 +116,9 @@ def test_non_streamed_completion_with_usage_from_the_tokenizer(
 
 
 def test_streamed_completion_matches_non_streamed_greedy(client: openai.OpenAI) -> None:
-    messages = [{"role": "user", "content": "Explain the with statement"}]
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "user", "content": "Explain the with statement"}
+    ]
     whole = client.chat.completions.create(
         model="cortex-tiny", messages=messages, max_tokens=32, temperature=0
     )
@@ -161,10 +164,11 @@ def test_unknown_model_is_a_404_in_openai_shape(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
-    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["code"] == "model_not_found"
 
 
-LONG = {
+LONG: dict[str, Any] = {
     "model": "cortex-tiny",
     "messages": [{"role": "user", "content": "Write a long story about a list and a tuple."}],
     "max_tokens": 400,
@@ -225,12 +229,12 @@ def test_a_dead_neuron_cuts_streams_with_an_error_and_is_restarted(own_fleet: Em
         base_url=own_fleet.base_url.removesuffix("/v1"), api_key="unused", max_retries=0
     )
     # Greedy in both dialects (this SDK takes temperature through extra_body only).
-    anthropic_long = {
+    anthropic_long: dict[str, Any] = {
         **{k: v for k, v in LONG.items() if k != "temperature"},
         "extra_body": {"temperature": 0},
     }
-    chat = client.chat.completions.create(**LONG, stream=True)  # type: ignore[call-overload]
-    message = claude.messages.create(**anthropic_long, stream=True)  # type: ignore[call-overload]
+    chat = client.chat.completions.create(**LONG, stream=True)
+    message = claude.messages.create(**anthropic_long, stream=True)
     chat_chunks, message_events = iter(chat), iter(message)
     chat_text: list[str] = []
     message_text: list[str] = []
@@ -264,7 +268,7 @@ def test_a_dead_neuron_cuts_streams_with_an_error_and_is_restarted(own_fleet: Em
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
-            reply = client.chat.completions.create(**{**LONG, "max_tokens": 4})  # type: ignore[call-overload]
+            reply = client.chat.completions.create(**{**LONG, "max_tokens": 4})
             break
         except openai.APIStatusError as error:
             failures.append(error.message)
@@ -292,10 +296,10 @@ def test_a_dead_neuron_cuts_streams_with_an_error_and_is_restarted(own_fleet: Em
     ]
     assert not orphans, f"stubs of the killed tritonserver left running: {orphans}"
     if chat_cut is None:
-        whole = client.chat.completions.create(**LONG)  # type: ignore[call-overload]
+        whole = client.chat.completions.create(**LONG)
         assert "".join(chat_text) == whole.choices[0].message.content, "a cut passed as whole"
     if not message_cut:
-        answer = claude.messages.create(**anthropic_long)  # type: ignore[call-overload]
+        answer = claude.messages.create(**anthropic_long)
         whole_text = "".join(b.text for b in answer.content if b.type == "text")
         assert "".join(message_text) == whole_text, "a cut passed as whole"
 
@@ -306,7 +310,7 @@ def test_sigterm_lets_a_stream_finish_then_leaves_no_process(own_fleet: Embedded
     names = {c.name() for c in children}
     assert "tritonserver" in names
     client = openai.OpenAI(base_url=own_fleet.base_url, api_key="unused", max_retries=0)
-    stream = client.chat.completions.create(  # type: ignore[call-overload]
+    stream = client.chat.completions.create(
         **LONG, stream=True, stream_options={"include_usage": True}
     )
     chunks = iter(stream)

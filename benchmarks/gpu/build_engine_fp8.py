@@ -25,7 +25,7 @@ LOG = open(OUT / "log.txt", "a")
 T0 = time.time()
 
 
-def say(*parts):
+def say(*parts: object) -> None:
     line = f"[{time.time() - T0:7.1f}s] " + " ".join(map(str, parts))
     print(line, flush=True)
     LOG.write(line + "\n")
@@ -81,7 +81,7 @@ del model
 torch.cuda.empty_cache()
 
 
-def cli(*args):
+def cli(*args: str) -> int:
     t = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "cortex.cli", "build-engine", str(ckpt), *args],
@@ -119,20 +119,22 @@ published = store / "l8b-fp8-torch" / "checkpoint"
 say("fp8 export size GiB", sum(p.stat().st_size for p in published.glob("*.safetensors")) / 2**30)
 
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
-from neuron_agent.torch_engine.scheduler import GenerationRequest
+from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 
-def prefill_logits(engine, ids):
+def prefill_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
     return engine.prompt_logits(ids)
 
 
-def decode_rate(engine, batch, new=128, prompt_len=256):
+def decode_rate(
+    engine: Engine, batch: int, new: int = 128, prompt_len: int = 256
+) -> tuple[float, float]:
     done = [threading.Event() for _ in range(batch)]
     counts = [0] * batch
     t = time.time()
     for i in range(batch):
 
-        def emit(toks, final, i=i):
+        def emit(toks: list[int], final: bool, i: int = i) -> None:
             counts[i] += len(toks)
             if final:
                 done[i].set()

@@ -20,7 +20,8 @@ def measure(size: int = 4 * 2**30, copies: int = 10) -> float:
         target.copy_(source)
     end.record()
     torch.cuda.synchronize()
-    return 2 * size / (start.elapsed_time(end) / 1000 / copies)
+    seconds: float = start.elapsed_time(end) / 1000 / copies
+    return 2 * size / seconds
 
 
 def main() -> None:

@@ -175,7 +175,7 @@ def kernel_checks() -> None:
         found[f"fp8_cache_vs_bf16_cache{lengths}"] = relative(got, exact)
 
     # Batch-invariant matmul: a row's bits may not depend on how many rows ran with it.
-    invariant = {}
+    invariant: dict[str, bool | float] = {}
     for label, weight, scale in (
         ("bf16", torch.randn(4096, 4096, device=dev, generator=g).to(bf), None),
         (
@@ -215,7 +215,8 @@ def gpu_ms(fn: Any, repeats: int = 50) -> float:
         fn()
     end.record()
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+    milliseconds: float = start.elapsed_time(end)
+    return milliseconds / repeats
 
 
 def graph_us(fn: Any, calls: int = 20) -> float:
@@ -535,7 +536,8 @@ def _transformers_bf16_error(path: Path, prompt: list[int]) -> float:
     ids = torch.tensor([prompt], device="cuda")
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()
+        # transformers wraps PreTrainedModel.to in a decorator whose type drops `self`.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda").eval()  # type: ignore[arg-type]
         with torch.inference_mode():
             logits[dtype] = model(ids).logits[0].float()
         del model
@@ -674,7 +676,7 @@ def peer() -> None:
     from transformers import AutoModelForCausalLM
 
     path = checkpoint("llama-3.1-8b")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()  # type: ignore[arg-type]
     ids = torch.randint(0, 128000, (1, 128), generator=torch.Generator().manual_seed(4)).cuda()
     found = {}
     for label, options in (("eager", {}), ("static", {"cache_implementation": "static"})):

@@ -8,20 +8,21 @@ import argparse
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
-from neuron_agent.torch_engine.scheduler import GenerationRequest
+from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 
-def measure(engine, batch: int, prompt: int, new: int, vocab: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def measure(engine: Engine, batch: int, prompt: int, new: int, vocab: int) -> dict[str, float]:
     done = threading.Barrier(batch + 1)
     first: list[float] = []
     counts = [0] * batch
 
-    def emit_for(i: int):  # type: ignore[no-untyped-def]
+    def emit_for(i: int) -> Callable[[list[int], bool], None]:
         def emit(tokens: list[int], final: bool) -> None:
             if tokens and counts[i] == 0:
                 first.append(time.perf_counter())

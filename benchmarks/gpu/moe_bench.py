@@ -138,7 +138,8 @@ class RandomTensors(Mapping[str, torch.Tensor]):
             return torch.ones(shape, dtype=torch.bfloat16, device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(zlib.crc32(name.encode()))
         values = torch.randn(shape, generator=generator, device=self.device)
-        return (values * shape[-1] ** -0.5).to(torch.bfloat16)
+        scaled: torch.Tensor = (values * shape[-1] ** -0.5).to(torch.bfloat16)
+        return scaled
 
     def __contains__(self, name: object) -> bool:  # without drawing the tensor
         return name in self.shapes

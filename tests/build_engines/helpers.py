@@ -6,6 +6,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from build_engines.checkpoint import CheckpointInfo, inspect_checkpoint
 from build_engines.progress import Progress
@@ -14,7 +15,7 @@ from cortex.config import EngineKind
 
 # Not the default 10000: a lost rotary_base (modelopt_notes pitfall 2) must fail the checks.
 ROPE_THETA = 500000.0
-CALIB = {"calib_size": 8, "calib_seq_len": 64}
+CALIB: dict[str, Any] = {"calib_size": 8, "calib_seq_len": 64}
 FAKE_TRTLLM_BUILD = Path(__file__).parent / "fake_trtllm_build.py"
 
 
@@ -33,13 +34,13 @@ class Quantized:
 
 
 def quantize_once(
-    checkpoint: Path, folder: Path, quant: Quantization, engine: EngineKind, **options: object
+    checkpoint: Path, folder: Path, quant: Quantization, engine: EngineKind, **options: Any
 ) -> Quantized:
     """The quantize stage, for real (ModelOpt on CPU), into `folder/quantize`."""
     from build_engines.quantize import calibrate_and_quantize
 
     info = inspect_checkpoint(checkpoint)
-    raw = BuildRequest(checkpoint, quant, output=folder, engine=engine, **CALIB, **options)  # type: ignore[arg-type]
+    raw = BuildRequest(checkpoint, quant, output=folder, engine=engine, **CALIB, **options)
     request = resolve(raw, info)
     quant_dir = folder / "quantize"
     quant_dir.mkdir(parents=True)

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -14,7 +15,7 @@ from typer.testing import CliRunner
 from tests.build_engines.helpers import link_or_copy
 
 
-def variant(tiny_model: Path, folder: Path, change: Callable[[dict], None]) -> Path:
+def variant(tiny_model: Path, folder: Path, change: Callable[[dict[str, Any]], None]) -> Path:
     folder.mkdir()
     for path in tiny_model.iterdir():
         if path.is_file() and path.name != "config.json":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,18 +17,20 @@ from tests.build_engines.helpers import ROPE_THETA, Quantized, with_tp
 QKV = "transformer.layers.0.attention.qkv.weight"
 
 
-def export(quantized: Quantized, tp: int, folder: Path, pp: int = 1) -> dict:
+def export(quantized: Quantized, tp: int, folder: Path, pp: int = 1) -> dict[str, Any]:
     request = replace(with_tp(quantized, tp), pp=pp)
     details = quantize.export_trtllm_checkpoint(
         request, quantized.info, quantized.quant_dir, folder
     )
     assert trtllm.check_pretrained_config(details["config"], request, quantized.info) == []
-    return json.loads((folder / "config.json").read_text())
+    config: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    return config
 
 
 def rank_tensor(folder: Path, rank: int, name: str) -> torch.Tensor:
     with safe_open(str(folder / f"rank{rank}.safetensors"), framework="pt") as handle:
-        return handle.get_tensor(name)
+        tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor
 
 
 @pytest.mark.parametrize("tp", [1, 2])

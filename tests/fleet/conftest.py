@@ -47,8 +47,11 @@ class NeuronProcess(Neuron):
         token = self.config.neuron.token
         return {"authorization": f"Bearer {token}"} if token else {}
 
-    def status(self) -> dict:  # type: ignore[type-arg]
-        return httpx.get(self.url + "/status", headers=self.headers, timeout=30).json()
+    def status(self) -> dict[str, Any]:
+        report: dict[str, Any] = httpx.get(
+            self.url + "/status", headers=self.headers, timeout=30
+        ).json()
+        return report
 
     def loaded(self) -> set[str]:
         return {m["name"] for m in self.status()["loaded"] if m["state"] == "READY"}
@@ -81,7 +84,7 @@ def tier_models(
     m1_idle_ttl_s: float | None = None,
     pinned_on: tuple[str, ...] = ("large", "spare"),
 ) -> list[ModelProfile]:
-    def tiny(name: str, **settings: object) -> ModelProfile:
+    def tiny(name: str, **settings: Any) -> ModelProfile:
         return ModelProfile(name=name, source=str(tiny_model), kv_cache_tokens=2048, **settings)
 
     return [

@@ -7,6 +7,7 @@ import concurrent.futures
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ def ask(gateway_url: str, model: str, tokens: int = 4) -> str:
     return reply.choices[0].message.content or ""
 
 
-def wait_until(predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -277,7 +278,7 @@ def test_a_busy_model_gets_a_second_replica_and_loses_it_when_idle(
         for worker in workers:
             worker.join(60)
     assert failures == []
-    served = {}
+    served: dict[str, float] = {}
     for line in httpx.get(g.metrics_url).text.splitlines():
         if line.startswith("cortex_requests_total{") and 'model="m3"' in line:
             node = line.split('node="')[1].split('"')[0]

@@ -22,9 +22,11 @@ from cortex.neuron_api import (
     CatalogueEntry,
     GpuInfo,
     LoadedModel,
+    ModelState,
     NeuronStatus,
     TokenizerFiles,
     TritonInfo,
+    TritonState,
     UnloadResult,
 )
 
@@ -58,7 +60,9 @@ class FakeNeuron:
         used = self.size * len(self.loaded)
         return NeuronStatus(
             name=self.neuron.name,
-            triton=TritonInfo(state="live", http_url="", grpc_url="127.0.0.1:1", metrics_url=""),
+            triton=TritonInfo(
+                state=TritonState.LIVE, http_url="", grpc_url="127.0.0.1:1", metrics_url=""
+            ),
             gpus=[
                 GpuInfo(
                     index=0,
@@ -73,7 +77,7 @@ class FakeNeuron:
             loaded=[
                 LoadedModel(
                     name=name,
-                    state=state,
+                    state=ModelState(state),
                     engine="torch",
                     quantization="none",
                     tp=1,
@@ -119,6 +123,9 @@ class FakeNeuron:
             raise Overloaded(f"{model} has requests in flight; not unloading")
         self.loaded.pop(model)
         return UnloadResult(model=model, memory_released=True, triton_restarted=False)
+
+    async def sleep(self, model: str) -> LoadedModel:
+        raise NotImplementedError("these fakes' models have no sleep mode")
 
     async def tokenizer(self, model: str) -> TokenizerFiles:
         raise ModelNotFound(model)

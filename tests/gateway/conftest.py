@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import openai
@@ -23,7 +24,7 @@ from cortex.neuron_api import TokenizerFiles
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 API_KEY = "sk-test-cortex"
 # Named keys ([[keys]]) beside the plain API_KEY, for tests/gateway/test_keys.py and the console.
-KEYS: dict[str, dict[str, object]] = {
+KEYS: dict[str, dict[str, Any]] = {
     "admin": {"key": "sk-admin", "admin": True},
     "viewer": {"key": "sk-viewer", "models": ["replay-llama3"]},
     "two-a-minute": {"key": "sk-rpm", "rpm": 2},
@@ -132,7 +133,7 @@ def replay_fleet(
             request_timeout_s=REQUEST_TIMEOUT_S,
             ping_interval_s=PING_INTERVAL_S,
         )
-        records = tuple(KeyRecord(name=name, **record) for name, record in KEYS.items())  # type: ignore[arg-type]
+        records = tuple(KeyRecord(name=name, **record) for name, record in KEYS.items())
         config = config.model_copy(update={"keys": records})
         with running_gateway(folder / "cortex.toml", config) as gateway:
             yield ReplayFleet(

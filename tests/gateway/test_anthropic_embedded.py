@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
 import pytest
+from anthropic.types import TextBlock
 from transformers import AutoTokenizer
 
 from tests.conftest import Embedded
 
-TOOLS = [
+TOOLS: list[dict[str, Any]] = [
     {
         "name": "read_file",
         "description": "Read a file",
@@ -52,7 +54,8 @@ def test_non_streamed_message(claude: anthropic.Anthropic) -> None:
     assert message.model == "claude-haiku-4-5-20251001"
     assert message.stop_reason in ("end_turn", "max_tokens")
     assert [block.type for block in message.content] == ["text"]
-    assert message.content[0].text  # type: ignore[union-attr]
+    assert isinstance(message.content[0], TextBlock)
+    assert message.content[0].text
     assert 1 <= message.usage.output_tokens <= 20
     assert message._request_id and message._request_id.startswith("req_")
 
@@ -67,19 +70,20 @@ def prompt_size(usage: anthropic.types.Usage) -> int:
 
 
 def test_streamed_message_matches_non_streamed(claude: anthropic.Anthropic) -> None:
-    request = {
+    request: dict[str, Any] = {
         "model": "claude-sonnet-4-5",
         "max_tokens": 32,
         # No temperature: SDK 2.x cannot send one; the gateway then decodes greedily.
         "messages": [{"role": "user", "content": "Explain the for statement"}],
     }
-    whole = claude.messages.create(**request)  # type: ignore[call-overload]
-    with claude.messages.stream(**request) as stream:  # type: ignore[arg-type]
+    whole = claude.messages.create(**request)
+    with claude.messages.stream(**request) as stream:
         kinds = [event.type for event in stream]
         streamed = stream.get_final_message()
     assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
     assert kinds.count("text") > 1  # really streamed
-    assert streamed.content[0].text == whole.content[0].text  # type: ignore[union-attr]
+    assert isinstance(streamed.content[0], TextBlock) and isinstance(whole.content[0], TextBlock)
+    assert streamed.content[0].text == whole.content[0].text
     assert streamed.stop_reason == whole.stop_reason
     # The second run reads the prompt from the prefix cache: the prompt's parts sum the same.
     assert prompt_size(streamed.usage) == prompt_size(whole.usage)
@@ -89,7 +93,7 @@ def test_streamed_message_matches_non_streamed(claude: anthropic.Anthropic) -> N
 def test_count_tokens_is_the_usage_the_request_reports(
     claude: anthropic.Anthropic, tiny_model: Path
 ) -> None:
-    conversation = {
+    conversation: dict[str, Any] = {
         "model": "claude-sonnet-4-5",
         "system": [{"type": "text", "text": BILLING}, {"type": "text", "text": "Be terse."}],
         "messages": [
@@ -120,15 +124,15 @@ def test_count_tokens_is_the_usage_the_request_reports(
         ],
         "tools": TOOLS,
     }
-    counted = claude.messages.count_tokens(**conversation).input_tokens  # type: ignore[arg-type]
-    message = claude.messages.create(max_tokens=4, **conversation)  # type: ignore[arg-type]
+    counted = claude.messages.count_tokens(**conversation).input_tokens
+    message = claude.messages.create(max_tokens=4, **conversation)
     assert counted == prompt_size(message.usage)
 
     # And it is the model's own template over the same conversation, tools included (the
     # server tool and the billing header left out, the tool result as a tool turn).
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     expected = tokenizer.apply_chat_template(
-        [
+        [  # type: ignore[arg-type]  # transformers types a message as dict[str, str]
             {"role": "system", "content": "Be terse."},
             {"role": "user", "content": "Show me setup.py"},
             {
@@ -166,21 +170,22 @@ def test_count_tokens_is_the_usage_the_request_reports(
     assert counted == len(expected)
     without_tools = claude.messages.count_tokens(
         model="claude-sonnet-4-5",
-        messages=conversation["messages"],  # type: ignore[arg-type]
+        messages=conversation["messages"],
     ).input_tokens
     assert without_tools < counted
 
 
 def test_prefill_is_continued(claude: anthropic.Anthropic, tiny_model: Path) -> None:
-    messages = [
+    # Sent through the SDK and the tokenizer, whose types differ: plain JSON.
+    messages: list[Any] = [
         {"role": "user", "content": "Name a keyword"},
         {"role": "assistant", "content": "The keyword is"},
     ]
-    counted = claude.messages.count_tokens(model="cortex-tiny", messages=messages).input_tokens  # type: ignore[arg-type]
+    counted = claude.messages.count_tokens(model="cortex-tiny", messages=messages).input_tokens
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt = tokenizer.apply_chat_template(messages, continue_final_message=True, return_dict=False)
     assert counted == len(prompt)
-    message = claude.messages.create(model="cortex-tiny", max_tokens=8, messages=messages)  # type: ignore[arg-type]
+    message = claude.messages.create(model="cortex-tiny", max_tokens=8, messages=messages)
     assert prompt_size(message.usage) == counted
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -82,7 +83,7 @@ VALID: list[tuple[str, str, dict[str, Any]]] = [
     ),
 ]
 
-REPLACEMENTS = st.one_of(
+REPLACEMENTS: st.SearchStrategy[Any] = st.one_of(
     st.sampled_from([None, "", "\ud800", "a\udfffb", [], {}, 0, -1, 10**12, 1.5, True, "x" * 300]),
     st.text(max_size=8),
     st.integers(),
@@ -126,10 +127,10 @@ def bad_requests(draw: st.DrawFn) -> tuple[str, str, dict[str, Any], str]:
 
 
 @pytest.fixture(scope="module")
-def http(embedded: Embedded) -> httpx.Client:
+def http(embedded: Embedded) -> Iterator[httpx.Client]:
     root = embedded.base_url.removesuffix("/v1")
     with httpx.Client(base_url=root, timeout=60) as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 def check(http: httpx.Client, route: str, dialect: str, body: dict[str, Any], field: str) -> None:

@@ -66,7 +66,8 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = WAIT_S) -> An
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(
+    # No driver: `check()` finds its own elements (selenium types the driver as required).
+    return WebDriverWait(  # type: ignore[type-var]
         None, timeout, poll_frequency=0.2, ignored_exceptions=(StaleElementReferenceException,)
     ).until(lambda _: check(), message=f"waited {timeout} s for {what}")
 

@@ -3,6 +3,8 @@ raw HTTP where the exact bytes matter), against the replay fleet, which has an A
 
 from __future__ import annotations
 
+from typing import Any
+
 import anthropic
 import httpx
 import openai
@@ -10,7 +12,8 @@ import pytest
 
 from tests.gateway.conftest import CONTEXT_LENGTH, ReplayFleet
 
-USER = [{"role": "user", "content": "hello"}]
+# Sent through both SDKs, whose message types differ: plain JSON.
+USER: list[Any] = [{"role": "user", "content": "hello"}]
 
 
 # ---- authentication -----------------------------------------------------------------------------
@@ -19,7 +22,7 @@ USER = [{"role": "user", "content": "hello"}]
 def test_wrong_key_is_401_in_openai_envelope(replay_fleet: ReplayFleet) -> None:
     client = openai.OpenAI(base_url=replay_fleet.openai_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
-        client.chat.completions.create(model="replay-hermes", messages=USER)  # type: ignore[arg-type]
+        client.chat.completions.create(model="replay-hermes", messages=USER)
     assert caught.value.status_code == 401
     assert caught.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
@@ -29,9 +32,10 @@ def test_wrong_key_is_401_in_openai_envelope(replay_fleet: ReplayFleet) -> None:
 def test_wrong_key_is_401_in_anthropic_envelope(replay_fleet: ReplayFleet) -> None:
     client = anthropic.Anthropic(base_url=replay_fleet.root_url, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as caught:
-        client.messages.create(model="replay-hermes", max_tokens=5, messages=USER)  # type: ignore[arg-type]
-    assert caught.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
-    assert caught.value.body["request_id"].startswith("req_")  # type: ignore[index]
+        client.messages.create(model="replay-hermes", max_tokens=5, messages=USER)
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["error"]["type"] == "authentication_error"
+    assert caught.value.body["request_id"].startswith("req_")
     with pytest.raises(anthropic.AuthenticationError):  # the model list, by its header
         client.models.list()
 
@@ -77,7 +81,8 @@ def test_invalid_request_names_the_field_openai(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         oai.chat.completions.create(
             model="replay-hermes",
-            messages=[{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}],  # type: ignore[list-item]
+            # A role no SDK type allows: the point of the test.
+            messages=[{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}],  # type: ignore[misc, list-item]
         )
     assert caught.value.param == "messages[1].role"
     assert caught.value.type == "invalid_request_error"
@@ -88,45 +93,48 @@ def test_invalid_request_names_the_field_anthropic(claude: anthropic.Anthropic) 
         claude.messages.create(
             model="replay-hermes",
             max_tokens=5,
-            messages=[{"role": "user", "content": [{"type": "text"}]}],  # type: ignore[typeddict-item]
+            messages=[{"role": "user", "content": [{"type": "text"}]}],  # type: ignore[misc, list-item]
         )
-    error = caught.value.body["error"]  # type: ignore[index]
+    assert isinstance(caught.value.body, dict)
+    error = caught.value.body["error"]
     assert error["type"] == "invalid_request_error"
     assert error["message"] == "messages.0.content.0.text: Field required"
     with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(
             model="replay-hermes",
             max_tokens=5,
-            messages=USER,  # type: ignore[arg-type]
+            messages=USER,
             tool_choice={"type": "tool", "name": "missing"},
             tools=[{"name": "present", "input_schema": {"type": "object"}}],
         )
-    assert "tool_choice names 'missing'" in caught.value.body["error"]["message"]  # type: ignore[index]
+    assert isinstance(caught.value.body, dict)
+    assert "tool_choice names 'missing'" in caught.value.body["error"]["message"]
 
 
 def test_unknown_model_is_404_in_both_envelopes(
     oai: openai.OpenAI, claude: anthropic.Anthropic
 ) -> None:
     with pytest.raises(openai.NotFoundError) as openai_caught:
-        oai.chat.completions.create(model="nope", messages=USER)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="nope", messages=USER)
     assert openai_caught.value.code == "model_not_found"
     with pytest.raises(anthropic.NotFoundError) as anthropic_caught:
-        claude.messages.create(model="nope", max_tokens=5, messages=USER)  # type: ignore[arg-type]
-    assert anthropic_caught.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+        claude.messages.create(model="nope", max_tokens=5, messages=USER)
+    assert isinstance(anthropic_caught.value.body, dict)
+    assert anthropic_caught.value.body["error"]["type"] == "not_found_error"
     with pytest.raises(anthropic.NotFoundError):
-        claude.messages.count_tokens(model="nope", messages=USER)  # type: ignore[arg-type]
+        claude.messages.count_tokens(model="nope", messages=USER)
 
 
 # ---- prompt too long ----------------------------------------------------------------------------
 
 
-def long_prompt() -> list[dict[str, str]]:
+def long_prompt() -> list[Any]:
     return [{"role": "user", "content": "word " * (CONTEXT_LENGTH + 100)}]
 
 
 def test_prompt_too_long_in_openai_wording(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        oai.chat.completions.create(model="replay-hermes", messages=long_prompt())  # type: ignore[arg-type]
+        oai.chat.completions.create(model="replay-hermes", messages=long_prompt())
     assert caught.value.code == "context_length_exceeded"
     assert f"maximum context length is {CONTEXT_LENGTH} tokens" in caught.value.message
 
@@ -134,11 +142,12 @@ def test_prompt_too_long_in_openai_wording(oai: openai.OpenAI) -> None:
 def test_prompt_too_long_in_anthropic_wording(claude: anthropic.Anthropic) -> None:
     counted = claude.messages.count_tokens(
         model="replay-hermes", messages=long_prompt()
-    ).input_tokens  # type: ignore[arg-type]
+    ).input_tokens
     assert counted > CONTEXT_LENGTH  # still counted, so a client can decide to compact
     with pytest.raises(anthropic.BadRequestError) as caught:
-        claude.messages.create(model="replay-hermes", max_tokens=5, messages=long_prompt())  # type: ignore[arg-type]
-    message = caught.value.body["error"]["message"]  # type: ignore[index]
+        claude.messages.create(model="replay-hermes", max_tokens=5, messages=long_prompt())
+    assert isinstance(caught.value.body, dict)
+    message = caught.value.body["error"]["message"]
     assert message == f"prompt is too long: {counted} tokens > {CONTEXT_LENGTH} maximum"
 
 
@@ -146,31 +155,33 @@ def test_prompt_too_long_in_anthropic_wording(claude: anthropic.Anthropic) -> No
 
 
 def test_overloaded_with_retry_after(oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
-    crowded = [{"role": "user", "content": "it is crowded"}]
+    crowded: list[Any] = [{"role": "user", "content": "it is crowded"}]
     with pytest.raises(openai.InternalServerError) as openai_caught:
-        oai.chat.completions.create(model="replay-hermes", messages=crowded)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="replay-hermes", messages=crowded)
     assert openai_caught.value.status_code == 503
     assert openai_caught.value.code == "overloaded"
     assert int(openai_caught.value.response.headers["retry-after"]) > 0
     with pytest.raises(anthropic.APIStatusError) as anthropic_caught:
-        claude.messages.create(model="replay-hermes", max_tokens=5, messages=crowded)  # type: ignore[arg-type]
+        claude.messages.create(model="replay-hermes", max_tokens=5, messages=crowded)
     assert anthropic_caught.value.status_code == 529
-    assert anthropic_caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert isinstance(anthropic_caught.value.body, dict)
+    assert anthropic_caught.value.body["error"]["type"] == "overloaded_error"
     assert int(anthropic_caught.value.response.headers["retry-after"]) > 0
 
 
 def test_generation_past_the_request_timeout(
     oai: openai.OpenAI, claude: anthropic.Anthropic
 ) -> None:
-    slow = [{"role": "user", "content": "never finish"}]
+    slow: list[Any] = [{"role": "user", "content": "never finish"}]
     with pytest.raises(openai.APIStatusError) as openai_caught:
-        oai.chat.completions.create(model="replay-hermes", messages=slow)  # type: ignore[arg-type]
+        oai.chat.completions.create(model="replay-hermes", messages=slow)
     assert openai_caught.value.status_code == 504
     assert openai_caught.value.code == "timeout"
     with pytest.raises(anthropic.APIStatusError) as anthropic_caught:
-        claude.messages.create(model="replay-hermes", max_tokens=5, messages=slow)  # type: ignore[arg-type]
+        claude.messages.create(model="replay-hermes", max_tokens=5, messages=slow)
     assert anthropic_caught.value.status_code == 504
-    assert anthropic_caught.value.body["error"]["type"] == "timeout_error"  # type: ignore[index]
+    assert isinstance(anthropic_caught.value.body, dict)
+    assert anthropic_caught.value.body["error"]["type"] == "timeout_error"
 
 
 def test_unknown_route_is_404(replay_fleet: ReplayFleet) -> None:

@@ -4,6 +4,7 @@ while it accepts the no-ops (the embedded fleet, raw HTTP so any field can be se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic.types.message_create_params as anthropic_messages
@@ -86,9 +87,9 @@ def test_every_sdk_field_is_decided(dialect: Dialect) -> None:
 
 
 @pytest.fixture(scope="module")
-def gateway(embedded: Embedded) -> httpx.Client:
+def gateway(embedded: Embedded) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=embedded.base_url.removesuffix("/v1"), timeout=60) as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 def post(gateway: httpx.Client, dialect: Dialect, **fields: Any) -> httpx.Response:

@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -45,7 +46,7 @@ def metric(fleet: ReplayFleet, name: str, **labels: str) -> float:
     return 0.0
 
 
-def ask(client: openai.OpenAI, text: str, model: str = "replay-hermes", **extra: object) -> str:
+def ask(client: openai.OpenAI, text: str, model: str = "replay-hermes", **extra: Any) -> str:
     reply = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], **extra
     )

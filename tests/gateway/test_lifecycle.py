@@ -3,6 +3,9 @@ hand-built snapshots."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 
 from control_plane.canonical import ChatRequest, Message
@@ -47,14 +50,14 @@ NOW = 1_000_000.0
 LRU, PRIORITY = EvictionStrategy.LRU, EvictionStrategy.PRIORITY
 
 
-def profile(name: str, **fields: object) -> ModelProfile:
-    return ModelProfile(name=name, source="/m", **fields)  # type: ignore[arg-type]
+def profile(name: str, **fields: Any) -> ModelProfile:
+    return ModelProfile(name=name, source="/m", **fields)
 
 
 def node(
     name: str,
     devices: list[int],
-    loaded: list[tuple[str, int, int, float]] = (),  # type: ignore[assignment]
+    loaded: Sequence[tuple[str, int, int, float]] = (),
     catalogue: dict[str, tuple[ModelProfile, int]] | None = None,
     in_flight: dict[str, int] | None = None,
     up: bool = True,

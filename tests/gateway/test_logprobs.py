@@ -4,17 +4,20 @@ all three OpenAI-style shapes, streamed and not, against transformers' log-softm
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
 import torch
+from openai.types.responses import ResponseOutputMessage, ResponseOutputText
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import Embedded
 
 MODEL = "cortex-tiny"
 PROMPT = "def read_lines(path):"
-ASK = [{"role": "user", "content": "What is a list?"}]
+# Both a chat message list and a Responses input, whose SDK types differ: plain JSON.
+ASK: list[Any] = [{"role": "user", "content": "What is a list?"}]
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,10 @@ def test_chat_and_responses_logprobs_streamed_and_not(oai: openai.OpenAI) -> Non
         messages=ASK,
         max_tokens=8,
         logprobs=True,
-        top_logprobs=2,  # type: ignore[arg-type]
+        top_logprobs=2,
     )
-    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert whole.choices[0].logprobs is not None
+    content = whole.choices[0].logprobs.content
     assert content and all(len(entry.top_logprobs) == 2 for entry in content)
     assert all(entry.top_logprobs[0].logprob >= entry.logprob - 1e-6 for entry in content)
     assert "".join(entry.token for entry in content) == whole.choices[0].message.content
@@ -68,7 +72,7 @@ def test_chat_and_responses_logprobs_streamed_and_not(oai: openai.OpenAI) -> Non
         entry
         for chunk in oai.chat.completions.create(
             model=MODEL,
-            messages=ASK,  # type: ignore[arg-type]
+            messages=ASK,
             max_tokens=8,
             logprobs=True,
             top_logprobs=2,
@@ -80,25 +84,25 @@ def test_chat_and_responses_logprobs_streamed_and_not(oai: openai.OpenAI) -> Non
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [
         (e.token, round(e.logprob, 4)) for e in content
     ]
-    plain = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)  # type: ignore[arg-type]
+    plain = oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4)
     assert plain.choices[0].logprobs is None
 
     response = oai.responses.create(
         model=MODEL,
-        input=ASK,  # type: ignore[arg-type]
+        input=ASK,
         max_output_tokens=8,
         top_logprobs=2,
         include=["message.output_text.logprobs"],
     )
-    part = response.output[0].content[0]  # type: ignore[union-attr]
-    assert [round(e.logprob, 4) for e in part.logprobs] == [  # type: ignore[union-attr]
-        round(e.logprob, 4) for e in content
-    ]
+    assert isinstance(response.output[0], ResponseOutputMessage)
+    part = response.output[0].content[0]
+    assert isinstance(part, ResponseOutputText) and part.logprobs is not None
+    assert [round(e.logprob, 4) for e in part.logprobs] == [round(e.logprob, 4) for e in content]
     deltas = [
         entry
         for event in oai.responses.create(
             model=MODEL,
-            input=ASK,  # type: ignore[arg-type]
+            input=ASK,
             max_output_tokens=8,
             include=["message.output_text.logprobs"],
             stream=True,
@@ -116,9 +120,9 @@ def test_top_logprobs_over_20_or_without_logprobs_is_a_400(oai: openai.OpenAI) -
             messages=ASK,
             max_tokens=2,
             logprobs=True,
-            top_logprobs=21,  # type: ignore[arg-type]
+            top_logprobs=21,
         )
     assert "top_logprobs" in str(raised.value)
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, top_logprobs=2)  # type: ignore[arg-type]
-    assert raised.value.param == "top_logprobs"  # type: ignore[attr-defined]
+        oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2, top_logprobs=2)
+    assert raised.value.param == "top_logprobs"

@@ -4,7 +4,10 @@ read back from raw little-endian contents."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 from tritonclient.grpc import InferInput, service_pb2
 from tritonclient.grpc._utils import _get_inference_request
@@ -20,7 +23,7 @@ from control_plane.node_client import (
 def tritonclient_request(
     model: str, prompt: list[int], params: GenerationParams, request_id: str
 ) -> service_pb2.ModelInferRequest:
-    def tensor(name: str, array: np.ndarray, datatype: str) -> InferInput:
+    def tensor(name: str, array: npt.NDArray[Any], datatype: str) -> InferInput:
         infer_input = InferInput(name, list(array.shape), datatype)
         infer_input.set_data_from_numpy(array)
         return infer_input

@@ -4,14 +4,16 @@ legacy completions, the single-model route, and how tool_choice shapes the promp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from transformers import AutoTokenizer
 
 from tests.conftest import Embedded
 
-TOOL = {
+TOOL: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "lookup",
@@ -21,7 +23,7 @@ TOOL = {
 }
 # With a system message of its own, so instructions add to it rather than replace the
 # template's default system text.
-QUESTION = [
+QUESTION: list[ChatCompletionMessageParam] = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What does yield mean?"},
 ]
@@ -55,15 +57,16 @@ def test_single_model_route(client: openai.OpenAI) -> None:
         client.models.retrieve("nope")
 
 
-def prompt_tokens(client: openai.OpenAI, **extra: object) -> int:
+def prompt_tokens(client: openai.OpenAI, **extra: Any) -> int:
     reply = client.chat.completions.create(
         model="cortex-tiny",
-        messages=QUESTION,  # type: ignore[arg-type]
+        messages=QUESTION,
         max_tokens=1,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
     assert reply.usage is not None
-    return reply.usage.prompt_tokens
+    tokens: int = reply.usage.prompt_tokens
+    return tokens
 
 
 def test_tool_choice_shapes_the_prompt(client: openai.OpenAI) -> None:

@@ -132,7 +132,7 @@ def test_both_dialects_report_the_reused_prefix(
     assert again.usage.input_tokens + again.usage.cache_read_input_tokens == len(second_ids)
 
     # OpenAI, the conversation one turn further, streamed and not.
-    chat = {
+    chat: dict[str, Any] = {
         "model": "cortex-tiny",
         "max_tokens": 2,
         "messages": [

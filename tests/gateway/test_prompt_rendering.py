@@ -5,6 +5,8 @@ as text included."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +17,7 @@ from control_plane.prompting import ModelTokenizer
 def reference(
     tokenizer: ModelTokenizer,
     messages: list[dict[str, str]],
-    tools: list[dict[str, object]] | None,
+    tools: list[Any] | None,
     prefill: bool,
 ) -> list[int]:
     """transformers' own tokenized rendering of the conversation, given as the chat template's
@@ -28,7 +30,7 @@ def reference(
         tokenize=True,
         return_dict=False,
     )
-    return [int(i) for i in ids]  # type: ignore[arg-type]
+    return [int(i) for i in ids]  # type: ignore[arg-type]  # transformers types ids loosely
 
 
 # Plain text, accents, CJK, JSON-ish characters, and control tokens a user might type.

@@ -13,7 +13,7 @@ from control_plane.lifecycle import (
     resident_for,
 )
 from control_plane.routing import FleetSnapshot, NodeView
-from cortex.config import EvictionStrategy
+from cortex.config import EvictionStrategy, ModelProfile
 from cortex.neuron_api import CatalogueEntry, LoadedModel, ModelState
 from tests.gateway.test_lifecycle import GB, NOW, node, profile
 
@@ -67,7 +67,12 @@ def sleepy(view: NodeView, host_budget: int, asleep: dict[str, int] | None = Non
     return NodeView(view.name, view.up, status, view.in_flight)
 
 
-def catalogue(**settings: object) -> dict[str, tuple[object, int]]:
+def placements(plan: list[Placement] | Refusal) -> list[Placement]:
+    assert isinstance(plan, list), plan
+    return plan
+
+
+def catalogue(**settings: object) -> dict[str, tuple[ModelProfile, int]]:
     sizes = {"a": 10 * GB, "b": 10 * GB, "c": 10 * GB, "wide": 20 * GB}
     return {name: (profile(name, **settings), size) for name, size in sizes.items()}
 
@@ -88,16 +93,16 @@ def test_victims_sleep_while_the_host_budget_holds_them_then_leave() -> None:
     full = node(
         "n", [20 * GB], [("a", 0, 10 * GB, NOW - 90), ("b", 0, 10 * GB, NOW - 80)], catalogue()
     )
-    [plan] = plan_placement(FleetSnapshot((sleepy(full, 5 * GB),)), "wide", LRU, NOW)
+    [plan] = placements(plan_placement(FleetSnapshot((sleepy(full, 5 * GB),)), "wide", LRU, NOW))
     assert [v.name for v in plan.victims] == ["a", "b"]
     assert plan.sleepers == {"a"}  # the least recently used sleeps; b is unloaded
-    [roomy] = plan_placement(FleetSnapshot((sleepy(full, 8 * GB),)), "wide", LRU, NOW)
+    [roomy] = placements(plan_placement(FleetSnapshot((sleepy(full, 8 * GB),)), "wide", LRU, NOW))
     assert roomy.sleepers == {"a", "b"}
-    [none] = plan_placement(FleetSnapshot((sleepy(full, 0),)), "wide", LRU, NOW)
+    [none] = placements(plan_placement(FleetSnapshot((sleepy(full, 0),)), "wide", LRU, NOW))
     assert none.sleepers == frozenset()
     # An engine that cannot sleep (TensorRT-LLM, tp > 1) is always unloaded.
     assert full.status is not None
-    [plain] = plan_placement(FleetSnapshot((full,)), "wide", LRU, NOW)
+    [plain] = placements(plan_placement(FleetSnapshot((full,)), "wide", LRU, NOW))
     assert plain.sleepers == frozenset()
 
 
@@ -110,7 +115,7 @@ def test_a_wake_that_needs_room_evicts_for_it() -> None:
         {"a": GB},
     )
     view.in_flight["b"] = 0
-    [plan] = plan_placement(FleetSnapshot((view,)), "a", LRU, NOW)
+    [plan] = placements(plan_placement(FleetSnapshot((view,)), "a", LRU, NOW))
     assert plan.wake and [v.name for v in plan.victims] == ["b"]
     assert plan.sleepers == {"b"}  # b takes a's place asleep: 4 + 4 GB of the 8 GB budget
 
@@ -177,6 +182,6 @@ def test_a_model_just_woken_stays_for_min_resident_s() -> None:
     held = plan_placement(snapshot, "a", LRU, NOW, eligible=resident_for(10.0, NOW))
     assert isinstance(held, Refusal) and held.wait
     assert "too recently loaded or woken: b" in held.reason
-    [plan] = plan_placement(snapshot, "a", LRU, NOW, eligible=resident_for(2.0, NOW))
+    [plan] = placements(plan_placement(snapshot, "a", LRU, NOW, eligible=resident_for(2.0, NOW)))
     assert [v.name for v in plan.victims] == ["b"]
     assert resident_for(0.0, NOW) is None  # off: every idle model may go

@@ -12,11 +12,19 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from openai.types.responses import (
+    CustomToolParam,
+    EasyInputMessageParam,
+    ResponseCompletedEvent,
+    ResponseFunctionToolCall,
+    ResponseIncompleteEvent,
+)
 
 from tests.conftest import Embedded
 from tests.gateway.conftest import ReplayFleet
 
-WEATHER_TOOL = {
+# Plain JSON: the SDK's FunctionToolParam requires `strict`, which clients may leave out.
+WEATHER_TOOL: Any = {
     "type": "function",
     "name": "get_weather",
     "description": "Current weather in a city",
@@ -47,7 +55,8 @@ def test_non_streamed_response_on_the_embedded_fleet(tiny: openai.OpenAI) -> Non
     )
     assert response.object == "response" and response.id.startswith("resp_")
     assert response.model == "gpt-5-codex"  # the requested name is echoed
-    assert response.store is False  # cortex keeps nothing, whatever was asked
+    # (`store` is no field of the SDK's Response; its models keep unknown fields.)
+    assert response.store is False  # type: ignore[attr-defined]  # cortex keeps nothing
     assert response.status in ("completed", "incomplete")
     assert response.output_text
     assert response.usage is not None and 1 <= response.usage.output_tokens <= 12
@@ -90,7 +99,8 @@ def test_streamed_response_matches_non_streamed(tiny: openai.OpenAI) -> None:
     ]
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text  # greedy decoding: the same answer
-    final = events[-1].response  # type: ignore[union-attr]
+    assert isinstance(events[-1], ResponseCompletedEvent | ResponseIncompleteEvent)
+    final = events[-1].response
     assert final.output_text == whole.output_text and final.status == whole.status
     assert final.usage is not None and whole.usage is not None
     assert final.usage.input_tokens == whole.usage.input_tokens
@@ -105,7 +115,7 @@ def events_of(client: openai.OpenAI, **request: Any) -> list[Any]:
 
 
 def test_streamed_function_call_round_trip(oai: openai.OpenAI) -> None:
-    question = {"role": "user", "content": "What is the weather in Paris?"}
+    question: EasyInputMessageParam = {"role": "user", "content": "What is the weather in Paris?"}
     events = events_of(oai, model="replay-hermes", input=[question], tools=[WEATHER_TOOL])
     assert [e.sequence_number for e in events] == list(range(len(events)))
     added = [e for e in events if e.type == "response.output_item.added"]
@@ -131,7 +141,7 @@ def test_streamed_function_call_round_trip(oai: openai.OpenAI) -> None:
             done.item.model_dump(exclude_none=True),
             {"type": "function_call_output", "call_id": call.call_id, "output": TOOL_RESULT},
         ],
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
         store=False,
     )
     assert answer.status == "completed"
@@ -141,7 +151,11 @@ def test_streamed_function_call_round_trip(oai: openai.OpenAI) -> None:
 def test_custom_tool_calls_come_back_as_custom_items(oai: openai.OpenAI) -> None:
     """A custom tool (Codex's freeform apply_patch is one) is called like a function by the
     model, and its call reaches the client as a custom_tool_call item, streamed or not."""
-    custom = {"type": "custom", "name": "get_weather", "description": "The weather, as text"}
+    custom: CustomToolParam = {
+        "type": "custom",
+        "name": "get_weather",
+        "description": "The weather, as text",
+    }
     request: dict[str, Any] = {
         "model": "replay-hermes",
         "input": "What is the weather in Paris?",
@@ -163,17 +177,17 @@ def test_non_streamed_parallel_calls(oai: openai.OpenAI) -> None:
     response = oai.responses.create(
         model="replay-hermes",
         input="Compare the weather in two cities",
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
     )
     assert [item.type for item in response.output] == ["message", "function_call", "function_call"]
     assert response.output_text == "Checking both."
-    calls = response.output[1:]
-    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]  # type: ignore[union-attr]
-    assert len({c.call_id for c in calls}) == 2  # type: ignore[union-attr]
+    calls = [c for c in response.output[1:] if isinstance(c, ResponseFunctionToolCall)]
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo"]
+    assert len({c.call_id for c in calls}) == 2
     single = oai.responses.create(
         model="replay-hermes",
         input="Compare the weather in two cities",
-        tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        tools=[WEATHER_TOOL],
         parallel_tool_calls=False,
     )
     assert [item.type for item in single.output] == ["message", "function_call"]
@@ -212,7 +226,7 @@ def test_failure_after_the_stream_started(oai: openai.OpenAI) -> None:
     assert failed.status == "failed" and failed.error is not None
     assert failed.error.code == "server_error"
     assert failed.output[0].status == "incomplete"  # what was said before it broke
-    assert failed.output[0].content[0].text  # type: ignore[union-attr]
+    assert failed.output[0].content[0].text
 
 
 @pytest.mark.parametrize(
@@ -304,9 +318,13 @@ def test_unknown_model_auth_and_stored_routes(
 def test_input_tokens_metrics_and_request_log(
     replay_fleet: ReplayFleet, oai: openai.OpenAI
 ) -> None:
-    request = {"model": "replay-hermes", "input": "Count me", "instructions": "Be brief."}
-    counted = oai.responses.input_tokens.count(**request)  # type: ignore[arg-type]
-    response = oai.responses.create(**request)  # type: ignore[arg-type]
+    request: dict[str, Any] = {
+        "model": "replay-hermes",
+        "input": "Count me",
+        "instructions": "Be brief.",
+    }
+    counted = oai.responses.input_tokens.count(**request)
+    response = oai.responses.create(**request)
     assert response.usage is not None
     assert counted.input_tokens == response.usage.input_tokens
     metrics = httpx.get(replay_fleet.metrics_url).text

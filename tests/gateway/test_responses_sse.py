@@ -14,6 +14,7 @@ from openai.types.responses import (
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
 )
+from pydantic import BaseModel
 
 from control_plane.canonical import (
     Finished,
@@ -232,7 +233,7 @@ def test_custom_tool_call_events() -> None:
     ]
     assert frames[4].startswith(b"event: response.completed\n")
     assert item in frames[4]
-    kinds = {
+    kinds: dict[str, type[BaseModel]] = {
         "response.output_item.added": ResponseOutputItemAddedEvent,
         "response.custom_tool_call_input.delta": ResponseCustomToolCallInputDeltaEvent,
         "response.custom_tool_call_input.done": ResponseCustomToolCallInputDoneEvent,

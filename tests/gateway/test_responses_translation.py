@@ -494,8 +494,9 @@ def read_responses_stream(stream: bytes) -> tuple[Any, Any]:
         event = EVENT_TYPES[payload["type"]].model_validate(payload)  # the SDK's types, strictly
         state.handle_event(event)
         if payload["type"] in ("response.completed", "response.incomplete"):
-            terminal = event.response  # type: ignore[union-attr]
+            terminal = event.response
     assert sequence == list(range(len(sequence)))
+    # The accumulated snapshot is private to the SDK's state (its stream reads it the same way).
     return state._ResponseStreamState__current_snapshot, terminal  # type: ignore[attr-defined]
 
 

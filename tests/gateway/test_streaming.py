@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+from anthropic.types import TextBlock
 
 from tests.gateway.conftest import ReplayFleet
 
@@ -92,7 +94,8 @@ def test_anthropic_node_failure_mid_stream_ends_with_an_error_event(
     ):
         for _ in stream:
             pass
-    assert caught.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+    assert isinstance(caught.value.body, dict)
+    assert caught.value.body["error"]["type"] == "api_error"
 
 
 def test_openai_node_failure_mid_stream_ends_with_an_error_chunk(
@@ -118,29 +121,31 @@ def test_openai_node_failure_mid_stream_ends_with_an_error_chunk(
 
 
 def test_stop_sequences_in_both_dialects(oai: openai.OpenAI, claude: anthropic.Anthropic) -> None:
-    messages = [{"role": "user", "content": "count with a stop"}]
+    messages: list[Any] = [{"role": "user", "content": "count with a stop"}]  # both SDKs: JSON
     message = claude.messages.create(
         model="replay-hermes",
         max_tokens=50,
         messages=messages,
-        stop_sequences=["STOP", "zzz"],  # type: ignore[arg-type]
+        stop_sequences=["STOP", "zzz"],
     )
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == "STOP"
-    assert message.content[0].text == "one two three "  # type: ignore[union-attr]
+    assert isinstance(message.content[0], TextBlock)
+    assert message.content[0].text == "one two three "
     with claude.messages.stream(
         model="replay-hermes",
         max_tokens=50,
         messages=messages,
-        stop_sequences=["STOP"],  # type: ignore[arg-type]
+        stop_sequences=["STOP"],
     ) as stream:
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "stop_sequence" and streamed.stop_sequence == "STOP"
-    assert streamed.content[0].text == "one two three "  # type: ignore[union-attr]
+    assert isinstance(streamed.content[0], TextBlock)
+    assert streamed.content[0].text == "one two three "
 
-    reply = oai.chat.completions.create(model="replay-hermes", messages=messages, stop="STOP")  # type: ignore[arg-type]
+    reply = oai.chat.completions.create(model="replay-hermes", messages=messages, stop="STOP")
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].message.content == "one two three "
-    without = claude.messages.create(model="replay-hermes", max_tokens=50, messages=messages)  # type: ignore[arg-type]
+    without = claude.messages.create(model="replay-hermes", max_tokens=50, messages=messages)
     assert without.stop_reason == "end_turn" and without.stop_sequence is None
 
 
@@ -156,15 +161,17 @@ def test_max_tokens_reached(claude: anthropic.Anthropic) -> None:
 def test_inline_system_message_is_folded_into_the_next_user_turn(
     claude: anthropic.Anthropic, oai: openai.OpenAI
 ) -> None:
-    messages = [
+    # Both SDKs, and a system turn inline that Anthropic's types do not allow: plain JSON.
+    messages: list[Any] = [
         {"role": "user", "content": "first question"},
         {"role": "assistant", "content": "first answer"},
         {"role": "system", "content": "Remember: be brief."},
         {"role": "user", "content": "echo the prompt"},
     ]
-    message = claude.messages.create(model="replay-hermes", max_tokens=100, messages=messages)  # type: ignore[arg-type]
-    assert message.content[0].text == "Remember: be brief.\n\necho the prompt"  # type: ignore[union-attr]
-    reply = oai.chat.completions.create(model="replay-hermes", messages=messages)  # type: ignore[arg-type]
+    message = claude.messages.create(model="replay-hermes", max_tokens=100, messages=messages)
+    assert isinstance(message.content[0], TextBlock)
+    assert message.content[0].text == "Remember: be brief.\n\necho the prompt"
+    reply = oai.chat.completions.create(model="replay-hermes", messages=messages)
     assert reply.choices[0].message.content == "Remember: be brief.\n\necho the prompt"
 
 

@@ -14,6 +14,8 @@ import anthropic
 import jsonschema
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from control_plane.canonical import ChatRequest, Message, OutputFormat
 from control_plane.errors import InvalidRequest
@@ -46,7 +48,9 @@ LISTING = {
     "required": ["items", "kind"],
     "additionalProperties": False,
 }
-ASK = [{"role": "user", "content": "What is the weather in Paris? Answer in JSON."}]
+ASK: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris? Answer in JSON."}
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def claude(embedded: Embedded) -> anthropic.Anthropic:
     )
 
 
-def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
+def schema_format(schema: dict[str, Any]) -> ResponseFormatJSONSchema:
     return {
         "type": "json_schema",
         "json_schema": {"name": "answer", "schema": schema, "strict": True},
@@ -72,20 +76,20 @@ def schema_format(schema: dict[str, Any]) -> dict[str, Any]:
 def test_chat_json_schema_streamed_and_not(oai: openai.OpenAI, schema: dict[str, Any]) -> None:
     reply = oai.chat.completions.create(
         model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         max_tokens=120,
-        response_format=schema_format(schema),  # type: ignore[arg-type]
+        response_format=schema_format(schema),
     )
     assert reply.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
     chunks = oai.chat.completions.create(
         model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         max_tokens=120,
         temperature=1.0,
         seed=5,
         stream=True,
-        response_format=schema_format(schema),  # type: ignore[arg-type]
+        response_format=schema_format(schema),
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), schema)
@@ -94,14 +98,14 @@ def test_chat_json_schema_streamed_and_not(oai: openai.OpenAI, schema: dict[str,
 def test_json_object_regex_grammar_and_completions(oai: openai.OpenAI) -> None:
     any_json = oai.chat.completions.create(
         model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         max_tokens=200,
         response_format={"type": "json_object"},
     )
     assert isinstance(json.loads(any_json.choices[0].message.content or ""), dict)
     regex = oai.chat.completions.create(
         model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         max_tokens=20,
         extra_body={
             "response_format": {
@@ -158,7 +162,7 @@ def test_strict_tools_in_all_three_dialects(
 ) -> None:
     chat = oai.chat.completions.create(
         model=MODEL,
-        messages=ASK,  # type: ignore[arg-type]
+        messages=ASK,
         max_tokens=150,
         tools=[
             {
@@ -170,8 +174,9 @@ def test_strict_tools_in_all_three_dialects(
         parallel_tool_calls=False,
     )
     calls = chat.choices[0].message.tool_calls or []
-    assert len(calls) == 1 and calls[0].function.name == "weather"  # type: ignore[union-attr]
-    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)  # type: ignore[union-attr]
+    assert len(calls) == 1 and isinstance(calls[0], ChatCompletionMessageFunctionToolCall)
+    assert calls[0].function.name == "weather"
+    jsonschema.validate(json.loads(calls[0].function.arguments), WEATHER)
 
     response = oai.responses.create(
         model=MODEL,
@@ -183,13 +188,13 @@ def test_strict_tools_in_all_three_dialects(
     )
     made = [item for item in response.output if item.type == "function_call"]
     assert len(made) == 1
-    jsonschema.validate(json.loads(made[0].arguments), WEATHER)  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(made[0].arguments), WEATHER)
 
     message = claude.messages.create(
         model=MODEL,
         max_tokens=150,
         messages=[{"role": "user", "content": "The weather?"}],
-        tools=[{"name": "weather", "input_schema": WEATHER, "strict": True}],  # type: ignore[typeddict-item]
+        tools=[{"name": "weather", "input_schema": WEATHER, "strict": True}],
         tool_choice={"type": "any", "disable_parallel_tool_use": True},
     )
     uses = [block for block in message.content if block.type == "tool_use"]
@@ -209,9 +214,9 @@ def test_a_mixed_batch_keeps_free_answers_as_they_were(oai: openai.OpenAI) -> No
     def constrained() -> str:
         reply = oai.chat.completions.create(
             model=MODEL,
-            messages=ASK,  # type: ignore[arg-type]
+            messages=ASK,
             max_tokens=120,
-            response_format=schema_format(WEATHER),  # type: ignore[arg-type]
+            response_format=schema_format(WEATHER),
         )
         return reply.choices[0].message.content or ""
 
@@ -229,19 +234,20 @@ def test_a_schema_that_does_not_compile_is_a_400_naming_the_field(oai: openai.Op
     with pytest.raises(openai.BadRequestError) as raised:
         oai.chat.completions.create(
             model=MODEL,
-            messages=ASK,  # type: ignore[arg-type]
+            messages=ASK,
             max_tokens=5,
-            response_format=schema_format({"type": 5}),  # type: ignore[arg-type]
+            response_format=schema_format({"type": 5}),
         )
-    assert raised.value.param == "response_format"  # type: ignore[attr-defined]
+    assert raised.value.param == "response_format"
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.chat.completions.create(
+        # A format no SDK type allows: the point of the test.
+        oai.chat.completions.create(  # type: ignore[call-overload]
             model=MODEL,
-            messages=ASK,  # type: ignore[arg-type]
+            messages=ASK,
             max_tokens=5,
-            response_format={"type": "yaml"},  # type: ignore[arg-type]
+            response_format={"type": "yaml"},
         )
-    assert raised.value.param == "response_format.type"  # type: ignore[attr-defined]
+    assert raised.value.param == "response_format.type"
 
 
 @pytest.mark.parametrize("engine", [EngineKind.TRTLLM])

@@ -9,11 +9,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
-from control_plane.tool_calls import HermesParser, Llama3JsonParser, ToolParser, parser_for
+from control_plane.tool_calls import (
+    HermesParser,
+    Llama3JsonParser,
+    PlainParser,
+    ToolParser,
+    parser_for,
+)
 
 
 def run(parser: ToolParser, pieces: list[str]) -> tuple[str, list[tuple[str, dict[str, object]]]]:
     events: list[Event] = []
+    # Harmony's parser reads token ids, not text.
+    assert isinstance(parser, HermesParser | Llama3JsonParser | PlainParser)
     for piece in pieces:
         events.extend(parser.feed(piece))
     events.extend(parser.finish())

@@ -5,11 +5,15 @@ official SDKs are the clients; tokenization, templates, parsing and translation 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anthropic
 import openai
+from anthropic.types import TextBlock, ToolParam, ToolUseBlock
+from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionToolParam
+from openai.types.shared_params import FunctionDefinition
 
-WEATHER_TOOL = {
+WEATHER_TOOL: FunctionDefinition = {
     "name": "get_weather",
     "description": "Current weather in a city",
     "parameters": {
@@ -18,8 +22,8 @@ WEATHER_TOOL = {
         "required": ["city"],
     },
 }
-OPENAI_TOOLS = [{"type": "function", "function": WEATHER_TOOL}]
-ANTHROPIC_TOOLS = [
+OPENAI_TOOLS: list[ChatCompletionToolParam] = [{"type": "function", "function": WEATHER_TOOL}]
+ANTHROPIC_TOOLS: list[ToolParam] = [
     {
         "name": WEATHER_TOOL["name"],
         "description": WEATHER_TOOL["description"],
@@ -30,16 +34,17 @@ TOOL_RESULT = "22 degrees and sunny"
 
 
 def test_openai_streamed_tool_round_trip(oai: openai.OpenAI) -> None:
-    messages: list[dict[str, object]] = [
+    messages: list[Any] = [  # grows with JSON built from the replies
         {"role": "user", "content": "What is the weather in Paris?"}
     ]
     stream = oai.chat.completions.create(
         model="replay-hermes",
         messages=messages,
         tools=OPENAI_TOOLS,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     )
-    content, calls, finish, chunks = "", {}, None, 0
+    content, finish, chunks = "", None, 0
+    calls: dict[int, dict[str, Any]] = {}
     for chunk in stream:
         chunks += 1
         for choice in chunk.choices:
@@ -80,7 +85,7 @@ def test_openai_streamed_tool_round_trip(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="replay-hermes",
         messages=messages,
-        tools=OPENAI_TOOLS,  # type: ignore[arg-type]
+        tools=OPENAI_TOOLS,
     )
     assert reply.choices[0].finish_reason == "stop"
     assert TOOL_RESULT in (reply.choices[0].message.content or "")
@@ -90,26 +95,27 @@ def test_openai_non_streamed_tool_call(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="replay-hermes",
         messages=[{"role": "user", "content": "Tell me the weather in Paris"}],
-        tools=OPENAI_TOOLS,  # type: ignore[list-item]
+        tools=OPENAI_TOOLS,
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
     calls = choice.message.tool_calls or []
     assert len(calls) == 1
-    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(calls[0].function.arguments)["city"] == "Paris"  # type: ignore[union-attr]
+    assert isinstance(calls[0], ChatCompletionMessageFunctionToolCall)
+    assert calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] == "Paris"
 
 
 def test_anthropic_streamed_tool_round_trip(claude: anthropic.Anthropic) -> None:
-    messages: list[dict[str, object]] = [
+    messages: list[Any] = [  # grows with JSON built from the replies
         {"role": "user", "content": "What is the weather in Paris?"}
     ]
     with claude.messages.stream(
         model="claude-sonnet-4-5",
         max_tokens=200,
         messages=messages,
-        tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+        tools=ANTHROPIC_TOOLS,
     ) as stream:
         events = [event.type for event in stream]
         message = stream.get_final_message()
@@ -117,7 +123,7 @@ def test_anthropic_streamed_tool_round_trip(claude: anthropic.Anthropic) -> None
     assert message.model == "claude-sonnet-4-5"  # the requested name is echoed
     assert [block.type for block in message.content] == ["tool_use"]
     tool_use = message.content[0]
-    assert tool_use.type == "tool_use"
+    assert isinstance(tool_use, ToolUseBlock)
     assert tool_use.id.startswith("toolu_")
     assert tool_use.name == "get_weather"
     assert tool_use.input == {"city": "Paris", "unit": "celsius"}
@@ -136,10 +142,10 @@ def test_anthropic_streamed_tool_round_trip(claude: anthropic.Anthropic) -> None
         model="claude-sonnet-4-5",
         max_tokens=200,
         messages=messages,
-        tools=ANTHROPIC_TOOLS,  # type: ignore[arg-type]
+        tools=ANTHROPIC_TOOLS,
     )
     assert final.stop_reason == "end_turn"
-    assert final.content[0].type == "text"
+    assert isinstance(final.content[0], TextBlock)
     assert TOOL_RESULT in final.content[0].text
 
 
@@ -148,21 +154,23 @@ def test_anthropic_non_streamed_tool_use_and_parallel_calls(claude: anthropic.An
         model="replay-hermes",
         max_tokens=200,
         messages=[{"role": "user", "content": "Compare the weather in two cities"}],
-        tools=ANTHROPIC_TOOLS,  # type: ignore[list-item]
+        tools=ANTHROPIC_TOOLS,
     )
     assert message.stop_reason == "tool_use"
     assert [b.type for b in message.content] == ["text", "tool_use", "tool_use"]
-    assert message.content[0].text == "Checking both."  # type: ignore[union-attr]
-    cities = [b.input["city"] for b in message.content[1:]]  # type: ignore[union-attr,index]
+    assert isinstance(message.content[0], TextBlock)
+    assert message.content[0].text == "Checking both."
+    uses = [b for b in message.content[1:] if isinstance(b, ToolUseBlock)]
+    cities = [b.input["city"] for b in uses]
     assert cities == ["Paris", "Oslo"]
-    ids = {b.id for b in message.content[1:]}  # type: ignore[union-attr]
+    ids = {b.id for b in uses}
     assert len(ids) == 2
 
     single = claude.messages.create(
         model="replay-hermes",
         max_tokens=200,
         messages=[{"role": "user", "content": "Compare the weather in two cities"}],
-        tools=ANTHROPIC_TOOLS,  # type: ignore[list-item]
+        tools=ANTHROPIC_TOOLS,
         tool_choice={"type": "auto", "disable_parallel_tool_use": True},
     )
     assert [b.type for b in single.content] == ["text", "tool_use"]
@@ -173,10 +181,12 @@ def test_llama3_json_format_through_openai(oai: openai.OpenAI) -> None:
     reply = oai.chat.completions.create(
         model="replay-llama3",
         messages=[{"role": "user", "content": "What is the weather in Rome?"}],
-        tools=OPENAI_TOOLS,  # type: ignore[list-item]
+        tools=OPENAI_TOOLS,
         parallel_tool_calls=False,
     )
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls or []
-    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Rome"}]  # type: ignore[union-attr]
+    assert all(isinstance(c, ChatCompletionMessageFunctionToolCall) for c in calls)
+    functions = [c.function for c in calls if isinstance(c, ChatCompletionMessageFunctionToolCall)]
+    assert [json.loads(f.arguments) for f in functions] == [{"city": "Rome"}]

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from anthropic.lib.streaming._messages import accumulate_event
+from anthropic.types import ParsedMessage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -52,7 +53,7 @@ ANTHROPIC_STOP = {
     FinishReason.TOOL_CALLS: "tool_use",
 }
 
-text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=30)
+text = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=30)
 names = st.from_regex(r"[a-zA-Z][a-zA-Z0-9_-]{0,15}", fullmatch=True)
 ids = st.from_regex(r"[a-zA-Z0-9_-]{1,24}", fullmatch=True)
 json_values = st.recursive(
@@ -221,7 +222,7 @@ def comparable(request: ChatRequest) -> ChatRequest:
     messages = tuple(
         replace(
             m,
-            tool_calls=tuple(replace(t, arguments=json.loads(t.arguments)) for t in m.tool_calls),  # type: ignore[arg-type]
+            tool_calls=tuple(replace(t, arguments=json.loads(t.arguments)) for t in m.tool_calls),
             name=None,
         )
         for m in request.messages
@@ -315,7 +316,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     message = completion.choices[0].message
     assert (message.content or "") == text
     assert [
-        (c.id.removeprefix("call_"), c.function.name, json.loads(c.function.arguments or "{}"))  # type: ignore[union-attr]
+        (c.id.removeprefix("call_"), c.function.name, json.loads(c.function.arguments or "{}"))
         for c in message.tool_calls or []
     ] == expected_calls
     assert completion.choices[0].finish_reason == OPENAI_FINISH[finished.reason]
@@ -324,9 +325,11 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     assert completion.usage.completion_tokens == finished.usage.completion_tokens
 
     anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m")
-    snapshot, buffers = None, {}  # type: ignore[var-annotated]
+    snapshot: ParsedMessage[None] | None = None
+    buffers: dict[int, bytes] = {}
     for payload in sse_payloads(b"".join(anthropic_encoder.event(e) for e in events)):
         if payload["type"] != "ping":
+            # accumulate_event builds the event from the raw JSON itself, as the SDK's stream does.
             snapshot = accumulate_event(event=payload, current_snapshot=snapshot, json_bufs=buffers)  # type: ignore[arg-type]
     assert snapshot is not None
     assert "".join(b.text for b in snapshot.content if b.type == "text") == text

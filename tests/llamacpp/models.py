@@ -110,7 +110,9 @@ def write_tiny_moe(folder: Path, tokenizer_source: Path, chat_template: str) -> 
     tokenizer.add_tokens(["<tool_call>", "</tool_call>"], special_tokens=False)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
-    config = Qwen3MoeConfig(
+    # transformers' typed Qwen3MoeConfig lacks `head_dim` (taken through **kwargs), and a
+    # single token's id is an int.
+    config = Qwen3MoeConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -123,7 +125,7 @@ def write_tiny_moe(folder: Path, tokenizer_source: Path, chat_template: str) -> 
         num_experts_per_tok=2,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),  # type: ignore[arg-type]
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
     )
     torch.manual_seed(0)
@@ -176,7 +178,9 @@ def write_tiny_bert(folder: Path) -> Path:
     """A random BERT (2 layers, hidden 64) with a small WordPiece vocabulary and mean pooling
     declared the sentence-transformers way (modules.json + 1_Pooling/config.json)."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    # Exported lazily by transformers 5, missing from its typed __init__.
+    from transformers import BertConfig, BertModel, BertTokenizerFast  # type: ignore[attr-defined]
 
     folder.mkdir(parents=True, exist_ok=True)
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

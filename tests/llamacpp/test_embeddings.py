@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import openai
 import pytest
 import torch
@@ -21,7 +22,7 @@ from tests.llamacpp.conftest import LlamaCppFleet
 TEXTS = ["The cat sat on the blue sea.", "Water is blue", "dog"]
 
 
-def reference(checkpoint: Path, texts: list[str]) -> tuple[np.ndarray, int]:
+def reference(checkpoint: Path, texts: list[str]) -> tuple[npt.NDArray[Any], int]:
     """Mean of the last hidden states over each text's tokens, L2-normalized; total tokens."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = BertModel.from_pretrained(checkpoint, add_pooling_layer=False).eval()
@@ -36,7 +37,7 @@ def reference(checkpoint: Path, texts: list[str]) -> tuple[np.ndarray, int]:
 
 
 @pytest.fixture(scope="module")
-def expected(llamacpp_fleet: LlamaCppFleet) -> tuple[np.ndarray, int]:
+def expected(llamacpp_fleet: LlamaCppFleet) -> tuple[npt.NDArray[Any], int]:
     return reference(llamacpp_fleet.bert_gguf.parent / "tiny-bert-hf", TEXTS)
 
 
@@ -45,7 +46,7 @@ def post(fleet: LlamaCppFleet, body: dict[str, Any]) -> httpx.Response:
 
 
 def test_a_batch_of_texts_equals_transformers_with_the_files_pooling(
-    llamacpp_fleet: LlamaCppFleet, expected: tuple[np.ndarray, int]
+    llamacpp_fleet: LlamaCppFleet, expected: tuple[npt.NDArray[Any], int]
 ) -> None:
     response = post(llamacpp_fleet, {"model": "tiny-bert", "input": TEXTS})
     assert response.status_code == 200, response.text
@@ -59,7 +60,7 @@ def test_a_batch_of_texts_equals_transformers_with_the_files_pooling(
 def test_the_openai_sdk_gets_base64_and_decodes_it(
     oai_llamacpp: openai.OpenAI,
     llamacpp_fleet: LlamaCppFleet,
-    expected: tuple[np.ndarray, int],
+    expected: tuple[npt.NDArray[Any], int],
 ) -> None:
     # The SDK asks for base64 unless told otherwise, and decodes it to floats.
     result = oai_llamacpp.embeddings.create(model="tiny-bert", input=TEXTS[0])
@@ -75,13 +76,14 @@ def test_the_openai_sdk_gets_base64_and_decodes_it(
 def test_the_wrong_kind_of_model_or_input_is_a_400_naming_the_field(
     llamacpp_fleet: LlamaCppFleet, oai_llamacpp: openai.OpenAI
 ) -> None:
-    for body, field in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"model": "smollm2", "input": "hello"}, "model"),
         ({"model": "tiny-bert", "input": [[1, 2, 3]]}, "input"),
         ({"model": "tiny-bert", "input": []}, "input"),
         ({"model": "tiny-bert", "input": "hi", "dimensions": 8}, "dimensions"),
         ({"model": "tiny-bert", "input": "hi", "encoding_format": "int8"}, "encoding_format"),
-    ]:
+    ]
+    for body, field in cases:
         response = post(llamacpp_fleet, body)
         assert response.status_code == 400, (body, response.text)
         assert response.json()["error"]["param"] == field, body

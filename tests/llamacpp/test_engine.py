@@ -12,9 +12,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+import numpy.typing as npt
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
+from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
 from tests.llamacpp.conftest import LlamaCppFleet, standalone, standalone_greedy
@@ -88,7 +90,8 @@ def test_concurrent_streams_are_batched_and_each_equals_its_own_answer(
 
 def in_flight(fleet: LlamaCppFleet, model: str) -> int:
     loaded = httpx.get(f"{fleet.neuron_url}/status", timeout=10).json()["loaded"]
-    return next(m["in_flight"] for m in loaded if m["name"] == model)
+    count: int = next(m["in_flight"] for m in loaded if m["name"] == model)
+    return count
 
 
 def test_a_stream_left_early_is_cancelled_within_a_step(llamacpp_fleet: LlamaCppFleet) -> None:
@@ -127,25 +130,29 @@ def test_a_stream_left_early_is_cancelled_within_a_step(llamacpp_fleet: LlamaCpp
 
 def test_the_second_turn_reuses_the_first_turns_prefix(oai_llamacpp: openai.OpenAI) -> None:
     system = f"Session {uuid.uuid4().hex}. You answer briefly. " + "Be kind. " * 30
-    first = [{"role": "system", "content": system}, {"role": "user", "content": "Hello!"}]
+    first: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "Hello!"},
+    ]
     opened = oai_llamacpp.chat.completions.create(
         model="smollm2",
         messages=first,
         max_tokens=8,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert opened.usage is not None and opened.usage.prompt_tokens_details is not None
     # Only the template's opening ("<|im_start|>system\n") can be in any slot already: reuse is
     # per token, not per block.
+    assert opened.usage.prompt_tokens_details.cached_tokens is not None
     assert opened.usage.prompt_tokens_details.cached_tokens <= 3
-    second = [
+    second: list[ChatCompletionMessageParam] = [
         *first,
         {"role": "assistant", "content": opened.choices[0].message.content or ""},
         {"role": "user", "content": "And again?"},
     ]
     stream = oai_llamacpp.chat.completions.create(
         model="smollm2",
-        messages=second,  # type: ignore[arg-type]
+        messages=second,
         max_tokens=4,
         temperature=0,
         stream=True,
@@ -153,6 +160,7 @@ def test_the_second_turn_reuses_the_first_turns_prefix(oai_llamacpp: openai.Open
     )
     usage = [c.usage for c in stream if c.usage][-1]
     assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens is not None
     # All of turn 1's prompt is in the slot's cache (its answer too, but the chat template
     # renders that differently from how it was generated).
     assert usage.prompt_tokens_details.cached_tokens >= opened.usage.prompt_tokens
@@ -161,7 +169,7 @@ def test_the_second_turn_reuses_the_first_turns_prefix(oai_llamacpp: openai.Open
 def test_sampling_with_a_seed_repeats_and_differs_from_greedy(
     oai_llamacpp: openai.OpenAI,
 ) -> None:
-    options = {"temperature": 1.5, "top_p": 0.95, "seed": 7}
+    options: dict[str, Any] = {"temperature": 1.5, "top_p": 0.95, "seed": 7}
     first = ask(oai_llamacpp, PROMPTS[3], **options).choices[0].message.content
     again = ask(oai_llamacpp, PROMPTS[3], **options).choices[0].message.content
     greedy = ask(oai_llamacpp, PROMPTS[3]).choices[0].message.content
@@ -222,7 +230,7 @@ def infer_error(fleet: LlamaCppFleet, inputs: list[grpcclient.InferInput]) -> st
     return errors[0]
 
 
-def tensor(name: str, values: np.ndarray, dtype: str) -> grpcclient.InferInput:
+def tensor(name: str, values: npt.NDArray[Any], dtype: str) -> grpcclient.InferInput:
     item = grpcclient.InferInput(name, list(values.shape), dtype)
     item.set_data_from_numpy(values)
     return item

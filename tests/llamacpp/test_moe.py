@@ -12,11 +12,12 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatCompletionToolParam
 
 from neuron_agent.engines.llamacpp.gguf_info import read_info
 from tests.llamacpp.conftest import LlamaCppFleet, standalone, standalone_greedy
 
-WEATHER = {
+WEATHER: ChatCompletionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -35,7 +36,7 @@ def test_a_tool_call_comes_back_as_one(oai_llamacpp: openai.OpenAI) -> None:
     reply = oai_llamacpp.chat.completions.create(
         model="tiny-moe",
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=[WEATHER],  # type: ignore[list-item]
+        tools=[WEATHER],
         max_tokens=40,
         temperature=0,
     )
@@ -43,8 +44,9 @@ def test_a_tool_call_comes_back_as_one(oai_llamacpp: openai.OpenAI) -> None:
     assert choice.finish_reason == "tool_calls"
     assert choice.message.tool_calls is not None and len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
-    assert call.function.name == "get_weather"  # type: ignore[union-attr]
-    assert json.loads(call.function.arguments) == {}  # type: ignore[union-attr]
+    assert isinstance(call, ChatCompletionMessageFunctionToolCall)
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {}
 
 
 def test_greedy_tokens_equal_llama_cpp_standalone(

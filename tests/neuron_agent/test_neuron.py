@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -33,20 +34,22 @@ class Neuron:
     folder: Path
 
     def call(
-        self, method: str, path: str, token: str | None = TOKEN, **kwargs: object
+        self, method: str, path: str, token: str | None = TOKEN, **kwargs: Any
     ) -> httpx.Response:
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        return httpx.request(method, self.url + path, headers=headers, timeout=120, **kwargs)  # type: ignore[arg-type]
+        return httpx.request(method, self.url + path, headers=headers, timeout=120, **kwargs)
 
-    def status(self) -> dict:  # type: ignore[type-arg]
+    def status(self) -> dict[str, Any]:
         response = self.call("GET", "/status")
         assert response.status_code == 200, response.text
-        return response.json()
+        report: dict[str, Any] = response.json()
+        return report
 
     def triton_pid(self) -> int:
         for child in psutil.Process(self.process.pid).children(recursive=True):
             if child.name() == "tritonserver":
-                return child.pid
+                pid: int = child.pid
+                return pid
         raise AssertionError("no tritonserver child")
 
 
@@ -173,10 +176,10 @@ def test_bad_requests_get_their_code_and_message(
     neuron: Neuron,
     method: str,
     path: str,
-    kwargs: dict,
+    kwargs: dict[str, Any],
     token: str | None,
     status: int,
-    phrase: str,  # type: ignore[type-arg]
+    phrase: str,
 ) -> None:
     response = neuron.call(method, path, token=token, **kwargs)
     assert response.status_code == status, response.text
@@ -262,8 +265,9 @@ def generate(neuron: Neuron, model: str, tokens: int = 12) -> list[int]:
     return asyncio.run(run())
 
 
-def model_entry(neuron: Neuron, name: str) -> dict:  # type: ignore[type-arg]
-    return next(m for m in neuron.status()["loaded"] if m["name"] == name)
+def model_entry(neuron: Neuron, name: str) -> dict[str, Any]:
+    entry: dict[str, Any] = next(m for m in neuron.status()["loaded"] if m["name"] == name)
+    return entry
 
 
 def stub_pids(neuron: Neuron, model: str) -> set[int]:

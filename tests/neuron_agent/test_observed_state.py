@@ -36,12 +36,13 @@ from cortex.config import (
     NeuronSection,
     TritonSection,
 )
+from cortex.launch import consecutive_free_ports
 from cortex.secrets import TRITON_KEY_HEADER
 from neuron_agent import gpus
 from neuron_agent import node as node_module
 from neuron_agent.api import create_app
 from neuron_agent.node import Node
-from tests.conftest import consecutive_free_ports, free_ports
+from tests.conftest import free_ports
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 GIB = 1024**3

@@ -11,9 +11,10 @@ import base64
 import datetime
 import ipaddress
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import grpc
@@ -105,9 +106,9 @@ class Node:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.triton.grpc_port}"
 
-    def neuron_call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    def neuron_call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {TOKEN}"}
-        return httpx.request(method, self.neuron.url + path, headers=headers, timeout=120, **kwargs)  # type: ignore[arg-type]
+        return httpx.request(method, self.neuron.url + path, headers=headers, timeout=120, **kwargs)
 
     def loaded(self) -> set[str]:
         status = self.neuron_call("GET", "/status").json()
@@ -209,7 +210,7 @@ def _grpc_probes(
         marker=str(marker)
     ).encode()
     infer = service_pb2.ModelInferRequest(model_name=MODEL)
-    calls = {
+    calls: dict[str, Callable[[], object]] = {
         "index": lambda: stub.RepositoryIndex(service_pb2.RepositoryIndexRequest()),
         "upload": lambda: stub.RepositoryModelLoad(upload),
         "unload": lambda: stub.RepositoryModelUnload(
@@ -264,15 +265,21 @@ def _metadata_interceptor(metadata: list[tuple[str, str]]) -> grpc.UnaryUnaryCli
         grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
     ):
         def _with(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-            return details._replace(metadata=[*(details.metadata or []), *metadata])  # type: ignore[attr-defined]
+            return details._replace(metadata=[*(details.metadata or []), *metadata])
 
-        def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        def intercept_unary_unary(
+            self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+        ) -> Any:
             return continuation(self._with(details), request)
 
-        def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        def intercept_unary_stream(
+            self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, request: Any
+        ) -> Any:
             return continuation(self._with(details), request)
 
-        def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        def intercept_stream_stream(
+            self, continuation: Callable[..., Any], details: grpc.ClientCallDetails, requests: Any
+        ) -> Any:
             return continuation(self._with(details), requests)
 
     return Interceptor()

@@ -43,4 +43,4 @@ def test_lines_logged_while_serving_a_request_carry_its_id() -> None:
     finally:
         logs.request_id.reset(token)
     assert json.loads(logs.JsonFormatter().format(stamped))["request_id"] == "r-2"
-    assert own.request_id == "mine"
+    assert vars(own)["request_id"] == "mine"

@@ -8,7 +8,7 @@ from control_plane.metrics import GatewayMetrics
 from tests.observability.conftest import REPO
 
 
-def exported() -> dict[str, tuple[str, tuple[str, ...]]]:
+def exported() -> dict[str, tuple[str | None, tuple[str, ...]]]:
     """name as scraped (counters with _total) → (type, labels)."""
     metrics = [m for m in vars(GatewayMetrics()).values() if isinstance(m, MetricWrapperBase)]
     return {

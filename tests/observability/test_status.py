@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -84,7 +85,7 @@ def test_a_broken_config_is_a_usage_error(tmp_path: Path) -> None:
 def test_table_of_a_gpu_fleet_with_an_unloaded_model() -> None:
     gib = 2**30
     gpu = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_bytes": 80 * gib}
-    report = {
+    report: dict[str, list[dict[str, Any]]] = {
         "neurons": [
             {
                 "name": "a",

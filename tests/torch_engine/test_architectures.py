@@ -5,7 +5,9 @@ by transformers itself), and a checkpoint it cannot serve fails with one sentenc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    PretrainedConfig,
     Qwen2Config,
     Qwen3Config,
     Qwen3MoeConfig,
@@ -24,7 +27,7 @@ from transformers import (
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(
     vocab_size=512,
     hidden_size=128,
     intermediate_size=256,
@@ -33,8 +36,9 @@ SHAPE = dict(
     num_key_value_heads=2,
     max_position_embeddings=2048,
 )
-CONFIGS = {
-    "llama": lambda: LlamaConfig(
+CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    # transformers 5 takes `rope_scaling` through **kwargs (its typed field is rope_parameters).
+    "llama": lambda: LlamaConfig(  # type: ignore[call-arg]
         **SHAPE,
         rope_scaling={
             "rope_type": "llama3",
@@ -48,7 +52,8 @@ CONFIGS = {
     "qwen2": lambda: Qwen2Config(**SHAPE, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**SHAPE, head_dim=48),
     # Eight experts, two a token; Qwen3-MoE's layer 1 keeps a dense MLP (mlp_only_layers).
-    "qwen3_moe": lambda: Qwen3MoeConfig(
+    # (`head_dim` goes through **kwargs: transformers' typed Qwen3MoeConfig lacks it.)
+    "qwen3_moe": lambda: Qwen3MoeConfig(  # type: ignore[call-arg]
         **SHAPE,
         head_dim=48,
         num_experts=8,

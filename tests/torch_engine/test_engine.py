@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from neuron_agent.torch_engine.errors import RequestRejected
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
@@ -44,24 +50,24 @@ class Collector:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
+def tokenizer(tiny_model: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model: Path):  # type: ignore[no-untyped-def]
+def reference(tiny_model: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Engine:
+def engine(tiny_model: Path) -> Iterator[Engine]:
     built = build_engine(EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4))
     built.start()
-    yield built  # type: ignore[misc]
+    yield built
     built.stop()
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:  # type: ignore[no-untyped-def]
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, question: str) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=False
@@ -70,8 +76,8 @@ def prompt_ids(tokenizer, question: str) -> list[int]:  # type: ignore[no-untype
 
 
 def reference_greedy(
-    reference, tokenizer, ids: list[int], max_new: int
-) -> tuple[list[int], list[float]]:  # type: ignore[no-untyped-def]
+    reference: Any, tokenizer: PreTrainedTokenizerBase, ids: list[int], max_new: int
+) -> tuple[list[int], list[float]]:
     """transformers' greedy tokens (end token dropped) and, per step, the top-2 logit gap."""
     with torch.no_grad():
         out = reference.generate(
@@ -98,7 +104,7 @@ def assert_same_or_tied(got: list[int], expected: list[int], gaps: list[float]) 
     assert len(got) == len(expected)
 
 
-def run(engine: Engine, ids: list[int], max_new: int, **kwargs) -> Collector:  # type: ignore[no-untyped-def]
+def run(engine: Engine, ids: list[int], max_new: int, **kwargs: Any) -> Collector:
     collector = Collector()
     engine.submit(
         GenerationRequest(
@@ -113,7 +119,9 @@ def run(engine: Engine, ids: list[int], max_new: int, **kwargs) -> Collector:  #
     return collector
 
 
-def test_single_request_matches_transformers(engine, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_single_request_matches_transformers(
+    engine: Engine, reference: Any, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt_ids(tokenizer, QUESTIONS[0])
     expected, gaps = reference_greedy(reference, tokenizer, ids, 48)
     collector = run(engine, ids, 48)
@@ -122,7 +130,9 @@ def test_single_request_matches_transformers(engine, reference, tokenizer) -> No
     assert_same_or_tied(collector.tokens, expected, gaps)
 
 
-def test_concurrent_staggered_requests_match_transformers(engine, reference, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_staggered_requests_match_transformers(
+    engine: Engine, reference: Any, tokenizer: PreTrainedTokenizerBase
+) -> None:
     # Different prompt lengths, admitted at different moments, more requests than batch slots.
     cases = [prompt_ids(tokenizer, q) for q in QUESTIONS]
     expected = [reference_greedy(reference, tokenizer, ids, 40) for ids in cases]
@@ -136,7 +146,9 @@ def test_concurrent_staggered_requests_match_transformers(engine, reference, tok
         assert_same_or_tied(collector.tokens, tokens, gaps)
 
 
-def test_streaming_sends_tokens_step_by_step(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_streaming_sends_tokens_step_by_step(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     collector = run(engine, prompt_ids(tokenizer, "hello"), 20, stream=True)
     assert collector.done.wait(60)
     assert collector.responses >= min(len(collector.tokens), 2)
@@ -146,7 +158,9 @@ def test_streaming_sends_tokens_step_by_step(engine, tokenizer) -> None:  # type
     assert single.tokens == collector.tokens
 
 
-def test_seeded_sampling_is_reproducible(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_seeded_sampling_is_reproducible(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt_ids(tokenizer, QUESTIONS[1])
     params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234)
     first = run(engine, ids, 32, sampling=params)
@@ -160,7 +174,7 @@ def test_seeded_sampling_is_reproducible(engine, tokenizer) -> None:  # type: ig
     assert first.tokens != other.tokens
 
 
-def test_cancellation_frees_the_slot(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_cancellation_frees_the_slot(engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
     cancelled = threading.Event()
     ids = prompt_ids(tokenizer, QUESTIONS[1])
     free_before = engine.pool.free_blocks
@@ -179,7 +193,9 @@ def test_cancellation_frees_the_slot(engine, tokenizer) -> None:  # type: ignore
     assert engine.stats()["running"] == 0
 
 
-def test_the_last_counts_told_are_the_idle_ones(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_the_last_counts_told_are_the_idle_ones(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """The submitting thread and the engine thread both tell the counts; a slow telling of the
     submit's (0 running, 1 waiting) must not land after the engine's final (0, 0): the neuron
     would report an idle model busy until its next request (routing sent turns elsewhere)."""
@@ -203,12 +219,16 @@ def test_the_last_counts_told_are_the_idle_ones(engine, tokenizer) -> None:  # t
         engine.on_change = None
 
 
-def test_request_larger_than_the_kv_budget_is_refused(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_request_larger_than_the_kv_budget_is_refused(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     with pytest.raises(RequestRejected, match="KV budget"):
         run(engine, prompt_ids(tokenizer, "hi"), 100_000)
 
 
-def test_full_queue_is_refused_with_a_clear_error(tiny_model: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_full_queue_is_refused_with_a_clear_error(
+    tiny_model: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
     small = build_engine(
         EngineOptions(tiny_model, kv_cache_tokens=256, max_batch_size=1, max_queue_size=1)
     )
@@ -222,8 +242,8 @@ def test_full_queue_is_refused_with_a_clear_error(tiny_model: Path, tokenizer) -
 # cortex-tiny's MLP width (688) takes int4 groups of 16, not the usual 128.
 @pytest.mark.parametrize(("mode", "bound"), [("int8", 0.02), ("int4", 0.12)])
 def test_weight_only_quantization_stays_close(
-    tiny_model: Path, tokenizer, mode: str, bound: float
-) -> None:  # type: ignore[no-untyped-def]
+    tiny_model: Path, tokenizer: PreTrainedTokenizerBase, mode: str, bound: float
+) -> None:
     """Relative L2 error of the last-position logits vs. the unquantized engine."""
 
     def logits(engine: Engine, ids: list[int]) -> torch.Tensor:
@@ -233,7 +253,7 @@ def test_weight_only_quantization_stays_close(
     quantized = build_engine(
         EngineOptions(tiny_model, kv_cache_tokens=512, quantization=mode, group_size=16)
     )
-    assert all(layer.qkv.mode == mode for layer in quantized.model.layers)  # type: ignore[attr-defined]
+    assert all(layer.qkv.mode == mode for layer in quantized.model.layers)
     for question in QUESTIONS[:3]:
         ids = prompt_ids(tokenizer, question)
         a, b = logits(plain, ids), logits(quantized, ids)
@@ -242,8 +262,8 @@ def test_weight_only_quantization_stays_close(
 
 
 def test_an_fp8_kv_cache_decodes_like_transformers_up_to_a_near_tie(
-    tiny_model: Path, reference, tokenizer
-) -> None:  # type: ignore[no-untyped-def]
+    tiny_model: Path, reference: Any, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """Keys and values rounded to float8 (3 mantissa bits, one scale per vector) move logits
     by about 1 %: greedy tokens equal the float32 reference's until the first step whose top-2
     logits were within 0.05 of each other."""

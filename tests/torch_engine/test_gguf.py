@@ -6,9 +6,11 @@ line that names what is unsupported."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
@@ -20,7 +22,7 @@ from neuron_agent.torch_engine.gguf import TENSOR_TYPES
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 
 # K-quant blocks span 256 values: every input width is a multiple of it.
-SHAPE = dict(
+SHAPE: dict[str, Any] = dict(
     vocab_size=256,
     hidden_size=256,
     intermediate_size=512,
@@ -43,7 +45,7 @@ K_SCALES = {
 }
 
 
-def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+def llama_cpp_permute(weight: npt.NDArray[Any], heads: int) -> npt.NDArray[Any]:
     """What llama.cpp's converter does to Llama's q and k rows (its `LlamaModel.permute`)."""
     return (
         weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
@@ -52,7 +54,7 @@ def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-def encode(values: np.ndarray, kind: Q, rng: np.random.Generator) -> np.ndarray:
+def encode(values: npt.NDArray[Any], kind: Q, rng: np.random.Generator) -> npt.NDArray[Any]:
     if kind in K_SCALES:
         size, offsets = K_SCALES[kind]
         rows = values.shape[0]

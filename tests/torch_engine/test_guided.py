@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
 import jsonschema
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cortex.guides import GuideType, problem
 from neuron_agent.torch_engine.errors import RequestRejected
@@ -57,21 +58,21 @@ SCHEMAS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path):  # type: ignore[no-untyped-def]
+def tokenizer(tiny_model: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Engine:
+def engine(tiny_model: Path) -> Iterator[Engine]:
     built = build_engine(
         EngineOptions(tiny_model, kv_cache_tokens=8192, max_batch_size=8, tokenizer_dir=tiny_model)
     )
     built.start()
-    yield built  # type: ignore[misc]
+    yield built
     built.stop()
 
 
-def prompt(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+def prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
@@ -100,16 +101,20 @@ def submit(
     return collector
 
 
-def finish(collectors: list[Collector], tokenizer) -> list[str]:  # type: ignore[no-untyped-def]
-    texts = []
+def finish(collectors: list[Collector], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    texts: list[str] = []
     for collector in collectors:
         assert collector.done.wait(120)
         assert collector.error is None, collector.error
-        texts.append(tokenizer.decode(collector.tokens, skip_special_tokens=True))
+        text = tokenizer.decode(collector.tokens, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence's ids decode to one text
+        texts.append(text)
     return texts
 
 
-def test_every_constrained_answer_validates_against_its_schema(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_every_constrained_answer_validates_against_its_schema(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt(tokenizer, "Answer in JSON")
     collectors = [
         submit(
@@ -127,7 +132,9 @@ def test_every_constrained_answer_validates_against_its_schema(engine, tokenizer
         jsonschema.validate(json.loads(text), schema)
 
 
-def test_json_object_regex_and_ebnf_guides(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_json_object_regex_and_ebnf_guides(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     ids = prompt(tokenizer, "hello")
     sampled = SamplingParams(temperature=1.0, seed=3)
     json_any = submit(engine, ids, Guide(GuideType.JSON, ""), max_new=200, sampling=sampled)
@@ -146,7 +153,9 @@ def test_json_object_regex_and_ebnf_guides(engine, tokenizer) -> None:  # type: 
     assert re.fullmatch(r"a+b|a+", lark_text), lark_text  # a+ alone: max_new_tokens ran out
 
 
-def test_a_mixed_batch_leaves_the_free_rows_unchanged(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_a_mixed_batch_leaves_the_free_rows_unchanged(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     free_ids = prompt(tokenizer, "Explain the with statement")
     alone = finish([submit(engine, free_ids, None, max_new=24)], tokenizer)[0]
     schema = Guide(GuideType.JSON_SCHEMA, json.dumps(SCHEMAS[0]))
@@ -163,7 +172,7 @@ def test_a_mixed_batch_leaves_the_free_rows_unchanged(engine, tokenizer) -> None
     assert not alone.lstrip().startswith("{")  # the free rows were not constrained
 
 
-def test_a_guide_is_compiled_once(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_a_guide_is_compiled_once(engine: Engine, tokenizer: PreTrainedTokenizerBase) -> None:
     assert engine.guides is not None
     guide = Guide(GuideType.REGEX, "(red|green|blue)")
     before = engine.guides.compilations
@@ -171,7 +180,9 @@ def test_a_guide_is_compiled_once(engine, tokenizer) -> None:  # type: ignore[no
     assert engine.guides.compilations == before + 1
 
 
-def test_a_bad_guide_is_refused_naming_the_tensor(engine, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_a_bad_guide_is_refused_naming_the_tensor(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
     with pytest.raises(RequestRejected, match="guided_decoding_guide"):
         submit(engine, prompt(tokenizer, "x"), Guide(GuideType.REGEX, "[a-"))
     with pytest.raises(RequestRejected, match="guided_decoding_guide"):

@@ -16,17 +16,17 @@ import openai
 import pytest
 import torch
 
-from cortex.config import ModelProfile
+from cortex.config import EngineKind, ModelProfile
 from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
 from neuron_agent.repository import render
-from neuron_agent.torch_engine.checkpoint import read_spec
+from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from tests.torch_engine.test_prefix_cache import BLOCK, finish, submit, text_ids
 
 
 @pytest.fixture(scope="module")
-def spec(tiny_model: Path):  # type: ignore[no-untyped-def]
+def spec(tiny_model: Path) -> ModelSpec:
     return read_spec(tiny_model)
 
 
@@ -57,7 +57,7 @@ def contents(pool: BlockPool, blocks: list[int]) -> list[torch.Tensor]:
     ]
 
 
-def test_a_reclaimed_block_comes_back_from_host_bit_for_bit(spec) -> None:  # type: ignore[no-untyped-def]
+def test_a_reclaimed_block_comes_back_from_host_bit_for_bit(spec: ModelSpec) -> None:
     probe = BlockPool(spec, 4 * BLOCK, torch.float32, torch.device("cpu"), BLOCK)
     pool = BlockPool(
         spec,
@@ -81,7 +81,7 @@ def test_a_reclaimed_block_comes_back_from_host_bit_for_bit(spec) -> None:  # ty
     pool.release(hit.blocks)
 
 
-def test_the_host_tier_never_holds_more_than_its_budget(spec) -> None:  # type: ignore[no-untyped-def]
+def test_the_host_tier_never_holds_more_than_its_budget(spec: ModelSpec) -> None:
     probe = BlockPool(spec, 4 * BLOCK, torch.float32, torch.device("cpu"), BLOCK)
     budget = 5 * block_bytes(probe) + block_bytes(probe) // 2  # room for 5 blocks, not 6
     pool = BlockPool(
@@ -103,7 +103,7 @@ def test_the_host_tier_never_holds_more_than_its_budget(spec) -> None:  # type: 
     assert pool.lookup_tiers(text_ids(4 * BLOCK, seed=100)).blocks == []
 
 
-def test_without_a_budget_there_is_no_host_tier(spec) -> None:  # type: ignore[no-untyped-def]
+def test_without_a_budget_there_is_no_host_tier(spec: ModelSpec) -> None:
     pool = BlockPool(spec, 4 * BLOCK, torch.float32, torch.device("cpu"), BLOCK)
     assert pool.host is None
     off = BlockPool(
@@ -140,6 +140,7 @@ def test_a_prefix_read_back_from_host_decodes_as_if_it_never_left(tiny_model: Pa
         assert first.reused == 0
         assert again.tokens == first.tokens == outputs["plain"][0].tokens
         assert again.reused == (len(prompts[0]) - 1) // BLOCK * BLOCK  # all of it: cached
+        assert outputs["plain"][3].reused is not None and again.reused is not None
         assert outputs["plain"][3].reused < again.reused  # without the tier it was gone
         assert hits[3][1] > 0 and sum(hits[3]) == again.reused  # split by tier
         stats = tiered.stats()
@@ -158,7 +159,9 @@ def test_the_setting_reaches_both_engines_templates(tiny_model: Path, tmp_path: 
     assert f'string_value: "{int(1.5 * 2**30)}"' in line
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
-    trt = ModelProfile(name="t", source=str(engine_dir), engine="trtllm", host_kv_cache_gib=2)
+    trt = ModelProfile(
+        name="t", source=str(engine_dir), engine=EngineKind.TRTLLM, host_kv_cache_gib=2
+    )
     files = render(trt, engine_dir, [0], True, tmp_path / "t.json")
     text = files["config.pbtxt"].decode()
     line = next(x for x in text.splitlines() if '"kv_cache_host_memory_bytes"' in x)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import pytest
 import torch
@@ -42,7 +43,7 @@ def test_rotary_and_cache_matches_the_reference() -> None:
     angles = torch.arange(64)[:, None].float() * torch.rand(dim // 2, generator=g)
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
 
-    def run(module):  # type: ignore[no-untyped-def]
+    def run(module: ModuleType) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv.clone().split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         q = q.view(tokens, heads, dim)
         k = k.view(tokens, kv_heads, dim)
@@ -133,7 +134,7 @@ def test_rotary_and_cache_writes_an_fp8_cache_with_per_vector_scales() -> None:
     angles = torch.arange(64)[:, None].float() * torch.rand(dim // 2, generator=g)
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
 
-    def run(module):  # type: ignore[no-untyped-def]
+    def run(module: ModuleType) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         caches = [torch.zeros(64, kv_heads, dim, dtype=torch.float8_e4m3fn) for _ in range(2)]
         scales = [torch.ones(64, kv_heads) for _ in range(2)]
         module.rotary_and_cache(

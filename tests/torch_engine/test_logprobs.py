@@ -4,6 +4,7 @@ float32 on CPU), for greedy and sampled tokens, with the top alternatives."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,10 @@ class Collector:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Engine:
+def engine(tiny_model: Path) -> Iterator[Engine]:
     built = build_engine(EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4))
     built.start()
-    yield built  # type: ignore[misc]
+    yield built
     built.stop()
 
 

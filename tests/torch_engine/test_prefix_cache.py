@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from cortex.config import ModelProfile
 from neuron_agent.repository import render
-from neuron_agent.torch_engine.checkpoint import read_spec
+from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -81,15 +82,15 @@ def text_ids(count: int, seed: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def spec(tiny_model: Path):  # type: ignore[no-untyped-def]
+def spec(tiny_model: Path) -> ModelSpec:
     return read_spec(tiny_model)
 
 
-def small_pool(spec, blocks: int, caching: bool = True) -> BlockPool:  # type: ignore[no-untyped-def]
+def small_pool(spec: ModelSpec, blocks: int, caching: bool = True) -> BlockPool:
     return BlockPool(spec, blocks * BLOCK, torch.float32, torch.device("cpu"), BLOCK, caching)
 
 
-def test_released_blocks_stay_cached_and_come_back_by_prefix(spec) -> None:  # type: ignore[no-untyped-def]
+def test_released_blocks_stay_cached_and_come_back_by_prefix(spec: ModelSpec) -> None:
     pool = small_pool(spec, 8)
     tokens = text_ids(3 * BLOCK + 5, seed=1)
     blocks, keys = pool.lookup(tokens)
@@ -110,7 +111,7 @@ def test_released_blocks_stay_cached_and_come_back_by_prefix(spec) -> None:  # t
     assert pool.lookup(shifted) == ([], [])
 
 
-def test_caching_off_reuses_nothing(spec) -> None:  # type: ignore[no-untyped-def]
+def test_caching_off_reuses_nothing(spec: ModelSpec) -> None:
     pool = small_pool(spec, 4, caching=False)
     tokens = text_ids(2 * BLOCK, seed=1)
     blocks: list[int] = []
@@ -122,7 +123,9 @@ def test_caching_off_reuses_nothing(spec) -> None:  # type: ignore[no-untyped-de
     assert pool.lookup(tokens) == ([], [])
 
 
-def test_cached_blocks_are_reclaimed_oldest_first_and_never_while_referenced(spec) -> None:  # type: ignore[no-untyped-def]
+def test_cached_blocks_are_reclaimed_oldest_first_and_never_while_referenced(
+    spec: ModelSpec,
+) -> None:
     pool = small_pool(spec, 6)
     held_tokens, old_tokens = text_ids(2 * BLOCK, seed=1), text_ids(2 * BLOCK, seed=2)
     for tokens in (old_tokens, held_tokens):
@@ -147,7 +150,7 @@ def test_cached_blocks_are_reclaimed_oldest_first_and_never_while_referenced(spe
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5 * BLOCK)), max_size=40))
 def test_pool_invariants_hold_under_any_sequence_of_operations(
-    spec,  # type: ignore[no-untyped-def]
+    spec: ModelSpec,
     operations: list[tuple[int, int]],
 ) -> None:
     """Every block is free, cached or referenced, never two of these; a referenced block is
@@ -181,7 +184,7 @@ def test_pool_invariants_hold_under_any_sequence_of_operations(
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_model: Path):  # type: ignore[no-untyped-def]
+def engines(tiny_model: Path) -> Iterator[tuple[Engine, Engine]]:
     on = build_engine(EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4))
     off = build_engine(
         EngineOptions(tiny_model, kv_cache_tokens=4096, max_batch_size=4, prefix_caching=False)
@@ -193,7 +196,9 @@ def engines(tiny_model: Path):  # type: ignore[no-untyped-def]
     off.stop()
 
 
-def test_greedy_output_is_the_same_with_the_cache_on_and_off(engines) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_output_is_the_same_with_the_cache_on_and_off(
+    engines: tuple[Engine, Engine],
+) -> None:
     on, off = engines
     shared = text_ids(300, seed=10)  # a system prompt every conversation shares
     turns = [shared + text_ids(40, seed=11)]
@@ -209,7 +214,9 @@ def test_greedy_output_is_the_same_with_the_cache_on_and_off(engines) -> None:  
     assert on.stats()["prefix_hit_tokens"] > 0
 
 
-def test_reported_reuse_is_the_shared_prefix_in_whole_blocks(engines) -> None:  # type: ignore[no-untyped-def]
+def test_reported_reuse_is_the_shared_prefix_in_whole_blocks(
+    engines: tuple[Engine, Engine],
+) -> None:
     on, _ = engines
     first = text_ids(13 * BLOCK, seed=20)  # whole blocks: the last one is recomputed
     finish(submit(on, first, 4))

@@ -6,6 +6,7 @@ step is exact. Priority 0 is interactive, 1 batch (smaller first, as Triton's pr
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
@@ -48,7 +49,7 @@ class Requests:
         return [s.request.request_id for s in self.engine._waiting]
 
 
-def engine_for(tiny_model: Path, **options: int) -> Engine:
+def engine_for(tiny_model: Path, **options: Any) -> Engine:
     return build_engine(EngineOptions(tiny_model, prefix_caching=False, **options))
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cortex.demo.smollm2 import gguf_path
-from neuron_agent.torch_engine import loader
+from neuron_agent.torch_engine import checkpoint, loader
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.loader import EngineOptions, build_engine
 from neuron_agent.torch_engine.parallel import Shard
@@ -151,7 +152,7 @@ def test_sampled_verification_is_distributed_as_sampling_one_token_at_a_time() -
 # ---------------------------------------------------------------------------- the engine
 
 
-def submit(engine: Engine, ids: list[int], max_new: int, **kwargs) -> Collector:  # type: ignore[no-untyped-def]
+def submit(engine: Engine, ids: list[int], max_new: int, **kwargs: Any) -> Collector:
     collector = Collector()
     kwargs.setdefault("end_ids", frozenset(engine.model.spec.eos_token_ids))
     engine.submit(
@@ -188,7 +189,7 @@ def parse_all(lines: list[str]) -> dict[str, str]:
 """
 
 
-def chat_prompt(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-def]
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(
         tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
@@ -196,7 +197,7 @@ def chat_prompt(tokenizer, text: str) -> list[int]:  # type: ignore[no-untyped-d
     )
 
 
-def prompts_for(tokenizer) -> list[list[int]]:  # type: ignore[no-untyped-def]
+def prompts_for(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     return [
         chat_prompt(tokenizer, f"Rewrite this file with parse renamed to split:\n\n{CODE}"),
         chat_prompt(tokenizer, "What is a list?"),
@@ -295,7 +296,7 @@ def test_sampled_tokens_are_distributed_as_the_models_logits_say(tiny_model: Pat
     engine = Engine(model, pool, max_batch_size=8, speculation=settings)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     prompt = tokenizer("the module and the class and the module and the class and the")["input_ids"]
-    params = {"temperature": 1.0, "top_k": 4}
+    params: dict[str, Any] = {"temperature": 1.0, "top_k": 4}
     engine.start()
     samples = 1200
     pairs: Counter[tuple[int, int]] = Counter()
@@ -336,7 +337,7 @@ def test_sampled_tokens_are_distributed_as_the_models_logits_say(tiny_model: Pat
 @pytest.fixture(scope="module")
 def smollm2_engines(smollm2_model: Path) -> Iterator[tuple[Engine, Engine]]:
     path = gguf_path(smollm2_model)
-    spec, tensors = loader.read_spec(path), loader.read_tensors(path)
+    spec, tensors = checkpoint.read_spec(path), checkpoint.read_tensors(path)
     engines = []
     with pytest.MonkeyPatch.context() as patch:  # the GGUF read once for both
         patch.setattr(loader, "read_spec", lambda _path: spec)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -157,9 +158,9 @@ def holds_its_shard_only(folder: Path, engine: Engine) -> None:
 def test_shapes_tp_cannot_split_are_refused_before_any_rank_starts(
     models: dict[str, Path], options: dict[str, object], message: str
 ) -> None:
-    arguments = {"tp": 2, **options}
+    arguments: dict[str, Any] = {"tp": 2, **options}
     with pytest.raises(UnsupportedCheckpoint, match=message):
-        build_engine(EngineOptions(models["qwen2"], **arguments))  # type: ignore[arg-type]
+        build_engine(EngineOptions(models["qwen2"], **arguments))
     assert not rank_processes()
 
 

@@ -52,18 +52,20 @@ def neuron(
         yield handle
 
 
-def call(neuron: NeuronHandle, method: str, path: str, **kwargs: object) -> httpx.Response:
-    return httpx.request(method, neuron.url + path, timeout=180, **kwargs)  # type: ignore[arg-type]
+def call(neuron: NeuronHandle, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, neuron.url + path, timeout=180, **kwargs)
 
 
 def status(neuron: NeuronHandle) -> dict[str, Any]:
-    return call(neuron, "GET", "/status").json()
+    report: dict[str, Any] = call(neuron, "GET", "/status").json()
+    return report
 
 
 def load(neuron: NeuronHandle, model: str) -> dict[str, Any]:
     response = call(neuron, "POST", "/models/load", json={"model": model})
     assert response.status_code == 200, response.text
-    return response.json()
+    loaded: dict[str, Any] = response.json()
+    return loaded
 
 
 def rank_processes(neuron: NeuronHandle) -> list[psutil.Process]:

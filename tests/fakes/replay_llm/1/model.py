@@ -33,13 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 from tokenizers import Tokenizer
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 
 
-def _input(request: Any, name: str) -> np.ndarray | None:
+def _input(request: Any, name: str) -> npt.NDArray[Any] | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy().reshape(-1)
 
