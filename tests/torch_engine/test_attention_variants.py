@@ -12,7 +12,10 @@ import torch
 from neuron_agent.torch_engine.kernels import reference
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
-triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+# Without the Triton compiler there is nothing to run; but the project's own kernel module must
+# import wherever Triton does: an ImportError in it is a failure, never a silent skip.
+pytest.importorskip("triton")
+from neuron_agent.torch_engine.kernels import triton_kernels  # noqa: E402
 
 BLOCK, KV_HEADS, GROUP, DIM = 16, 2, 4, 32
 TABLES = torch.tensor([[5, 2, 9, 0, 0], [1, 11, 3, 7, 4], [8, 0, 0, 0, 0]])

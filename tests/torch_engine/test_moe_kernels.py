@@ -15,7 +15,10 @@ from neuron_agent.torch_engine.kernels.reference import ExpertWeights
 from neuron_agent.torch_engine.moe import ExpertStack
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets it before imports"
-triton_kernels = pytest.importorskip("neuron_agent.torch_engine.kernels.triton_kernels")
+# Without the Triton compiler there is nothing to run; but the project's own kernel module must
+# import wherever Triton does: an ImportError in it is a failure, never a silent skip.
+pytest.importorskip("triton")
+from neuron_agent.torch_engine.kernels import triton_kernels  # noqa: E402
 
 EXPERTS, HIDDEN, WIDTH, TOP_K = 6, 64, 32, 2
 
