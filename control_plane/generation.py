@@ -334,6 +334,7 @@ async def _stream(
             bool(request.tools),
             request.parallel_tool_calls,
             tokenizer.harmony() if _harmony(prepared.entry) else None,
+            request.tools,
         ),
         len(prompt),
         prepared.max_tokens,

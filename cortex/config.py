@@ -383,6 +383,8 @@ class ToolCallFormat(enum.StrEnum):
     LLAMA3_JSON = "llama3_json"
     # gpt-oss: prompts rendered and output parsed by openai-harmony (control_plane/harmony.py)
     HARMONY = "harmony"
+    # Qwen3-Coder: <tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>
+    QWEN3_CODER = "qwen3_coder"
     NONE = "none"
 
 
