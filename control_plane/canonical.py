@@ -122,6 +122,9 @@ class Usage:
     completion_tokens: int
     # Of prompt_tokens, those the engine read from its prefix cache instead of computing.
     cached_prompt_tokens: int = 0
+    # Of completion_tokens, those the model spent reasoning (a `<think>` block, harmony's
+    # analysis channel).
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -174,8 +177,9 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ReasoningDelta:
-    """The model's reasoning (gpt-oss's analysis channel). The dialect encoders do not send it
-    yet: it is dropped there."""
+    """The model's reasoning (gpt-oss's analysis channel, Qwen3's `<think>` block), before its
+    answer: Anthropic `thinking` blocks (when the request asked for thinking), Chat Completions
+    `reasoning_content`, Responses `reasoning` items."""
 
     text: str
 

@@ -20,7 +20,7 @@ harmony checks it against the published file's SHA-256 before using it.
 
 A model whose `tool_call_format` is "harmony" is rendered here (`ModelTokenizer.render`) and
 its output token ids are parsed here (`output.Output` hands them over undecoded: harmony's
-channels are special tokens). The dialect encoders do not send `ReasoningDelta`s yet.
+channels are special tokens).
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ class HarmonyParser:
         self.parser = StreamableParser(harmony, role=Role.ASSISTANT)
         self.max_calls = max_calls
         self.calls = 0
+        self.reasoning_tokens = 0  # tokens of the analysis channel
         self._finished_messages = 0
 
     @property
@@ -211,6 +212,8 @@ class HarmonyParser:
             except HarmonyError:
                 # Malformed output (a model off its format): what it said so far stands.
                 break
+            if self.parser.current_channel == "analysis":
+                self.reasoning_tokens += 1
             events.extend(self._delta())
             events.extend(self._completed())
         return events

@@ -143,6 +143,14 @@ class ModelTokenizer:
             return list(encoded.ids)
         return self.memo.encode(conversation, str(text))
 
+    @property
+    def chat_template(self) -> str:
+        """The chat template's text (all of its named templates, when it has several)."""
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):
+            return "\n".join(str(text) for text in template.values())
+        return str(template or "")
+
     def is_token(self, text: str) -> bool:
         """Whether `text` is one token of the vocabulary (a tool-call tag, say)."""
         return self.backend.token_to_id(text) is not None

@@ -226,3 +226,16 @@ def test_stop_strings_apply_to_the_answer_not_the_reasoning(
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason is FinishReason.STOP_SEQUENCE
     assert finished.stop_sequence == "bring"
+
+
+def test_the_analysis_channel_is_counted_as_reasoning_tokens(
+    gpt_oss_tokenizer: ModelTokenizer, encoding: HarmonyEncoding
+) -> None:
+    events = output_of(gpt_oss_tokenizer, completion(encoding, ANSWER_TURN))
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    # The analysis message's text and the <|message|> that opens it; not the rest of its
+    # header, not the final message.
+    analysis = completion(encoding, "<|message|>It is 3 °C and cloudy; answer briefly.")
+    assert finished.usage.reasoning_tokens == len(analysis)
+    assert finished.usage.completion_tokens == len(completion(encoding, ANSWER_TURN))
