@@ -169,7 +169,10 @@ FIELDS: Mapping[Dialect, Mapping[str, Rule]] = {
         "tool_choice": honoured(),
         "output_config": honoured("format; effort is a no-op: " + _NO_BUDGET),
         "output_format": honoured("the structured-outputs beta's spelling of output_config"),
-        "thinking": no_op(_NO_BUDGET),
+        "thinking": honoured(
+            "enabled or adaptive: a reasoning model's reasoning as thinking blocks; the budget "
+            "is a no-op: " + _NO_BUDGET
+        ),
         "metadata": no_op(_NOTHING_KEPT),
         "cache_control": no_op(_CACHE_AUTOMATIC),
         "context_management": no_op("Claude Code's; the whole conversation is sent each turn"),

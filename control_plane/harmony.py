@@ -9,7 +9,7 @@ A harmony completion is a run of messages on channels:
     <|start|>assistant<|channel|>final<|message|>…the answer…<|return|>
 
 `analysis` becomes `ReasoningDelta`s (Anthropic `thinking` blocks, Responses `reasoning`
-items), `final` becomes `TextDelta`s, and a message addressed to `functions.NAME` a tool call
+items, Chat Completions `reasoning_content`), `final` becomes `TextDelta`s, and a message addressed to `functions.NAME` a tool call
 whose JSON arguments are checked before they are sent (as `tool_calls.py` does for the other
 formats). `<|return|>` and `<|call|>` end the completion (`stop_token_ids`).
 

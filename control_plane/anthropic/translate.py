@@ -8,6 +8,7 @@ consecutive turns of one role are merged, and a final assistant turn is a prefil
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -28,6 +29,7 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    ReasoningDelta,
     Started,
     TextDelta,
     Tool,
@@ -254,10 +256,46 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+class Thinking:
+    """What a request asked to see of the model's reasoning (its `thinking` field): nothing
+    (absent, disabled: clients such as Zed's parse no thinking block), the blocks, or the blocks
+    with their text left out (`display: "omitted"`)."""
+
+    def __init__(self, setting: dict[str, Any] | None) -> None:
+        setting = setting or {}
+        self.shown = setting.get("type") in ("enabled", "adaptive")
+        self.omitted = setting.get("display") == "omitted"
+
+
+def signature_for(thinking: str) -> str:
+    """A thinking block's `signature`. Anthropic's is an encrypted attestation of the thinking;
+    a local model has none, so cortex signs nothing: the signature is a SHA-256 digest of the
+    text, marked as such. Non-empty, because clients expect one, and sent back unchanged in
+    later turns, where the gateway reads neither the block nor its signature."""
+    return "cortex-sha256:" + hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def thinking_block(thinking: str, omitted: bool = False) -> dict[str, Any]:
+    shown = "" if omitted else thinking
+    return {"type": "thinking", "thinking": shown, "signature": signature_for(thinking)}
+
+
 def message_body(
-    message_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+    message_id: str,
+    model: str,
+    text: str,
+    calls: list[tuple[str, str, str]],
+    finished: Finished,
+    reasoning: str = "",
+    thinking: Thinking | None = None,
 ) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    """A whole message: its thinking block (when the request asked for thinking and the model
+    reasoned), its text, its tool_use blocks."""
+    content: list[dict[str, Any]] = []
+    if reasoning and thinking is not None and thinking.shown:
+        content.append(thinking_block(reasoning, thinking.omitted))
+    if text:
+        content.append({"type": "text", "text": text})
     content.extend(
         {"type": "tool_use", "id": tool_use_id_for(call_id), "name": name, "input": _tool_input(a)}
         for call_id, name, a in calls
@@ -287,20 +325,35 @@ class MessageStreamEncoder:
     """Canonical events → Anthropic SSE bytes: message_start, then each content block as
     start/deltas/stop in order, message_delta with the stop reason and usage, message_stop.
     Tool input goes only into `input_json_delta` fragments: clients ignore a block start's
-    `input`, so it is always `{}` there."""
+    `input`, so it is always `{}` there. Reasoning, when the request asked for thinking, is a
+    thinking block of `thinking_delta`s closed by one `signature_delta` (`signature_for`)."""
 
-    def __init__(self, message_id: str, model: str) -> None:
+    def __init__(self, message_id: str, model: str, thinking: Thinking | None = None) -> None:
         self.message_id = message_id
         self.model = model
+        self.thinking = thinking or Thinking(None)
         self.blocks = 0  # content blocks opened so far
         self.open: str | None = None  # kind of the open block
         self.tool_blocks: dict[int, int] = {}  # canonical call index → block index
+        self.thought: list[str] = []  # the open thinking block's text, for its signature
 
     def event(self, event: object) -> bytes:
         if isinstance(event, Started):
             return _sse("message_start", self._start(event))
         if isinstance(event, Waiting):
             return self.ping()
+        if isinstance(event, ReasoningDelta):
+            if not event.text or not self.thinking.shown:
+                return b""
+            out = b""
+            if self.open != "thinking":
+                out = self._open({"type": "thinking", "thinking": "", "signature": ""})
+                self.thought = []
+            self.thought.append(event.text)
+            if self.thinking.omitted:
+                return out
+            delta = {"type": "thinking_delta", "thinking": event.text}
+            return out + self._delta(self.blocks - 1, delta)
         if isinstance(event, TextDelta):
             if not event.text:
                 return b""
@@ -357,8 +410,14 @@ class MessageStreamEncoder:
     def _close(self) -> bytes:
         if self.open is None:
             return b""
+        out = b""
+        if self.open == "thinking":
+            signature = signature_for("".join(self.thought))
+            delta = {"type": "signature_delta", "signature": signature}
+            out = self._delta(self.blocks - 1, delta)
         self.open = None
-        return _sse("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
+        stop = {"type": "content_block_stop", "index": self.blocks - 1}
+        return out + _sse("content_block_stop", stop)
 
     @staticmethod
     def _delta(index: int, delta: dict[str, Any]) -> bytes:

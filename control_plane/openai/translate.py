@@ -11,6 +11,7 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    ReasoningDelta,
     TextDelta,
     TokenLogprob,
     Tool,
@@ -232,6 +233,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         # Of prompt_tokens, those read from the engine's prefix cache.
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        # Of completion_tokens, those the model spent reasoning.
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -242,8 +245,13 @@ def chat_completion(
     calls: list[tuple[str, str, str]],
     finished: Finished,
     logprobs: list[TokenLogprob] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
+    """A whole chat completion; a reasoning model's reasoning is the message's
+    `reasoning_content` (as vLLM, SGLang and DeepSeek send it, and Zed reads it)."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [
             {
@@ -275,7 +283,8 @@ def chat_completion(
 
 
 class ChunkEncoder:
-    """Canonical events → `chat.completion.chunk` SSE lines (bytes)."""
+    """Canonical events → `chat.completion.chunk` SSE lines (bytes); reasoning as
+    `delta.reasoning_content`."""
 
     def __init__(
         self, request_id: str, model: str, include_usage: bool, created: int | None = None
@@ -340,7 +349,11 @@ class ChunkEncoder:
                 return b""
             return self._text_head + json.dumps(event.text).encode() + self._text_tail
         delta: dict[str, Any]
-        if isinstance(event, ToolCallStart):
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return b""
+            delta = {"reasoning_content": event.text}
+        elif isinstance(event, ToolCallStart):
             delta = {
                 "tool_calls": [
                     {

@@ -365,7 +365,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "cache_write_tokens": 0,
         },
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
     }
 
@@ -375,6 +375,25 @@ def text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str
     if logprobs is not None:
         part["logprobs"] = logprobs_content(logprobs)
     return part
+
+
+def reasoning_item_id(message_id: str, number: int = 1) -> str:
+    """The id of a response's reasoning item, from its message id (`msg_…` → `rs_…`),
+    numbered after the first."""
+    item_id = "rs_" + message_id.removeprefix("msg_")
+    return item_id if number <= 1 else f"{item_id}_{number}"
+
+
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """A `reasoning` item: the model's reasoning as its content (the raw text, as gpt-oss's
+    open-weight serving returns it), no summary (nothing here writes one) and no
+    `encrypted_content` (there is nothing to keep hidden from the client)."""
+    content = [] if text is None else [reasoning_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
 def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -448,10 +467,16 @@ def response_body(
     finished: Finished,
     names: CallNames | None = None,
     logprobs: list[TokenLogprob] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
-    """A whole answer: its text as one message item, then one item per function call."""
+    """A whole answer: its reasoning as a reasoning item, its text as one message item, then
+    one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
-    output = [message_item(message_id, [text_part(text, logprobs)], status)] if text else []
+    output = []
+    if reasoning:
+        output.append(reasoning_item(reasoning_item_id(message_id), reasoning, "completed"))
+    if text:
+        output.append(message_item(message_id, [text_part(text, logprobs)], status))
     output.extend(
         call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls
