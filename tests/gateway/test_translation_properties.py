@@ -27,6 +27,7 @@ from control_plane.canonical import (
     Event,
     Finished,
     FinishReason,
+    ReasoningDelta,
     Started,
     TextDelta,
     ToolCallDelta,
@@ -251,6 +252,8 @@ def test_both_dialects_give_the_same_canonical_request(conversation: dict[str, A
 def event_streams(draw: st.DrawFn) -> list[Event]:
     prompt = draw(st.integers(0, 10_000))
     events: list[Event] = [Started("m", prompt)]
+    # A reasoning model's reasoning comes first, before any answer or call.
+    events.extend(ReasoningDelta(piece) for piece in draw(st.lists(text, max_size=3)))
     calls = 0
     for _ in range(draw(st.integers(0, 5))):
         if draw(st.booleans()):
@@ -277,7 +280,9 @@ def event_streams(draw: st.DrawFn) -> list[Event]:
             st.sampled_from([FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE])
         )
         sequence = draw(text) if reason is FinishReason.STOP_SEQUENCE else None
-    events.append(Finished(reason, Usage(prompt, draw(st.integers(0, 10_000))), sequence))
+    completion = draw(st.integers(0, 10_000))
+    usage = Usage(prompt, completion, reasoning_tokens=draw(st.integers(0, completion)))
+    events.append(Finished(reason, usage, sequence))
     return events
 
 
@@ -296,6 +301,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     finished = events[-1]
     assert isinstance(finished, Finished)
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     calls: dict[int, list[str]] = {}
     for event in events:
         if isinstance(event, ToolCallStart):
@@ -322,14 +328,24 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == finished.usage.prompt_tokens
     assert completion.usage.completion_tokens == finished.usage.completion_tokens
+    assert completion.usage.completion_tokens_details is not None
+    details = completion.usage.completion_tokens_details
+    assert details.reasoning_tokens == finished.usage.reasoning_tokens
+    assert (getattr(message, "reasoning_content", None) or "") == reasoning
 
-    anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m")
+    thinking = anthropic_translate.Thinking({"type": "enabled", "budget_tokens": 1024})
+    anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m", thinking)
     snapshot, buffers = None, {}  # type: ignore[var-annotated]
     for payload in sse_payloads(b"".join(anthropic_encoder.event(e) for e in events)):
         if payload["type"] != "ping":
             snapshot = accumulate_event(event=payload, current_snapshot=snapshot, json_bufs=buffers)  # type: ignore[arg-type]
     assert snapshot is not None
     assert "".join(b.text for b in snapshot.content if b.type == "text") == text
+    thought = [b for b in snapshot.content if b.type == "thinking"]
+    assert [(b.thinking, b.signature) for b in thought] == (
+        [(reasoning, anthropic_translate.signature_for(reasoning))] if reasoning else []
+    )
+    assert snapshot.content[: len(thought)] == thought  # before the text and the calls
     assert [
         (b.id.removeprefix("toolu_"), b.name, b.input)
         for b in snapshot.content
@@ -342,10 +358,18 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
 
     # The non-streamed bodies say the same.
     collected = [(i, n, a) for i, n, a in calls.values()]
-    body = openai_translate.chat_completion("chatcmpl-x", "m", text, collected, finished)
+    body = openai_translate.chat_completion(
+        "chatcmpl-x", "m", text, collected, finished, reasoning=reasoning
+    )
     assert (body["choices"][0]["message"]["content"] or "") == text
+    assert body["choices"][0]["message"].get("reasoning_content", "") == reasoning
     assert len(body["choices"][0]["message"].get("tool_calls", [])) == len(calls)
-    whole = anthropic_translate.message_body("msg_x", "m", text, collected, finished)
+    whole = anthropic_translate.message_body(
+        "msg_x", "m", text, collected, finished, reasoning, thinking
+    )
+    assert [b for b in whole["content"] if b["type"] == "thinking"] == [
+        b.model_dump() for b in thought
+    ]
     assert [b.get("input") for b in whole["content"] if b["type"] == "tool_use"] == [
         c[2] for c in expected_calls
     ]
