@@ -95,6 +95,10 @@ class ChatRequest:
     top_logprobs: int | None = None
     # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
     continue_final: bool = False
+    # Whether the client wants the model to reason before it answers: False turns a hybrid
+    # model's reasoning off (Qwen3's chat template reads `enable_thinking`), None leaves it to
+    # the model's default.
+    reasoning: bool | None = None
     # The raw prompt of a legacy completion: rendered as is, no chat template.
     raw_prompt: str | None = None
     request_id: str = ""

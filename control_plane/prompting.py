@@ -123,6 +123,11 @@ class ModelTokenizer:
         if request.raw_prompt is not None:
             return list(self.backend.encode(request.raw_prompt, add_special_tokens=False).ids)
         messages, tools, prefill = template_inputs(request)
+        # Qwen3's templates open an empty <think></think> when this is false; templates that
+        # do not read it ignore it.
+        switches: dict[str, Any] = {}
+        if request.reasoning is not None:
+            switches["enable_thinking"] = request.reasoning
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
@@ -130,6 +135,7 @@ class ModelTokenizer:
                 add_generation_prompt=not prefill,
                 continue_final_message=prefill,
                 tokenize=False,
+                **switches,
             )
         except TemplateError as error:  # the template's own `raise_exception` (say, roles)
             raise InvalidRequest(

@@ -15,7 +15,9 @@ generation prompt, so their completion starts inside the reasoning and shows onl
 tag: `starts_inside` says so.
 
 Which models reason is the catalogue's `reasoning` field; "auto" (the default) reads the chat
-template: one that knows `</think>` belongs to a model that may write it.
+template: one that knows the tags belongs to a model that may write them. Whether a hybrid
+model (Qwen3) reasons for a request is the request's (`ChatRequest.reasoning`, its template's
+`enable_thinking`); its output is split the same way either way.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ OPEN, CLOSE = "<think>", "</think>"
 
 
 def template_reasons(chat_template: str) -> bool:
-    """Whether a chat template belongs to a model that writes `<think>` reasoning."""
-    return CLOSE in chat_template
+    """Whether a chat template belongs to a model that writes `<think>` reasoning: it strips
+    the block from history turns, or opens it in the generation prompt."""
+    return CLOSE in chat_template or OPEN in chat_template
 
 
 def prompt_opens_reasoning(prompt_tail: str) -> bool:

@@ -391,7 +391,7 @@ class ToolCallFormat(enum.StrEnum):
 class ReasoningFormat(enum.StrEnum):
     """How a model writes its reasoning before its answer (control_plane/reasoning.py)."""
 
-    AUTO = "auto"  # `think` when its chat template knows </think>, else `none`
+    AUTO = "auto"  # `think` when its chat template knows <think> or </think>, else `none`
     THINK = "think"  # <think>…</think> (Qwen3, QwQ, DeepSeek-R1)
     NONE = "none"  # it does not: its output is all answer
 

@@ -224,6 +224,9 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
         parallel_tool_calls=parallel,
         output_format=answer_format,
         continue_final=last is not None and last.role == "assistant" and not last.tool_calls,
+        # As on Anthropic's API, a model thinks only when asked to (its thinking is sent only
+        # then): a hybrid model is told not to otherwise.
+        reasoning=Thinking(body.thinking).shown,
         request_id=request_id,
         **generation,
     )

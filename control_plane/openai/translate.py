@@ -99,8 +99,18 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         parallel_tool_calls=body.parallel_tool_calls,
         output_format=output_format(body.response_format, "response_format"),
         top_logprobs=_top_logprobs(body),
+        reasoning=wants_reasoning(body.reasoning_effort),
         request_id=request_id,
     )
+
+
+def wants_reasoning(effort: Any) -> bool | None:
+    """A reasoning effort as the model can take it: "none" turns a hybrid model's reasoning
+    off, any other effort on (the models served here have no budget to scale), none given
+    leaves it to the model."""
+    if effort is None:
+        return None
+    return effort != "none"
 
 
 def _tools(tools: list[ToolSpec] | None) -> tuple[Tool, ...]:

@@ -31,7 +31,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import InvalidRequest
 from control_plane.hosted_tools import is_hosted
-from control_plane.openai.translate import call_id_for, logprobs_content
+from control_plane.openai.translate import call_id_for, logprobs_content, wants_reasoning
 from control_plane.responses.protocol import (
     CustomTool,
     CustomToolCallItem,
@@ -318,6 +318,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
             "seed": body.seed,
             "stop": _stops(body.stop),
             "top_logprobs": _top_logprobs(body),
+            "reasoning": wants_reasoning((body.reasoning or {}).get("effort")),
         }
     return ChatRequest(
         model=body.model,

@@ -5,13 +5,35 @@ line before the answer)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
 from hypothesis import given
 
-from control_plane.canonical import Event, Finished, ReasoningDelta, TextDelta, ToolCallStart
+from control_plane.anthropic.protocol import MessagesRequest
+from control_plane.anthropic.translate import chat_request as anthropic_request
+from control_plane.canonical import (
+    ChatRequest,
+    Event,
+    Finished,
+    Message,
+    ReasoningDelta,
+    TextDelta,
+    ToolCallStart,
+)
+from control_plane.generation import think_splitter
+from control_plane.openai.protocol import ChatCompletionRequest
+from control_plane.openai.translate import chat_request as openai_request
 from control_plane.output import Output
-from control_plane.prompting import StopMatcher
-from control_plane.reasoning import ThinkSplitter, prompt_opens_reasoning, template_reasons
+from control_plane.prompting import ModelTokenizer, StopMatcher
+from control_plane.reasoning import Phase, ThinkSplitter, prompt_opens_reasoning, template_reasons
+from control_plane.responses.protocol import ResponsesRequest
+from control_plane.responses.translate import chat_request as responses_request
 from control_plane.tool_calls import parser_for
+from cortex.config import ModelProfile, ReasoningFormat
+from cortex.neuron_api import CatalogueEntry, TokenizerFiles
 from tests.gateway.test_output import ByteDecoder, tokens_of
 from tests.gateway.test_tool_calls import splits
 
@@ -110,3 +132,94 @@ def test_reasoning_tokens_are_the_tokens_up_to_the_closing_tag() -> None:
     # A byte a token: every byte of the block (tags included) is a reasoning token.
     assert finished.usage.reasoning_tokens == thinking_bytes
     assert finished.usage.completion_tokens == len(QWEN3.encode())
+
+
+# ---- whether a model reasons, from its template and the request --------------------------------
+
+# Qwen3's chat template, cut to what decides reasoning: hybrid models open an empty block when
+# asked not to think; thinking-only models (…-Thinking-2507) always open one.
+QWEN3_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+THINKING_TEMPLATE = QWEN3_TEMPLATE.replace(
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}",
+    "{{- '<think>\\n' }}",
+)
+
+
+def tokenizer_with(tiny_model: Path, template: str) -> ModelTokenizer:
+    files = {n: (tiny_model / n).read_text() for n in ("tokenizer.json", "tokenizer_config.json")}
+    config = json.loads(files["tokenizer_config.json"])
+    config["chat_template"] = template
+    files["tokenizer_config.json"] = json.dumps(config)
+    return ModelTokenizer(
+        TokenizerFiles(
+            model="qwen3", files=files, context_length=4096, eos_token_ids=[2], pad_token_id=0
+        )
+    )
+
+
+def entry(reasoning: ReasoningFormat = ReasoningFormat.AUTO) -> CatalogueEntry:
+    profile = ModelProfile(name="qwen3", source="/models/qwen3", reasoning=reasoning)
+    return CatalogueEntry(profile=profile, estimated_bytes=1, context_length=4096)
+
+
+def test_a_hybrid_model_told_not_to_reason_gets_an_empty_block(tiny_model: Path) -> None:
+    tokenizer = tokenizer_with(tiny_model, QWEN3_TEMPLATE)
+    asked = ChatRequest("qwen3", (Message("user", "Hi"),))
+    for reasoning, ending in ((None, "assistant\n"), (False, "<think>\n\n</think>\n\n")):
+        request = replace(asked, reasoning=reasoning)
+        prompt = tokenizer.render(request)
+        assert tokenizer.decode(prompt).endswith(ending)
+        splitter = think_splitter(entry(), tokenizer, request, prompt)
+        assert splitter is not None and splitter.state is Phase.START  # the template knows it
+
+
+def test_a_thinking_only_model_starts_inside_its_reasoning(tiny_model: Path) -> None:
+    tokenizer = tokenizer_with(tiny_model, THINKING_TEMPLATE)
+    request = ChatRequest("qwen3", (Message("user", "Hi"),), reasoning=False)
+    prompt = tokenizer.render(request)
+    splitter = think_splitter(entry(), tokenizer, request, prompt)
+    assert splitter is not None and splitter.state is Phase.INSIDE
+
+
+def test_the_catalogue_decides_over_the_template(tiny_model: Path) -> None:
+    plain = tokenizer_with(tiny_model, "{{ messages[0].content }}")
+    request = ChatRequest("qwen3", (Message("user", "Hi"),))
+    prompt = plain.render(request)
+    assert think_splitter(entry(), plain, request, prompt) is None
+    assert think_splitter(entry(ReasoningFormat.THINK), plain, request, prompt) is not None
+    qwen3 = tokenizer_with(tiny_model, QWEN3_TEMPLATE)
+    assert think_splitter(entry(ReasoningFormat.NONE), qwen3, request, prompt) is None
+
+
+def test_each_dialect_says_whether_the_model_should_reason() -> None:
+    def anthropic(**body: Any) -> bool | None:
+        request = {"model": "m", "max_tokens": 9, "messages": [{"role": "user", "content": "x"}]}
+        return anthropic_request(MessagesRequest.model_validate({**request, **body}), "r").reasoning
+
+    assert anthropic() is False  # as on Anthropic's API: no thinking unless asked
+    assert anthropic(thinking={"type": "disabled"}) is False
+    assert anthropic(thinking={"type": "adaptive"}) is True
+
+    def chat(**body: Any) -> bool | None:
+        request = {"model": "m", "messages": [{"role": "user", "content": "x"}], **body}
+        return openai_request(ChatCompletionRequest.model_validate(request), "r").reasoning
+
+    assert (chat(), chat(reasoning_effort="none"), chat(reasoning_effort="low")) == (
+        None,
+        False,
+        True,
+    )
+
+    def responses(**body: Any) -> bool | None:
+        request = ResponsesRequest.model_validate({"model": "m", "input": "x", **body})
+        return responses_request(request, "r").reasoning
+
+    assert responses() is None
+    assert responses(reasoning={"effort": "none"}) is False
+    assert responses(reasoning={"effort": "high", "summary": "auto"}) is True
