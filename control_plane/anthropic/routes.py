@@ -46,7 +46,7 @@ async def messages(request: Request) -> HTTPResponse | None:
     chat = translate.chat_request(body, request.ctx.request_id)
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "anthropic")
-        thinking = translate.Thinking(body.thinking)
+        thinking = translate.Thinking.asked(body.thinking)
         if not body.stream:
             reasoning: list[str] = []
             text, calls, finished = await collect(events, reasoning=reasoning)
@@ -63,7 +63,7 @@ async def _stream(
     request: Request, body: MessagesRequest, message_id: str, events: AsyncGenerator[Event, None]
 ) -> None:
     encoder = translate.MessageStreamEncoder(
-        message_id, body.model, translate.Thinking(body.thinking)
+        message_id, body.model, translate.Thinking.asked(body.thinking)
     )
 
     def error(cause: CortexError) -> bytes:

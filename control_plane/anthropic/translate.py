@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from control_plane.anthropic.protocol import (
@@ -226,7 +227,7 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
         continue_final=last is not None and last.role == "assistant" and not last.tool_calls,
         # As on Anthropic's API, a model thinks only when asked to (its thinking is sent only
         # then): a hybrid model is told not to otherwise.
-        reasoning=Thinking(body.thinking).shown,
+        reasoning=Thinking.asked(body.thinking).shown,
         request_id=request_id,
         **generation,
     )
@@ -259,15 +260,20 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@dataclass(frozen=True)
 class Thinking:
     """What a request asked to see of the model's reasoning (its `thinking` field): nothing
     (absent, disabled: clients such as Zed's parse no thinking block), the blocks, or the blocks
     with their text left out (`display: "omitted"`)."""
 
-    def __init__(self, setting: dict[str, Any] | None) -> None:
+    shown: bool = False
+    omitted: bool = False
+
+    @classmethod
+    def asked(cls, setting: dict[str, Any] | None) -> Thinking:
         setting = setting or {}
-        self.shown = setting.get("type") in ("enabled", "adaptive")
-        self.omitted = setting.get("display") == "omitted"
+        shown = setting.get("type") in ("enabled", "adaptive")
+        return cls(shown, shown and setting.get("display") == "omitted")
 
 
 def signature_for(thinking: str) -> str:
@@ -334,7 +340,7 @@ class MessageStreamEncoder:
     def __init__(self, message_id: str, model: str, thinking: Thinking | None = None) -> None:
         self.message_id = message_id
         self.model = model
-        self.thinking = thinking or Thinking(None)
+        self.thinking = thinking or Thinking()
         self.blocks = 0  # content blocks opened so far
         self.open: str | None = None  # kind of the open block
         self.tool_blocks: dict[int, int] = {}  # canonical call index → block index

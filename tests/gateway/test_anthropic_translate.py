@@ -196,7 +196,7 @@ def test_inline_system_messages_fold_in_place() -> None:
 
 
 def test_omitted_thinking_is_a_signed_block_without_its_text() -> None:
-    thinking = Thinking({"type": "adaptive", "display": "omitted"})
+    thinking = Thinking.asked({"type": "adaptive", "display": "omitted"})
     encoder = MessageStreamEncoder("msg_1", "m", thinking)
     out = encoder.event(Started("m", 3)) + encoder.event(ReasoningDelta("secret plan"))
     out += encoder.event(TextDelta("Hi.")) + encoder.event(Finished(FinishReason.STOP, Usage(3, 4)))

@@ -335,7 +335,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     assert details.reasoning_tokens == finished.usage.reasoning_tokens
     assert (getattr(message, "reasoning_content", None) or "") == reasoning
 
-    thinking = anthropic_translate.Thinking({"type": "enabled", "budget_tokens": 1024})
+    thinking = anthropic_translate.Thinking.asked({"type": "enabled", "budget_tokens": 1024})
     anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m", thinking)
     snapshot, buffers = None, {}  # type: ignore[var-annotated]
     for payload in sse_payloads(b"".join(anthropic_encoder.event(e) for e in events)):
