@@ -26,6 +26,10 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # An assistant turn's reasoning, as a client sends it back (Chat `reasoning_content`,
+    # Anthropic `thinking` blocks): templates that keep it (Qwen3's, within a tool loop; harmony
+    # for calls) render it, so the prompt is what the model wrote.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)

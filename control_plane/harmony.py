@@ -158,6 +158,12 @@ def _messages(message: Message, calls: dict[str, str]) -> list[HarmonyMessage]:
         return [HarmonyMessage.from_role_and_content(Role.USER, message.content)]
     if message.role == "assistant":
         rendered = []
+        if message.reasoning:  # harmony keeps it before calls, drops it before an answer
+            rendered.append(
+                HarmonyMessage.from_role_and_content(
+                    Role.ASSISTANT, message.reasoning
+                ).with_channel("analysis")
+            )
         if message.content:
             rendered.append(
                 HarmonyMessage.from_role_and_content(Role.ASSISTANT, message.content).with_channel(

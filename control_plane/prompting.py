@@ -355,6 +355,8 @@ def _template_message(message: Message) -> dict[str, Any]:
             }
             for call in message.tool_calls
         ]
+    if message.reasoning:
+        rendered["reasoning_content"] = message.reasoning
     if message.tool_call_id:
         rendered["tool_call_id"] = message.tool_call_id
     if message.name:

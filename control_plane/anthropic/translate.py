@@ -21,6 +21,7 @@ from control_plane.anthropic.protocol import (
     ImageBlock,
     MessagesRequest,
     TextBlock,
+    ThinkingBlock,
     ToolParam,
     ToolResultBlock,
     ToolUseBlock,
@@ -78,7 +79,8 @@ def _block_text(block: ContentBlock, path: str) -> str | None:
         else:
             raise InvalidRequest(f"{path}: only text documents are supported", f"{path}.source")
         return f"{block.title}\n\n{text}" if block.title else text
-    # thinking, redacted_thinking, server-tool results, …: nothing a local model can read.
+    # redacted_thinking, server-tool results, …: nothing a local model can read (an assistant
+    # turn's thinking is read apart, as its reasoning: `_turns`).
     return None
 
 
@@ -110,18 +112,29 @@ def _turns(body: Conversation) -> list[Message]:
         if turn.role == "system":
             messages.append(Message(role="system", content=_joined(turn.content, path)))
         elif turn.role == "assistant":
-            texts, calls = [], []
+            texts, calls, thoughts = [], [], []
             for index, block in enumerate(turn.content):
                 if isinstance(block, ToolUseBlock):
                     tool_names[block.id] = block.name
                     arguments = json.dumps(block.input, ensure_ascii=False, separators=(",", ":"))
                     calls.append(ToolCall(block.id, block.name, arguments))
+                elif isinstance(block, ThinkingBlock):
+                    # Echoed thinking: its text goes back into the prompt, its signature is
+                    # not read (cortex's are digests, not attestations; `signature_for`).
+                    thought = (block.model_extra or {}).get("thinking")
+                    if block.type == "thinking" and isinstance(thought, str) and thought:
+                        thoughts.append(thought)
                 else:
                     text = _block_text(block, f"{path}.{index}")
                     if text:
                         texts.append(text)
             messages.append(
-                Message(role="assistant", content="\n\n".join(texts), tool_calls=tuple(calls))
+                Message(
+                    role="assistant",
+                    content="\n\n".join(texts),
+                    tool_calls=tuple(calls),
+                    reasoning="\n\n".join(thoughts),
+                )
             )
         else:
             texts = []
@@ -158,7 +171,13 @@ def _merge_same_role(messages: list[Message]) -> list[Message]:
             and not previous.tool_calls
         ):
             content = "\n\n".join(t for t in (previous.content, message.content) if t)
-            merged[-1] = Message(role=message.role, content=content, tool_calls=message.tool_calls)
+            reasoning = "\n\n".join(t for t in (previous.reasoning, message.reasoning) if t)
+            merged[-1] = Message(
+                role=message.role,
+                content=content,
+                tool_calls=message.tool_calls,
+                reasoning=reasoning,
+            )
         else:
             merged.append(message)
     return merged

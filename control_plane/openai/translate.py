@@ -65,6 +65,16 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+def _echoed_reasoning(message: ChatMessage) -> str:
+    """An assistant message's reasoning as clients send it back: `reasoning_content` (what
+    cortex sends; DeepSeek, Zed) or vLLM's newer `reasoning`."""
+    extra = message.model_extra or {}
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(extra.get(key), str) and extra[key]:
+            return str(extra[key])
+    return ""
+
+
 def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
     messages = []
     for index, message in enumerate(body.messages):
@@ -80,6 +90,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
                 tool_calls=calls,
                 tool_call_id=message.tool_call_id,
                 name=message.name,
+                reasoning=_echoed_reasoning(message),
             )
         )
     choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))

@@ -223,3 +223,39 @@ def test_each_dialect_says_whether_the_model_should_reason() -> None:
     assert responses() is None
     assert responses(reasoning={"effort": "none"}) is False
     assert responses(reasoning={"effort": "high", "summary": "auto"}) is True
+
+
+# Qwen3's template renders an assistant turn's `reasoning_content` inside a tool loop.
+ECHO_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.reasoning_content %}{{- '<think>\\n' + m.reasoning_content + '\\n</think>\\n\\n' }}"
+    "{%- endif %}{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+)
+
+
+def test_reasoning_sent_back_reaches_the_template(tiny_model: Path) -> None:
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "reasoning_content": THOUGHT},
+    ]
+    chat = openai_request(
+        ChatCompletionRequest.model_validate({"model": "m", "messages": history}), "r"
+    )
+    thinking = {"type": "thinking", "thinking": THOUGHT, "signature": "cortex-sha256:00"}
+    turns = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [thinking, {"type": "text", "text": "Checking."}]},
+        {"role": "assistant", "content": [{"type": "redacted_thinking", "data": "opaque"}]},
+        {"role": "user", "content": "Go on."},
+    ]
+    claude = anthropic_request(
+        MessagesRequest.model_validate({"model": "m", "max_tokens": 9, "messages": turns}), "r"
+    )
+    assert chat.messages[1].reasoning == THOUGHT
+    assert [(m.role, m.reasoning) for m in claude.messages[:2]] == [
+        ("user", ""),
+        ("assistant", THOUGHT),
+    ]
+    tokenizer = tokenizer_with(tiny_model, ECHO_TEMPLATE)
+    rendered = tokenizer.decode(tokenizer.render(chat))
+    assert f"assistant\n<think>\n{THOUGHT}\n</think>\n\nChecking." in rendered
