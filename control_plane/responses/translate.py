@@ -4,8 +4,9 @@ output items (the stream encoder in `stream` builds its events from the same pie
 Conversation rules: `instructions` is the leading system message, `developer` turns are system
 turns, `function_call` (and `custom_tool_call`) items join the assistant turn just before them
 (what Chat spells as one assistant message with `tool_calls`), each call's output is a tool
-message, and `reasoning` items are accepted and left out (a local model cannot read another
-model's reasoning). Server-side state — `previous_response_id`, `conversation`, stored prompts,
+message, and a `reasoning` item's text (the `reasoning_text` content cortex sends) is the
+reasoning of the assistant turn after it; one with only encrypted content or a summary
+(another model's) is accepted and left out. Server-side state — `previous_response_id`, `conversation`, stored prompts,
 background runs — and built-in tools cortex cannot run are refused with a 400 that names the
 field.
 """
@@ -45,6 +46,7 @@ from control_plane.responses.protocol import (
     NamespaceTool,
     OtherItem,
     Parts,
+    ReasoningItem,
     ResponsesRequest,
     ToolParam,
 )
@@ -131,13 +133,17 @@ def _parts_text(parts: Parts, path: str) -> str:
 def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]:
     messages: list[Message] = [Message(role="system", content=instructions)] if instructions else []
     tool_names: dict[str, str] = {}
+    reasoning = ""  # a reasoning item's text, for the assistant turn that follows it
     for index, item in enumerate(items):
         path = f"input[{index}]"
         if isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
-            messages.append(
-                Message(role=role, content=_parts_text(item.content, f"{path}.content"))
-            )
+            text = _parts_text(item.content, f"{path}.content")
+            if role == "assistant":
+                messages.append(Message(role=role, content=text, reasoning=reasoning))
+                reasoning = ""
+            else:
+                messages.append(Message(role=role, content=text))
         elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             name = qualified(item.namespace, item.name) if item.namespace else item.name
             tool_names[item.call_id] = name
@@ -154,9 +160,11 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                     role="assistant",
                     content=previous.content,
                     tool_calls=(*previous.tool_calls, call),
+                    reasoning="\n\n".join(t for t in (previous.reasoning, reasoning) if t),
                 )
             else:
-                messages.append(Message(role="assistant", tool_calls=(call,)))
+                messages.append(Message(role="assistant", tool_calls=(call,), reasoning=reasoning))
+            reasoning = ""
         elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append(
                 Message(
@@ -172,8 +180,21 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                 "tools only and keeps no stored items)",
                 f"{path}.type",
             )
-        # reasoning items: accepted, and nothing a local model can read.
+        elif isinstance(item, ReasoningItem):
+            reasoning = "\n\n".join(t for t in (reasoning, _reasoning_text(item)) if t)
     return messages
+
+
+def _reasoning_text(item: ReasoningItem) -> str:
+    """The text of a reasoning item sent back: its `reasoning_text` content (what cortex
+    sends); one with only encrypted content or a summary (another model's) gives none."""
+    parts = (item.model_extra or {}).get("content") or []
+    texts = [
+        str(part.get("text", ""))
+        for part in parts
+        if isinstance(part, dict) and part.get("type") == "reasoning_text"
+    ]
+    return "".join(texts)
 
 
 def _custom_description(tool: CustomTool) -> str:

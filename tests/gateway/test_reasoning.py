@@ -259,3 +259,28 @@ def test_reasoning_sent_back_reaches_the_template(tiny_model: Path) -> None:
     tokenizer = tokenizer_with(tiny_model, ECHO_TEMPLATE)
     rendered = tokenizer.decode(tokenizer.render(chat))
     assert f"assistant\n<think>\n{THOUGHT}\n</think>\n\nChecking." in rendered
+
+
+def test_a_reasoning_item_sent_back_belongs_to_the_turn_after_it() -> None:
+    items = [
+        {"type": "message", "role": "user", "content": "Weather in Paris?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+        {
+            "type": "reasoning",
+            "id": "rs_2",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": THOUGHT}],
+        },
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        {"type": "message", "role": "assistant", "content": "Sunny."},
+    ]
+    request = responses_request(
+        ResponsesRequest.model_validate({"model": "m", "input": items}), "r"
+    )
+    assert [(m.role, m.reasoning) for m in request.messages] == [
+        ("user", ""),
+        ("assistant", THOUGHT),
+        ("tool", ""),
+        ("assistant", ""),
+    ]
