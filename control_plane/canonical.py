@@ -26,6 +26,10 @@ class Message:
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    # An assistant turn's reasoning, as a client sends it back (Chat `reasoning_content`,
+    # Anthropic `thinking` blocks): templates that keep it (Qwen3's, within a tool loop; harmony
+    # for calls) render it, so the prompt is what the model wrote.
+    reasoning: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,10 @@ class ChatRequest:
     top_logprobs: int | None = None
     # The last message is an assistant turn to continue (Anthropic prefill), not a finished one.
     continue_final: bool = False
+    # Whether the client wants the model to reason before it answers: False turns a hybrid
+    # model's reasoning off (Qwen3's chat template reads `enable_thinking`), None leaves it to
+    # the model's default.
+    reasoning: bool | None = None
     # The raw prompt of a legacy completion: rendered as is, no chat template.
     raw_prompt: str | None = None
     request_id: str = ""
@@ -122,6 +130,9 @@ class Usage:
     completion_tokens: int
     # Of prompt_tokens, those the engine read from its prefix cache instead of computing.
     cached_prompt_tokens: int = 0
+    # Of completion_tokens, those the model spent reasoning (a `<think>` block, harmony's
+    # analysis channel).
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -174,8 +185,9 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ReasoningDelta:
-    """The model's reasoning (gpt-oss's analysis channel). The dialect encoders do not send it
-    yet: it is dropped there."""
+    """The model's reasoning (gpt-oss's analysis channel, Qwen3's `<think>` block), before its
+    answer: Anthropic `thinking` blocks (when the request asked for thinking), Chat Completions
+    `reasoning_content`, Responses `reasoning` items."""
 
     text: str
 

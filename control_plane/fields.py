@@ -58,6 +58,10 @@ _ABUSE_ID = "an end-user id for the provider's abuse tracking; none runs here"
 _ONE_TIER = "one service tier: every request is served alike"
 _CACHE_AUTOMATIC = "the prefix cache is automatic; routing follows the conversation's prefix"
 _NO_BUDGET = "the models served here have no reasoning budget to set"
+_EFFORT = (
+    "\"none\" turns a hybrid model's reasoning off (Qwen3's enable_thinking), another effort "
+    "on; " + _NO_BUDGET
+)
 _NO_MODERATION = "no moderation runs here, so none can be asked for"
 
 _SHARED_OPENAI: dict[str, Rule] = {
@@ -101,7 +105,7 @@ FIELDS: Mapping[Dialect, Mapping[str, Rule]] = {
         "prompt_cache_key": no_op(_CACHE_AUTOMATIC),
         "prompt_cache_options": no_op(_CACHE_AUTOMATIC),
         "prompt_cache_retention": no_op(_CACHE_AUTOMATIC),
-        "reasoning_effort": no_op(_NO_BUDGET),
+        "reasoning_effort": honoured(_EFFORT),
         "safety_identifier": no_op(_ABUSE_ID),
         "service_tier": no_op(_ONE_TIER),
     },
@@ -135,7 +139,7 @@ FIELDS: Mapping[Dialect, Mapping[str, Rule]] = {
         ),
         "store": no_op(_NOTHING_KEPT + "; answered with store: false"),
         "metadata": no_op("echoed in the response; " + _NOTHING_KEPT),
-        "reasoning": no_op(_NO_BUDGET),
+        "reasoning": honoured("effort: " + _EFFORT + "; summary: the reasoning itself is sent"),
         "prompt_cache_key": no_op(_CACHE_AUTOMATIC),
         "prompt_cache_options": no_op(_CACHE_AUTOMATIC),
         "prompt_cache_retention": no_op(_CACHE_AUTOMATIC),
@@ -169,7 +173,10 @@ FIELDS: Mapping[Dialect, Mapping[str, Rule]] = {
         "tool_choice": honoured(),
         "output_config": honoured("format; effort is a no-op: " + _NO_BUDGET),
         "output_format": honoured("the structured-outputs beta's spelling of output_config"),
-        "thinking": no_op(_NO_BUDGET),
+        "thinking": honoured(
+            "enabled or adaptive: a hybrid model reasons (else it is told not to), its reasoning "
+            "sent as thinking blocks; the budget is a no-op: " + _NO_BUDGET
+        ),
         "metadata": no_op(_NOTHING_KEPT),
         "cache_control": no_op(_CACHE_AUTOMATIC),
         "context_management": no_op("Claude Code's; the whole conversation is sent each turn"),

@@ -25,6 +25,7 @@ from control_plane.canonical import (
     ChatRequest,
     Event,
     Finished,
+    ReasoningDelta,
     Started,
     TextDelta,
     TokenLogprob,
@@ -48,12 +49,13 @@ from control_plane.node_client import GenerationParams, TokenLogprobs
 from control_plane.output import Output
 from control_plane.pacing import Paced
 from control_plane.prompting import ModelTokenizer, StopMatcher
+from control_plane.reasoning import ThinkSplitter, prompt_opens_reasoning, template_reasons
 from control_plane.request_record import RequestRecord
 from control_plane.routing import conversation_key
 from control_plane.structured import Guide, check, check_logprobs, guide_for
 from control_plane.tool_calls import CLOSE, OPEN, parser_for
 from cortex import logs
-from cortex.config import EngineKind, KeyPriority, ToolCallFormat
+from cortex.config import EngineKind, KeyPriority, ReasoningFormat, ToolCallFormat
 from cortex.neuron_api import CatalogueEntry, RequestOutcome
 
 T = TypeVar("T")
@@ -198,6 +200,20 @@ def _harmony(entry: CatalogueEntry) -> bool:
     return entry.profile.tool_call_format is ToolCallFormat.HARMONY
 
 
+def think_splitter(
+    entry: CatalogueEntry, tokenizer: ModelTokenizer, request: ChatRequest, prompt: list[int]
+) -> ThinkSplitter | None:
+    """The `<think>` splitter for a model that writes its reasoning inline (the catalogue's
+    `reasoning`, or its chat template when that is "auto"); None for harmony models (their
+    parser splits), a raw completion (its text is returned as written) and other models."""
+    setting = entry.profile.reasoning
+    if _harmony(entry) or request.raw_prompt is not None or setting is ReasoningFormat.NONE:
+        return None
+    if setting is ReasoningFormat.AUTO and not template_reasons(tokenizer.chat_template):
+        return None
+    return ThinkSplitter(starts_inside=prompt_opens_reasoning(tokenizer.decode(prompt[-8:])))
+
+
 async def generate(
     fleet: Fleet, metrics: GatewayMetrics, request: ChatRequest, api: str
 ) -> AsyncGenerator[Event, None]:
@@ -334,9 +350,11 @@ async def _stream(
             bool(request.tools),
             request.parallel_tool_calls,
             tokenizer.harmony() if _harmony(prepared.entry) else None,
+            request.tools,
         ),
         len(prompt),
         prepared.max_tokens,
+        think_splitter(prepared.entry, tokenizer, request, prompt),
     )
     if prepared.entry.profile.engine is EngineKind.TRTLLM:
         params = replace(params, return_perf_metrics=True)  # its prefix-cache reuse
@@ -432,10 +450,13 @@ def _retryable(error: CortexError, record: RequestRecord, deadline: float) -> bo
 
 
 async def collect(
-    events: AsyncIterator[Event], logprobs: list[TokenLogprob] | None = None
+    events: AsyncIterator[Event],
+    logprobs: list[TokenLogprob] | None = None,
+    reasoning: list[str] | None = None,
 ) -> tuple[str, list[tuple[str, str, str]], Finished]:
     """A whole answer: (text, [(call id, name, arguments)], finish) for non-streaming replies;
-    the tokens' logprobs are added to `logprobs` when given."""
+    the tokens' logprobs are added to `logprobs` and the model's reasoning to `reasoning`, when
+    given."""
     text: list[str] = []
     calls: dict[int, list[str]] = {}
     finished: Finished | None = None
@@ -444,6 +465,9 @@ async def collect(
             text.append(event.text)
             if logprobs is not None:
                 logprobs.extend(event.logprobs)
+        elif isinstance(event, ReasoningDelta):
+            if reasoning is not None:
+                reasoning.append(event.text)
         elif isinstance(event, ToolCallStart):
             calls[event.index] = [event.id, event.name, ""]
         elif isinstance(event, ToolCallDelta):

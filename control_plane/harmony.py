@@ -9,7 +9,7 @@ A harmony completion is a run of messages on channels:
     <|start|>assistant<|channel|>final<|message|>…the answer…<|return|>
 
 `analysis` becomes `ReasoningDelta`s (Anthropic `thinking` blocks, Responses `reasoning`
-items), `final` becomes `TextDelta`s, and a message addressed to `functions.NAME` a tool call
+items, Chat Completions `reasoning_content`), `final` becomes `TextDelta`s, and a message addressed to `functions.NAME` a tool call
 whose JSON arguments are checked before they are sent (as `tool_calls.py` does for the other
 formats). `<|return|>` and `<|call|>` end the completion (`stop_token_ids`).
 
@@ -20,7 +20,7 @@ harmony checks it against the published file's SHA-256 before using it.
 
 A model whose `tool_call_format` is "harmony" is rendered here (`ModelTokenizer.render`) and
 its output token ids are parsed here (`output.Output` hands them over undecoded: harmony's
-channels are special tokens). The dialect encoders do not send `ReasoningDelta`s yet.
+channels are special tokens).
 """
 
 from __future__ import annotations
@@ -158,6 +158,12 @@ def _messages(message: Message, calls: dict[str, str]) -> list[HarmonyMessage]:
         return [HarmonyMessage.from_role_and_content(Role.USER, message.content)]
     if message.role == "assistant":
         rendered = []
+        if message.reasoning:  # harmony keeps it before calls, drops it before an answer
+            rendered.append(
+                HarmonyMessage.from_role_and_content(
+                    Role.ASSISTANT, message.reasoning
+                ).with_channel("analysis")
+            )
         if message.content:
             rendered.append(
                 HarmonyMessage.from_role_and_content(Role.ASSISTANT, message.content).with_channel(
@@ -197,6 +203,7 @@ class HarmonyParser:
         self.parser = StreamableParser(harmony, role=Role.ASSISTANT)
         self.max_calls = max_calls
         self.calls = 0
+        self.reasoning_tokens = 0  # tokens of the analysis channel
         self._finished_messages = 0
 
     @property
@@ -211,6 +218,8 @@ class HarmonyParser:
             except HarmonyError:
                 # Malformed output (a model off its format): what it said so far stands.
                 break
+            if self.parser.current_channel == "analysis":
+                self.reasoning_tokens += 1
             events.extend(self._delta())
             events.extend(self._completed())
         return events

@@ -123,6 +123,11 @@ class ModelTokenizer:
         if request.raw_prompt is not None:
             return list(self.backend.encode(request.raw_prompt, add_special_tokens=False).ids)
         messages, tools, prefill = template_inputs(request)
+        # Qwen3's templates open an empty <think></think> when this is false; templates that
+        # do not read it ignore it.
+        switches: dict[str, Any] = {}
+        if request.reasoning is not None:
+            switches["enable_thinking"] = request.reasoning
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
@@ -130,6 +135,7 @@ class ModelTokenizer:
                 add_generation_prompt=not prefill,
                 continue_final_message=prefill,
                 tokenize=False,
+                **switches,
             )
         except TemplateError as error:  # the template's own `raise_exception` (say, roles)
             raise InvalidRequest(
@@ -142,6 +148,14 @@ class ModelTokenizer:
             encoded = self.backend.encode_batch([str(text)], add_special_tokens=False)[0]
             return list(encoded.ids)
         return self.memo.encode(conversation, str(text))
+
+    @property
+    def chat_template(self) -> str:
+        """The chat template's text (all of its named templates, when it has several)."""
+        template = self.tokenizer.chat_template
+        if isinstance(template, dict):
+            return "\n".join(str(text) for text in template.values())
+        return str(template or "")
 
     def is_token(self, text: str) -> bool:
         """Whether `text` is one token of the vocabulary (a tool-call tag, say)."""
@@ -341,6 +355,8 @@ def _template_message(message: Message) -> dict[str, Any]:
             }
             for call in message.tool_calls
         ]
+    if message.reasoning:
+        rendered["reasoning_content"] = message.reasoning
     if message.tool_call_id:
         rendered["tool_call_id"] = message.tool_call_id
     if message.name:

@@ -3,6 +3,8 @@
     hermes       <tool_call>{"name": …, "arguments": {…}}</tool_call> (Hermes, Qwen2.5/3)
     llama3_json  the whole answer is {"name": …, "parameters": {…}} (optionally <|python_tag|>),
                  several calls separated by ";"
+    qwen3_coder  <tool_call><function=NAME><parameter=P>value</parameter>…</function></tool_call>
+                 (Qwen3-Coder): each value converted to the type the tool's schema gives it
     harmony      gpt-oss: messages on channels, parsed from token ids (`harmony.py`)
 
 The parser is fed text as it streams and returns canonical events. Tag text never reaches the
@@ -18,6 +20,7 @@ client echoes the prefixed id in its history, so ids stay stable across the roun
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING, Any, Union
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 
     from control_plane.harmony import HarmonyParser
 
-from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
+from control_plane.canonical import Event, TextDelta, Tool, ToolCallDelta, ToolCallStart
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -123,11 +126,15 @@ class HermesParser:
         self.after_call = False
         return [TextDelta(text)]
 
-    def _call(self, body: str, closed: bool) -> list[Event]:
+    def _parse(self, body: str) -> tuple[str, str] | None:
+        """(name, compact JSON arguments) of a call region's body, or None if it is none."""
         try:
-            call = as_call(json.loads(body))
+            return as_call(json.loads(body))
         except ValueError:
-            call = None
+            return None
+
+    def _call(self, body: str, closed: bool) -> list[Event]:
+        call = self._parse(body)
         if call is None:
             raw = OPEN + body + (CLOSE if closed else "")
             return self._text(raw, before_call=False, final=not closed)
@@ -135,6 +142,84 @@ class HermesParser:
         self.calls += 1
         self.after_call = True
         return events
+
+
+FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*)?\Z", re.DOTALL)
+PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+
+class Qwen3CoderParser(HermesParser):
+    """Qwen3-Coder's calls: the Hermes tags around XML-ish function and parameter elements,
+    one value per parameter, written raw (a string unquoted, an object as JSON):
+
+        <tool_call>
+        <function=get_weather>
+        <parameter=city>
+        Paris
+        </parameter>
+        <parameter=days>
+        3
+        </parameter>
+        </function>
+        </tool_call>
+
+    Values become the JSON types the tool's schema declares (`parameter_value`)."""
+
+    def __init__(self, tools: tuple[Tool, ...], max_calls: int | None = None) -> None:
+        super().__init__(max_calls)
+        self.schemas = {tool.name: tool.parameters for tool in tools}
+
+    def _parse(self, body: str) -> tuple[str, str] | None:
+        function = FUNCTION.match(body)
+        if function is None:
+            return None
+        name = function.group(1).strip()
+        properties = (self.schemas.get(name) or {}).get("properties") or {}
+        arguments = {}
+        for parameter in PARAMETER.finditer(function.group(2)):
+            key = parameter.group(1).strip()
+            arguments[key] = parameter_value(_unwrap(parameter.group(2)), properties.get(key))
+        return name, json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+
+
+def _unwrap(text: str) -> str:
+    """A parameter's value without the one line break the format puts on each side of it."""
+    text = text.removeprefix("\n")
+    return text.removesuffix("\n")
+
+
+def parameter_value(text: str, schema: Any) -> Any:
+    """A raw parameter value as the JSON type its schema declares: integers and numbers,
+    booleans, null, objects and arrays as JSON; a string, an undeclared parameter or a value
+    that does not read as its type stays the text the model wrote."""
+    declared = schema.get("type") if isinstance(schema, dict) else None
+    kinds = declared if isinstance(declared, list) else [declared]
+    if isinstance(schema, dict) and not declared:
+        for option in schema.get("anyOf") or schema.get("oneOf") or []:
+            if isinstance(option, dict) and isinstance(option.get("type"), str):
+                kinds.append(option["type"])
+    stripped = text.strip()
+    if "null" in kinds and stripped == "null":
+        return None
+    if "string" in kinds or not any(kinds):
+        return text
+    if "boolean" in kinds and stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    if "integer" in kinds and re.fullmatch(r"-?\d+", stripped):
+        return int(stripped)
+    if "number" in kinds:
+        try:
+            number = float(stripped)
+        except ValueError:
+            pass
+        else:
+            return int(number) if re.fullmatch(r"-?\d+", stripped) else number
+    if "object" in kinds or "array" in kinds:
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            pass
+    return text
 
 
 class Llama3JsonParser:
@@ -213,10 +298,11 @@ def parser_for(
     tools_offered: bool,
     parallel: bool = True,
     harmony: HarmonyEncoding | None = None,
+    tools: tuple[Tool, ...] = (),
 ) -> ToolParser:
-    """The parser for a model's format; with parallel calls off only the first call is kept.
-    harmony's parser reads every output (its answer too is on a channel) with `harmony`, the
-    model's encoding."""
+    """The parser for a model's format and the tools offered (Qwen3-Coder's calls take their
+    types from them); with parallel calls off only the first call is kept. harmony's parser
+    reads every output (its answer too is on a channel) with `harmony`, the model's encoding."""
     if tool_call_format == "harmony":
         from control_plane.harmony import HarmonyParser
 
@@ -228,6 +314,8 @@ def parser_for(
     max_calls = None if parallel else 1
     if tool_call_format == "llama3_json":
         return Llama3JsonParser(max_calls)
+    if tool_call_format == "qwen3_coder":
+        return Qwen3CoderParser(tools, max_calls)
     return HermesParser(max_calls)
 
 

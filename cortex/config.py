@@ -383,7 +383,17 @@ class ToolCallFormat(enum.StrEnum):
     LLAMA3_JSON = "llama3_json"
     # gpt-oss: prompts rendered and output parsed by openai-harmony (control_plane/harmony.py)
     HARMONY = "harmony"
+    # Qwen3-Coder: <tool_call><function=NAME><parameter=P>value</parameter></function></tool_call>
+    QWEN3_CODER = "qwen3_coder"
     NONE = "none"
+
+
+class ReasoningFormat(enum.StrEnum):
+    """How a model writes its reasoning before its answer (control_plane/reasoning.py)."""
+
+    AUTO = "auto"  # `think` when its chat template knows <think> or </think>, else `none`
+    THINK = "think"  # <think>…</think> (Qwen3, QwQ, DeepSeek-R1)
+    NONE = "none"  # it does not: its output is all answer
 
 
 class ModelProfile(_Config):
@@ -416,6 +426,8 @@ class ModelProfile(_Config):
     neurons: tuple[str, ...] = ()
     context_length: Annotated[int, Field(gt=0)] | None = None
     tool_call_format: ToolCallFormat = ToolCallFormat.HERMES
+    # harmony models reason on their analysis channel whatever this says.
+    reasoning: ReasoningFormat = ReasoningFormat.AUTO
     max_batch_size: Annotated[int, Field(ge=1)] = 8
     kv_cache_tokens: Annotated[int, Field(ge=16)] = 65536
     max_queue_size: Annotated[int, Field(ge=0)] = 256

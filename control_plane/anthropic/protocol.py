@@ -144,7 +144,8 @@ class Conversation(_Lenient):
     system: list[ContentBlock] = Field(default_factory=list)
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoiceParam | None = None
-    # Accepted; the models served here have no thinking budget to honour.
+    # enabled / adaptive: a reasoning model's reasoning comes back as thinking blocks (its
+    # budget is not honoured: the models served here have none to set).
     thinking: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
     # The structured-outputs beta's spelling of output_config.format.

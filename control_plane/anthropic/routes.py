@@ -46,9 +46,15 @@ async def messages(request: Request) -> HTTPResponse | None:
     chat = translate.chat_request(body, request.ctx.request_id)
     with request.app.ctx.drain.hold():
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "anthropic")
+        thinking = translate.Thinking.asked(body.thinking)
         if not body.stream:
-            text, calls, finished = await collect(events)
-            return json(translate.message_body(message_id, body.model, text, calls, finished))
+            reasoning: list[str] = []
+            text, calls, finished = await collect(events, reasoning=reasoning)
+            return json(
+                translate.message_body(
+                    message_id, body.model, text, calls, finished, "".join(reasoning), thinking
+                )
+            )
         await _stream(request, body, message_id, events)
     return None
 
@@ -56,7 +62,9 @@ async def messages(request: Request) -> HTTPResponse | None:
 async def _stream(
     request: Request, body: MessagesRequest, message_id: str, events: AsyncGenerator[Event, None]
 ) -> None:
-    encoder = translate.MessageStreamEncoder(message_id, body.model)
+    encoder = translate.MessageStreamEncoder(
+        message_id, body.model, translate.Thinking.asked(body.thinking)
+    )
 
     def error(cause: CortexError) -> bytes:
         # After the first byte the status is sent: the failure is the stream's last event.

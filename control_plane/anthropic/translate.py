@@ -8,7 +8,9 @@ consecutive turns of one role are merged, and a final assistant turn is a prefil
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from control_plane.anthropic.protocol import (
@@ -19,6 +21,7 @@ from control_plane.anthropic.protocol import (
     ImageBlock,
     MessagesRequest,
     TextBlock,
+    ThinkingBlock,
     ToolParam,
     ToolResultBlock,
     ToolUseBlock,
@@ -28,6 +31,7 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    ReasoningDelta,
     Started,
     TextDelta,
     Tool,
@@ -75,7 +79,8 @@ def _block_text(block: ContentBlock, path: str) -> str | None:
         else:
             raise InvalidRequest(f"{path}: only text documents are supported", f"{path}.source")
         return f"{block.title}\n\n{text}" if block.title else text
-    # thinking, redacted_thinking, server-tool results, …: nothing a local model can read.
+    # redacted_thinking, server-tool results, …: nothing a local model can read (an assistant
+    # turn's thinking is read apart, as its reasoning: `_turns`).
     return None
 
 
@@ -107,18 +112,29 @@ def _turns(body: Conversation) -> list[Message]:
         if turn.role == "system":
             messages.append(Message(role="system", content=_joined(turn.content, path)))
         elif turn.role == "assistant":
-            texts, calls = [], []
+            texts, calls, thoughts = [], [], []
             for index, block in enumerate(turn.content):
                 if isinstance(block, ToolUseBlock):
                     tool_names[block.id] = block.name
                     arguments = json.dumps(block.input, ensure_ascii=False, separators=(",", ":"))
                     calls.append(ToolCall(block.id, block.name, arguments))
+                elif isinstance(block, ThinkingBlock):
+                    # Echoed thinking: its text goes back into the prompt, its signature is
+                    # not read (cortex's are digests, not attestations; `signature_for`).
+                    thought = (block.model_extra or {}).get("thinking")
+                    if block.type == "thinking" and isinstance(thought, str) and thought:
+                        thoughts.append(thought)
                 else:
                     text = _block_text(block, f"{path}.{index}")
                     if text:
                         texts.append(text)
             messages.append(
-                Message(role="assistant", content="\n\n".join(texts), tool_calls=tuple(calls))
+                Message(
+                    role="assistant",
+                    content="\n\n".join(texts),
+                    tool_calls=tuple(calls),
+                    reasoning="\n\n".join(thoughts),
+                )
             )
         else:
             texts = []
@@ -155,7 +171,13 @@ def _merge_same_role(messages: list[Message]) -> list[Message]:
             and not previous.tool_calls
         ):
             content = "\n\n".join(t for t in (previous.content, message.content) if t)
-            merged[-1] = Message(role=message.role, content=content, tool_calls=message.tool_calls)
+            reasoning = "\n\n".join(t for t in (previous.reasoning, message.reasoning) if t)
+            merged[-1] = Message(
+                role=message.role,
+                content=content,
+                tool_calls=message.tool_calls,
+                reasoning=reasoning,
+            )
         else:
             merged.append(message)
     return merged
@@ -222,6 +244,9 @@ def chat_request(body: MessagesRequest | CountTokensRequest, request_id: str) ->
         parallel_tool_calls=parallel,
         output_format=answer_format,
         continue_final=last is not None and last.role == "assistant" and not last.tool_calls,
+        # As on Anthropic's API, a model thinks only when asked to (its thinking is sent only
+        # then): a hybrid model is told not to otherwise.
+        reasoning=Thinking.asked(body.thinking).shown,
         request_id=request_id,
         **generation,
     )
@@ -254,10 +279,51 @@ def _tool_input(arguments: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@dataclass(frozen=True)
+class Thinking:
+    """What a request asked to see of the model's reasoning (its `thinking` field): nothing
+    (absent, disabled: clients such as Zed's parse no thinking block), the blocks, or the blocks
+    with their text left out (`display: "omitted"`)."""
+
+    shown: bool = False
+    omitted: bool = False
+
+    @classmethod
+    def asked(cls, setting: dict[str, Any] | None) -> Thinking:
+        setting = setting or {}
+        shown = setting.get("type") in ("enabled", "adaptive")
+        return cls(shown, shown and setting.get("display") == "omitted")
+
+
+def signature_for(thinking: str) -> str:
+    """A thinking block's `signature`. Anthropic's is an encrypted attestation of the thinking;
+    a local model has none, so cortex signs nothing: the signature is a SHA-256 digest of the
+    text, marked as such. Non-empty, because clients expect one, and sent back unchanged in
+    later turns, where the gateway reads neither the block nor its signature."""
+    return "cortex-sha256:" + hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def thinking_block(thinking: str, omitted: bool = False) -> dict[str, Any]:
+    shown = "" if omitted else thinking
+    return {"type": "thinking", "thinking": shown, "signature": signature_for(thinking)}
+
+
 def message_body(
-    message_id: str, model: str, text: str, calls: list[tuple[str, str, str]], finished: Finished
+    message_id: str,
+    model: str,
+    text: str,
+    calls: list[tuple[str, str, str]],
+    finished: Finished,
+    reasoning: str = "",
+    thinking: Thinking | None = None,
 ) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    """A whole message: its thinking block (when the request asked for thinking and the model
+    reasoned), its text, its tool_use blocks."""
+    content: list[dict[str, Any]] = []
+    if reasoning and thinking is not None and thinking.shown:
+        content.append(thinking_block(reasoning, thinking.omitted))
+    if text:
+        content.append({"type": "text", "text": text})
     content.extend(
         {"type": "tool_use", "id": tool_use_id_for(call_id), "name": name, "input": _tool_input(a)}
         for call_id, name, a in calls
@@ -287,20 +353,35 @@ class MessageStreamEncoder:
     """Canonical events → Anthropic SSE bytes: message_start, then each content block as
     start/deltas/stop in order, message_delta with the stop reason and usage, message_stop.
     Tool input goes only into `input_json_delta` fragments: clients ignore a block start's
-    `input`, so it is always `{}` there."""
+    `input`, so it is always `{}` there. Reasoning, when the request asked for thinking, is a
+    thinking block of `thinking_delta`s closed by one `signature_delta` (`signature_for`)."""
 
-    def __init__(self, message_id: str, model: str) -> None:
+    def __init__(self, message_id: str, model: str, thinking: Thinking | None = None) -> None:
         self.message_id = message_id
         self.model = model
+        self.thinking = thinking or Thinking()
         self.blocks = 0  # content blocks opened so far
         self.open: str | None = None  # kind of the open block
         self.tool_blocks: dict[int, int] = {}  # canonical call index → block index
+        self.thought: list[str] = []  # the open thinking block's text, for its signature
 
     def event(self, event: object) -> bytes:
         if isinstance(event, Started):
             return _sse("message_start", self._start(event))
         if isinstance(event, Waiting):
             return self.ping()
+        if isinstance(event, ReasoningDelta):
+            if not event.text or not self.thinking.shown:
+                return b""
+            out = b""
+            if self.open != "thinking":
+                out = self._open({"type": "thinking", "thinking": "", "signature": ""})
+                self.thought = []
+            self.thought.append(event.text)
+            if self.thinking.omitted:
+                return out
+            delta = {"type": "thinking_delta", "thinking": event.text}
+            return out + self._delta(self.blocks - 1, delta)
         if isinstance(event, TextDelta):
             if not event.text:
                 return b""
@@ -357,8 +438,14 @@ class MessageStreamEncoder:
     def _close(self) -> bytes:
         if self.open is None:
             return b""
+        out = b""
+        if self.open == "thinking":
+            signature = signature_for("".join(self.thought))
+            delta = {"type": "signature_delta", "signature": signature}
+            out = self._delta(self.blocks - 1, delta)
         self.open = None
-        return _sse("content_block_stop", {"type": "content_block_stop", "index": self.blocks - 1})
+        stop = {"type": "content_block_stop", "index": self.blocks - 1}
+        return out + _sse("content_block_stop", stop)
 
     @staticmethod
     def _delta(index: int, delta: dict[str, Any]) -> bytes:

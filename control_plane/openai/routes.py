@@ -87,9 +87,12 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, "openai")
         if not body.stream:
             logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
-            text, calls, finished = await collect(events, logprobs)
+            reasoning: list[str] = []
+            text, calls, finished = await collect(events, logprobs, reasoning)
             return json(
-                translate.chat_completion(request_id, body.model, text, calls, finished, logprobs)
+                translate.chat_completion(
+                    request_id, body.model, text, calls, finished, logprobs, "".join(reasoning)
+                )
             )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         encoder = translate.ChunkEncoder(request_id, body.model, include_usage)

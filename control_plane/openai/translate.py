@@ -11,6 +11,7 @@ from control_plane.canonical import (
     Finished,
     FinishReason,
     Message,
+    ReasoningDelta,
     TextDelta,
     TokenLogprob,
     Tool,
@@ -64,6 +65,16 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
+def _echoed_reasoning(message: ChatMessage) -> str:
+    """An assistant message's reasoning as clients send it back: `reasoning_content` (what
+    cortex sends; DeepSeek, Zed) or vLLM's newer `reasoning`."""
+    extra = message.model_extra or {}
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(extra.get(key), str) and extra[key]:
+            return str(extra[key])
+    return ""
+
+
 def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
     messages = []
     for index, message in enumerate(body.messages):
@@ -79,6 +90,7 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
                 tool_calls=calls,
                 tool_call_id=message.tool_call_id,
                 name=message.name,
+                reasoning=_echoed_reasoning(message),
             )
         )
     choice, named, tools = _tool_choice(body.tool_choice, _tools(body.tools))
@@ -98,8 +110,18 @@ def chat_request(body: ChatCompletionRequest, request_id: str) -> ChatRequest:
         parallel_tool_calls=body.parallel_tool_calls,
         output_format=output_format(body.response_format, "response_format"),
         top_logprobs=_top_logprobs(body),
+        reasoning=wants_reasoning(body.reasoning_effort),
         request_id=request_id,
     )
+
+
+def wants_reasoning(effort: Any) -> bool | None:
+    """A reasoning effort as the model can take it: "none" turns a hybrid model's reasoning
+    off, any other effort on (the models served here have no budget to scale), none given
+    leaves it to the model."""
+    if effort is None:
+        return None
+    return bool(effort != "none")
 
 
 def _tools(tools: list[ToolSpec] | None) -> tuple[Tool, ...]:
@@ -232,6 +254,8 @@ def usage_body(usage: Usage) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         # Of prompt_tokens, those read from the engine's prefix cache.
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
+        # Of completion_tokens, those the model spent reasoning.
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -242,8 +266,13 @@ def chat_completion(
     calls: list[tuple[str, str, str]],
     finished: Finished,
     logprobs: list[TokenLogprob] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
+    """A whole chat completion; a reasoning model's reasoning is the message's
+    `reasoning_content` (as vLLM, SGLang and DeepSeek send it, and Zed reads it)."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [
             {
@@ -275,7 +304,8 @@ def chat_completion(
 
 
 class ChunkEncoder:
-    """Canonical events → `chat.completion.chunk` SSE lines (bytes)."""
+    """Canonical events → `chat.completion.chunk` SSE lines (bytes); reasoning as
+    `delta.reasoning_content`."""
 
     def __init__(
         self, request_id: str, model: str, include_usage: bool, created: int | None = None
@@ -340,7 +370,11 @@ class ChunkEncoder:
                 return b""
             return self._text_head + json.dumps(event.text).encode() + self._text_tail
         delta: dict[str, Any]
-        if isinstance(event, ToolCallStart):
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return b""
+            delta = {"reasoning_content": event.text}
+        elif isinstance(event, ToolCallStart):
             delta = {
                 "tool_calls": [
                     {

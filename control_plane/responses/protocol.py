@@ -201,7 +201,8 @@ class ResponsesRequest(_Lenient):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     background: bool | None = None
-    # Accepted; the models served here have no reasoning budget to honour.
+    # effort "none" turns a hybrid model's reasoning off, another effort on (no budget to
+    # scale here); summary is not honoured (the reasoning itself is sent).
     reasoning: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
 

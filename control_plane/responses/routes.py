@@ -46,7 +46,8 @@ async def create_response(request: Request) -> HTTPResponse | None:
         events = generate(request.app.ctx.fleet, request.app.ctx.metrics, chat, API)
         if not body.stream:
             logprobs: list[TokenLogprob] | None = [] if chat.top_logprobs is not None else None
-            text, calls, finished = await collect(events, logprobs)
+            reasoning: list[str] = []
+            text, calls, finished = await collect(events, logprobs, reasoning)
             return json(
                 translate.response_body(
                     response_id,
@@ -59,6 +60,7 @@ async def create_response(request: Request) -> HTTPResponse | None:
                     finished,
                     names,
                     logprobs,
+                    "".join(reasoning),
                 )
             )
         encoder = ResponseStreamEncoder(

@@ -4,6 +4,8 @@ and Codex CLI parse it. Every event is `event: <type>` + `data: <json>` with tha
 
     response.created, response.in_progress
     per output item, in order:
+      reasoning: output_item.added (reasoning) → content_part.added → reasoning_text.delta … →
+             reasoning_text.done → content_part.done → output_item.done
       text:  output_item.added (message) → content_part.added → output_text.delta … →
              output_text.done → content_part.done → output_item.done
       call:  output_item.added (function_call) → function_call_arguments.delta … →
@@ -26,6 +28,7 @@ from typing import Any
 
 from control_plane.canonical import (
     Finished,
+    ReasoningDelta,
     Started,
     TextDelta,
     ToolCallDelta,
@@ -39,6 +42,9 @@ from control_plane.responses.translate import (
     call_item,
     incomplete,
     message_item,
+    reasoning_item,
+    reasoning_item_id,
+    reasoning_part,
     response_object,
     text_part,
     usage_body,
@@ -90,6 +96,8 @@ class ResponseStreamEncoder:
         self.call: list[str] = []  # the open call: neutral id, name, arguments so far
         self.call_id = ""  # the open call's item id
         self.messages = 0  # message items so far (a second text run after a call needs an id)
+        self.reasoning: list[str] = []  # the open reasoning item's text
+        self.reasonings = 0  # reasoning items so far
         # The per-token hot path: the bytes around a text delta, made when its item opens.
         self._delta_head = b""
 
@@ -119,6 +127,14 @@ class ResponseStreamEncoder:
         )
 
     def event(self, event: object) -> bytes:
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return b""
+            out = b"" if self.open == "reasoning" else self._open_reasoning()
+            self.reasoning.append(event.text)
+            part = {"item_id": self._reasoning_id(), "output_index": len(self.output)}
+            fields = {**part, "content_index": 0, "delta": event.text}
+            return out + self._event("response.reasoning_text.delta", fields)
         if isinstance(event, TextDelta):
             if not event.text:
                 return b""
@@ -178,6 +194,9 @@ class ResponseStreamEncoder:
             partial.append(
                 message_item(self._item_id(), [text_part("".join(self.text))], "incomplete")
             )
+        elif self.open == "reasoning":
+            text = "".join(self.reasoning)
+            partial.append(reasoning_item(self._reasoning_id(), text, "incomplete"))
         elif self.open is not None:
             neutral_id, name, arguments = self.call
             partial.append(call_item(neutral_id, name, arguments, "incomplete", self.names))
@@ -194,6 +213,25 @@ class ResponseStreamEncoder:
     def _item_id(self) -> str:
         """The open message's id: the request's message id, numbered after the first."""
         return self.message_id if self.messages <= 1 else f"{self.message_id}_{self.messages}"
+
+    def _reasoning_id(self) -> str:
+        return reasoning_item_id(self.message_id, self.reasonings)
+
+    def _open_reasoning(self) -> bytes:
+        out = self._close()
+        self.open = "reasoning"
+        self.reasonings += 1
+        self.reasoning = []
+        item_id, index = self._reasoning_id(), len(self.output)
+        part = {"item_id": item_id, "output_index": index, "content_index": 0}
+        return (
+            out
+            + self._event(
+                "response.output_item.added",
+                {"output_index": index, "item": reasoning_item(item_id, None, "in_progress")},
+            )
+            + self._event("response.content_part.added", {**part, "part": reasoning_part("")})
+        )
 
     def _open_message(self) -> bytes:
         out = self._close()
@@ -243,6 +281,15 @@ class ResponseStreamEncoder:
                     "response.output_text.done", {**part, "text": text, "logprobs": self.logprobs}
                 )
                 + self._event("response.content_part.done", {**part, "part": text_part(text)})
+                + self._event("response.output_item.done", {"output_index": index, "item": item})
+            )
+        elif self.open == "reasoning":
+            item_id, text = self._reasoning_id(), "".join(self.reasoning)
+            part = {"item_id": item_id, "output_index": index, "content_index": 0}
+            item = reasoning_item(item_id, text, "completed")
+            out = (
+                self._event("response.reasoning_text.done", {**part, "text": text})
+                + self._event("response.content_part.done", {**part, "part": reasoning_part(text)})
                 + self._event("response.output_item.done", {"output_index": index, "item": item})
             )
         elif self.open == "function_call":

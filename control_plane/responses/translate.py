@@ -4,8 +4,9 @@ output items (the stream encoder in `stream` builds its events from the same pie
 Conversation rules: `instructions` is the leading system message, `developer` turns are system
 turns, `function_call` (and `custom_tool_call`) items join the assistant turn just before them
 (what Chat spells as one assistant message with `tool_calls`), each call's output is a tool
-message, and `reasoning` items are accepted and left out (a local model cannot read another
-model's reasoning). Server-side state — `previous_response_id`, `conversation`, stored prompts,
+message, and a `reasoning` item's text (the `reasoning_text` content cortex sends) is the
+reasoning of the assistant turn after it; one with only encrypted content or a summary
+(another model's) is accepted and left out. Server-side state — `previous_response_id`, `conversation`, stored prompts,
 background runs — and built-in tools cortex cannot run are refused with a 400 that names the
 field.
 """
@@ -31,7 +32,7 @@ from control_plane.canonical import (
 )
 from control_plane.errors import InvalidRequest
 from control_plane.hosted_tools import is_hosted
-from control_plane.openai.translate import call_id_for, logprobs_content
+from control_plane.openai.translate import call_id_for, logprobs_content, wants_reasoning
 from control_plane.responses.protocol import (
     CustomTool,
     CustomToolCallItem,
@@ -45,6 +46,7 @@ from control_plane.responses.protocol import (
     NamespaceTool,
     OtherItem,
     Parts,
+    ReasoningItem,
     ResponsesRequest,
     ToolParam,
 )
@@ -131,13 +133,17 @@ def _parts_text(parts: Parts, path: str) -> str:
 def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]:
     messages: list[Message] = [Message(role="system", content=instructions)] if instructions else []
     tool_names: dict[str, str] = {}
+    reasoning = ""  # a reasoning item's text, for the assistant turn that follows it
     for index, item in enumerate(items):
         path = f"input[{index}]"
         if isinstance(item, MessageItem):
             role = "system" if item.role == "developer" else item.role
-            messages.append(
-                Message(role=role, content=_parts_text(item.content, f"{path}.content"))
-            )
+            text = _parts_text(item.content, f"{path}.content")
+            if role == "assistant":
+                messages.append(Message(role=role, content=text, reasoning=reasoning))
+                reasoning = ""
+            else:
+                messages.append(Message(role=role, content=text))
         elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             name = qualified(item.namespace, item.name) if item.namespace else item.name
             tool_names[item.call_id] = name
@@ -154,9 +160,11 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                     role="assistant",
                     content=previous.content,
                     tool_calls=(*previous.tool_calls, call),
+                    reasoning="\n\n".join(t for t in (previous.reasoning, reasoning) if t),
                 )
             else:
-                messages.append(Message(role="assistant", tool_calls=(call,)))
+                messages.append(Message(role="assistant", tool_calls=(call,), reasoning=reasoning))
+            reasoning = ""
         elif isinstance(item, FunctionCallOutputItem | CustomToolCallOutputItem):
             messages.append(
                 Message(
@@ -172,8 +180,21 @@ def _messages(instructions: str | None, items: list[InputItem]) -> list[Message]
                 "tools only and keeps no stored items)",
                 f"{path}.type",
             )
-        # reasoning items: accepted, and nothing a local model can read.
+        elif isinstance(item, ReasoningItem):
+            reasoning = "\n\n".join(t for t in (reasoning, _reasoning_text(item)) if t)
     return messages
+
+
+def _reasoning_text(item: ReasoningItem) -> str:
+    """The text of a reasoning item sent back: its `reasoning_text` content (what cortex
+    sends); one with only encrypted content or a summary (another model's) gives none."""
+    parts = (item.model_extra or {}).get("content") or []
+    texts = [
+        str(part.get("text", ""))
+        for part in parts
+        if isinstance(part, dict) and part.get("type") == "reasoning_text"
+    ]
+    return "".join(texts)
 
 
 def _custom_description(tool: CustomTool) -> str:
@@ -318,6 +339,7 @@ def chat_request(body: ResponsesRequest | InputTokensRequest, request_id: str) -
             "seed": body.seed,
             "stop": _stops(body.stop),
             "top_logprobs": _top_logprobs(body),
+            "reasoning": wants_reasoning((body.reasoning or {}).get("effort")),
         }
     return ChatRequest(
         model=body.model,
@@ -365,7 +387,7 @@ def usage_body(usage: Usage) -> dict[str, Any]:
             "cache_write_tokens": 0,
         },
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.total_tokens,
     }
 
@@ -375,6 +397,25 @@ def text_part(text: str, logprobs: list[TokenLogprob] | None = None) -> dict[str
     if logprobs is not None:
         part["logprobs"] = logprobs_content(logprobs)
     return part
+
+
+def reasoning_item_id(message_id: str, number: int = 1) -> str:
+    """The id of a response's reasoning item, from its message id (`msg_…` → `rs_…`),
+    numbered after the first."""
+    item_id = "rs_" + message_id.removeprefix("msg_")
+    return item_id if number <= 1 else f"{item_id}_{number}"
+
+
+def reasoning_part(text: str) -> dict[str, Any]:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """A `reasoning` item: the model's reasoning as its content (the raw text, as gpt-oss's
+    open-weight serving returns it), no summary (nothing here writes one) and no
+    `encrypted_content` (there is nothing to keep hidden from the client)."""
+    content = [] if text is None else [reasoning_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
 
 
 def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -448,10 +489,16 @@ def response_body(
     finished: Finished,
     names: CallNames | None = None,
     logprobs: list[TokenLogprob] | None = None,
+    reasoning: str = "",
 ) -> dict[str, Any]:
-    """A whole answer: its text as one message item, then one item per function call."""
+    """A whole answer: its reasoning as a reasoning item, its text as one message item, then
+    one item per function call."""
     status = "incomplete" if incomplete(finished) else "completed"
-    output = [message_item(message_id, [text_part(text, logprobs)], status)] if text else []
+    output = []
+    if reasoning:
+        output.append(reasoning_item(reasoning_item_id(message_id), reasoning, "completed"))
+    if text:
+        output.append(message_item(message_id, [text_part(text, logprobs)], status))
     output.extend(
         call_item(call_id, name, arguments, "completed", names)
         for call_id, name, arguments in calls

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from control_plane.prompting import ModelTokenizer
-from cortex.config import KeyRecord, ModelProfile, ToolCallFormat
+from cortex.config import KeyRecord, ModelProfile, ReasoningFormat, ToolCallFormat
 from cortex.launch import loopback_gateway, loopback_neuron, running_gateway, running_neuron
 from cortex.neuron_api import TokenizerFiles
 
@@ -37,6 +37,16 @@ REQUEST_TIMEOUT_S = 2.0
 PING_INTERVAL_S = 0.3
 
 PARIS_CALL = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+# As Qwen3 writes them: a line break inside each tag, a blank line before the answer.
+THOUGHT = "The user asks for France's capital. A <tool_call> written here is no call."
+ANSWER = "The capital of France is Paris."
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+# As Qwen3-Coder writes a call: every value between line breaks, strings unquoted.
+CODER_CALL = (
+    "<tool_call>\n<function=get_forecast>\n<parameter=city>\nSão Paulo\n</parameter>\n"
+    "<parameter=days>\n3\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n"
+    '<parameter=fields>\n["temp", "wind"]\n</parameter>\n</function>\n</tool_call>'
+)
 # The replay fake's script: the first rule whose `when` the latest user turn contains answers.
 RULES: list[dict[str, object]] = [
     {"when": "weather in Paris", "reply": f"<tool_call>\n{PARIS_CALL}\n</tool_call>"},
@@ -49,6 +59,11 @@ RULES: list[dict[str, object]] = [
         ),
     },
     {"when": "weather in Rome", "reply": '{"name": "get_weather", "parameters": {"city": "Rome"}}'},
+    # Qwen3's reasoning (replay-qwen3 reasons): a call tag inside it is no call.
+    {"when": "think about the capital", "reply": f"<think>\n{THOUGHT}\n</think>\n\n{ANSWER}"},
+    {"when": "think, then call", "reply": f"<think>\n{THOUGHT}\n</think>\n\n{CALL}"},
+    # Qwen3-Coder's XML call (replay-qwen3-coder parses it; the others give it back as text).
+    {"when": "forecast for São Paulo", "reply": f"Let me look that up.\n{CODER_CALL}"},
     {"when": "<tool_response>", "reply": "The tool answered: {turn}"},
     {"when": "count with a stop", "reply": "one two three STOP four five"},
     {"when": "echo the prompt", "reply": "{turn}"},
@@ -89,8 +104,8 @@ class ReplayFleet:
 
 
 def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
-    """The replay fake's source folder (cortex-tiny's tokenizer and the script), and the two
-    profiles that serve it."""
+    """The replay fake's source folder (cortex-tiny's tokenizer and the script), and the
+    profiles that serve it: each a different model output format over the same script."""
     source = folder / "replay-source"
     source.mkdir()
     for name in (
@@ -102,9 +117,12 @@ def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
         shutil.copy(tiny_model / name, source / name)
     script = {"turn_marker": "<|im_start|>user", "rules": RULES}
     (source / "replay.json").write_text(json.dumps(script, indent=1), encoding="utf-8")
+    auto = ReasoningFormat.AUTO  # cortex-tiny's template knows no <think>: none
     profiles = [
-        ("replay-hermes", ToolCallFormat.HERMES, ("claude-replay", "claude-*")),
-        ("replay-llama3", ToolCallFormat.LLAMA3_JSON, ()),
+        ("replay-hermes", ToolCallFormat.HERMES, auto, ("claude-replay", "claude-*")),
+        ("replay-llama3", ToolCallFormat.LLAMA3_JSON, auto, ()),
+        ("replay-qwen3", ToolCallFormat.HERMES, ReasoningFormat.THINK, ()),
+        ("replay-qwen3-coder", ToolCallFormat.QWEN3_CODER, auto, ()),
     ]
     return [
         ModelProfile(
@@ -114,8 +132,9 @@ def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
             template=str(FAKES / "replay_llm"),
             context_length=CONTEXT_LENGTH,
             tool_call_format=tool_format,
+            reasoning=reasoning,
         )
-        for name, tool_format, aliases in profiles
+        for name, tool_format, reasoning, aliases in profiles
     ]
 
 

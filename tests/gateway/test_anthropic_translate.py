@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from control_plane.anthropic.protocol import CountTokensRequest, MessagesRequest
-from control_plane.anthropic.translate import chat_request
-from control_plane.canonical import ChatRequest, Message, ToolCall, ToolChoice
+from control_plane.anthropic.translate import (
+    MessageStreamEncoder,
+    Thinking,
+    chat_request,
+    message_body,
+    signature_for,
+)
+from control_plane.canonical import (
+    ChatRequest,
+    Finished,
+    FinishReason,
+    Message,
+    ReasoningDelta,
+    Started,
+    TextDelta,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
 from control_plane.errors import InvalidRequest
 from control_plane.prompting import TOOL_REQUIRED_INSTRUCTION, fold_system_messages
 
@@ -175,3 +193,20 @@ def test_inline_system_messages_fold_in_place() -> None:
     # With no user turn after it, the previous one takes it; with none at all, the system prompt.
     assert folded(user, assistant, note) == [Message(role="user", content="u\n\nnote"), assistant]
     assert folded(note, note) == [Message(role="system", content="note\n\nnote")]
+
+
+def test_omitted_thinking_is_a_signed_block_without_its_text() -> None:
+    thinking = Thinking.asked({"type": "adaptive", "display": "omitted"})
+    encoder = MessageStreamEncoder("msg_1", "m", thinking)
+    out = encoder.event(Started("m", 3)) + encoder.event(ReasoningDelta("secret plan"))
+    out += encoder.event(TextDelta("Hi.")) + encoder.event(Finished(FinishReason.STOP, Usage(3, 4)))
+    payloads = [json.loads(f.split("data: ", 1)[1]) for f in out.decode().split("\n\n")[:-1]]
+    deltas = [p["delta"]["type"] for p in payloads if p["type"] == "content_block_delta"]
+    assert deltas == ["signature_delta", "text_delta"]  # no thinking_delta
+    signed = {"type": "thinking", "thinking": "", "signature": signature_for("secret plan")}
+    assert payloads[1]["content_block"] == {"type": "thinking", "thinking": "", "signature": ""}
+    assert payloads[2]["delta"] == {"type": "signature_delta", "signature": signed["signature"]}
+    whole = message_body(
+        "msg_1", "m", "Hi.", [], Finished(FinishReason.STOP, Usage(3, 4)), "secret plan", thinking
+    )
+    assert whole["content"] == [signed, {"type": "text", "text": "Hi."}]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,40 @@ def test_stop_strings_apply_to_the_answer_not_the_reasoning(
     finished = events[-1]
     assert isinstance(finished, Finished) and finished.reason is FinishReason.STOP_SEQUENCE
     assert finished.stop_sequence == "bring"
+
+
+def test_the_analysis_channel_is_counted_as_reasoning_tokens(
+    gpt_oss_tokenizer: ModelTokenizer, encoding: HarmonyEncoding
+) -> None:
+    events = output_of(gpt_oss_tokenizer, completion(encoding, ANSWER_TURN))
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    # The analysis message's text and the <|message|> that opens it; not the rest of its
+    # header, not the final message.
+    analysis = completion(encoding, "<|message|>It is 3 °C and cloudy; answer briefly.")
+    assert finished.usage.reasoning_tokens == len(analysis)
+    assert finished.usage.completion_tokens == len(completion(encoding, ANSWER_TURN))
+
+
+def test_echoed_reasoning_is_kept_before_a_call_and_dropped_before_an_answer(
+    encoding: HarmonyEncoding,
+) -> None:
+    thought = "The user wants the weather in Oslo. I should call get_weather."
+    call = ToolCall("c1", "get_weather", '{"city":"Oslo"}')
+    in_the_loop = (
+        Message("user", "Weather in Oslo?"),
+        Message("assistant", "", (call,), reasoning=thought),
+        Message("tool", '{"temperature": 3}', tool_call_id="c1"),
+    )
+    request = ChatRequest(model="gpt-oss-20b", messages=in_the_loop, tools=(WEATHER,))
+    text = encoding.decode(harmony.render(encoding, request))
+    # As gpt-oss wrote it (TOOL_TURN): its chain of thought before the call it led to.
+    assert f"<|start|>assistant<|channel|>analysis<|message|>{thought}<|end|>" in text
+    answered = (
+        *in_the_loop,
+        Message("assistant", "Oslo: 3 °C.", reasoning="It is 3 °C; answer briefly."),
+        Message("user", "And tomorrow?"),
+    )
+    text = encoding.decode(harmony.render(encoding, replace(request, messages=answered)))
+    assert "answer briefly" not in text and thought not in text  # a finished turn's is dropped
+    assert "<|channel|>final<|message|>Oslo: 3 °C.<|end|>" in text

@@ -13,12 +13,15 @@ from openai.types.responses import (
     ResponseCustomToolCallInputDoneEvent,
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
+    ResponseReasoningItem,
+    ResponseStreamEvent,
 )
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from control_plane.canonical import (
     Finished,
     FinishReason,
+    ReasoningDelta,
     Started,
     TextDelta,
     ToolCallDelta,
@@ -267,3 +270,55 @@ def test_text_deltas_are_the_generic_event(texts: list[str], index: int) -> None
             },
         )
         assert fast == generic
+
+
+def test_reasoning_item_events_are_the_sdk_types_and_come_first() -> None:
+    stream = encoder()
+    out = stream.event(Started("m", 3)) + stream.event(ReasoningDelta("Think"))
+    out += stream.event(ReasoningDelta(" more.")) + stream.event(TextDelta("Done."))
+    out += stream.event(Finished(FinishReason.STOP, Usage(3, 5, reasoning_tokens=3)))
+    payloads = [json.loads(f.split(b"data: ", 1)[1]) for f in out.split(b"\n\n")[:-1]]
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    # The item events parse as the SDK's own types for them (the response snapshots around
+    # them repeat only part of a request's settings here, so they are read as JSON).
+    items = [TypeAdapter(ResponseStreamEvent).validate_python(p) for p in payloads[2:-1]]
+    assert [p.type for p in items] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]
+    done = payloads[-1]["response"]
+    assert payloads[-1]["type"] == "response.completed"
+    first, second = done["output"]
+    reasoning = ResponseReasoningItem.model_validate(first)
+    assert reasoning.id == "rs_1" and reasoning.content is not None
+    assert [part.text for part in reasoning.content] == ["Think more."]
+    assert second["type"] == "message" and second["content"][0]["text"] == "Done."
+    assert done["usage"]["output_tokens_details"]["reasoning_tokens"] == 3
+
+
+def test_failure_while_reasoning_keeps_the_reasoning_so_far() -> None:
+    stream = encoder()
+    stream.event(Started("m", 3))
+    stream.event(ReasoningDelta("Half a thought"))
+    out = stream.error(UpstreamFailed("node a failed"))
+    failed = json.loads(out.split(b"\n\n")[1].split(b"data: ", 1)[1])
+    assert failed["response"]["output"] == [
+        {
+            "id": "rs_1",
+            "type": "reasoning",
+            "summary": [],
+            "content": [{"type": "reasoning_text", "text": "Half a thought"}],
+            "status": "incomplete",
+        }
+    ]

@@ -134,7 +134,8 @@ def test_openai_stream_bytes() -> None:
         b'"usage":null}\n\n'
         + head
         + b'"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21,'
-        b'"prompt_tokens_details":{"cached_tokens":8}}}\n\n'
+        b'"prompt_tokens_details":{"cached_tokens":8},'
+        b'"completion_tokens_details":{"reasoning_tokens":0}}}\n\n'
         b"data: [DONE]\n\n"
     )
 

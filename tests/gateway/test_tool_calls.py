@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from control_plane.canonical import Event, TextDelta, ToolCallDelta, ToolCallStart
+from control_plane.canonical import Event, TextDelta, Tool, ToolCallDelta, ToolCallStart
 from control_plane.tool_calls import (
     HermesParser,
     Llama3JsonParser,
@@ -134,3 +134,94 @@ def test_llama3_text_answer_streams_as_text() -> None:
 def test_without_tools_tags_are_just_text() -> None:
     parser = parser_for("hermes", tools_offered=False)
     assert run(parser, [CLEAN]) == (CLEAN, [])
+
+
+# ---- Qwen3-Coder's XML calls --------------------------------------------------------------------
+
+FORECAST = Tool(
+    "get_forecast",
+    "The forecast for a city.",
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string"},
+            "days": {"type": "integer"},
+            "threshold": {"type": "number"},
+            "hourly": {"type": "boolean"},
+            "fields": {"type": "array", "items": {"type": "string"}},
+            "where": {"type": "object"},
+            "zip": {"type": "string"},
+            "units": {"anyOf": [{"type": "null"}, {"type": "string"}]},
+        },
+    },
+)
+# As Qwen3-Coder-30B-A3B-Instruct writes them (its chat template's instructions): a line break
+# around every value, strings unquoted, JSON for arrays and objects.
+QWEN3_CODER = (
+    "I'll check the forecast.\n<tool_call>\n<function=get_forecast>\n"
+    "<parameter=city>\nSão Paulo\n</parameter>\n"
+    "<parameter=days>\n3\n</parameter>\n"
+    "<parameter=threshold>\n-2.5\n</parameter>\n"
+    "<parameter=hourly>\nTrue\n</parameter>\n"
+    '<parameter=fields>\n["temp", "wind"]\n</parameter>\n'
+    '<parameter=where>\n{"lat": -23.5, "lon": -46.6}\n</parameter>\n'
+    "<parameter=zip>\n01310\n</parameter>\n"
+    "<parameter=note>\nline one\n  line two\n</parameter>\n"
+    "</function>\n</tool_call>\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>"
+)
+
+
+@given(splits(QWEN3_CODER))
+def test_qwen3_coder_calls_take_their_schema_types(pieces: list[str]) -> None:
+    parser = parser_for("qwen3_coder", True, tools=(FORECAST,))
+    text, calls = run(parser, pieces)
+    assert text == "I'll check the forecast."
+    assert calls == [
+        (
+            "get_forecast",
+            {
+                "city": "São Paulo",
+                "days": 3,
+                "threshold": -2.5,
+                "hourly": True,
+                "fields": ["temp", "wind"],
+                "where": {"lat": -23.5, "lon": -46.6},
+                "zip": "01310",  # a string by its schema, though it reads as a number
+                "note": "line one\n  line two",  # undeclared: the text as written
+            },
+        ),
+        ("get_time", {}),
+    ]
+
+
+def test_qwen3_coder_values_that_do_not_read_as_their_type_stay_text() -> None:
+    parser = parser_for("qwen3_coder", True, tools=(FORECAST,))
+    body = (
+        "<tool_call>\n<function=get_forecast>\n<parameter=days>\nthree\n</parameter>\n"
+        "<parameter=fields>\n[broken\n</parameter>\n<parameter=units>\nnull\n</parameter>\n"
+        "</function>\n</tool_call>"
+    )
+    assert run(parser, [body])[1] == [
+        ("get_forecast", {"days": "three", "fields": "[broken", "units": None})
+    ]
+
+
+def test_qwen3_coder_region_without_a_function_is_given_back_as_text() -> None:
+    parser = parser_for("qwen3_coder", True, tools=(FORECAST,))
+    raw = "<tool_call>\nget_forecast(city='Oslo')\n</tool_call>"
+    # (the space before a call region goes, as for Hermes calls, even when it is no call)
+    assert run(parser, ["Sure. ", raw]) == ("Sure." + raw, [])
+
+
+def test_qwen3_coder_unterminated_call_is_taken_at_the_end() -> None:
+    parser = parser_for("qwen3_coder", True, tools=(FORECAST,))
+    cut = "<tool_call>\n<function=get_forecast>\n<parameter=city>\nOslo\n</parameter>\n"
+    assert run(parser, [cut]) == ("", [("get_forecast", {"city": "Oslo"})])
+
+
+def test_qwen3_coder_parallel_off_keeps_the_first_call() -> None:
+    parser = parser_for("qwen3_coder", True, parallel=False, tools=(FORECAST,))
+    text, calls = run(parser, [QWEN3_CODER])
+    assert text == "I'll check the forecast."
+    assert [name for name, _ in calls] == ["get_forecast"]
+    assert parser.done

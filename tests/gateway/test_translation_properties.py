@@ -28,6 +28,7 @@ from control_plane.canonical import (
     Event,
     Finished,
     FinishReason,
+    ReasoningDelta,
     Started,
     TextDelta,
     ToolCallDelta,
@@ -218,7 +219,8 @@ def anthropic_body(c: dict[str, Any]) -> dict[str, Any]:
 
 def comparable(request: ChatRequest) -> ChatRequest:
     """Arguments as values (each dialect spells JSON its own way); tool messages without the
-    name only one dialect carries; no ids of the HTTP request."""
+    name only one dialect carries; no ids of the HTTP request; no reasoning switch (without a
+    field asking, Anthropic's API does not think and OpenAI's leaves it to the model)."""
     messages = tuple(
         replace(
             m,
@@ -227,7 +229,7 @@ def comparable(request: ChatRequest) -> ChatRequest:
         )
         for m in request.messages
     )
-    return replace(request, messages=messages, request_id="")
+    return replace(request, messages=messages, request_id="", reasoning=None)
 
 
 @settings(max_examples=150, deadline=None)
@@ -243,6 +245,7 @@ def test_both_dialects_give_the_same_canonical_request(conversation: dict[str, A
     assert from_openai.max_tokens == conversation["max_tokens"]
     assert from_openai.stop == tuple(conversation["stop"])
     assert from_anthropic.continue_final is False  # the conversation ends with the user
+    assert (from_openai.reasoning, from_anthropic.reasoning) == (None, False)
 
 
 # ---- responses ----------------------------------------------------------------------------------
@@ -252,6 +255,8 @@ def test_both_dialects_give_the_same_canonical_request(conversation: dict[str, A
 def event_streams(draw: st.DrawFn) -> list[Event]:
     prompt = draw(st.integers(0, 10_000))
     events: list[Event] = [Started("m", prompt)]
+    # A reasoning model's reasoning comes first, before any answer or call.
+    events.extend(ReasoningDelta(piece) for piece in draw(st.lists(text, max_size=3)))
     calls = 0
     for _ in range(draw(st.integers(0, 5))):
         if draw(st.booleans()):
@@ -278,7 +283,9 @@ def event_streams(draw: st.DrawFn) -> list[Event]:
             st.sampled_from([FinishReason.STOP, FinishReason.LENGTH, FinishReason.STOP_SEQUENCE])
         )
         sequence = draw(text) if reason is FinishReason.STOP_SEQUENCE else None
-    events.append(Finished(reason, Usage(prompt, draw(st.integers(0, 10_000))), sequence))
+    completion = draw(st.integers(0, 10_000))
+    usage = Usage(prompt, completion, reasoning_tokens=draw(st.integers(0, completion)))
+    events.append(Finished(reason, usage, sequence))
     return events
 
 
@@ -297,6 +304,7 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     finished = events[-1]
     assert isinstance(finished, Finished)
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     calls: dict[int, list[str]] = {}
     for event in events:
         if isinstance(event, ToolCallStart):
@@ -323,8 +331,13 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == finished.usage.prompt_tokens
     assert completion.usage.completion_tokens == finished.usage.completion_tokens
+    assert completion.usage.completion_tokens_details is not None
+    details = completion.usage.completion_tokens_details
+    assert details.reasoning_tokens == finished.usage.reasoning_tokens
+    assert (getattr(message, "reasoning_content", None) or "") == reasoning
 
-    anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m")
+    thinking = anthropic_translate.Thinking.asked({"type": "enabled", "budget_tokens": 1024})
+    anthropic_encoder = anthropic_translate.MessageStreamEncoder("msg_x", "m", thinking)
     snapshot: ParsedMessage[None] | None = None
     buffers: dict[int, bytes] = {}
     for payload in sse_payloads(b"".join(anthropic_encoder.event(e) for e in events)):
@@ -333,6 +346,11 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
             snapshot = accumulate_event(event=payload, current_snapshot=snapshot, json_bufs=buffers)  # type: ignore[arg-type]
     assert snapshot is not None
     assert "".join(b.text for b in snapshot.content if b.type == "text") == text
+    thought = [b for b in snapshot.content if b.type == "thinking"]
+    assert [(b.thinking, b.signature) for b in thought] == (
+        [(reasoning, anthropic_translate.signature_for(reasoning))] if reasoning else []
+    )
+    assert snapshot.content[: len(thought)] == thought  # before the text and the calls
     assert [
         (b.id.removeprefix("toolu_"), b.name, b.input)
         for b in snapshot.content
@@ -345,10 +363,18 @@ def test_both_encoders_tell_the_sdks_the_same_answer(events: list[Event]) -> Non
 
     # The non-streamed bodies say the same.
     collected = [(i, n, a) for i, n, a in calls.values()]
-    body = openai_translate.chat_completion("chatcmpl-x", "m", text, collected, finished)
+    body = openai_translate.chat_completion(
+        "chatcmpl-x", "m", text, collected, finished, reasoning=reasoning
+    )
     assert (body["choices"][0]["message"]["content"] or "") == text
+    assert body["choices"][0]["message"].get("reasoning_content", "") == reasoning
     assert len(body["choices"][0]["message"].get("tool_calls", [])) == len(calls)
-    whole = anthropic_translate.message_body("msg_x", "m", text, collected, finished)
+    whole = anthropic_translate.message_body(
+        "msg_x", "m", text, collected, finished, reasoning, thinking
+    )
+    assert [b for b in whole["content"] if b["type"] == "thinking"] == [
+        b.model_dump() for b in thought
+    ]
     assert [b.get("input") for b in whole["content"] if b["type"] == "tool_use"] == [
         c[2] for c in expected_calls
     ]
