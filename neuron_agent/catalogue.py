@@ -3,11 +3,18 @@ and a context length per model.
 
 `estimate_bytes` and `context_length` are pure (a profile and a checkpoint's shape in, numbers
 out); `Catalogue` reads each checkpoint's shape once and keeps it.
+
+Pins set through the lifecycle API (`POST /models/pin`, which the gateway's console calls) are
+kept in the node's state folder (`pins.json`, model → pinned) and laid over models.toml's
+`pinned` at start and on every reload, so they outlive a restart and an edit of the file; the
+operator's models.toml is never rewritten.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +33,8 @@ from neuron_agent.torch_engine.checkpoint import (
 )
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.gguf import is_gguf
+
+log = logging.getLogger("cortex.neuron")
 
 # Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
 RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
@@ -115,19 +124,63 @@ def plan_catalogue_change(
     return profiles, change
 
 
+def read_pins(path: Path) -> dict[str, bool]:
+    """The pins kept in `path`; none when it is missing or unreadable (said in the log)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        log.warning("%s not read (%s): pins from models.toml only", path, error)
+        return {}
+    if not isinstance(found, dict):
+        log.warning("%s is not a JSON object: pins from models.toml only", path)
+        return {}
+    return {str(name): pinned for name, pinned in found.items() if isinstance(pinned, bool)}
+
+
+def write_pins(path: Path, pins: Mapping[str, bool]) -> None:
+    """Write the pins whole and then move them in place, so a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(dict(sorted(pins.items())), indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
 class Catalogue:
     """The models this node may serve (those whose `neurons` list names it, or has none)."""
 
     def __init__(self, config: NeuronConfig, has_gpu: bool) -> None:
         self.config = config
         self.has_gpu = has_gpu
+        self.pins_file = config.resolve(config.neuron.state_dir) / "pins.json"
+        self.pins = read_pins(self.pins_file)
         self.profiles = self.profiles_for(config.models)
         self._specs: dict[str, ModelSpec | None] = {}
         self._gguf: dict[str, GgufInfo | None] = {}
 
     def profiles_for(self, models: ModelsFile) -> dict[str, ModelProfile]:
         name = self.config.neuron.name
-        return {p.name: p for p in models.models if not p.neurons or name in p.neurons}
+        return {
+            p.name: self._pinned_as_set(p)
+            for p in models.models
+            if not p.neurons or name in p.neurons
+        }
+
+    def _pinned_as_set(self, profile: ModelProfile) -> ModelProfile:
+        pinned = self.pins.get(profile.name)
+        if pinned is None or pinned == profile.pinned:
+            return profile
+        return profile.model_copy(update={"pinned": pinned})
+
+    def set_pinned(self, name: str, pinned: bool) -> ModelProfile:
+        """Pin or unpin a catalogued model, loaded or not (a pin changes no running engine),
+        and keep that in pins.json."""
+        profile = self.profile(name)
+        self.pins[name] = pinned
+        write_pins(self.pins_file, self.pins)
+        self.profiles[name] = profile.model_copy(update={"pinned": pinned})
+        return self.profiles[name]
 
     def replace(self, profiles: Mapping[str, ModelProfile]) -> None:
         """Serve `profiles` from now on (in place: the node holds this mapping); checkpoint
@@ -187,8 +240,10 @@ class Catalogue:
         API (its PyTorch backend) gained sleep and wake-up through virtual device memory in
         2025–26 (`sleep_config`, `release()` / `resume()`), but the Triton `tensorrtllm` C++
         backend that serves the engines `cortex build-engine` builds exposes no such call, so
-        trtllm models are unload-only; the torch engine's other ranks do not sleep yet."""
-        return profile.engine is EngineKind.TORCH and profile.tp == 1
+        trtllm models are unload-only; the torch engine's other ranks do not sleep yet. A
+        profile with its own `template` runs someone else's model.py (the tests' fakes), which
+        need not serve the control socket a sleep goes through."""
+        return profile.engine is EngineKind.TORCH and profile.tp == 1 and profile.template is None
 
     def host_bytes_asleep(self, profile: ModelProfile) -> int:
         """Host memory a sleeping copy holds: its weights (the KV cache is dropped)."""
