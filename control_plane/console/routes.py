@@ -37,7 +37,14 @@ from sanic.response import HTTPResponse, json, raw
 
 from control_plane import wire
 from control_plane.console.state import RecentErrors, fleet_view, model_samples, visible_usage
-from control_plane.errors import Conflict, InvalidRequest, NotFound, Overloaded, PermissionDenied
+from control_plane.errors import (
+    Conflict,
+    InvalidRequest,
+    ModelUnavailable,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+)
 from control_plane.keys import Caller
 from control_plane.openai.routes import field_path
 from control_plane.routing import FleetSnapshot, busy
@@ -160,10 +167,11 @@ def _copy_on(snapshot: FleetSnapshot, model: str, node: str | None, state: Model
 @contextlib.contextmanager
 def _node_refusals() -> Iterator[None]:
     """A neuron's 409 (no room, requests in flight, cannot sleep) is the admin's 409 too, not
-    the overload a client's request would retry."""
+    the overload a client's request would retry; so is a copy that left meanwhile (404), or no
+    node that may hold the model being up."""
     try:
         yield
-    except Overloaded as error:
+    except (Overloaded, ModelUnavailable) as error:
         raise Conflict(error.message) from None
 
 
@@ -195,19 +203,18 @@ async def unload(request: Request) -> HTTPResponse:
     who = _admin(request)
     action = _action(request)
     fleet = request.app.ctx.fleet
-    snapshot = fleet.snapshot()
-    holders = snapshot.placed_on(action.model)
+    entry = fleet.resolve(action.model)
+    model = entry.profile.name
     if action.node is None:
         raise InvalidRequest("node: say which node to unload the model from", "node")
-    if action.node not in holders:
-        raise NotFound(f"{action.model} is not loaded on {action.node}", "model")
-    entry = snapshot.catalogue().get(action.model)
-    if entry is not None and entry.profile.pinned:
-        raise Conflict(f"{action.model} is pinned: unpin it first, or it is loaded again")
-    log.info("console: %s unloads %s from %s", who.name, action.model, action.node)
+    if action.node not in fleet.snapshot().placed_on(model):
+        raise NotFound(f"{model} is not loaded on {action.node}", "model")
+    if entry.profile.pinned:
+        raise Conflict(f"{model} is pinned: unpin it first, or it is loaded again")
+    log.info("console: %s unloads %s from %s", who.name, model, action.node)
     with _node_refusals():
-        await fleet.unload(action.node, action.model, EvictionReason.CONSOLE)
-    result: dict[str, Any] = {"model": action.model, "node": action.node, "state": "UNLOADED"}
+        await fleet.unload(action.node, model, EvictionReason.CONSOLE)
+    result: dict[str, Any] = {"model": model, "node": action.node, "state": "UNLOADED"}
     return json(result)
 
 
@@ -219,7 +226,8 @@ async def _pin(request: Request, pinned: bool) -> HTTPResponse:
     if action.node is not None:
         raise InvalidRequest("node: a pin holds on every node that may hold the model", "node")
     log.info("console: %s %s %s", who.name, "pins" if pinned else "unpins", model)
-    nodes = await fleet.pin(model, pinned)
+    with _node_refusals():
+        nodes = await fleet.pin(model, pinned)
     return json({"model": model, "pinned": pinned, "nodes": nodes})
 
 
