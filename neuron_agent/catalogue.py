@@ -5,9 +5,11 @@ and a context length per model.
 out); `Catalogue` reads each checkpoint's shape once and keeps it.
 
 Pins set through the lifecycle API (`POST /models/pin`, which the gateway's console calls) are
-kept in the node's state folder (`pins.json`, model → pinned) and laid over models.toml's
-`pinned` at start and on every reload, so they outlive a restart and an edit of the file; the
-operator's models.toml is never rewritten.
+kept in the node's state folder (`pins.json`) and laid over models.toml's `pinned` at start and
+on every reload, so they outlive a restart; the operator's models.toml is never rewritten. The
+latest word wins: each pin remembers what the file said of the model when it was set, and once
+the file says otherwise (the operator changed that line since), the file's word holds and the
+pin is dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import logging
 import os
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cortex.config import EngineKind, KVCacheDtype, ModelProfile, ModelsFile, NeuronConfig
@@ -124,7 +126,15 @@ def plan_catalogue_change(
     return profiles, change
 
 
-def read_pins(path: Path) -> dict[str, bool]:
+@dataclass(frozen=True)
+class Pin:
+    """A pin set through the lifecycle API, and what models.toml said of the model then."""
+
+    pinned: bool
+    file_said: bool
+
+
+def read_pins(path: Path) -> dict[str, Pin]:
     """The pins kept in `path`; none when it is missing or unreadable (said in the log)."""
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
@@ -133,18 +143,31 @@ def read_pins(path: Path) -> dict[str, bool]:
     except (OSError, ValueError) as error:
         log.warning("%s not read (%s): pins from models.toml only", path, error)
         return {}
-    if not isinstance(found, dict):
-        log.warning("%s is not a JSON object: pins from models.toml only", path)
-        return {}
-    return {str(name): pinned for name, pinned in found.items() if isinstance(pinned, bool)}
+    pins: dict[str, Pin] = {}
+    for name, pin in found.items() if isinstance(found, dict) else ():
+        said = pin.get("file_said") if isinstance(pin, dict) else None
+        if isinstance(said, bool) and isinstance(pin.get("pinned"), bool):
+            pins[str(name)] = Pin(pin["pinned"], said)
+    return pins
 
 
-def write_pins(path: Path, pins: Mapping[str, bool]) -> None:
+def write_pins(path: Path, pins: Mapping[str, Pin]) -> None:
     """Write the pins whole and then move them in place, so a crash leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(dict(sorted(pins.items())), indent=1), encoding="utf-8")
+    body = {name: asdict(pin) for name, pin in sorted(pins.items())}
+    partial.write_text(json.dumps(body, indent=1), encoding="utf-8")
     os.replace(partial, path)
+
+
+def pins_still_set(pins: Mapping[str, Pin], file_pinned: Mapping[str, bool]) -> dict[str, Pin]:
+    """The pins that still hold over models.toml: those of models the file says the same of
+    as when the pin was set (or no longer lists). Pure."""
+    return {
+        name: pin
+        for name, pin in pins.items()
+        if file_pinned.get(name, pin.file_said) == pin.file_said
+    }
 
 
 class Catalogue:
@@ -155,29 +178,42 @@ class Catalogue:
         self.has_gpu = has_gpu
         self.pins_file = config.resolve(config.neuron.state_dir) / "pins.json"
         self.pins = read_pins(self.pins_file)
+        self.file_pinned: dict[str, bool] = {}
         self.profiles = self.profiles_for(config.models)
         self._specs: dict[str, ModelSpec | None] = {}
         self._gguf: dict[str, GgufInfo | None] = {}
 
     def profiles_for(self, models: ModelsFile) -> dict[str, ModelProfile]:
+        """The file's profiles for this node, with the pins that still hold laid over them
+        (dropping, and saying so, those whose line the operator has changed since)."""
         name = self.config.neuron.name
-        return {
-            p.name: self._pinned_as_set(p)
-            for p in models.models
-            if not p.neurons or name in p.neurons
-        }
+        wanted = {p.name: p for p in models.models if not p.neurons or name in p.neurons}
+        self.file_pinned = {p.name: p.pinned for p in wanted.values()}
+        kept = pins_still_set(self.pins, self.file_pinned)
+        if kept != self.pins:
+            for dropped in self.pins.keys() - kept.keys():
+                log.info(
+                    "models.toml now sets %s's pinned itself: the API's pin is dropped", dropped
+                )
+            self.pins = kept
+            write_pins(self.pins_file, kept)
+        return {n: self._pinned_as_set(p) for n, p in wanted.items()}
 
     def _pinned_as_set(self, profile: ModelProfile) -> ModelProfile:
-        pinned = self.pins.get(profile.name)
-        if pinned is None or pinned == profile.pinned:
+        pin = self.pins.get(profile.name)
+        if pin is None or pin.pinned == profile.pinned:
             return profile
-        return profile.model_copy(update={"pinned": pinned})
+        return profile.model_copy(update={"pinned": pin.pinned})
 
     def set_pinned(self, name: str, pinned: bool) -> ModelProfile:
         """Pin or unpin a catalogued model, loaded or not (a pin changes no running engine),
-        and keep that in pins.json."""
+        and keep that in pins.json (a pin the file agrees with is dropped there)."""
         profile = self.profile(name)
-        self.pins[name] = pinned
+        file_said = self.file_pinned.get(name, profile.pinned)
+        if pinned == file_said:
+            self.pins.pop(name, None)
+        else:
+            self.pins[name] = Pin(pinned, file_said)
         write_pins(self.pins_file, self.pins)
         self.profiles[name] = profile.model_copy(update={"pinned": pinned})
         return self.profiles[name]

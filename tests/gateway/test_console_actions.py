@@ -74,6 +74,11 @@ def refused(response: httpx.Response, status: int, *words: str) -> None:
         assert word in message, message
 
 
+def neuron_status_folder(fleet: ReplayFleet) -> Path:
+    """The neuron's state folder (loopback_neuron puts it beside models.toml)."""
+    return fleet.models_file.parent / "state"
+
+
 @pytest.fixture
 def unpinned(replay_fleet: ReplayFleet) -> Iterator[None]:
     """The shared fleet's PINNED model unpinned again after the test, whatever it did."""
@@ -105,7 +110,8 @@ def test_a_pin_is_kept_by_the_neuron_and_shown(replay_fleet: ReplayFleet, unpinn
     assert console_model(replay_fleet, PINNED)["pinned"]
     # Kept in the neuron's state folder, over models.toml, which stays as the operator wrote it.
     state = Path(neuron_status_folder(replay_fleet))
-    assert json.loads((state / "pins.json").read_text())[PINNED] is True
+    pins = json.loads((state / "pins.json").read_text())
+    assert pins[PINNED] == {"pinned": True, "file_said": False}
     assert "pinned = true" not in replay_fleet.models_file.read_text()
     # Pinned: the gateway keeps it resident, and will not unload it.
     wait_for("the pinned model to load", lambda: neuron_state(replay_fleet, PINNED) == "READY")
@@ -127,26 +133,34 @@ def test_a_pin_is_kept_by_the_neuron_and_shown(replay_fleet: ReplayFleet, unpinn
     assert unpinned_answer.json()["pinned"] is False
     assert not catalogue_pinned(replay_fleet, PINNED)
     assert not console_model(replay_fleet, PINNED)["pinned"]
-    assert json.loads((state / "pins.json").read_text())[PINNED] is False
+    assert PINNED not in json.loads((state / "pins.json").read_text())  # as the file says
     assert post(replay_fleet, "unload", ADMIN, model=PINNED, node=NODE).status_code == 200
     assert neuron_state(replay_fleet, PINNED) is None
 
 
-def neuron_status_folder(fleet: ReplayFleet) -> Path:
-    """The neuron's state folder (loopback_neuron puts it beside models.toml)."""
-    return fleet.models_file.parent / "state"
+def test_a_pin_outlives_the_neuron_until_the_file_changes_its_word(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """What a restarted neuron starts from: a new catalogue over the same state folder. The
+    latest word wins: a pin holds over models.toml until the operator changes the model's
+    `pinned` line there."""
 
+    def catalogue(pinned_in_file: bool) -> Catalogue:
+        profile = ModelProfile(name="m", source=str(tiny_model), pinned=pinned_in_file)
+        return Catalogue(loopback_neuron(tmp_path, "n", [profile]), has_gpu=False)
 
-def test_a_pin_outlives_the_neuron(tmp_path: Path, tiny_model: Path) -> None:
-    """What a restarted neuron starts from: a new catalogue over the same state folder."""
-    profile = ModelProfile(name="m", source=str(tiny_model))
-    config = loopback_neuron(tmp_path, "n", [profile])
-    first = Catalogue(config, has_gpu=False)
+    first = catalogue(False)
     assert not first.profiles["m"].pinned
     first.set_pinned("m", True)
-    assert Catalogue(config, has_gpu=False).profiles["m"].pinned
+    assert catalogue(False).profiles["m"].pinned  # restarted: the pin holds
     first.set_pinned("m", False)
-    assert not Catalogue(config, has_gpu=False).profiles["m"].pinned
+    assert not catalogue(False).profiles["m"].pinned
+    assert json.loads((tmp_path / "state" / "pins.json").read_text()) == {}
+
+    first.set_pinned("m", True)
+    assert catalogue(True).profiles["m"].pinned  # the file now pins it itself: the pin is dropped
+    assert json.loads((tmp_path / "state" / "pins.json").read_text()) == {}
+    assert not catalogue(False).profiles["m"].pinned  # and the file's later word holds
 
 
 def test_sleep_and_wake_change_the_tier(replay_fleet: ReplayFleet) -> None:
