@@ -189,7 +189,8 @@ def test_the_console_shows_the_fleet_and_acts_for_admin_keys_only(
     wait_for("the neuron to pin it", lambda: neuron_pinned(replay_fleet, pinned))
     wait_for("the page to show it pinned", lambda: "pinned" in row(browser, pinned).text)
     wait_for("the pinned copy", lambda: "replay-node loaded" in row(browser, pinned).text)
-    assert not button(browser, pinned, "unload").is_enabled()
+    # In a wait: the table is redrawn every refresh, so an element found may go stale.
+    wait_for("Unload disabled", lambda: not button(browser, pinned, "unload").is_enabled())
 
     # Sleep asks first; then the neuron's tier is ASLEEP and the page says asleep; Wake brings
     # it back. A model whose engine cannot sleep has no Sleep button.
