@@ -11,6 +11,8 @@ kind; `openai_body` and `anthropic_body` render it in each dialect's envelope.
     ├── RateLimited           429  rate_limit_error        (a key's limit; Retry-After)
     ├── NotFound              404  not_found_error         (no such route)
     │   └── ModelNotFound     404  not_found_error
+    ├── Conflict              409  invalid_request_error   (a lifecycle action the model's state,
+    │                                                       engine or requests do not allow now)
     ├── Overloaded            529/503  overloaded_error    (Retry-After)
     ├── UpstreamTimeout       504  timeout_error
     └── UpstreamFailed        502  api_error               (a node or Triton failed)
@@ -137,6 +139,16 @@ class ModelNotFound(NotFound):
         super().__init__(
             f"The model `{model}` does not exist or is not served by this fleet.", "model"
         )
+
+
+class Conflict(CortexError):
+    """An admin's lifecycle action that cannot be done now: the model's engine cannot sleep,
+    it has requests in flight, it is not in the state the action needs, or the node refused."""
+
+    status = 409
+    kind = "invalid_request_error"
+    openai_type = "invalid_request_error"
+    openai_code = "conflict"
 
 
 class Overloaded(CortexError):

@@ -96,6 +96,7 @@ class NodeClient(Protocol):
     async def load(self, model: str) -> LoadedModel: ...
     async def unload(self, model: str, force: bool = False) -> Any: ...
     async def sleep(self, model: str) -> LoadedModel: ...
+    async def pin(self, model: str, pinned: bool) -> CatalogueEntry: ...
     async def tokenizer(self, model: str) -> TokenizerFiles: ...
     async def close(self) -> None: ...
 
@@ -468,17 +469,25 @@ class Fleet:
             log.info("loaded %s on %s in %.2f s", model, node, seconds)
         await self.poll(node)
 
-    async def sleep(self, node: str, model: str, reason: EvictionReason) -> None:
+    async def sleep(
+        self, node: str, model: str, reason: EvictionReason, unload_if_refused: bool = True
+    ) -> None:
         """Put the model to sleep there; where the neuron refuses (requests arrived meanwhile,
-        its host budget filled, its engine cannot), unload it instead."""
+        its host budget filled, its engine cannot), unload it instead, or with
+        `unload_if_refused=False` (an admin asked for a sleep, not for the memory) raise the
+        refusal."""
         member = self.nodes[node]
         member.leaving.add(model)
         try:
             try:
                 await member.client.sleep(model)
             except ModelUnavailable:
+                if not unload_if_refused:
+                    raise
                 log.info("%s had left %s already", model, node)
             except CortexError as error:
+                if not unload_if_refused:
+                    raise
                 log.info("%s did not sleep on %s (%s): unloading it", model, node, error.message)
                 await self.unload(node, model, reason)
                 return
@@ -530,6 +539,24 @@ class Fleet:
                 self._pinned_placed(model)
         for model in pinned_missing(snapshot):
             self._in_background(f"pin:{model}", functools.partial(self._pin, model))
+
+    async def pin(self, model: str, pinned: bool) -> list[str]:
+        """Pin or unpin the model on every up node that catalogues it (each neuron keeps the
+        pin in its state folder, so it outlives this gateway and the neuron's restarts); a
+        pinned model that no node holds is then placed, as at start. The nodes, by name."""
+        nodes = [
+            view.name for view in self.snapshot().nodes if view.up and model in view.catalogue()
+        ]
+        if not nodes:
+            raise ModelUnavailable(f"no node that may hold {model} is up")
+        await asyncio.gather(*(self.nodes[name].client.pin(model, pinned) for name in nodes))
+        await asyncio.gather(*(self.poll(name) for name in nodes))
+        log.info("%s %s on %s", model, "pinned" if pinned else "unpinned", ", ".join(nodes))
+        if not pinned:
+            self._pinned.discard(model)
+            self._pinned_placed(model)  # no longer wanted resident: nothing left to report
+        self.keep_pinned()
+        return nodes
 
     async def _pin(self, model: str) -> None:
         try:

@@ -30,7 +30,13 @@ from control_plane.errors import (
 from cortex import logs
 from cortex.config import TRTLLM_TOKENS_PER_BLOCK, NeuronRef
 from cortex.engine_errors import EngineErrorKind, parse_engine_error
-from cortex.neuron_api import LoadedModel, NeuronStatus, TokenizerFiles, UnloadResult
+from cortex.neuron_api import (
+    CatalogueEntry,
+    LoadedModel,
+    NeuronStatus,
+    TokenizerFiles,
+    UnloadResult,
+)
 from cortex.secrets import TRITON_GRPC_KEY_METADATA, triton_key
 
 # grpcio runs client channels on its EventEngine by default; for the gateway's stream reads (one
@@ -111,6 +117,10 @@ class NeuronClient:
 
     async def wake(self, model: str) -> LoadedModel:
         return await self._read(LoadedModel, "POST", "/models/wake", json={"model": model})
+
+    async def pin(self, model: str, pinned: bool) -> CatalogueEntry:
+        body = {"model": model, "pinned": pinned}
+        return await self._read(CatalogueEntry, "POST", "/models/pin", json=body)
 
     async def unload(self, model: str, force: bool = False) -> UnloadResult:
         body = {"model": model, "force": force}

@@ -4,6 +4,8 @@
     GET  /status                    → NeuronStatus
     POST /models/load    LoadRequest   → LoadedModel          (409 when memory won't fit)
     POST /models/unload  UnloadRequest → UnloadResult
+    POST /models/sleep, /models/wake  SleepRequest → LoadedModel  (409: busy, cannot sleep)
+    POST /models/pin     PinRequest    → CatalogueEntry       (kept in the node's state folder)
     GET  /models/{name}/tokenizer   → TokenizerFiles
     errors                          → ErrorBody with the HTTP status
 
@@ -53,6 +55,7 @@ class EvictionReason(enum.StrEnum):
     SCALE_IN = "scale_in"
     DEFRAG = "defrag"
     IDLE_SLEEP = "idle_sleep"  # put to sleep after its sleep_after_s (`cortex_sleeps_total`)
+    CONSOLE = "console"  # an admin's unload or sleep (the console, its API)
 
 
 class RequestOutcome(enum.StrEnum):
@@ -184,6 +187,14 @@ class SleepRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str
+
+
+class PinRequest(BaseModel):
+    """POST /models/pin: pin (or unpin) a catalogued model on this node, over models.toml."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    pinned: bool
 
 
 class UnloadResult(_Wire):

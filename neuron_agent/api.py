@@ -2,6 +2,7 @@
 
     GET  /health   GET /status   POST /models/load   POST /models/unload
     POST /models/sleep   POST /models/wake   (a loaded model's residency tier)
+    POST /models/pin     {"model", "pinned"}: kept in the state folder over models.toml
     GET  /models/<name>/tokenizer
     GET  /metrics  this node's Triton metrics (Prometheus text), which Triton serves on loopback,
                    and the torch engines' own counters (`engine_metrics`)
@@ -33,7 +34,14 @@ from sanic.response import json as json_response
 
 from cortex import logs
 from cortex.config import NeuronConfig
-from cortex.neuron_api import ErrorBody, Health, LoadRequest, SleepRequest, UnloadRequest
+from cortex.neuron_api import (
+    ErrorBody,
+    Health,
+    LoadRequest,
+    PinRequest,
+    SleepRequest,
+    UnloadRequest,
+)
 from cortex.secrets import secret_matches
 from neuron_agent.engine_metrics import render_engine_counters
 from neuron_agent.errors import BadRequest, NodeError
@@ -170,6 +178,11 @@ def create_app(config: NeuronConfig, node: Node | None = None) -> App:
     async def wake(request: Request) -> HTTPResponse:
         body: SleepRequest = _parse(SleepRequest, request)
         return json_response((await node.wake(body.model)).model_dump(mode="json"))
+
+    @app.post("/models/pin")
+    async def pin(request: Request) -> HTTPResponse:
+        body: PinRequest = _parse(PinRequest, request)
+        return json_response(node.pin(body.model, body.pinned).model_dump(mode="json"))
 
     @app.post("/models/unload")
     async def unload(request: Request) -> HTTPResponse:

@@ -3,13 +3,22 @@ and a context length per model.
 
 `estimate_bytes` and `context_length` are pure (a profile and a checkpoint's shape in, numbers
 out); `Catalogue` reads each checkpoint's shape once and keeps it.
+
+Pins set through the lifecycle API (`POST /models/pin`, which the gateway's console calls) are
+kept in the node's state folder (`pins.json`) and laid over models.toml's `pinned` at start and
+on every reload, so they outlive a restart; the operator's models.toml is never rewritten. The
+latest word wins: each pin remembers what the file said of the model when it was set, and once
+the file says otherwise (the operator changed that line since), the file's word holds and the
+pin is dropped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cortex.config import EngineKind, KVCacheDtype, ModelProfile, ModelsFile, NeuronConfig
@@ -26,6 +35,8 @@ from neuron_agent.torch_engine.checkpoint import (
 )
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
 from neuron_agent.torch_engine.gguf import is_gguf
+
+log = logging.getLogger("cortex.neuron")
 
 # Runtime memory beside weights and KV cache: the CUDA context / Python stub and torch.
 RUNTIME_OVERHEAD_BYTES = 512 * 1024 * 1024
@@ -115,19 +126,97 @@ def plan_catalogue_change(
     return profiles, change
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A pin set through the lifecycle API, and what models.toml said of the model then."""
+
+    pinned: bool
+    file_said: bool
+
+
+def read_pins(path: Path) -> dict[str, Pin]:
+    """The pins kept in `path`; none when it is missing or unreadable (said in the log)."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        log.warning("%s not read (%s): pins from models.toml only", path, error)
+        return {}
+    pins: dict[str, Pin] = {}
+    for name, pin in found.items() if isinstance(found, dict) else ():
+        said = pin.get("file_said") if isinstance(pin, dict) else None
+        if isinstance(said, bool) and isinstance(pin.get("pinned"), bool):
+            pins[str(name)] = Pin(pin["pinned"], said)
+    return pins
+
+
+def write_pins(path: Path, pins: Mapping[str, Pin]) -> None:
+    """Write the pins whole and then move them in place, so a crash leaves the old file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    body = {name: asdict(pin) for name, pin in sorted(pins.items())}
+    partial.write_text(json.dumps(body, indent=1), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def pins_still_set(pins: Mapping[str, Pin], file_pinned: Mapping[str, bool]) -> dict[str, Pin]:
+    """The pins that still hold over models.toml: those of models the file says the same of
+    as when the pin was set (or no longer lists). Pure."""
+    return {
+        name: pin
+        for name, pin in pins.items()
+        if file_pinned.get(name, pin.file_said) == pin.file_said
+    }
+
+
 class Catalogue:
     """The models this node may serve (those whose `neurons` list names it, or has none)."""
 
     def __init__(self, config: NeuronConfig, has_gpu: bool) -> None:
         self.config = config
         self.has_gpu = has_gpu
+        self.pins_file = config.resolve(config.neuron.state_dir) / "pins.json"
+        self.pins = read_pins(self.pins_file)
+        self.file_pinned: dict[str, bool] = {}
         self.profiles = self.profiles_for(config.models)
         self._specs: dict[str, ModelSpec | None] = {}
         self._gguf: dict[str, GgufInfo | None] = {}
 
     def profiles_for(self, models: ModelsFile) -> dict[str, ModelProfile]:
+        """The file's profiles for this node, with the pins that still hold laid over them
+        (dropping, and saying so, those whose line the operator has changed since)."""
         name = self.config.neuron.name
-        return {p.name: p for p in models.models if not p.neurons or name in p.neurons}
+        wanted = {p.name: p for p in models.models if not p.neurons or name in p.neurons}
+        self.file_pinned = {p.name: p.pinned for p in wanted.values()}
+        kept = pins_still_set(self.pins, self.file_pinned)
+        if kept != self.pins:
+            for dropped in self.pins.keys() - kept.keys():
+                log.info(
+                    "models.toml now sets %s's pinned itself: the API's pin is dropped", dropped
+                )
+            self.pins = kept
+            write_pins(self.pins_file, kept)
+        return {n: self._pinned_as_set(p) for n, p in wanted.items()}
+
+    def _pinned_as_set(self, profile: ModelProfile) -> ModelProfile:
+        pin = self.pins.get(profile.name)
+        if pin is None or pin.pinned == profile.pinned:
+            return profile
+        return profile.model_copy(update={"pinned": pin.pinned})
+
+    def set_pinned(self, name: str, pinned: bool) -> ModelProfile:
+        """Pin or unpin a catalogued model, loaded or not (a pin changes no running engine),
+        and keep that in pins.json (a pin the file agrees with is dropped there)."""
+        profile = self.profile(name)
+        file_said = self.file_pinned.get(name, profile.pinned)
+        if pinned == file_said:
+            self.pins.pop(name, None)
+        else:
+            self.pins[name] = Pin(pinned, file_said)
+        write_pins(self.pins_file, self.pins)
+        self.profiles[name] = profile.model_copy(update={"pinned": pinned})
+        return self.profiles[name]
 
     def replace(self, profiles: Mapping[str, ModelProfile]) -> None:
         """Serve `profiles` from now on (in place: the node holds this mapping); checkpoint
@@ -187,8 +276,10 @@ class Catalogue:
         API (its PyTorch backend) gained sleep and wake-up through virtual device memory in
         2025–26 (`sleep_config`, `release()` / `resume()`), but the Triton `tensorrtllm` C++
         backend that serves the engines `cortex build-engine` builds exposes no such call, so
-        trtllm models are unload-only; the torch engine's other ranks do not sleep yet."""
-        return profile.engine is EngineKind.TORCH and profile.tp == 1
+        trtllm models are unload-only; the torch engine's other ranks do not sleep yet. A
+        profile with its own `template` runs someone else's model.py (the tests' fakes), which
+        need not serve the control socket a sleep goes through."""
+        return profile.engine is EngineKind.TORCH and profile.tp == 1 and profile.template is None
 
     def host_bytes_asleep(self, profile: ModelProfile) -> int:
         """Host memory a sleeping copy holds: its weights (the KV cache is dropped)."""

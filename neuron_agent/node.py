@@ -22,6 +22,7 @@ import psutil
 
 from cortex.config import EngineKind, ModelProfile, NeuronConfig
 from cortex.neuron_api import (
+    CatalogueEntry,
     LoadedModel,
     ModelState,
     NeuronStatus,
@@ -365,6 +366,13 @@ class Node:
             restarted = True
         self.catalogue_watch.settle()  # an entry models.toml changed meanwhile applies now
         return UnloadResult(model=name, memory_released=released, triton_restarted=restarted)
+
+    def pin(self, name: str, pinned: bool) -> CatalogueEntry:
+        """Pin or unpin a catalogued model: gateways keep a pinned model resident and never
+        evict it. Kept in the state folder over models.toml (`Catalogue.set_pinned`)."""
+        self.catalogue.set_pinned(name, pinned)
+        self._event(f"{name} {'pinned' if pinned else 'unpinned'} through the lifecycle API")
+        return next(e for e in self.catalogue.entries() if e.profile.name == name)
 
     # ------------------------------------------------------------------ sleep / wake
 

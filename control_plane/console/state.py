@@ -15,8 +15,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from control_plane.routing import FleetSnapshot, busy
-from cortex.neuron_api import RequestOutcome
+from cortex.neuron_api import ModelState, RequestOutcome
 
+# A copy's residency tier as the console names it (the `tier` label of cortex_model_tier); a
+# copy loading or unloading is in neither.
+TIERS = {ModelState.READY: "loaded", ModelState.ASLEEP: "asleep"}
 # Outcomes of a request that are not errors worth showing.
 _QUIET_OUTCOMES = frozenset({RequestOutcome.OK, RequestOutcome.CANCELLED})
 
@@ -88,6 +91,7 @@ def fleet_view(
                 {
                     "node": node.name,
                     "state": loaded.state,
+                    "tier": TIERS.get(loaded.state),
                     "gpus": loaded.gpus,
                     "memory_bytes": loaded.memory_bytes,
                     "in_flight": busy(node, name),
@@ -104,6 +108,7 @@ def fleet_view(
                 "engine": entry.profile.engine.value,
                 "aliases": list(entry.profile.aliases),
                 "pinned": entry.profile.pinned,
+                "can_sleep": entry.can_sleep,
                 "estimated_bytes": entry.estimated_bytes,
                 "context_length": entry.context_length,
                 "placements": placements,

@@ -133,6 +133,12 @@ class FakeNeuron:
     async def close(self) -> None:
         pass
 
+    async def pin(self, model: str, pinned: bool) -> CatalogueEntry:
+        self.profiles[model] = self.profiles[model].model_copy(update={"pinned": pinned})
+        return CatalogueEntry(
+            profile=self.profiles[model], estimated_bytes=self.size, context_length=4096
+        )
+
 
 def profile(name: str, **fields: Any) -> ModelProfile:
     return ModelProfile(name=name, source="/m", **fields)

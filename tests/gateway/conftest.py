@@ -1,7 +1,8 @@
 """A second fleet for gateway tests, from config files: a real neuron agent (with its real
-tritonserver) serving the replay fake (tests/fakes/replay_llm) with cortex-tiny's tokenizer, and
-a real gateway in front of it with an API key, short timeouts and fast keep-alives. Started once
-per session; tests drive it with the official SDKs."""
+tritonserver) serving the replay fake (tests/fakes/replay_llm) with cortex-tiny's tokenizer and
+cortex-tiny itself on the torch engine (`SLEEPER`, for sleep and wake), and a real gateway in
+front of it with an API key, short timeouts and fast keep-alives. Started once per session;
+tests drive it with the official SDKs."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ KEYS: dict[str, dict[str, Any]] = {
     "background": {"key": "sk-batch", "priority": "batch"},
 }
 CONTEXT_LENGTH = 2048
+SLEEPER = "tiny-torch"  # cortex-tiny on the torch engine, beside the replay fakes
 REQUEST_TIMEOUT_S = 2.0
 PING_INTERVAL_S = 0.3
 
@@ -124,7 +126,7 @@ def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
         ("replay-qwen3", ToolCallFormat.HERMES, ReasoningFormat.THINK, ()),
         ("replay-qwen3-coder", ToolCallFormat.QWEN3_CODER, auto, ()),
     ]
-    return [
+    fakes = [
         ModelProfile(
             name=name,
             aliases=aliases,
@@ -136,6 +138,12 @@ def _replay_models(folder: Path, tiny_model: Path) -> list[ModelProfile]:
         )
         for name, tool_format, reasoning, aliases in profiles
     ]
+    # cortex-tiny on the real torch engine: the one model here that can sleep (the replay
+    # fake's own model.py serves no control socket, so the catalogue says it cannot).
+    sleeper = ModelProfile(
+        name=SLEEPER, source=str(tiny_model), context_length=CONTEXT_LENGTH, kv_cache_tokens=2048
+    )
+    return [*fakes, sleeper]
 
 
 @pytest.fixture(scope="session")

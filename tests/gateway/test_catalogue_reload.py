@@ -117,7 +117,8 @@ def test_the_neuron_rereads_its_catalogue_and_the_gateway_follows(
         lambda: (r := neuron_status(replay_fleet)["catalogue_reload"]) and not r["ok"] and r,
     )
     lines = len(text.splitlines()) + 1
-    assert f"models.toml:{lines}: models.2.colour: unknown key" in refused["error"]
+    extra_index = len(models_file["models"])  # the last table: the extra entry
+    assert f"models.toml:{lines}: models.{extra_index}.colour: unknown key" in refused["error"]
     assert "replay-extra" in catalogue(replay_fleet)
     assert any("not reloaded" in event for event in neuron_status(replay_fleet)["events"])
 

@@ -2,8 +2,9 @@
 the replay fleet (a real neuron and Triton behind a gateway with `[[keys]]`; conftest.py).
 
 The page asks for a key and shows nothing without one; with the admin key it shows the node and
-both models, and its Load / Unload buttons change the neuron's own /status; a read-only key
-sees no buttons and is refused if it calls the actions anyway. A screenshot is kept under
+the models, and its Load / Unload, Pin / Unpin and Sleep / Wake buttons change the neuron's own
+/status (sleep on `SLEEPER`, the torch-engine model; the replay fakes get no Sleep button); a
+read-only key sees no buttons and is refused if it calls the actions anyway. A screenshot is kept under
 `artifacts/console/` (CI keeps that folder; `CORTEX_ARTIFACTS` moves it).
 
 Chromium and chromedriver come from Debian (`chromium`, `chromium-driver`; scripts/check.sh
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.gateway.conftest import KEYS, ReplayFleet
+from tests.gateway.conftest import KEYS, SLEEPER, ReplayFleet
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("CORTEX_ARTIFACTS", REPO / "artifacts")) / "console"
@@ -85,6 +86,11 @@ def click(what: str, find: Callable[[], Any]) -> None:
     wait_for(what, clicked)
 
 
+def neuron_pinned(fleet: ReplayFleet, model: str) -> bool:
+    catalogue = httpx.get(f"{fleet.neuron_url}/status", timeout=10).json()["catalogue"]
+    return bool(next(e for e in catalogue if e["profile"]["name"] == model)["profile"]["pinned"])
+
+
 def neuron_state(fleet: ReplayFleet, model: str) -> str | None:
     status = httpx.get(f"{fleet.neuron_url}/status", timeout=10).json()
     return next((m["state"] for m in status["loaded"] if m["name"] == model), None)
@@ -105,6 +111,17 @@ def row(browser: Any, model: str) -> Any:
 
     found = browser.find_elements(By.CSS_SELECTOR, f'#models tr[data-model="{model}"]')
     return found[0] if found else None
+
+
+def button(browser: Any, model: str, action: str) -> Any:
+    """The row's button for `action` (its data-action), or None while there is none."""
+    from selenium.webdriver.common.by import By
+
+    found = row(browser, model)
+    if found is None:
+        return None
+    buttons = found.find_elements(By.CSS_SELECTOR, f'button[data-action="{action}"]')
+    return buttons[0] if buttons else None
 
 
 def test_the_console_shows_the_fleet_and_acts_for_admin_keys_only(
@@ -151,9 +168,7 @@ def test_the_console_shows_the_fleet_and_acts_for_admin_keys_only(
     )
     load.click()
     wait_for("the neuron to hold the model", lambda: neuron_state(replay_fleet, model) == "READY")
-    wait_for("the page to show it", lambda: "replay-node READY" in row(browser, model).text)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    browser.save_screenshot(str(ARTIFACTS / "console.png"))
+    wait_for("the page to show it", lambda: "replay-node loaded" in row(browser, model).text)
 
     # Unload asks first; dismissed, nothing happens; accepted, the neuron lets it go.
     def unload_button() -> Any:
@@ -167,6 +182,41 @@ def test_the_console_shows_the_fleet_and_acts_for_admin_keys_only(
     wait_for("the confirmation", lambda: browser.switch_to.alert).accept()
     wait_for("the neuron to drop the model", lambda: neuron_state(replay_fleet, model) is None)
     wait_for("the page to show it", lambda: "not loaded" in row(browser, model).text)
+
+    # Pin: the neuron's catalogue says pinned, and so does the page; the pinned model's Unload
+    # is disabled until it is unpinned.
+    pinned = "replay-hermes"
+    click("the Pin button", lambda: button(browser, pinned, "pin"))
+    wait_for("the neuron to pin it", lambda: neuron_pinned(replay_fleet, pinned))
+    wait_for("the page to show it pinned", lambda: "pinned" in row(browser, pinned).text)
+    wait_for("the pinned copy", lambda: "replay-node loaded" in row(browser, pinned).text)
+    # In a wait: the table is redrawn every refresh, so an element found may go stale.
+    wait_for("Unload disabled", lambda: not button(browser, pinned, "unload").is_enabled())
+
+    # Sleep asks first; then the neuron's tier is ASLEEP and the page says asleep; Wake brings
+    # it back. A model whose engine cannot sleep has no Sleep button.
+    assert button(browser, pinned, "sleep") is None
+    if neuron_state(replay_fleet, SLEEPER) is None:  # test_console_actions may have loaded it
+        click("the sleeper's Load button", lambda: button(browser, SLEEPER, "load"))
+    wait_for("the sleeper", lambda: neuron_state(replay_fleet, SLEEPER) == "READY", 120)
+    click("the Sleep button", lambda: button(browser, SLEEPER, "sleep"))
+    wait_for("the confirmation", lambda: browser.switch_to.alert).accept()
+    wait_for(
+        "the neuron to put it to sleep", lambda: neuron_state(replay_fleet, SLEEPER) == "ASLEEP"
+    )
+    wait_for(
+        "the page to show it asleep", lambda: "replay-node asleep" in row(browser, SLEEPER).text
+    )
+    assert button(browser, SLEEPER, "sleep") is None
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "console.png"))
+    click("the Wake button", lambda: button(browser, SLEEPER, "wake"))
+    wait_for("the neuron to wake it", lambda: neuron_state(replay_fleet, SLEEPER) == "READY")
+    wait_for("the page to show it", lambda: "replay-node loaded" in row(browser, SLEEPER).text)
+
+    click("the Unpin button", lambda: button(browser, pinned, "unpin"))
+    wait_for("the neuron to unpin it", lambda: not neuron_pinned(replay_fleet, pinned))
+    wait_for("the Unload button back", lambda: button(browser, pinned, "unload").is_enabled())
 
     # A read-only key: the same page, no buttons, and the actions refused if called anyway.
     browser.find_element(By.ID, "sign-out").click()

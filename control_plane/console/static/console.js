@@ -1,5 +1,6 @@
 // The cortex console: reads /ui/api/state every few seconds and draws it; admin keys get
-// load / unload buttons. Plain DOM, no build step; data is set as text, never as HTML.
+// load / unload, pin / unpin and sleep / wake buttons (unload and sleep ask first). Plain DOM,
+// no build step; data is set as text, never as HTML.
 "use strict";
 
 const REFRESH_MS = 2000;
@@ -87,12 +88,46 @@ function memoryBar(used, total) {
   return wrap;
 }
 
-function actionButton(label, danger, onClick) {
+function actionButton(action, label, danger, onClick) {
   const button = document.createElement("button");
   button.textContent = label;
+  button.dataset.action = action;
   if (danger) button.className = "danger";
   button.addEventListener("click", onClick);
   return button;
+}
+
+// The buttons an admin gets on a model's row: what its tier and pin allow now.
+function modelActions(model) {
+  const post = (action, body, destructive, description) =>
+    act(description, "/ui/api/models/" + action, body, destructive);
+  const buttons = [];
+  if (!model.placements.length) {
+    buttons.push(actionButton("load", "Load", false, () =>
+      post("load", { model: model.name }, false, "Load " + model.name)));
+  }
+  for (const { node, state } of model.placements) {
+    const body = { model: model.name, node };
+    if (model.can_sleep && state === "READY") {
+      buttons.push(actionButton("sleep", "Sleep on " + node, true, () =>
+        post("sleep", body, true, `Put ${model.name} to sleep on ${node}`)));
+    }
+    if (state === "ASLEEP") {
+      buttons.push(actionButton("wake", "Wake on " + node, false, () =>
+        post("wake", body, false, `Wake ${model.name} on ${node}`)));
+    }
+    const unload = actionButton("unload", "Unload from " + node, true, () =>
+      post("unload", body, true, `Unload ${model.name} from ${node}`));
+    if (model.pinned) {
+      unload.disabled = true;
+      unload.title = "pinned: unpin it first";
+    }
+    buttons.push(unload);
+  }
+  const pin = model.pinned ? "unpin" : "pin";
+  buttons.push(actionButton(pin, model.pinned ? "Unpin" : "Pin", false, () =>
+    post(pin, { model: model.name }, false, (model.pinned ? "Unpin " : "Pin ") + model.name)));
+  return buttons;
 }
 
 async function act(description, path, body, destructive) {
@@ -131,15 +166,18 @@ function draw(state) {
   const before = new Map((previous ? previous.models : []).map((m) => [m.name, m.requests]));
   rows("models", state.models, (row, model) => {
     row.dataset.model = model.name;
-    cell(row, model.name + (model.pinned ? " 📌" : ""));
-    cell(row, model.engine);
+    cell(row, model.name);
+    cell(row, model.engine + (model.can_sleep ? "" : " (no sleep)"));
     const where = document.createElement("span");
     for (const placement of model.placements) {
-      where.appendChild(badge(placement.node + " " + placement.state, placement.state));
+      // A copy's tier (loaded, asleep), or its state while it is between tiers.
+      const tier = placement.tier || placement.state;
+      where.appendChild(badge(placement.node + " " + tier, tier));
       where.appendChild(document.createTextNode(" "));
     }
     if (!model.placements.length) where.textContent = "not loaded";
     cell(row, where, "where");
+    cell(row, model.pinned ? badge("pinned", "pinned") : "–", "pin");
     cell(row, model.in_flight, "num");
     const rate = elapsed > 0 && before.has(model.name)
       ? (model.requests - before.get(model.name)) / elapsed : null;
@@ -149,17 +187,7 @@ function draw(state) {
     cell(row, model.requests, "num");
     cell(row, ago(model.last_used));
     const actions = document.createElement("span");
-    if (state.you.admin) {
-      if (!model.placements.length) {
-        actions.appendChild(actionButton("Load", false, () =>
-          act("Load " + model.name, "/ui/api/models/load", { model: model.name }, false)));
-      }
-      for (const placement of model.placements) {
-        actions.appendChild(actionButton("Unload from " + placement.node, true, () =>
-          act(`Unload ${model.name} from ${placement.node}`, "/ui/api/models/unload",
-            { model: model.name, node: placement.node }, true)));
-      }
-    }
+    if (state.you.admin) actions.replaceChildren(...modelActions(model));
     cell(row, actions, "actions");
   });
   rows("keys", Object.entries(state.keys), (row, [name, usage]) => {
