@@ -38,9 +38,10 @@ import torch
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.counts import CountsReport
+from neuron_agent.engines.guided import Guide, GuideRejected, Guides, Matcher
 from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
-from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
+from neuron_agent.torch_engine.guided import GuidedBatch
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
@@ -236,7 +237,10 @@ class Engine:
         if request.guide is not None:
             if self.guides is None:
                 raise RequestRejected("guided_decoding_guide: this engine has no grammar support")
-            sequence.matcher = self.guides.matcher(request.guide)
+            try:
+                sequence.matcher = self.guides.matcher(request.guide)
+            except GuideRejected as error:
+                raise RequestRejected(str(error)) from None
             if self._guided is None:
                 self._guided = GuidedBatch(
                     self.max_batch_size, self.model.spec.vocab_size, self.guides.eos_ids
