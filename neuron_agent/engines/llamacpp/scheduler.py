@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.admission import request_problem
 from neuron_agent.engines.counts import CountsReport
 from neuron_agent.engines.guided import Guide, GuideRejected, Guides, MaskBatch, Matcher
 from neuron_agent.engines.llamacpp.runtime import Runtime, Sampler
-from neuron_agent.engines.logprobs import MAX_TOP_LOGPROBS, TokenLogprob, log_softmax, row_logprob
+from neuron_agent.engines.logprobs import TokenLogprob, log_softmax, row_logprob
 
 log = logging.getLogger("cortex.engine.llamacpp")
 
@@ -161,21 +162,17 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
-        prompt_length = len(request.prompt)
-        if prompt_length == 0:
-            raise RequestRejected("the prompt is empty")
-        if prompt_length >= self.context_length:
-            raise RequestRejected(
-                f"the prompt has {prompt_length} tokens; the model's context is "
-                f"{self.context_length}"
-            )
-        if request.max_new_tokens < 1:
-            raise RequestRejected("request_output_len must be at least 1")
         vocabulary = self.runtime.n_vocab
-        if min(request.prompt) < 0 or max(request.prompt) >= vocabulary:
-            raise RequestRejected(f"input_ids must be token ids in [0, {vocabulary})")
-        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestRejected(f"num_top_logprobs must be 0 to {MAX_TOP_LOGPROBS}")
+        problem = request_problem(
+            request.prompt,
+            request.max_new_tokens,
+            self.context_length,
+            vocabulary,
+            request.top_logprobs,
+        )
+        if problem is not None:
+            raise RequestRejected(problem)
+        prompt_length = len(request.prompt)
         request.max_new_tokens = min(request.max_new_tokens, self.context_length - prompt_length)
         sequence = _Sequence(request, list(request.prompt), request.end_ids or self.default_end_ids)
         if request.guide is not None:
