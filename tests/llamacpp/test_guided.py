@@ -29,26 +29,18 @@ from neuron_agent.engines.llamacpp.runtime import Runtime, RuntimeOptions
 from neuron_agent.engines.llamacpp.scheduler import Engine, GenerationRequest, RequestRejected
 from neuron_agent.engines.logprobs import TokenLogprob
 from tests.llamacpp.conftest import standalone
+from tests.torch_engine.test_engine import Collector as EngineCollector
 from tests.torch_engine.test_guided import SCHEMAS
 
 CONTEXT = 2048
 
 
-class Collector:
+class Collector(EngineCollector):
+    """The torch engine tests' collector, with the logprobs handed to it."""
+
     def __init__(self) -> None:
-        self.tokens: list[int] = []
+        super().__init__()
         self.logprobs: list[TokenLogprob] = []
-        self.error: str | None = None
-        self.done = threading.Event()
-
-    def emit(self, tokens: list[int], final: bool) -> None:
-        self.tokens.extend(tokens)
-        if final:
-            self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
 
 
 def make_engine(gguf: Path, slots: int, prefix_caching: bool = True) -> Engine:
@@ -264,3 +256,34 @@ def test_a_schema_and_logprobs_through_the_gateway(oai_llamacpp: openai.OpenAI) 
     for entry in logprobs.content:
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.logprob - 1e-6
+
+
+def test_a_strict_tool_call_follows_its_schema_through_the_files_tag_tokens(
+    oai_llamacpp: openai.OpenAI,
+) -> None:
+    """tiny-moe's random weights write their planted call with empty arguments
+    (tests/llamacpp/models.py); a strict tool whose schema requires a city gets one, through the
+    grammar's <tool_call> tokens as llguidance reads them from the file's own vocabulary."""
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Rome"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    reply = oai_llamacpp.chat.completions.create(
+        model="tiny-moe",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "strict": True, "parameters": parameters},
+            }
+        ],
+        tool_choice="required",
+        max_tokens=40,
+        temperature=0,
+    )
+    calls = reply.choices[0].message.tool_calls
+    assert calls is not None and len(calls) == 1
+    assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(calls[0].function.arguments), parameters)  # type: ignore[union-attr]
