@@ -3,8 +3,8 @@
 A request carries TensorRT-LLM's tensor names (`input_ids`, `input_lengths`,
 `request_output_len`, `end_id`, `streaming`, `temperature`, `runtime_top_k`, `runtime_top_p`,
 `seed` / `random_seed`, `stop_words_list`, `priority`, `guided_decoding_guide_type` /
-`guided_decoding_guide`, `return_log_probs` / `num_top_logprobs`); `read_request` turns them into a plain
-`RequestTensors`, or raises `BadRequest` with one sentence. Responses leave through a
+`guided_decoding_guide`, `return_log_probs` / `num_top_logprobs`); `read_request` turns them
+into a plain `RequestTensors`, or raises `BadRequest` with one sentence. Responses leave through a
 `ResponseWriter` on a thread of its own: the cached-prompt-token count first (one response of
 its own, before any token), then the new tokens (as TensorRT-LLM streams them), the final flag on
 the last; an error is one final error response. `write_stats` keeps the file the neuron agent

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import numpy as np
 import openai
@@ -28,7 +29,8 @@ from neuron_agent.engines.guided import Guide
 from neuron_agent.engines.llamacpp.runtime import Runtime, RuntimeOptions
 from neuron_agent.engines.llamacpp.scheduler import Engine, GenerationRequest, RequestRejected
 from neuron_agent.engines.logprobs import TokenLogprob
-from tests.llamacpp.conftest import standalone
+from tests.llamacpp.conftest import LlamaCppFleet, standalone
+from tests.llamacpp.test_engine import infer_error, tensor
 from tests.torch_engine.test_engine import Collector as EngineCollector
 from tests.torch_engine.test_guided import SCHEMAS
 
@@ -287,3 +289,25 @@ def test_a_strict_tool_call_follows_its_schema_through_the_files_tag_tokens(
     assert calls is not None and len(calls) == 1
     assert calls[0].function.name == "get_weather"  # type: ignore[union-attr]
     jsonschema.validate(json.loads(calls[0].function.arguments), parameters)  # type: ignore[union-attr]
+
+
+def test_bad_guide_tensors_are_refused_naming_them(llamacpp_fleet: LlamaCppFleet) -> None:
+    """Raw Triton requests (the gateway checks a guide before it sends one)."""
+    load = httpx.post(
+        f"{llamacpp_fleet.neuron_url}/models/load", json={"model": "smollm2"}, timeout=120
+    )
+    assert load.status_code == 200, load.text
+    ids = tensor("input_ids", np.array([[1, 2, 3]], dtype=np.int32), "INT32")
+    length = tensor("request_output_len", np.array([[4]], dtype=np.int32), "INT32")
+
+    def text(name: str, value: str) -> Any:
+        return tensor(name, np.array([[value.encode()]], dtype=object), "BYTES")
+
+    kind = text("guided_decoding_guide_type", "yaml")
+    assert "guided_decoding_guide_type" in infer_error(llamacpp_fleet, [ids, length, kind])
+    regex = text("guided_decoding_guide_type", "regex")
+    broken = text("guided_decoding_guide", "[a-")
+    assert "guided_decoding_guide" in infer_error(llamacpp_fleet, [ids, length, regex, broken])
+    asking = tensor("return_log_probs", np.array([[True]]), "BOOL")
+    too_many = tensor("num_top_logprobs", np.array([[21]], dtype=np.int32), "INT32")
+    assert "num_top_logprobs" in infer_error(llamacpp_fleet, [ids, length, asking, too_many])

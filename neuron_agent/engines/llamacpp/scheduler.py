@@ -3,12 +3,12 @@
 
 One engine thread loops over `step()`:
   1. requests cancelled by their client leave (their slot keeps what was computed);
-  2. waiting requests take a free slot in priority order (interactive before batch; arrival order
-     within a class): the slot whose cache shares the longest
-     prefix with the prompt (its tail beyond the prefix is dropped), or — where another slot,
-     busy or idle, shares a longer one — a free slot that the longer prefix is copied into
-     (cells shared, not recomputed); at least the last prompt token is always computed, so there
-     are logits to choose from. The reused length goes back at once (`admitted`);
+  2. waiting requests take a free slot in priority order (interactive before batch; arrival
+     order within a class): the slot whose cache shares the longest prefix with the prompt (its
+     tail beyond the prefix is dropped), or — where another slot, busy or idle, shares a longer
+     one — a free slot that the longer prefix is copied into (cells shared, not recomputed); at
+     least the last prompt token is always computed, so there are logits to choose from. The
+     reused length goes back at once (`admitted`);
   3. one decode takes every decoding sequence's newest token and prompt chunks of the
      prefilling ones, at most `prefill_tokens` prompt tokens a step (a long prompt does not stall
      the streams for long); meanwhile llguidance's threads compute the token masks of the guided
