@@ -231,11 +231,11 @@ def mask_cost(folder: Path, batch: int, repeats: int) -> dict[str, Any]:
     """The constraint's own CPU work per decode step, without the model: for `batch` guided
     rows, llguidance's masks (its threads) and their application to float32 logits, while
     each row's matcher follows the tokens of a document its schema accepts."""
-    from neuron_agent.torch_engine.guided import GuidedBatch, Guides
+    from neuron_agent.torch_engine.guided import GuidedBatch, tokenizer_json_guides
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = len(tokenizer)
-    guides = Guides(folder, vocab, frozenset({tokenizer.eos_token_id}))
+    guides = tokenizer_json_guides(folder, vocab, frozenset({tokenizer.eos_token_id}))
     guide = Guide(GuideType.JSON_SCHEMA, json.dumps(LIST_SCHEMA))
     document = json.dumps(
         {"title": "Trip", "items": [{"name": f"item {n}", "count": n} for n in range(12)]},

@@ -22,13 +22,13 @@ from control_plane.tool_calls import CLOSE, OPEN
 from cortex.config import EngineKind
 from cortex.guides import JSON_OPTIONS, GuideType, problem
 
-# Engines whose Triton model takes guided_decoding_guide_type / guided_decoding_guide. The
-# TensorRT-LLM template leaves its guided_decoding_backend unset, and the llama.cpp engine does
-# not take guides yet: a guide for either is refused, never dropped.
-GUIDED_ENGINES = frozenset({EngineKind.TORCH})
-# Engines that return each token's logprob with its alternatives (the torch engine's
-# output_top_logprob_ids / output_top_logprobs; TensorRT-LLM's template has no alternatives).
-LOGPROB_ENGINES = frozenset({EngineKind.TORCH})
+# Engines whose Triton model takes guided_decoding_guide_type / guided_decoding_guide (torch
+# and llama.cpp, both through llguidance). The TensorRT-LLM template leaves its
+# guided_decoding_backend unset: a guide for it is refused, never dropped.
+GUIDED_ENGINES = frozenset({EngineKind.TORCH, EngineKind.LLAMACPP})
+# Engines that return each token's logprob with its alternatives (output_top_logprob_ids /
+# output_top_logprobs; TensorRT-LLM's template has no alternatives).
+LOGPROB_ENGINES = frozenset({EngineKind.TORCH, EngineKind.LLAMACPP})
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 A request carries TensorRT-LLM's tensor names (`input_ids`, `input_lengths`,
 `request_output_len`, `end_id`, `streaming`, `temperature`, `runtime_top_k`, `runtime_top_p`,
-`seed` / `random_seed`, `stop_words_list`); `read_request` turns them into a plain
-`RequestTensors`, or raises `BadRequest` with one sentence. Responses leave through a
+`seed` / `random_seed`, `stop_words_list`, `priority`, `guided_decoding_guide_type` /
+`guided_decoding_guide`, `return_log_probs` / `num_top_logprobs`); `read_request` turns them
+into a plain `RequestTensors`, or raises `BadRequest` with one sentence. Responses leave through a
 `ResponseWriter` on a thread of its own: the cached-prompt-token count first (one response of
 its own, before any token), then the new tokens (as TensorRT-LLM streams them), the final flag on
 the last; an error is one final error response. `write_stats` keeps the file the neuron agent
@@ -27,6 +28,10 @@ import numpy as np
 import numpy.typing as npt
 import triton_python_backend_utils as pb_utils
 
+from cortex.guides import GuideType
+from neuron_agent.engines.guided import Guide
+from neuron_agent.engines.logprobs import MAX_TOP_LOGPROBS
+
 log = logging.getLogger("cortex.engine")
 
 
@@ -48,6 +53,9 @@ class RequestTensors:
     stop_sequences: tuple[tuple[int, ...], ...]
     stream: bool
     request_id: str
+    priority: int = 0  # scheduling class, smaller first: 0 interactive, 1 batch
+    guide: Guide | None = None
+    top_logprobs: int | None = None  # each token's logprob and this many alternatives
 
 
 def model_parameters(args: dict[str, str]) -> dict[str, str]:
@@ -79,6 +87,47 @@ def stop_sequences(request: Any) -> tuple[tuple[int, ...], ...]:
     return tuple(sequences)
 
 
+def text(request: Any, name: str) -> str | None:
+    """A STRING [1] input as text (Triton sends BYTES), or None when absent or empty."""
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    values = tensor.as_numpy().reshape(-1)
+    if values.size == 0:
+        return None
+    value = values[0]
+    decoded = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return decoded or None
+
+
+def guide(request: Any) -> Guide | None:
+    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide."""
+    kind = text(request, "guided_decoding_guide_type")
+    if kind is None:
+        return None
+    try:
+        guide_type = GuideType(kind)
+    except ValueError:
+        raise BadRequest(
+            f"guided_decoding_guide_type must be one of {', '.join(GuideType)}, not {kind!r}"
+        ) from None
+    content = text(request, "guided_decoding_guide") or ""
+    if not content and guide_type is not GuideType.JSON:
+        raise BadRequest(f"guided_decoding_guide is required for {guide_type}")
+    return Guide(guide_type, content)
+
+
+def top_logprobs(request: Any) -> int | None:
+    """How many alternatives each token's logprob comes with (`num_top_logprobs`), when
+    `return_log_probs` asks for logprobs; None: no logprobs."""
+    if not scalar(request, "return_log_probs", False):
+        return None
+    top = int(scalar(request, "num_top_logprobs", 0))
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"num_top_logprobs must be 0 to {MAX_TOP_LOGPROBS}")
+    return top
+
+
 def read_request(request: Any) -> RequestTensors:
     ids_tensor = pb_utils.get_input_tensor_by_name(request, "input_ids")
     if ids_tensor is None:
@@ -100,6 +149,9 @@ def read_request(request: Any) -> RequestTensors:
         stop_sequences=stop_sequences(request),
         stream=bool(scalar(request, "streaming", True)),
         request_id=request.request_id(),
+        priority=int(scalar(request, "priority", 0)),
+        guide=guide(request),
+        top_logprobs=top_logprobs(request),
     )
     if tensors.temperature < 0 or not 0 < tensors.top_p <= 1 or tensors.top_k < 0:
         raise BadRequest("temperature must be ≥ 0, top_p in (0, 1], top_k ≥ 0")

@@ -15,7 +15,7 @@ import torch
 
 from neuron_agent.torch_engine.checkpoint import ModelSpec, read_spec, read_tensors
 from neuron_agent.torch_engine.errors import UnsupportedCheckpoint
-from neuron_agent.torch_engine.guided import Guides
+from neuron_agent.torch_engine.guided import tokenizer_json_guides
 from neuron_agent.torch_engine.kv_cache import BlockPool
 from neuron_agent.torch_engine.llama import LlamaModel, preload_attention
 from neuron_agent.torch_engine.parallel import Shard, check_shardable
@@ -178,7 +178,7 @@ def new_engine(
         options.max_queue_size,
         prefill_tokens,
         cuda_graphs=cuda_graphs,
-        guides=Guides(
+        guides=tokenizer_json_guides(
             options.tokenizer_dir, model.spec.vocab_size, frozenset(model.spec.eos_token_ids)
         ),
         speculation=speculation_settings(options),

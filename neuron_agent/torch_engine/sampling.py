@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+from neuron_agent.engines.logprobs import MAX_TOP_LOGPROBS as MAX_TOP_LOGPROBS
+from neuron_agent.engines.logprobs import TokenLogprob as TokenLogprob
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -77,19 +80,6 @@ def sample_batch(
     for row, generator in sampled:
         chosen[row : row + 1] = sample_row(logits[row], params[row], generator)
     return chosen
-
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the most the engine reports
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A chosen token's log-probability under the model (log-softmax of its raw logits, before
-    temperature, top-k/p or a guide's mask), and the `top` most likely tokens' ids and theirs."""
-
-    logprob: float
-    top_ids: tuple[int, ...] = ()
-    top_logprobs: tuple[float, ...] = ()
 
 
 def token_logprobs(

@@ -37,14 +37,15 @@ from dataclasses import dataclass, field
 import torch
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.admission import request_problem
 from neuron_agent.engines.counts import CountsReport
+from neuron_agent.engines.guided import Guide, GuideRejected, Guides, Matcher
 from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
-from neuron_agent.torch_engine.guided import Guide, GuidedBatch, Guides, Matcher
+from neuron_agent.torch_engine.guided import GuidedBatch
 from neuron_agent.torch_engine.kv_cache import BlockKey, BlockPool
 from neuron_agent.torch_engine.llama import ForwardBatch, LlamaModel, PrefillChunk
 from neuron_agent.torch_engine.sampling import (
-    MAX_TOP_LOGPROBS,
     HostCopy,
     SamplingParams,
     TokenLogprob,
@@ -212,17 +213,16 @@ class Engine:
             raise EngineUnavailable(self.failure)
         if self.asleep:
             raise EngineUnavailable("the model is asleep: its neuron wakes it before serving")
+        problem = request_problem(
+            request.prompt,
+            request.max_new_tokens,
+            self.context_length,
+            self.model.spec.vocab_size,
+            request.top_logprobs,
+        )
+        if problem is not None:
+            raise RequestRejected(problem)
         prompt_length = len(request.prompt)
-        if prompt_length == 0:
-            raise RequestRejected("the prompt is empty")
-        if prompt_length >= self.context_length:
-            raise RequestRejected(
-                f"the prompt has {prompt_length} tokens; the model's context is {self.context_length}"
-            )
-        if request.max_new_tokens < 1:
-            raise RequestRejected("request_output_len must be at least 1")
-        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestRejected(f"top_log_probs must be 0 to {MAX_TOP_LOGPROBS}")
         max_new = min(request.max_new_tokens, self.context_length - prompt_length)
         request.max_new_tokens = max_new
         needed = prompt_length + max_new
@@ -236,7 +236,10 @@ class Engine:
         if request.guide is not None:
             if self.guides is None:
                 raise RequestRejected("guided_decoding_guide: this engine has no grammar support")
-            sequence.matcher = self.guides.matcher(request.guide)
+            try:
+                sequence.matcher = self.guides.matcher(request.guide)
+            except GuideRejected as error:
+                raise RequestRejected(str(error)) from None
             if self._guided is None:
                 self._guided = GuidedBatch(
                     self.max_batch_size, self.model.spec.vocab_size, self.guides.eos_ids

@@ -22,13 +22,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
-from cortex.guides import GuideType
-from neuron_agent.engines.triton_glue import ResponseWriter
+from neuron_agent.engines.triton_glue import BadRequest, ResponseWriter
+from neuron_agent.engines.triton_glue import guide as _guide
 from neuron_agent.engines.triton_glue import scalar as _scalar
 from neuron_agent.engines.triton_glue import stop_sequences as _stop_sequences
 from neuron_agent.engines.triton_glue import write_stats as _write_stats
 from neuron_agent.torch_engine.errors import EngineError
-from neuron_agent.torch_engine.guided import Guide
 from neuron_agent.torch_engine.loader import (
     EngineOptions,
     build_engine,
@@ -40,36 +39,6 @@ from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 
 log = logging.getLogger("cortex.engine")
-
-
-def _text(request: Any, name: str) -> str | None:
-    """A STRING [1] input as text (Triton sends BYTES), or None when absent or empty."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return None
-    values = tensor.as_numpy().reshape(-1)
-    if values.size == 0:
-        return None
-    value = values[0]
-    text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    return text or None
-
-
-def _guide(request: Any) -> Guide | None:
-    """TensorRT-LLM's guided_decoding_guide_type / guided_decoding_guide."""
-    kind = _text(request, "guided_decoding_guide_type")
-    if kind is None:
-        return None
-    try:
-        guide_type = GuideType(kind)
-    except ValueError:
-        raise EngineError(
-            f"guided_decoding_guide_type must be one of {', '.join(GuideType)}, not {kind!r}"
-        ) from None
-    guide = _text(request, "guided_decoding_guide") or ""
-    if not guide and guide_type is not GuideType.JSON:
-        raise EngineError(f"guided_decoding_guide is required for {guide_type}")
-    return Guide(guide_type, guide)
 
 
 def _prefix_hit_counter(args: dict[str, str]) -> Callable[[int, int], None]:
@@ -170,6 +139,8 @@ class TritonPythonModel:
                 self.engine.submit(self._generation_request(request, sender))
             except EngineError as error:
                 self.writer.error(sender, tag_engine_error(error.kind, str(error)))
+            except BadRequest as error:
+                self.writer.error(sender, tag_engine_error(EngineErrorKind.INVALID, str(error)))
             except Exception as error:  # malformed tensors: answer, never crash the stub
                 self.writer.error(
                     sender, tag_engine_error(EngineErrorKind.INVALID, f"bad request: {error}")

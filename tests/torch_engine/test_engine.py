@@ -226,6 +226,18 @@ def test_request_larger_than_the_kv_budget_is_refused(
         run(engine, prompt_ids(tokenizer, "hi"), 100_000)
 
 
+def test_ids_outside_the_vocabulary_are_refused_and_the_batch_goes_on(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """An id past the embedding table would fail the step of every request in the batch; it is
+    refused at the door instead, naming the tensor."""
+    running = run(engine, prompt_ids(tokenizer, "Count to ten."), 24)
+    for ids in ([1, engine.model.spec.vocab_size], [-1, 2]):
+        with pytest.raises(RequestRejected, match="input_ids"):
+            run(engine, ids, 4)
+    assert running.done.wait(60) and running.error is None
+
+
 def test_full_queue_is_refused_with_a_clear_error(
     tiny_model: Path, tokenizer: PreTrainedTokenizerBase
 ) -> None:

@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -23,7 +24,7 @@ from neuron_agent.torch_engine.sampling import SamplingParams
 from neuron_agent.torch_engine.scheduler import Engine, GenerationRequest
 from tests.torch_engine.test_engine import Collector
 
-SCHEMAS = [
+SCHEMAS: list[dict[str, Any]] = [
     {
         "type": "object",
         "properties": {

@@ -87,5 +87,5 @@ def test_without_top_alternatives_and_the_limit(engine: Engine, tiny_model: Path
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     got = run(engine, tokenizer.encode("hello"), 0, SamplingParams())
     assert got.logprobs and all(e.top_ids == () and e.logprob <= 0 for e in got.logprobs)
-    with pytest.raises(RequestRejected, match="top_log_probs"):
+    with pytest.raises(RequestRejected, match="num_top_logprobs"):
         run(engine, tokenizer.encode("hello"), 21, SamplingParams())

@@ -105,6 +105,15 @@ class Runtime:
         is_end = self.lib.llama_vocab_is_eog
         return frozenset(i for i in range(self.n_vocab) if is_end(self.vocab, i))
 
+    def guidance_tokenizer(self, end_ids: frozenset[int]) -> Any:
+        """llguidance's tokenizer over the file's own vocabulary (each token's bytes as llama.cpp
+        renders it, control tokens marked special; llguidance tokenizes text with
+        `llama_tokenize` itself), so guided decoding needs no tokenizer beyond the GGUF. About a
+        second for a 50k vocabulary: made once, for the first guided request."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        return lltokenizer_from_vocab(self.vocab, self.n_vocab, sorted(end_ids))
+
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """The text's tokens as the file's tokenizer makes them, with its special tokens (BOS,
         CLS/SEP) added where the file says to; `special`: markup such as <|im_start|> in the

@@ -3,16 +3,20 @@
 
 One engine thread loops over `step()`:
   1. requests cancelled by their client leave (their slot keeps what was computed);
-  2. waiting requests take a free slot, in arrival order: the slot whose cache shares the longest
-     prefix with the prompt (its tail beyond the prefix is dropped), or — where another slot,
-     busy or idle, shares a longer one — a free slot that the longer prefix is copied into
-     (cells shared, not recomputed); at least the last prompt token is always computed, so there
-     are logits to choose from. The reused length goes back at once (`admitted`);
+  2. waiting requests take a free slot in priority order (interactive before batch; arrival
+     order within a class): the slot whose cache shares the longest prefix with the prompt (its
+     tail beyond the prefix is dropped), or — where another slot, busy or idle, shares a longer
+     one — a free slot that the longer prefix is copied into (cells shared, not recomputed); at
+     least the last prompt token is always computed, so there are logits to choose from. The
+     reused length goes back at once (`admitted`);
   3. one decode takes every decoding sequence's newest token and prompt chunks of the
      prefilling ones, at most `prefill_tokens` prompt tokens a step (a long prompt does not stall
-     the streams for long);
-  4. each sequence with logits chooses its next token (`_accept`: end ids, stop sequences, the
-     token budget).
+     the streams for long); meanwhile llguidance's threads compute the token masks of the guided
+     sequences about to choose (`neuron_agent/engines/guided.py`, the torch engine's guides);
+  4. each sequence with logits chooses its next token: its logprobs from the raw logits when
+     asked, then its mask written into llama.cpp's logits (-inf where the grammar refuses), so
+     the argmax or llama.cpp's sampler chain chooses among the allowed tokens only; `_accept`
+     then applies end ids, the grammar's end, stop sequences and the token budget.
 When the KV cache would overflow, idle slots' caches go first (least recently used); when that is
 not enough the youngest running request is failed with the reason. Requests beyond the queue
 limit are refused with the torch engine's sentence, which the gateway turns into 503.
@@ -25,13 +29,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
+from neuron_agent.engines.admission import request_problem
 from neuron_agent.engines.counts import CountsReport
+from neuron_agent.engines.guided import Guide, GuideRejected, Guides, MaskBatch, Matcher
 from neuron_agent.engines.llamacpp.runtime import Runtime, Sampler
+from neuron_agent.engines.logprobs import TokenLogprob, log_softmax, row_logprob
 
 log = logging.getLogger("cortex.engine.llamacpp")
 
@@ -66,6 +76,14 @@ class GenerationRequest:
     request_id: str = ""
     # admitted(cached_prompt_tokens): once, when the request takes its slot.
     admitted: Callable[[int], None] | None = None
+    # Scheduling class, smaller first: 0 interactive, 1 batch (the gateway's key classes).
+    priority: int = 0
+    # Only tokens this grammar allows; None: any token.
+    guide: Guide | None = None
+    # Each token's logprob and this many top alternatives (0–20); None: no logprobs. They are
+    # handed to `logprobs(entries)` just before the `emit` of the same tokens.
+    top_logprobs: int | None = None
+    logprobs: Callable[[list[TokenLogprob]], None] | None = None
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +109,8 @@ class _Sequence:
     unsent: list[int] = field(default_factory=list)
     sampler: Sampler | None = None
     admitted_at: float = 0.0
+    matcher: Matcher | None = None  # follows the generated tokens through the request's guide
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -125,6 +145,10 @@ class Engine:
         self.prefix_caching = prefix_caching and runtime.partial_reuse
         self.slots = [_Slot(i) for i in range(max_batch_size)]
         self.default_end_ids = runtime.end_tokens()
+        self.guides = Guides(
+            lambda: runtime.guidance_tokenizer(self.default_end_ids), self.default_end_ids
+        )
+        self._masks: MaskBatch | None = None  # made with the first guided request
         self.on_change = on_change
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
@@ -140,21 +164,27 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request, or raise RequestRejected with the reason."""
-        prompt_length = len(request.prompt)
-        if prompt_length == 0:
-            raise RequestRejected("the prompt is empty")
-        if prompt_length >= self.context_length:
-            raise RequestRejected(
-                f"the prompt has {prompt_length} tokens; the model's context is "
-                f"{self.context_length}"
-            )
-        if request.max_new_tokens < 1:
-            raise RequestRejected("request_output_len must be at least 1")
         vocabulary = self.runtime.n_vocab
-        if min(request.prompt) < 0 or max(request.prompt) >= vocabulary:
-            raise RequestRejected(f"input_ids must be token ids in [0, {vocabulary})")
+        problem = request_problem(
+            request.prompt,
+            request.max_new_tokens,
+            self.context_length,
+            vocabulary,
+            request.top_logprobs,
+        )
+        if problem is not None:
+            raise RequestRejected(problem)
+        prompt_length = len(request.prompt)
         request.max_new_tokens = min(request.max_new_tokens, self.context_length - prompt_length)
         sequence = _Sequence(request, list(request.prompt), request.end_ids or self.default_end_ids)
+        if request.guide is not None:
+            try:
+                sequence.matcher = self.guides.matcher(request.guide)
+            except GuideRejected as error:
+                raise RequestRejected(str(error)) from None
+            with self._lock:
+                if self._masks is None:
+                    self._masks = MaskBatch(len(self.slots), vocabulary, self.guides.eos_ids)
         with self._wake:
             if len(self._waiting) >= self.max_queue_size:
                 raise QueueFull(
@@ -181,6 +211,8 @@ class Engine:
             )
         self._waiting.clear()
         self._running.clear()
+        if self._masks is not None:
+            self._masks.close()
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -248,7 +280,15 @@ class Engine:
                     choosing.append((sequence, len(tokens) - 1))
                 advanced.append((sequence, stop))
         self._make_room(len(tokens))
+        guided = [j for j, (s, _) in enumerate(choosing) if s.matcher is not None]
+        pending = self._start_masks([choosing[j][0] for j in guided])
         code = self.runtime.decode(tokens, positions, seq_ids, outputs)
+        # One worker computes the masks: a step that fails here leaves the bitmask to the next.
+        allowed = (
+            None
+            if pending is None or self._masks is None
+            else self._masks.allowed(pending, list(range(len(guided))))
+        )
         if code == 1:
             # No KV room even after idle slots let go: the youngest request gives way.
             youngest = max(self._running, key=lambda s: s.admitted_at)
@@ -262,8 +302,10 @@ class Engine:
             raise RuntimeError(f"llama_decode returned {code}")
         for sequence, computed in advanced:
             sequence.computed = computed
-        for sequence, row in choosing:
-            self._accept(sequence, self._choose(sequence, row))
+        rows = {j: k for k, j in enumerate(guided)}  # index in `choosing` → mask row
+        for j, (sequence, row) in enumerate(choosing):
+            mask = None if allowed is None or j not in rows else allowed[rows[j]]
+            self._accept(sequence, self._choose(sequence, row, mask))
 
     # ------------------------------------------------------------------ admission
 
@@ -285,7 +327,9 @@ class Engine:
                 free = [slot for slot in self.slots if slot.sequence is None]
                 if not free:
                     break
-                sequence = self._waiting.popleft()
+                # The first of the best class (min keeps arrival order among equals).
+                sequence = min(self._waiting, key=lambda s: s.request.priority)
+                self._waiting.remove(sequence)
                 self._place(sequence, free)
                 self._running.append(sequence)
                 admitted.append(sequence)
@@ -362,14 +406,41 @@ class Engine:
 
     # ------------------------------------------------------------------ results
 
-    def _choose(self, sequence: _Sequence, row: int) -> int:
+    def _start_masks(self, sequences: list[_Sequence]) -> Future[None] | None:
+        """Start the guided sequences' masks (row i: sequences[i]) on llguidance's threads,
+        while the decode that follows runs; None when none is guided."""
+        if not sequences or self._masks is None:
+            return None
+        return self._masks.start([(s.matcher, i) for i, s in enumerate(sequences) if s.matcher])
+
+    def _choose(self, sequence: _Sequence, row: int, allowed: npt.NDArray[Any] | None) -> int:
+        """The next token from batch row `row`'s logits, among the `allowed` tokens when the
+        sequence is guided; its logprobs (from the raw logits) kept when the request asked."""
+        logits = self.runtime.logits(row)
+        top = sequence.request.top_logprobs
+        logprobs = None if top is None else log_softmax(logits)
+        if allowed is not None:
+            # In llama.cpp's own buffer: its sampler chain reads the logits from there.
+            logits[~allowed] = -np.inf
         if sequence.sampler is None:
-            return int(np.argmax(self.runtime.logits(row)))
-        return self.runtime.sample(sequence.sampler, row)
+            token = int(np.argmax(logits))
+        else:
+            token = self.runtime.sample(sequence.sampler, row)
+        if logprobs is not None and top is not None:
+            sequence.unsent_logprobs.append(row_logprob(logprobs, token, top))
+        return token
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         request = sequence.request
         finished = token in sequence.end_ids
+        matcher = sequence.matcher
+        if matcher is not None and not finished:
+            # The grammar ends the answer with any of the file's end tokens it allowed.
+            finished = token in self.guides.eos_ids
+            if not finished and not matcher.consume_token(token):
+                # The mask allowed a token the matcher then refused: end the answer here.
+                log.warning("guided request %s: %s", request.request_id, matcher.get_error())
+                finished = True
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
@@ -379,13 +450,21 @@ class Engine:
                 for stop in request.stop_sequences
                 if stop
             )
+            # A grammar that can take nothing more (a regex matched whole) ends the answer.
+            finished = finished or (matcher is not None and matcher.is_stopped())
         if finished:
             with self._lock:
                 if sequence in self._running:
                     self._running.remove(sequence)
             self._release(sequence)
+        logprobs = sequence.unsent_logprobs
+        if len(logprobs) > len(sequence.unsent):
+            logprobs.pop()  # the end token's: it is not part of the output
         if request.stream or finished:
             out, sequence.unsent = sequence.unsent, []
+            if logprobs and request.logprobs is not None:
+                sequence.unsent_logprobs = []
+                request.logprobs(logprobs)
             if out or finished:
                 request.emit(out, finished)
 

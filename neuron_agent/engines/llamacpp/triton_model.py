@@ -128,6 +128,12 @@ class TritonPythonModel:
             stream=tensors.stream,
             request_id=tensors.request_id,
             admitted=lambda cached: self.writer.admitted(sender, cached),
+            priority=tensors.priority,
+            guide=tensors.guide,
+            top_logprobs=tensors.top_logprobs,
+            logprobs=None
+            if tensors.top_logprobs is None
+            else lambda entries: self.writer.logprobs(sender, entries),
         )
 
     def _embedding_request(self, request: Any, sender: Any) -> Any:
