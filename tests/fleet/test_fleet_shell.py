@@ -139,12 +139,18 @@ def run_fleet(
     body: Callable[[Fleet, dict[str, FakeNeuron]], Awaitable[None]],
     profiles: list[ModelProfile] = PROFILES,
     start: bool = False,
+    eviction: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> None:
     config = CortexConfig.model_validate(
         {
             "gateway": {"poll_interval_s": 0.05, "load_timeout_s": 10, **gateway},
-            "eviction": {"interval_s": 3600, "defrag_after_cycles": 0, "drain_timeout_s": 0.5},
+            "eviction": {
+                "interval_s": 3600,
+                "defrag_after_cycles": 0,
+                "drain_timeout_s": 0.5,
+                **(eviction or {}),
+            },
             "neurons": [
                 {"name": n, "endpoint": f"http://127.0.0.1:{i + 1}"} for i, n in enumerate(budgets)
             ],
@@ -297,6 +303,24 @@ def test_a_cold_load_waits_for_a_busy_victim_instead_of_refusing() -> None:
         assert fakes["x"].loaded == {"b": "READY"}
 
     run_fleet({"x": 10 * GB}, body)
+
+
+def test_past_the_swap_bound_a_busy_model_yields_and_its_new_requests_queue_behind() -> None:
+    # x holds one model. a's request outlasts the bound (0.2 s) that b's request waits: a then
+    # takes no new requests (it is leaving), its request in flight still runs; once that ends
+    # b takes a's place, and a's next request, queued meanwhile, comes after b.
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        assert await fleet.ensure_ready("a") == "x"
+        async with fleet.using("x", "a"):
+            waiting = asyncio.create_task(fleet.ensure_ready("b"))
+            await eventually(lambda: fleet.ready_replica("a") is None)
+            assert not waiting.done() and fakes["x"].loaded == {"a": "READY"}
+            again = asyncio.create_task(fleet.ensure_ready("a"))
+        assert await waiting == "x"
+        assert await again == "x"
+        assert [model for model, _, _ in fakes["x"].loads] == ["a", "b", "a"]
+
+    run_fleet({"x": 10 * GB}, body, eviction={"max_swap_wait_s": 0.2})
 
 
 def test_a_request_that_found_its_model_gone_leaves_the_node_up() -> None:
