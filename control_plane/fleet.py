@@ -553,26 +553,59 @@ class Fleet:
         await self.poll(node)
 
     async def sleep(self, node: str, model: str, reason: EvictionReason) -> None:
-        """Put the model to sleep there; where the neuron refuses (requests arrived meanwhile,
-        its host budget filled, its engine cannot), unload it instead."""
+        """Put the model to sleep there; where the neuron refuses twice (requests arrived
+        meanwhile, its host budget filled, its engine cannot), unload it instead.
+
+        A refusal (409) is tried once more after the neuron's own count of the model's requests
+        has drained: the engine counts a request a moment longer than this gateway, which saw
+        its last token, so a sleep planned at once can be refused for a request already over
+        (an unload then would cost a cold load where a wake would do)."""
         member = self.nodes[node]
         member.leaving.add(model)
         try:
-            try:
-                await member.client.sleep(model)
-            except ModelUnavailable:
-                log.info("%s had left %s already", model, node)
-            except CortexError as error:
-                log.info("%s did not sleep on %s (%s): unloading it", model, node, error.message)
-                await self.unload(node, model, reason)
-                return
-            else:
-                self.metrics.sleeps.labels(model, node, reason).inc()
-                log.info("put %s to sleep on %s (%s)", model, node, reason)
+            for attempt in (1, 2):
+                try:
+                    await member.client.sleep(model)
+                except ModelUnavailable:
+                    log.info("%s had left %s already", model, node)
+                except Overloaded as error:
+                    if attempt == 1:
+                        log.info(
+                            "%s did not sleep on %s (%s): once more", model, node, error.message
+                        )
+                        await self._reported_drained(node, model)
+                        continue
+                    log.info(
+                        "%s did not sleep on %s (%s): unloading it", model, node, error.message
+                    )
+                    await self.unload(node, model, reason)
+                    return
+                except CortexError as error:
+                    log.info(
+                        "%s did not sleep on %s (%s): unloading it", model, node, error.message
+                    )
+                    await self.unload(node, model, reason)
+                    return
+                else:
+                    self.metrics.sleeps.labels(model, node, reason).inc()
+                    log.info("put %s to sleep on %s (%s)", model, node, reason)
+                break
             await self.poll(node)
         finally:
             member.leaving.discard(model)
             self._notify()
+
+    async def _reported_drained(self, node: str, model: str) -> None:
+        """Poll the node until it reports no request in flight for `model`, up to
+        `drain_timeout_s`."""
+        deadline = time.monotonic() + self.config.eviction.drain_timeout_s
+        while True:
+            await self.poll(node)
+            status = self.nodes[node].status
+            reported = next((m for m in status.loaded if m.name == model), None) if status else None
+            if reported is None or not reported.in_flight or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)
 
     async def unload(self, node: str, model: str, reason: EvictionReason) -> None:
         member = self.nodes[node]
