@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from cortex.config import ModelProfile, NeuronRef
+from cortex.config import EvictionSection, ModelProfile, NeuronRef
 from cortex.launch import (
     Gateway,
     Neuron,
@@ -60,9 +60,11 @@ def bench_gateway(
     source: Path | None = None,
     poll_interval_s: float = 2.0,
     ping_interval_s: float = 5.0,
+    eviction: EvictionSection | None = None,
 ) -> Iterator[Gateway]:
     """A gateway in front of `neuron` (config and log: `folder/NAME.toml`, `.log`), from
-    `source` (a `source_tree`) or this checkout; it is yielded once it sees the neuron up."""
+    `source` (a `source_tree`) or this checkout, with `eviction` as its `[eviction]`; it is
+    yielded once it sees the neuron up."""
     env = dict(os.environ)
     if source is not None:  # another revision's packages come first on the path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
@@ -71,6 +73,7 @@ def bench_gateway(
         api_keys=(API_KEY,),
         poll_interval_s=poll_interval_s,
         ping_interval_s=ping_interval_s,
+        eviction=eviction,
     )
     token = neuron.config.neuron.bearer_token()
     ref = NeuronRef(name=NODE, endpoint=neuron.url, token=token)

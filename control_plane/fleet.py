@@ -7,7 +7,11 @@ breaker keeps it out a while), keeps the latest snapshot, and counts its own in-
 
 A request for a model nobody has loaded triggers one load however many requests wait for it
 (they wait up to `load_timeout_s`); the placement plan says where, and what must be evicted
-first; a failed load re-plans without that node. Loads of different models run at once: there
+first; a failed load re-plans without that node. The waiting requests are a queue (`swap.py`):
+a load that must evict waits while a model ahead of it in the swap queue may take the same
+node, models with requests in flight stay until a waiter has waited `max_swap_wait_s` (then
+they yield: their streams finish, new requests for them wait behind the switch), and when the
+model is READY its waiters go together, interactive keys first. Loads of different models run at once: there
 is no fleet-wide lock. A plan is made and its memory reserved in the snapshot in one step (no
 await between), so concurrent plans see each other's loads under way and victims being
 unloaded; the neuron serialises what happens on its node. Before placing, the gateway looks at
@@ -30,6 +34,7 @@ import asyncio
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -39,7 +44,7 @@ from urllib.parse import urlparse
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from control_plane.cold_load import ColdLoad, GiveUp, Place
+from control_plane.cold_load import WAIT_STEP_S, ColdLoad, GiveUp, Place, Wait
 from control_plane.errors import (
     CortexError,
     ModelNotFound,
@@ -61,7 +66,6 @@ from control_plane.lifecycle import (
     plan_defrag,
     plan_placement,
     plan_scaling,
-    resident_for,
 )
 from control_plane.metrics import GatewayMetrics
 from control_plane.node_client import NeuronClient, TritonStream
@@ -74,7 +78,16 @@ from control_plane.routing import (
     merge_catalogues,
     resolve_model,
 )
-from cortex.config import CortexConfig, EvictionStrategy, NeuronRef
+from control_plane.swap import (
+    Waiter,
+    ahead_of,
+    eviction_rules,
+    release_order,
+    seconds_to_bound,
+    switch_order,
+    waiting_models,
+)
+from cortex.config import CortexConfig, EvictionStrategy, KeyPriority, NeuronRef
 from cortex.neuron_api import (
     CatalogueEntry,
     EvictionReason,
@@ -150,6 +163,11 @@ class Fleet:
             for n in config.neurons
         }
         self._loads: dict[str, asyncio.Task[str]] = {}
+        # Requests waiting for their model's load, wake or switch (the swap queue), and the
+        # models whose placement is being carried out (out of the queue).
+        self._waiters: dict[str, list[tuple[Waiter, asyncio.Future[str]]]] = {}
+        self._arrivals = itertools.count()
+        self._switching: set[str] = set()
         self._background: dict[str, asyncio.Task[None]] = {}
         self._tokenizers: dict[str, ModelTokenizer] = {}
         self._tokenizer_locks: dict[str, asyncio.Lock] = {}
@@ -337,22 +355,58 @@ class Fleet:
         """The node to serve a model that is READY somewhere now, without waiting."""
         return choose_replica(self.snapshot(), model, affinity, self.config.gateway.affinity_slack)
 
-    async def ensure_ready(self, model: str, affinity: str | None = None) -> str:
-        """A node with the model READY, loading it first if needed (one load per model)."""
+    async def ensure_ready(
+        self,
+        model: str,
+        affinity: str | None = None,
+        priority: KeyPriority = KeyPriority.INTERACTIVE,
+    ) -> str:
+        """A node with the model READY, loading (or waking, or switching) it first if needed:
+        one load per model, however many requests wait; they go in `release_order`."""
         node = self.ready_replica(model, affinity)
         if node is not None:
             return node
-        task = self._loads.get(model)
-        if task is None:
+        waiter = Waiter(model, priority, time.monotonic(), next(self._arrivals))
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        queue = self._waiters.setdefault(model, [])
+        queue.append((waiter, ready))
+        waiting = self.metrics.waiting.labels(model, priority.value)
+        waiting.inc()
+        if model not in self._loads:
             task = asyncio.create_task(self._cold_load(model))
             self._loads[model] = task
-            task.add_done_callback(lambda _t: self._loads.pop(model, None))
+            task.add_done_callback(functools.partial(self._loaded, model))
         try:
-            return await asyncio.wait_for(asyncio.shield(task), self.config.gateway.load_timeout_s)
+            return await asyncio.wait_for(ready, self.config.gateway.load_timeout_s)
         except TimeoutError:
             raise UpstreamTimeout(
                 f"{model} was not ready within {self.config.gateway.load_timeout_s:.0f} s"
             ) from None
+        finally:
+            waiting.dec()
+            queue.remove((waiter, ready))
+            if not queue and self._waiters.get(model) is queue:
+                del self._waiters[model]
+
+    def _loaded(self, model: str, task: asyncio.Task[str]) -> None:
+        """A model's load ended: its waiters go together, in `release_order`."""
+        self._loads.pop(model, None)
+        waiting = dict(self._waiters.get(model, []))
+        for waiter in release_order(waiting):
+            ready = waiting[waiter]
+            if ready.done():
+                continue
+            if task.cancelled():
+                ready.cancel()
+            elif task.exception() is not None:
+                ready.set_exception(task.exception())  # type: ignore[arg-type]
+            else:
+                ready.set_result(task.result())
+        if not waiting and not task.cancelled():
+            task.exception()  # nobody waits any more (timed out): retrieved, not logged
+
+    def _swap_queue(self) -> list[Waiter]:
+        return [waiter for queue in self._waiters.values() for waiter, _ in queue]
 
     async def _cold_load(self, model: str) -> str:
         """Place the model and load it, waiting (up to the load timeout) while loads, unloads
@@ -371,7 +425,11 @@ class Fleet:
                 log.info("%s is being loaded on %s already; waiting for it", model, elsewhere)
                 await self.load(elsewhere, model)  # the neuron joins the load under way
                 return elsewhere
-            now = time.time()
+            now, clock = time.time(), time.monotonic()
+            bound = self.config.eviction.max_swap_wait_s
+            queue = self._swap_queue()
+            mine = waiting_models(queue).get(model)
+            rules = eviction_rules(mine, clock, bound, self.config.eviction.min_resident_s, now)
             plan = plan_placement(
                 snapshot,
                 model,
@@ -379,24 +437,39 @@ class Fleet:
                 now,
                 self._worth(),
                 exclude=attempts.exclude(),
-                eligible=resident_for(self.config.eviction.min_resident_s, now),
+                eligible=rules.eligible,
+                yielding=rules.yielding,
+                busier_slack=self.config.gateway.affinity_slack,
             )
-            step = attempts.next_step(plan, time.monotonic())
+            step = attempts.next_step(plan, clock)
+            if isinstance(step, Place) and step.placement.victims:
+                order = switch_order(queue, clock, bound)
+                rival = ahead_of(snapshot, model, step.placement.node, order, self._switching)
+                if rival is not None:
+                    step = Wait(WAIT_STEP_S, f"{rival} is ahead of it in the swap queue")
             if isinstance(step, GiveUp):
                 raise step.error
             if isinstance(step, Place):
                 placement = step.placement
+                self._switching.add(model)
                 try:
                     await self.place(model, placement, EvictionReason.MAKE_ROOM)
                     return placement.node
                 except CortexError as error:
                     await self.poll(placement.node)
                     retry = attempts.failed_on(placement.node, error)
+                finally:
+                    self._switching.discard(model)
                 if retry is None:
                     continue
                 step = retry
             log.debug("%s waits for the fleet to change: %s", model, step.reason)
-            if not await self._changed(step.seconds):
+            # Look again when the bound runs out, whatever else happens.
+            left = seconds_to_bound(mine, clock, bound)
+            seconds = (
+                step.seconds if left is None or rules.yielding else min(step.seconds, left + 0.01)
+            )
+            if not await self._changed(seconds):
                 await self._refresh(model)  # others' requests show only in the neurons' counts
 
     async def _refresh(self, model: str) -> None:
@@ -437,6 +510,9 @@ class Fleet:
         member.leaving.update(v.name for v in placement.victims)
         try:
             for victim in placement.victims:
+                # A victim that yields (the swap bound ran out) takes no new requests from now
+                # (it is leaving); those in flight finish before it goes.
+                await self._drained(victim.node, victim.name)
                 if victim.name in placement.sleepers:
                     await self.sleep(victim.node, victim.name, reason)
                 else:
@@ -446,6 +522,14 @@ class Fleet:
             member.loading.pop(model, None)
             member.leaving.difference_update(v.name for v in placement.victims)
             self._notify()
+
+    async def _drained(self, node: str, model: str) -> None:
+        """Wait until this gateway has no request in flight for `model` on `node`, up to
+        `drain_timeout_s` (then the neuron's own refusal decides)."""
+        member = self.nodes[node]
+        deadline = time.monotonic() + self.config.eviction.drain_timeout_s
+        while member.in_flight.get(model) and time.monotonic() < deadline:
+            await self._changed(min(WAIT_STEP_S, deadline - time.monotonic()))
 
     async def load(self, node: str, model: str) -> None:
         """Load the model there; the neuron wakes it instead where it sleeps."""
@@ -472,32 +556,67 @@ class Fleet:
     async def sleep(
         self, node: str, model: str, reason: EvictionReason, unload_if_refused: bool = True
     ) -> None:
-        """Put the model to sleep there; where the neuron refuses (requests arrived meanwhile,
-        its host budget filled, its engine cannot), unload it instead, or with
+        """Put the model to sleep there; where the neuron refuses twice (requests arrived
+        meanwhile, its host budget filled, its engine cannot), unload it instead, or with
         `unload_if_refused=False` (an admin asked for a sleep, not for the memory) raise the
-        refusal."""
+        first refusal.
+
+        A refusal (409) is tried once more after the neuron's own count of the model's requests
+        has drained: the engine counts a request a moment longer than this gateway, which saw
+        its last token, so a sleep planned at once can be refused for a request already over
+        (an unload then would cost a cold load where a wake would do)."""
         member = self.nodes[node]
         member.leaving.add(model)
         try:
-            try:
-                await member.client.sleep(model)
-            except ModelUnavailable:
-                if not unload_if_refused:
-                    raise
-                log.info("%s had left %s already", model, node)
-            except CortexError as error:
-                if not unload_if_refused:
-                    raise
-                log.info("%s did not sleep on %s (%s): unloading it", model, node, error.message)
-                await self.unload(node, model, reason)
-                return
-            else:
-                self.metrics.sleeps.labels(model, node, reason).inc()
-                log.info("put %s to sleep on %s (%s)", model, node, reason)
+            for attempt in (1, 2):
+                try:
+                    await member.client.sleep(model)
+                except ModelUnavailable:
+                    if not unload_if_refused:
+                        raise
+                    log.info("%s had left %s already", model, node)
+                except Overloaded as error:
+                    if not unload_if_refused:
+                        raise
+                    if attempt == 1:
+                        log.info(
+                            "%s did not sleep on %s (%s): once more", model, node, error.message
+                        )
+                        await self._reported_drained(node, model)
+                        continue
+                    log.info(
+                        "%s did not sleep on %s (%s): unloading it", model, node, error.message
+                    )
+                    await self.unload(node, model, reason)
+                    return
+                except CortexError as error:
+                    if not unload_if_refused:
+                        raise
+                    log.info(
+                        "%s did not sleep on %s (%s): unloading it", model, node, error.message
+                    )
+                    await self.unload(node, model, reason)
+                    return
+                else:
+                    self.metrics.sleeps.labels(model, node, reason).inc()
+                    log.info("put %s to sleep on %s (%s)", model, node, reason)
+                break
             await self.poll(node)
         finally:
             member.leaving.discard(model)
             self._notify()
+
+    async def _reported_drained(self, node: str, model: str) -> None:
+        """Poll the node until it reports no request in flight for `model`, up to
+        `drain_timeout_s`."""
+        deadline = time.monotonic() + self.config.eviction.drain_timeout_s
+        while True:
+            await self.poll(node)
+            status = self.nodes[node].status
+            reported = next((m for m in status.loaded if m.name == model), None) if status else None
+            if reported is None or not reported.in_flight or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.05)
 
     async def unload(self, node: str, model: str, reason: EvictionReason) -> None:
         member = self.nodes[node]

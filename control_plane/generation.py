@@ -241,6 +241,12 @@ async def generate(
             )
 
 
+def _waiting_class() -> KeyPriority:
+    """The class the request waits in for a load or a switch: its key's (maybe lowered)."""
+    client = keys.client.get()
+    return KeyPriority.INTERACTIVE if client is None else client.priority
+
+
 async def _generate(
     fleet: Fleet,
     metrics: GatewayMetrics,
@@ -264,7 +270,10 @@ async def _generate(
         if not node:
             try:
                 async with contextlib.aclosing(
-                    Paced(_once(fleet.ensure_ready(model, affinity)), settings.ping_interval_s)
+                    Paced(
+                        _once(fleet.ensure_ready(model, affinity, _waiting_class())),
+                        settings.ping_interval_s,
+                    )
                 ) as readiness:
                     async for result in readiness:
                         if result is None:

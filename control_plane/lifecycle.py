@@ -14,9 +14,18 @@ loads under way count as taken (`NodeView.device_free`), so plans made at once d
 
 Residency tiers: a model may be ASLEEP on a node (its process kept, its device memory given
 back; it wakes in about a second). Placement prefers waking such a copy to loading one
-anywhere else; a victim that can sleep sleeps when its node's host budget holds its weights
-(`sleepers`), else it is unloaded; idle models sleep after their `sleep_after_s`
-(`idle_sleepers`) and leave after their idle TTL, asleep or not (`idle_expired`).
+anywhere else, unless that node is much busier: more than `busier_slack` requests in flight
+(all its models together) beyond the least busy other node that may take the model — the
+gateway passes `[gateway] affinity_slack`, the measure prefix-aware routing uses for "much
+busier". A victim that can sleep sleeps when its node's host budget holds its weights beside
+what the budget has given out already (sleeping models, and the host KV tier of every model
+there, awake or asleep: `host_held`), else it is unloaded; idle models sleep after their
+`sleep_after_s` (`idle_sleepers`) and leave after their idle TTL, asleep or not
+(`idle_expired`).
+
+Swap-aware queueing (`swap.py` orders the waiters): models with requests in flight, and those
+made resident less than `min_resident_s` ago, are not victims — unless the plan is made for a
+model whose oldest request waited past the bound (`yielding`): then they are, idle ones first.
 
 Replicas: `plan_scaling` adds a replica to a model whose load per replica stayed over the
 threshold for a whole window (evicting only models idle for at least that window, so never a
@@ -140,12 +149,30 @@ def resident_for(min_seconds: float, now: float) -> Callable[[Resident], bool] |
     return lambda resident: now - resident.resident_since >= min_seconds
 
 
-def sleepers(node: NodeView, victims: tuple[Resident, ...]) -> frozenset[str]:
+def host_held(node: NodeView) -> int:
+    """Host memory the node's budget has given out, as its neuron counts it: what sleeping
+    models hold, and the host KV tier (`host_kv_cache_gib`) of every model there, awake or
+    asleep (held from its load to its unload)."""
+    if node.status is None:
+        return 0
+    catalogue = node.catalogue()
+    tiers = sum(
+        catalogue[m.name].profile.host_kv_cache_bytes
+        for m in node.status.loaded
+        if m.name in catalogue
+    )
+    return node.status.host_memory_asleep_bytes + tiers
+
+
+def sleepers(
+    node: NodeView, victims: tuple[Resident, ...], incoming_host_bytes: int = 0
+) -> frozenset[str]:
     """Which of a plan's victims sleep rather than leave: those whose engine can, in order,
-    while the node's host budget holds their weights beside what already sleeps there."""
+    while the node's host budget holds their weights beside what it has given out already
+    (`host_held`) and the host KV tier of the model coming in (`incoming_host_bytes`)."""
     if node.status is None:
         return frozenset()
-    room = node.status.host_memory_budget_bytes - node.status.host_memory_asleep_bytes
+    room = node.status.host_memory_budget_bytes - host_held(node) - incoming_host_bytes
     chosen = []
     for victim in victims:
         if victim.can_sleep and victim.host_bytes_asleep <= room:
@@ -217,6 +244,7 @@ def _eviction_for(
     tp: int,
     order: VictimOrder,
     eligible: Callable[[Resident], bool] | None = None,
+    yielding: bool = False,
 ) -> tuple[Resident, ...] | Refusal:
     assert node.status is not None  # callers pass up nodes with a status
     devices = _devices(node)
@@ -224,12 +252,16 @@ def _eviction_for(
     movable = [
         r
         for r in loaded
-        if r.ready and not r.pinned and r.in_flight == 0 and r.name not in node.leaving
+        if r.ready
+        and not r.pinned
+        and (yielding or r.in_flight == 0)
+        and r.name not in node.leaving
     ]
     if eligible is not None:
         movable = [r for r in movable if eligible(r)]
     victims: list[Resident] = []
-    for victim in order(movable):
+    # Busy models yield only after every idle one is gone (a stable sort keeps the order).
+    for victim in sorted(order(movable), key=lambda r: r.in_flight > 0):
         if devices.fits(need, tp):
             break
         victims.append(victim)
@@ -285,6 +317,11 @@ def _eviction_for(
     )
 
 
+def node_load(node: NodeView) -> int:
+    """Requests in flight on the node, all its models together."""
+    return sum(busy(node, model) for model in {*node.loaded, *node.in_flight})
+
+
 def plan_placement(
     snapshot: FleetSnapshot,
     model: str,
@@ -293,6 +330,8 @@ def plan_placement(
     value: Callable[[Resident], float] | None = None,
     exclude: frozenset[str] = frozenset(),
     eligible: Callable[[Resident], bool] | None = None,
+    yielding: bool = False,
+    busier_slack: int | None = None,
 ) -> list[Placement] | Refusal:
     """Every node that can take the model, best first, each with what must leave for it.
     When some node takes it without evicting anything, only such nodes are listed: no plan
@@ -305,13 +344,21 @@ def plan_placement(
     `value` says what keeping a model is worth (never negative): victims are the least
     valuable, and among nodes the one losing the least value wins (after the fewest victims);
     `exclude` names nodes not to consider (those holding a replica already); `eligible` narrows
-    who may be evicted (a new replica may only push out models idle for a while)."""
+    who may be evicted (a new replica may only push out models idle for a while).
+
+    `yielding`: the model's oldest request has waited past the swap bound, so models with
+    requests in flight may be victims too (after the idle ones; the caller lets their streams
+    finish first). `busier_slack`: a sleeping copy is woken first unless its node has more than
+    this many requests in flight beyond the least busy other node that may take the model; then
+    it ranks after every other plan (None: always first)."""
 
     def victims_first(candidates: list[Resident]) -> list[Resident]:
         return victim_order(strategy, candidates, value)
 
     options: list[tuple[tuple[float, ...], Placement]] = []
     crowded: list[tuple[NodeView, CatalogueEntry]] = []
+    much_busier: list[tuple[tuple[float, ...], Placement]] = []
+    least_load = _least_load_elsewhere(snapshot, model, exclude) if busier_slack is not None else {}
     asleep_on: set[str] = set()
     refusals: list[Refusal] = []
     for node in snapshot.nodes:
@@ -335,6 +382,13 @@ def plan_placement(
             # Waking costs a copy, a cold load a process, its imports and the checkpoint: a
             # sleeping copy that fits beats any other node (first in the cost order).
             asleep_on.add(node.name)
+            load = node_load(node)
+            others = least_load.get(node.name)
+            if busier_slack is not None and others is not None and load - others > busier_slack:
+                # Much busier: a wake here ranks after any other plan (still one if none).
+                waking = Placement(node.name, wake=True)
+                much_busier.append(((math.inf, load, 0, -node.free_bytes()), waking))
+                continue
             need = max(0, entry.estimated_bytes - reported.memory_bytes) // entry.profile.tp
             if not node.status.gpus or node.fits(need, entry.profile.tp):
                 options.append(((-1, 0, 0, -node.free_bytes()), Placement(node.name, wake=True)))
@@ -356,6 +410,8 @@ def plan_placement(
     # longer than the node's longest-idle evictable model. Nodes are tried best bound first and
     # the search stops once the best plan found beats the next bound.
     def bound(candidate: tuple[NodeView, CatalogueEntry]) -> tuple[float, ...]:
+        if yielding:
+            return (0,)  # busy victims allowed: the idle-time bound does not hold; try all
         oldest = _oldest_evictable(candidate[0])
         if oldest is None:
             return (float("inf"),)
@@ -370,7 +426,9 @@ def plan_placement(
         if best is not None and best < bound((node, entry)):
             break
         tp = entry.profile.tp
-        plan = _eviction_for(node, entry.estimated_bytes // tp, tp, victims_first, eligible)
+        plan = _eviction_for(
+            node, entry.estimated_bytes // tp, tp, victims_first, eligible, yielding
+        )
         if isinstance(plan, Refusal):
             refusals.append(plan)
             continue
@@ -383,8 +441,10 @@ def plan_placement(
             lost = 0
         cost = (len(plan), lost, -min((now - v.last_used for v in plan), default=0.0), -left)
         wake = node.name in asleep_on
-        options.append((cost, Placement(node.name, plan, sleepers(node, plan), wake)))
+        incoming = 0 if model in node.loaded else entry.profile.host_kv_cache_bytes
+        options.append((cost, Placement(node.name, plan, sleepers(node, plan, incoming), wake)))
         best = cost if best is None else min(best, cost)
+    options += much_busier
     if options:
         return [placement for _, placement in sorted(options, key=lambda o: (o[0], o[1].node))]
     if not refusals:
@@ -394,6 +454,28 @@ def plan_placement(
         blocked_by_pinned=all(r.blocked_by_pinned for r in refusals),
         wait=any(r.wait for r in refusals),
     )
+
+
+def _least_load_elsewhere(
+    snapshot: FleetSnapshot, model: str, exclude: frozenset[str]
+) -> dict[str, int]:
+    """For each node where `model` sleeps: the fewest requests in flight on any other up node
+    that may take it (absent: there is none)."""
+    candidates = [
+        n
+        for n in snapshot.nodes
+        if n.status is not None and n.name not in exclude and model in n.catalogue()
+    ]
+    loads = {n.name: node_load(n) for n in candidates}
+    found = {}
+    for node in candidates:
+        reported = node.loaded.get(model)
+        if reported is None or reported.state != ModelState.ASLEEP:
+            continue
+        others = [load for name, load in loads.items() if name != node.name]
+        if others:
+            found[node.name] = min(others)
+    return found
 
 
 def idle_expired(snapshot: FleetSnapshot, now: float) -> list[Resident]:

@@ -133,6 +133,12 @@ class GatewayMetrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        self.waiting = Gauge(
+            "cortex_requests_waiting",
+            "Requests waiting for their model's load, wake or switch (the swap queue), by class",
+            ("model", "priority"),
+            registry=r,
+        )
         self.loads = Counter(
             "cortex_model_loads", "Model loads by outcome", ("model", "node", "outcome"), registry=r
         )

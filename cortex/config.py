@@ -196,6 +196,10 @@ class EvictionSection(_Config):
     # A model loaded or woken less than this many seconds ago is not evicted for another (a
     # request for that one waits): keeps a GPU from swapping faster than requests justify.
     min_resident_s: Annotated[float, Field(ge=0)] = 0.0
+    # Swap-aware queueing: a request waiting for its model to be loaded or woken where other
+    # models still have work waits at most this long; then those models yield (they finish what
+    # is in flight, new requests for them queue behind the switch), even within min_resident_s.
+    max_swap_wait_s: Annotated[float, Field(gt=0)] = 30.0
 
 
 class ScalingSection(_Config):

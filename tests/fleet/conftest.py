@@ -170,16 +170,18 @@ def fleet_gateway(
     defrag_after_cycles: int = 0,
     scaling: ScalingSection | None = None,
     poll_interval_s: float = 0.5,
+    eviction: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> Iterator[Gateway]:
-    """A gateway over `members`, its config and log in `folder`, stopped after; `gateway` sets
-    other `[gateway]` keys."""
+    """A gateway over `members`, its config and log in `folder`, stopped after; `eviction`
+    sets other `[eviction]` keys, `gateway` other `[gateway]` keys."""
     config = loopback_gateway(
         {n.name: n.url for n in members},
         eviction=EvictionSection(
             strategy=EvictionStrategy(strategy),
             interval_s=interval_s,
             defrag_after_cycles=defrag_after_cycles,
+            **(eviction or {}),
         ),
         scaling=scaling,
         poll_interval_s=poll_interval_s,

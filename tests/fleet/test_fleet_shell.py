@@ -50,6 +50,11 @@ class FakeNeuron:
         self.loads: list[tuple[str, float, float]] = []  # (model, started, ended)
         self.refused = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Sleep: whether its engines can, and how many sleeps it refuses first (the engine
+        # still counting a request the gateway saw end).
+        self.can_sleep = False
+        self.refuse_sleeps = 0
+        self.unloads: list[str] = []
 
     async def status(self, timeout: float) -> NeuronStatus:
         if self.dead:
@@ -57,7 +62,7 @@ class FakeNeuron:
         if self.bad_replies:
             self.bad_replies -= 1
             NeuronStatus.model_validate({"name": self.neuron.name})  # a reply it cannot read
-        used = self.size * len(self.loaded)
+        used = self.size * sum(state != "ASLEEP" for state in self.loaded.values())
         return NeuronStatus(
             name=self.neuron.name,
             triton=TritonInfo(
@@ -82,8 +87,9 @@ class FakeNeuron:
                     quantization="none",
                     tp=1,
                     gpus=[0],
-                    memory_bytes=self.size,
+                    memory_bytes=0 if state == "ASLEEP" else self.size,
                     estimated_bytes=self.size,
+                    host_bytes=GB if state == "ASLEEP" else 0,
                     loaded_at=1.0,
                     last_used=1.0,
                     in_flight=self.in_flight.get(name, 0),
@@ -91,16 +97,27 @@ class FakeNeuron:
                 for name, state in self.loaded.items()
             ],
             catalogue=[
-                CatalogueEntry(profile=p, estimated_bytes=self.size, context_length=4096)
+                CatalogueEntry(
+                    profile=p,
+                    estimated_bytes=self.size,
+                    context_length=4096,
+                    can_sleep=self.can_sleep,
+                    host_bytes_asleep=GB,
+                )
                 for p in self.profiles.values()
             ],
+            host_memory_budget_bytes=100 * GB if self.can_sleep else 0,
+            host_memory_asleep_bytes=GB * sum(s == "ASLEEP" for s in self.loaded.values()),
         )
 
     async def load(self, model: str) -> LoadedModel:
         if self.dead:
             raise UpstreamFailed(f"neuron {self.neuron.name} did not answer")
+        if self.loaded.get(model) == "ASLEEP":
+            self.loaded[model] = "READY"  # woken
         if model not in self.loaded:
-            if self.size * (len(self.loaded) + 1) > self.budget:
+            awake = sum(state != "ASLEEP" for state in self.loaded.values())
+            if self.size * (awake + 1) > self.budget:
                 self.refused += 1
                 raise Overloaded(f"neuron {self.neuron.name}: {model} does not fit")
             if self.fail_loads:
@@ -122,10 +139,15 @@ class FakeNeuron:
         if self.in_flight.get(model) and not force:
             raise Overloaded(f"{model} has requests in flight; not unloading")
         self.loaded.pop(model)
+        self.unloads.append(model)
         return UnloadResult(model=model, memory_released=True, triton_restarted=False)
 
     async def sleep(self, model: str) -> LoadedModel:
-        raise NotImplementedError("these fakes' models have no sleep mode")
+        if self.refuse_sleeps:
+            self.refuse_sleeps -= 1
+            raise Overloaded(f"neuron {self.neuron.name}: {model} has 1 request(s) in flight")
+        self.loaded[model] = "ASLEEP"
+        return (await self.status(1)).loaded[list(self.loaded).index(model)]
 
     async def tokenizer(self, model: str) -> TokenizerFiles:
         raise ModelNotFound(model)
@@ -152,12 +174,18 @@ def run_fleet(
     body: Callable[[Fleet, dict[str, FakeNeuron]], Awaitable[None]],
     profiles: list[ModelProfile] = PROFILES,
     start: bool = False,
+    eviction: dict[str, Any] | None = None,
     **gateway: Any,
 ) -> None:
     config = CortexConfig.model_validate(
         {
             "gateway": {"poll_interval_s": 0.05, "load_timeout_s": 10, **gateway},
-            "eviction": {"interval_s": 3600, "defrag_after_cycles": 0, "drain_timeout_s": 0.5},
+            "eviction": {
+                "interval_s": 3600,
+                "defrag_after_cycles": 0,
+                "drain_timeout_s": 0.5,
+                **(eviction or {}),
+            },
             "neurons": [
                 {"name": n, "endpoint": f"http://127.0.0.1:{i + 1}"} for i, n in enumerate(budgets)
             ],
@@ -308,6 +336,43 @@ def test_a_cold_load_waits_for_a_busy_victim_instead_of_refusing() -> None:
             assert not waiting.done() and fakes["x"].loaded == {"a": "READY"}
         assert await waiting == "x"
         assert fakes["x"].loaded == {"b": "READY"}
+
+    run_fleet({"x": 10 * GB}, body)
+
+
+def test_past_the_swap_bound_a_busy_model_yields_and_its_new_requests_queue_behind() -> None:
+    # x holds one model. a's request outlasts the bound (0.2 s) that b's request waits: a then
+    # takes no new requests (it is leaving), its request in flight still runs; once that ends
+    # b takes a's place, and a's next request, queued meanwhile, comes after b.
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        assert await fleet.ensure_ready("a") == "x"
+        async with fleet.using("x", "a"):
+            waiting = asyncio.create_task(fleet.ensure_ready("b"))
+            await eventually(lambda: fleet.ready_replica("a") is None)
+            assert not waiting.done() and fakes["x"].loaded == {"a": "READY"}
+            again = asyncio.create_task(fleet.ensure_ready("a"))
+        assert await waiting == "x"
+        assert await again == "x"
+        assert [model for model, _, _ in fakes["x"].loads] == ["a", "b", "a"]
+
+    run_fleet({"x": 10 * GB}, body, eviction={"max_swap_wait_s": 0.2})
+
+
+def test_a_sleep_refused_for_a_request_just_ended_is_tried_again_before_unloading() -> None:
+    # The engine still counted a's last request when the gateway asked it to sleep: asked once
+    # more it sleeps, instead of being unloaded (a cold load for its next request).
+    async def body(fleet: Fleet, fakes: dict[str, FakeNeuron]) -> None:
+        fakes["x"].can_sleep = True
+        await fleet.poll("x")
+        assert await fleet.ensure_ready("a") == "x"
+        fakes["x"].refuse_sleeps = 1
+        assert await fleet.ensure_ready("b") == "x"
+        assert fakes["x"].loaded == {"a": "ASLEEP", "b": "READY"}
+        assert fakes["x"].unloads == []
+        # Refused twice (its host budget, say): unloaded.
+        fakes["x"].refuse_sleeps = 2
+        assert await fleet.ensure_ready("c") == "x"
+        assert fakes["x"].unloads == ["b"] and fakes["x"].loaded["c"] == "READY"
 
     run_fleet({"x": 10 * GB}, body)
 
