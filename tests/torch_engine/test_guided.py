@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,13 @@ def submit(
     return collector
 
 
-def finish(collectors: list[Collector], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+def finish(
+    collectors: Sequence[Collector], tokenizer: PreTrainedTokenizerBase, timeout: float = 120
+) -> list[str]:
+    """Each answer's text, once every one has ended without an error."""
     texts: list[str] = []
     for collector in collectors:
-        assert collector.done.wait(120)
+        assert collector.done.wait(timeout)
         assert collector.error is None, collector.error
         text = tokenizer.decode(collector.tokens, skip_special_tokens=True)
         assert isinstance(text, str)  # one sequence's ids decode to one text
