@@ -28,6 +28,7 @@ from cortex.config import (
     NeuronRef,
     NeuronSection,
     Quantization,
+    ReasoningFormat,
     ScalingSection,
     Speculation,
     ToolCallFormat,
@@ -72,6 +73,7 @@ GATEWAY = CortexConfig(
         demand_half_life_s=20,
         drain_timeout_s=5,
         min_resident_s=4.0,
+        max_swap_wait_s=12.5,
     ),
     scaling=ScalingSection(in_flight_per_replica=1.5, window_s=2, idle_s=3),
     neurons=(
@@ -105,6 +107,7 @@ MODELS = (
         neurons=("a", "b"),
         context_length=4096,
         tool_call_format=ToolCallFormat.LLAMA3_JSON,
+        reasoning=ReasoningFormat.THINK,
         max_batch_size=64,
         kv_cache_tokens=16,
         max_queue_size=0,
