@@ -39,6 +39,7 @@ import torch
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.admission import request_problem
 from neuron_agent.engines.counts import CountsReport
+from neuron_agent.engines.finishing import answer_complete, deliver, token_ends
 from neuron_agent.engines.guided import Guide, GuideRejected, Guides, Matcher
 from neuron_agent.torch_engine.errors import EngineUnavailable, QueueFull, RequestRejected
 from neuron_agent.torch_engine.graphs import DecodeRunner
@@ -717,27 +718,16 @@ class Engine:
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         request = sequence.request
-        finished = token in request.end_ids
         matcher = sequence.matcher
-        if matcher is not None and not finished and self.guides is not None:
-            # The grammar ends the answer with any of the tokenizer's end tokens it allowed.
-            finished = token in self.guides.eos_ids
-            if not finished and not matcher.consume_token(token):
-                # The mask allowed a token the matcher then refused (llguidance did so for a
-                # tag spelled out while the vocabulary has it as a token): end the answer here.
-                log.warning("guided request %s: %s", request.request_id, matcher.get_error())
-                finished = True
+        grammar_end = self.guides.eos_ids if self.guides is not None else frozenset()
+        finished = token_ends(token, request.end_ids, matcher, grammar_end, request.request_id)
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
             sequence.unsent.append(token)
-            finished = len(sequence.generated) >= request.max_new_tokens or any(
-                tuple(sequence.generated[-len(stop) :]) == stop
-                for stop in request.stop_sequences
-                if stop
+            finished = answer_complete(
+                sequence.generated, request.max_new_tokens, request.stop_sequences, matcher
             )
-            # A grammar that can take nothing more (a regex matched whole) ends the answer.
-            finished = finished or (matcher is not None and matcher.is_stopped())
         else:
             # The end token is not part of the output (as TensorRT-LLM reports it), but the
             # sequence must still look decoded for bookkeeping.
@@ -747,13 +737,4 @@ class Engine:
                 if sequence in self._running:
                     self._running.remove(sequence)
             self.pool.release(sequence.blocks)
-        logprobs = sequence.unsent_logprobs
-        if logprobs and len(logprobs) > len(sequence.unsent):
-            logprobs.pop()  # the end token's: it is not part of the output
-        if request.stream or finished:
-            out, sequence.unsent = sequence.unsent, []
-            if logprobs and request.logprobs is not None:
-                sequence.unsent_logprobs = []
-                request.logprobs(logprobs)
-            if out or finished:
-                request.emit(out, finished)
+        deliver(sequence, request, finished)

@@ -39,6 +39,7 @@ import numpy.typing as npt
 from cortex.engine_errors import EngineErrorKind, tag_engine_error
 from neuron_agent.engines.admission import request_problem
 from neuron_agent.engines.counts import CountsReport
+from neuron_agent.engines.finishing import answer_complete, deliver, token_ends
 from neuron_agent.engines.guided import Guide, GuideRejected, Guides, MaskBatch, Matcher
 from neuron_agent.engines.llamacpp.runtime import Runtime, Sampler
 from neuron_agent.engines.logprobs import TokenLogprob, log_softmax, row_logprob
@@ -432,41 +433,23 @@ class Engine:
 
     def _accept(self, sequence: _Sequence, token: int) -> None:
         request = sequence.request
-        finished = token in sequence.end_ids
         matcher = sequence.matcher
-        if matcher is not None and not finished:
-            # The grammar ends the answer with any of the file's end tokens it allowed.
-            finished = token in self.guides.eos_ids
-            if not finished and not matcher.consume_token(token):
-                # The mask allowed a token the matcher then refused: end the answer here.
-                log.warning("guided request %s: %s", request.request_id, matcher.get_error())
-                finished = True
+        finished = token_ends(
+            token, sequence.end_ids, matcher, self.guides.eos_ids, request.request_id
+        )
         if not finished:
             sequence.tokens.append(token)
             sequence.generated.append(token)
             sequence.unsent.append(token)
-            finished = len(sequence.generated) >= request.max_new_tokens or any(
-                tuple(sequence.generated[-len(stop) :]) == stop
-                for stop in request.stop_sequences
-                if stop
+            finished = answer_complete(
+                sequence.generated, request.max_new_tokens, request.stop_sequences, matcher
             )
-            # A grammar that can take nothing more (a regex matched whole) ends the answer.
-            finished = finished or (matcher is not None and matcher.is_stopped())
         if finished:
             with self._lock:
                 if sequence in self._running:
                     self._running.remove(sequence)
             self._release(sequence)
-        logprobs = sequence.unsent_logprobs
-        if len(logprobs) > len(sequence.unsent):
-            logprobs.pop()  # the end token's: it is not part of the output
-        if request.stream or finished:
-            out, sequence.unsent = sequence.unsent, []
-            if logprobs and request.logprobs is not None:
-                sequence.unsent_logprobs = []
-                request.logprobs(logprobs)
-            if out or finished:
-                request.emit(out, finished)
+        deliver(sequence, request, finished)
 
     def _release(self, sequence: _Sequence) -> None:
         """The slot goes back, keeping the keys/values computed (a later prompt may share them)."""
