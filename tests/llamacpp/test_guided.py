@@ -33,7 +33,7 @@ from neuron_agent.engines.logprobs import TokenLogprob
 from tests.llamacpp.conftest import LlamaCppFleet, standalone
 from tests.llamacpp.test_engine import infer_error, tensor
 from tests.torch_engine.test_engine import Collector as EngineCollector
-from tests.torch_engine.test_guided import SCHEMAS
+from tests.torch_engine.test_guided import SCHEMAS, prompt
 from tests.torch_engine.test_guided import finish as finish_within
 
 CONTEXT = 2048
@@ -73,14 +73,6 @@ def engine(smollm2_model: Path) -> Iterator[Engine]:
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_model: Path) -> Any:
     return AutoTokenizer.from_pretrained(smollm2_model)
-
-
-def prompt(tokenizer: Any, text: str) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
-        )
-    )
 
 
 def submit(
